@@ -1,0 +1,3 @@
+from mode_cli.cli import main
+
+raise SystemExit(main())

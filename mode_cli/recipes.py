@@ -1,0 +1,182 @@
+"""Recipes: finding them, listing them and composing one with overrides through Hydra's Compose API.
+
+A recipe is a YAML file whose defaults list picks one option from each config group. The shipped
+recipes live in the repository's `recipes/` folder; a user's own recipe (`recipe=path/to/x.yaml`,
+or `--recipes-dir DIR`) is composed with the shipped groups on its search path, so it can use
+them and add groups of its own. The Compose API writes no output folders and leaves the working
+directory alone.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+from mode_cli.config import RecipeConfig, register_schema
+from mode_cli.errors import ModeError
+
+GROUPS = ("model", "data", "lora", "layers", "loss", "train", "eval")
+
+
+def shipped_recipes_dir() -> Path:
+    """The recipes that come with `mode`: inside the package when installed, else the repo's."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "recipes", here.parent / "recipes"):
+        if candidate.is_dir():
+            return candidate
+    raise ModeError(f"mode's recipes folder is missing (looked in {here / 'recipes'})")
+
+
+def recipe_files(directory: Path) -> dict[str, Path]:
+    """Top-level recipes in a folder: every *.yaml file directly inside it, by name."""
+    return {p.stem: p for p in sorted(directory.glob("*.yaml"))}
+
+
+def description(path: Path) -> str:
+    """A recipe's one-line description: the first comment line of its file."""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") and not stripped.startswith("# @package"):
+            return stripped.lstrip("#").strip()
+        if stripped:
+            break
+    return ""
+
+
+def group_options(directory: Path) -> dict[str, list[str]]:
+    """Options of each config group: the YAML files in each group folder."""
+    return {
+        group: sorted(p.stem for p in (directory / group).glob("*.yaml"))
+        for group in GROUPS
+        if (directory / group).is_dir()
+    }
+
+
+def locate(recipe: str, recipes_dir: Path | None = None) -> tuple[Path, str]:
+    """Where a recipe lives: (config folder, recipe name). `recipe` is a name or a path to YAML."""
+    if recipe.endswith((".yaml", ".yml")):
+        path = Path(recipe).expanduser().resolve()
+        if not path.is_file():
+            raise ModeError(f"Recipe file not found: {recipe}")
+        return path.parent, path.stem
+    directory = (recipes_dir or shipped_recipes_dir()).resolve()
+    if not directory.is_dir():
+        raise ModeError(f"Recipes folder not found: {directory}")
+    if recipe not in recipe_files(directory):
+        available = sorted(recipe_files(directory))
+        if recipes_dir is not None:
+            available += [n for n in recipe_files(shipped_recipes_dir()) if n not in available]
+            if recipe in recipe_files(shipped_recipes_dir()):
+                return shipped_recipes_dir(), recipe
+        raise ModeError(
+            f"Unknown recipe '{recipe}'. Available recipes: {', '.join(sorted(available))}\n"
+            "(`mode recipes` lists them with descriptions; `recipe=path/to/recipe.yaml` runs your own)"
+        )
+    return directory, recipe
+
+
+def compose_recipe(
+    recipe: str, overrides: list[str] | None = None, recipes_dir: Path | None = None
+) -> DictConfig:
+    """Compose a recipe with command-line overrides into a typed, validated-by-schema config."""
+    register_schema()
+    config_dir, name = locate(recipe, recipes_dir)
+    overrides = list(overrides or [])
+    shipped = shipped_recipes_dir().resolve()
+    if config_dir != shipped:
+        overrides.append(f"hydra.searchpath=[file://{shipped}]")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            cfg = compose(config_name=name, overrides=overrides)
+    except (MissingConfigException, ConfigCompositionException, OverrideParseException) as err:
+        raise ModeError(explain_composition_error(err)) from None
+    except (ValidationError, ConfigAttributeError, ConfigKeyError) as err:
+        # Raised while merging the recipe's own files against the schema.
+        raise ModeError(f"In recipe '{name}': {explain_omegaconf_error(err)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    if "hydra" in cfg:
+        with _unlocked(cfg):
+            del cfg["hydra"]
+    if not isinstance(cfg._metadata.object_type, type) or cfg._metadata.object_type is dict:
+        raise ModeError(
+            f"Recipe '{name}' does not build on the schema: its defaults list must start with "
+            "`- base` (see `mode recipes show tiny-llama-alpaca`)"
+        )
+    with _unlocked(cfg):
+        cfg.recipe = name
+    return cfg
+
+
+class _unlocked:
+    """Lift struct mode for a moment, to fill in values the CLI owns."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+
+    def __enter__(self) -> DictConfig:
+        OmegaConf.set_struct(self.cfg, False)
+        return self.cfg
+
+    def __exit__(self, *exc: object) -> None:
+        OmegaConf.set_struct(self.cfg, True)
+
+
+def explain_composition_error(err: Exception) -> str:
+    """Turn Hydra's composition errors into one message that names the key and what was expected."""
+    cause = err.__cause__
+    if isinstance(cause, ValidationError | ConfigAttributeError | ConfigKeyError):
+        return explain_omegaconf_error(cause)
+    message = str(err).split("\nConfig search path:")[0].strip()
+    if isinstance(err, MissingConfigException) and "Available options" in message:
+        return message.replace("\n\t", "\n  ").replace("Could not find", "No config option")
+    if isinstance(err, OverrideParseException):
+        return f"Could not parse an override: {message}"
+    return message
+
+
+def explain_omegaconf_error(err: Exception) -> str:
+    """`train.lr: expected a float, got 'abc'`-style text from an OmegaConf error."""
+    key = getattr(err, "full_key", None) or "?"
+    first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, ConfigAttributeError | ConfigKeyError):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        known = known_keys(parent)
+        where = f"in '{parent}'" if parent else "at the top level"
+        return f"Unknown config key '{key}'. Keys {where}: {', '.join(known)}"
+    return f"Invalid value for '{key}': {first_line}"
+
+
+def known_keys(dotted: str) -> list[str]:
+    """The schema's field names under a dotted path ('' for the top level)."""
+    node: object = RecipeConfig
+    for part in filter(None, dotted.split(".")):
+        match = [f for f in fields(node) if f.name == part] if is_dataclass(node) else []
+        if not match:
+            return []
+        node = match[0].default_factory() if callable(match[0].default_factory) else None
+    return [f.name for f in fields(node)] if is_dataclass(node) else []
+
+
+def copy_recipe(name: str, destination: str) -> Path:
+    """Copy a shipped recipe out for editing; refuses to overwrite a file that exists."""
+    directory, name = locate(name)
+    source = directory / f"{name}.yaml"
+    target = Path(destination).expanduser()
+    if target.is_dir():
+        target = target / source.name
+    if target.suffix not in (".yaml", ".yml"):
+        raise ModeError(f"Destination must be a folder or a .yaml file: {destination}")
+    if target.exists():
+        raise ModeError(f"Refusing to overwrite {target}: remove it or pick another path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target
