@@ -74,7 +74,7 @@ def mode_loss(
                 F.cross_entropy(logits, labels, reduction="sum") for logits in layer_logits
             )
             total = total + loss_weights.layer * ce_layers
-            parts["ce_layers"] = float(ce_layers)
+            parts["ce_layers"] = ce_layers.item()
         if loss_weights.distill > 0 and len(layer_logits) > 1:
             distill = distillation(layer_logits[:-1], layer_logits[-1], loss_weights.temperature)
             total = total + loss_weights.distill * distill

@@ -1,0 +1,47 @@
+"""Shared fixtures: offline, one thread, a session-wide model cache, the CLI run in-process."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Nothing in the tests may reach the network, and tiny matmuls only lose from threading.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Tiny models are built once per session into this cache (the SmolLM2 conversion too,
+    unless MODE_CACHE already points at a warm cache)."""
+    if "MODE_CACHE" not in os.environ:
+        os.environ["MODE_CACHE"] = str(tmp_path_factory.mktemp("mode-cache"))
+    return os.environ["MODE_CACHE"]
+
+
+@pytest.fixture
+def mode(capsys):
+    """Run `mode ARGS...` in-process; returns (exit code, stdout, stderr)."""
+    from mode_cli.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, model_cache):
+    """One finished tiny-llama-alpaca run (5 steps), shared by the tests that read its outputs."""
+    from mode_cli.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    code = main(["train", "recipe=tiny-llama-alpaca", f"output_dir={out}", "train.max_steps=5"])
+    assert code == 0
+    return out

@@ -1,0 +1,166 @@
+"""The MoDE head and loss against a naive, token-by-token reference of METHOD.md's formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mode_cli.head import MoDEHead, last_k, router_bias
+from mode_cli.loss import LossWeights, final_only_loss, mode_loss
+
+torch.manual_seed(0)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def reference_loss(normed_inputs, head, lm_head, labels, w: LossWeights) -> torch.Tensor:
+    """METHOD.md 5 written out per token: mixes *logits* (no linear-head shortcut), explicit KL."""
+    total = torch.zeros(())
+    for t in range(labels.numel()):
+        states = [normed_inputs[layer][t] for layer in head.layers]
+        normed = [head.norms[str(layer)](s) for layer, s in zip(head.layers[:-1], states[:-1])]
+        normed.append(states[-1])
+        weights = torch.softmax(head.router(normed[-1]), dim=-1)
+        logits = [lm_head(u) for u in normed]
+        mixed = sum(weights[i] * logits[i] for i in range(len(logits)))
+        y = labels[t]
+        total = total + w.ensemble * -torch.log_softmax(mixed, -1)[y]
+        total = total + w.layer * sum(-torch.log_softmax(z, -1)[y] for z in logits)
+        teacher = torch.softmax(logits[-1].detach() / w.temperature, -1)
+        for z in logits[:-1]:
+            student = torch.log_softmax(z / w.temperature, -1)
+            kl = (teacher * (teacher.log() - student)).sum()
+            total = total + w.distill * w.temperature**2 * kl
+    return total
+
+
+def make_head(hidden=16, n=5, k=3, vocab=37):
+    final = RMSNorm(hidden)
+    head = MoDEHead(final, last_k(n, k), n, hidden, init_final_weight=0.8)
+    with torch.no_grad():  # move away from the initial state so every term matters
+        for norm in head.norms.values():
+            norm.weight.add_(0.2 * torch.randn_like(norm.weight))
+        head.router.weight.normal_(0, 0.3)
+    lm_head = nn.Linear(hidden, vocab, bias=False)
+    return head, lm_head
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [
+        LossWeights(),
+        LossWeights(distill=0.0),
+        LossWeights(ensemble=0.5, layer=0.3, distill=0.7, temperature=2.0),
+    ],
+    ids=["mode", "nodistill", "all-terms-T2"],
+)
+def test_mode_loss_and_gradients_match_the_naive_formula(weights):
+    head, lm_head = make_head()
+    tokens, hidden = 11, 16
+    raw = {layer: torch.randn(tokens, hidden, requires_grad=True) for layer in head.layers}
+    labels = torch.randint(0, 37, (tokens,))
+
+    normed, routing = head(raw)
+    ours = mode_loss(normed, routing, labels, lm_head, weights)
+    ours.total.backward()
+    our_grads = {n: p.grad.clone() for n, p in head.named_parameters()}
+    our_input_grads = {layer: x.grad.clone() for layer, x in raw.items()}
+
+    head.zero_grad()
+    for x in raw.values():
+        x.grad = None
+    ref = reference_loss(raw, head, lm_head, labels, weights)
+    ref.backward()
+
+    assert ours.tokens == tokens
+    torch.testing.assert_close(ours.total, ref, rtol=1e-5, atol=1e-5)
+    for name, param in head.named_parameters():
+        torch.testing.assert_close(our_grads[name], param.grad, rtol=1e-5, atol=1e-6)
+    for layer, x in raw.items():
+        torch.testing.assert_close(our_input_grads[layer], x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_is_detached():
+    """Distillation alone must not push the final layer's state towards the students."""
+    head, lm_head = make_head()
+    raw = {layer: torch.randn(7, 16, requires_grad=True) for layer in head.layers}
+    labels = torch.randint(0, 37, (7,))
+    head.router.weight.requires_grad_(False)
+    head.router.bias.requires_grad_(False)
+    normed = torch.stack(head.normed(raw))
+    routing = torch.full((7, 3), 1 / 3)
+    mode_loss(normed, routing, labels, lm_head, LossWeights(ensemble=0.0, distill=1.0)).total.backward()
+    assert raw[head.layers[-1]].grad is None or raw[head.layers[-1]].grad.abs().max() == 0
+    assert raw[head.layers[0]].grad.abs().max() > 0
+
+
+def test_head_starts_from_the_final_norm_and_the_router_prior():
+    final = RMSNorm(8)
+    head = MoDEHead(final, [3, 4, 5], 5, 8, init_final_weight=0.9)
+    for norm in head.norms.values():
+        torch.testing.assert_close(norm.weight, final.weight)
+        assert norm.weight.requires_grad and norm.weight is not final.weight
+    weights = head.route(torch.randn(4, 8))
+    torch.testing.assert_close(weights, torch.tensor([[0.05, 0.05, 0.9]]).expand(4, 3))
+    assert sorted(head.norms) == ["3", "4"]
+    assert not any(p is final.weight for p in head.parameters())
+    assert head.describe()["trainable_parameters"] == 2 * 8 + 8 * 3 + 3
+
+
+def test_router_bias_and_last_k():
+    assert torch.softmax(router_bias(4, 0.7), 0).tolist() == pytest.approx([0.1, 0.1, 0.1, 0.7])
+    assert router_bias(1, 0.9).tolist() == [0.0]
+    assert last_k(30, 3) == [28, 29, 30]
+    with pytest.raises(ValueError, match="30 layers"):
+        last_k(30, 31)
+    with pytest.raises(ValueError):
+        MoDEHead(RMSNorm(4), [2, 3], 5, 4)  # must end with layer N
+
+
+def test_final_only_equals_the_models_own_causal_lm_loss():
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (2, 9))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[1, 7:] = -100
+    expected = model(input_ids=ids, labels=labels).loss
+
+    states = model.model(input_ids=ids, output_hidden_states=True).hidden_states
+    targets = labels[:, 1:]
+    keep = targets != -100
+    sums = final_only_loss(states[-1][:, :-1][keep], targets[keep], model.lm_head)
+    torch.testing.assert_close(sums.total / sums.tokens, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_untrained_ensemble_is_close_to_the_base_prediction():
+    """With the 0.9 prior and norms copied from the final norm, step 0 loses little."""
+    head, lm_head = make_head()
+    head.reset_router()
+    raw = {layer: torch.randn(20, 16) for layer in head.layers}
+    labels = torch.randint(0, 37, (20,))
+    normed, routing = head(raw)
+    ensemble = mode_loss(normed, routing, labels, lm_head, LossWeights(distill=0.0)).total / 20
+    final = final_only_loss(normed[-1], labels, lm_head).total / 20
+    assert math.isfinite(ensemble.item())
+    assert torch.allclose(routing[:, -1], torch.tensor(0.8))
+    assert abs(ensemble.item() - final.item()) < 0.5 * final.item()

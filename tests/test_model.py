@@ -1,0 +1,125 @@
+"""Model loading: NF4 on the CPU with exact LoRA gradients, LoRA targets, merged weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from mode_cli import model as model_mod
+from mode_cli.artifacts import dequantized_base, load_run_config
+from mode_cli.config import LoraConfig, ModelConfig
+from mode_cli.errors import ModeError
+from mode_cli.loss import final_only_loss
+
+
+def tiny_model_cfg(**values):
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name_or_path": "tiny:llama", **values})
+    return cfg
+
+
+def lora_cfg(**values):
+    return OmegaConf.merge(OmegaConf.structured(LoraConfig), {"r": 4, "alpha": 8, "dropout": 0.0, **values})
+
+
+def causal_loss(model, ids):
+    states = model_mod.hidden_states(model, ids, torch.ones_like(ids))
+    sums = final_only_loss(states[-1][:, :-1].reshape(-1, states[-1].shape[-1]), ids[:, 1:].reshape(-1), model_mod.lm_head(model))
+    return sums.total / sums.tokens
+
+
+def randomise_lora(model, seed: int) -> None:
+    """LoRA's B starts at zero, which hides gradient errors in A: give both random values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_lora_gradients_after_an_eval_pass_equal_a_dequantized_fp32_reference():
+    cfg = tiny_model_cfg()
+    source = model_mod.resolve_source(cfg)
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    quantized = model_mod.attach_lora(model_mod.load_base_model(source, cfg, "fp32", "cpu"), lora_cfg(), False)
+    randomise_lora(quantized, seed=1)
+    # A no-grad forward in eval mode (as in evaluation or generate()) used to repack
+    # bitsandbytes' CPU weights onto a path without backward: gradients must survive it.
+    quantized.eval()
+    with torch.no_grad():
+        quantized(input_ids=ids)
+    quantized.train()
+    causal_loss(quantized, ids).backward()
+    got = lora_grads(quantized)
+
+    base = model_mod.load_base_model(source, cfg, "fp32", "cpu").dequantize()
+    reference = model_mod.attach_lora(base, lora_cfg(), False)
+    randomise_lora(reference, seed=1)
+    reference.train()
+    causal_loss(reference, ids).backward()
+    expected = lora_grads(reference)
+
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_quantization_none_loads_plain_weights():
+    cfg = tiny_model_cfg(quantization="none")
+    model = model_mod.load_base_model(model_mod.resolve_source(cfg), cfg, "fp32", "cpu")
+    assert not getattr(model, "is_loaded_in_4bit", False)
+    assert all(not p.requires_grad for p in model.parameters())
+    assert model_mod.num_layers(model) == 4
+
+
+def test_unknown_lora_target_names_the_modules_that_exist():
+    cfg = tiny_model_cfg()
+    model = model_mod.load_base_model(model_mod.resolve_source(cfg), cfg, "fp32", "cpu")
+    with pytest.raises(ModeError, match="nope") as err:
+        model_mod.attach_lora(model, lora_cfg(target_modules=["q_proj", "nope"]), False)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert name in str(err.value)
+    assert "lm_head" not in str(err.value)
+
+
+def test_tiny_models_are_deterministic_and_cached():
+    cfg = tiny_model_cfg()
+    first = model_mod.resolve_source(cfg)
+    assert model_mod.resolve_source(cfg) == first
+    other = model_mod.resolve_source(tiny_model_cfg(tiny={"seed": 1}))
+    assert other != first
+    a = AutoModelForCausalLM.from_pretrained(first)
+    b = AutoModelForCausalLM.from_pretrained(other)
+    assert not torch.equal(a.lm_head.weight, b.lm_head.weight)
+
+
+def test_missing_local_model_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ModeError, match="not found"):
+        model_mod.resolve_source(tiny_model_cfg(name_or_path=str(tmp_path / "nothing-here")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModeError, match="no config.json"):
+        model_mod.resolve_source(tiny_model_cfg(name_or_path=str(tmp_path / "empty")))
+
+
+def test_merged_model_equals_the_adapter_on_the_dequantized_base(tiny_run):
+    merged = AutoModelForCausalLM.from_pretrained(tiny_run / "merged", dtype=torch.float32).eval()
+    cfg = load_run_config(tiny_run)
+    source = model_mod.resolve_source(cfg.model)
+    base = dequantized_base(cfg, source, "cpu")
+    ids = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, str(tiny_run / "adapter")).eval()
+        expected = adapted(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert (got - expected).abs().max().item() < 1e-3
+    # The adapter moved the model, so the comparison above is not trivially true.
+    assert (expected - base_logits).abs().max().item() > 1e-3
+    assert getattr(merged.config, "quantization_config", None) is None

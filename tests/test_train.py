@@ -1,0 +1,118 @@
+"""`mode train` and `mode eval` end to end on tiny models: outputs, report, loss recipes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_writes_every_output(tiny_run):
+    for name in ("config.yaml", "metrics.jsonl", "mode_head.safetensors", "mode_head.json",
+                 "report.json", "report.md", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
+                 "merged/config.json", "merged/model.safetensors", "merged/tokenizer.json"):
+        assert (tiny_run / name).is_file(), name
+    steps = records(tiny_run)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    for record in steps:
+        assert {"loss", "ce_ensemble", "distill", "lr", "tokens_per_s", "elapsed_s"} <= record.keys()
+        assert record["loss"] > 0 and record["target_tokens"] > 0
+    head = json.loads((tiny_run / "mode_head.json").read_text())
+    assert head["layers"] == [2, 3, 4] and head["num_layers"] == 4 and head["router"] == "token"
+    weights = load_file(str(tiny_run / "mode_head.safetensors"))
+    assert set(weights) == {"norms.2.weight", "norms.3.weight", "router.weight", "router.bias"}
+
+
+def test_the_report_has_one_entry_per_layer_plus_the_ensemble(tiny_run):
+    report = json.loads((tiny_run / "report.json").read_text())
+    assert report["schema"] == {"name": "mode-report", "version": 1}
+    assert [row["layer"] for row in report["layers"]] == [1, 2, 3, 4]
+    assert [row["selected"] for row in report["layers"]] == [False, True, True, True]
+    for row in report["layers"]:
+        for side in ("base", "tuned"):
+            metrics = row[side]
+            assert metrics["loss"] > 0 and 0 <= metrics["top1"] <= 1
+            assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["loss"], rel=1e-6)
+    assert report["ensemble"]["tuned"]["loss"] > 0 and report["ensemble"]["base"]["loss"] > 0
+    weights = [row["router_weight"]["mean"] for row in report["layers"] if row["selected"]]
+    assert sum(weights) == pytest.approx(1.0, abs=1e-6)
+    assert report["layers"][0]["router_weight"] is None
+    markdown = (tiny_run / "report.md").read_text()
+    assert "| ensemble |" in markdown and "| 4 * (final) |" in markdown
+
+
+def test_mode_eval_reproduces_the_training_report(tiny_run, mode, tmp_path):
+    before = json.loads((tiny_run / "report.json").read_text())
+    code, _, err = mode("eval", f"checkpoint={tiny_run}")
+    assert code == 0, err
+    after = json.loads((tiny_run / "report.json").read_text())
+    assert "ensemble" in err and "final layer eval loss" in err
+    for old, new in zip(before["layers"], after["layers"], strict=True):
+        assert new["tuned"]["loss"] == pytest.approx(old["tuned"]["loss"], rel=1e-5)
+        assert new["base"]["loss"] == pytest.approx(old["base"]["loss"], rel=1e-5)
+    assert after["ensemble"]["tuned"]["loss"] == pytest.approx(before["ensemble"]["tuned"]["loss"], rel=1e-5)
+
+
+def test_mode_eval_rejects_what_is_not_a_run(mode, tmp_path):
+    code, _, err = mode("eval", f"checkpoint={tmp_path}")
+    assert code == 2 and "no config.yaml" in err
+    code, _, err = mode("eval", f"checkpoint={tmp_path / 'missing'}")
+    assert code == 2 and "not found" in err
+    code, _, err = mode("eval")
+    assert code == 2 and "checkpoint=DIR" in err
+
+
+def test_training_lowers_the_loss(mode, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = mode("train", "recipe=tiny-llama-alpaca", f"output_dir={out}",
+                        "train.max_steps=40", "train.lr=5e-3", "merge=false", "eval.compare_base=false")
+    assert code == 0, err
+    losses = [r["loss"] for r in records(out)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+
+
+def test_final_only_is_plain_qlora_without_a_head(mode, tmp_path):
+    out = tmp_path / "final"
+    code, _, err = mode("train", "recipe=tiny-llama-alpaca", "loss=final-only", f"output_dir={out}",
+                        "train.max_steps=3", "merge=false")
+    assert code == 0, err
+    assert not (out / "mode_head.safetensors").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["ensemble"] is None and report["selected_layers"] == []
+    assert {"ce_final", "loss"} <= records(out)[0].keys()
+    code, _, err = mode("eval", f"checkpoint={out}", "eval.compare_base=false")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("overrides", [["loss=mode-nodistill", "layers=last2"],
+                                       ["model.quantization=none", "layers=last4",
+                                        "train.grad_accum_steps=2", "train.gradient_checkpointing=true"]],
+                         ids=["nodistill-last2", "no-quant-last4-accum-ckpt"])
+def test_recipe_variants_train(mode, tmp_path, overrides):
+    out = tmp_path / "variant"
+    code, _, err = mode("train", "recipe=tiny-llama-alpaca", f"output_dir={out}", "train.max_steps=2",
+                        "merge=false", "eval.max_examples=4", *overrides)
+    assert code == 0, err
+    assert len(records(out)) == 2
+
+
+def test_layer_selection_is_checked_against_the_models_depth(mode, tmp_path):
+    code, _, err = mode("train", "recipe=tiny-llama-alpaca", f"output_dir={tmp_path / 'r'}", "layers.k=9")
+    assert code == 2
+    assert "4 layers" in err and "layers.k=9" in err
+
+
+def test_same_seed_same_losses(mode, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        code, _, err = mode("train", "recipe=tiny-llama-alpaca", f"output_dir={tmp_path / name}",
+                            "train.max_steps=3", "merge=false", "eval.compare_base=false")
+        assert code == 0, err
+        runs.append([r["loss"] for r in records(tmp_path / name)])
+    assert runs[0] == runs[1]
