@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from mode_cli import model as model_mod
 from mode_cli.errors import ModeError
+from mode_cli.files import staged_folder
 from mode_cli.head import MoDEHead
 
 HEAD_WEIGHTS = "mode_head.safetensors"
@@ -34,6 +33,7 @@ def save_head(head: MoDEHead, out: Path) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
     save_file(state, str(out / HEAD_WEIGHTS))
     (out / HEAD_INFO).write_text(json.dumps(head.describe(), indent=2) + "\n")
+    (out / HEAD_WEIGHTS).chmod((out / HEAD_INFO).stat().st_mode & 0o777)
 
 
 def load_head(run_dir: Path, model, device: str) -> MoDEHead:
@@ -110,17 +110,11 @@ def save_merged(cfg: DictConfig, source: str, out: Path, device: str) -> Path:
     merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
     merged = merged.to(model_mod.compute_dtype(cfg.train.precision))
     target = out / "merged"
-    # Write beside the target, then rename: an interrupted merge leaves no half folder.
-    staging = Path(tempfile.mkdtemp(prefix=".merged-", dir=out))
-    try:
+    # An interrupted merge leaves no half folder behind.
+    with staged_folder(target, replace=True) as staging:
         merged.save_pretrained(staging)
         tokenizer = model_mod.load_tokenizer(str(out / "adapter"), cfg.model)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     del merged, base
     if device == "cuda":
         torch.cuda.empty_cache()

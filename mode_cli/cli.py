@@ -28,6 +28,9 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", module="bitsandbytes")
+    # Deprecation notices from the libraries are for their callers' developers, not our users.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
     warnings.filterwarnings("ignore", message=".*gemv_4bit.*")
     for name in ("bitsandbytes", "transformers", "peft", "datasets", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -120,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         return cmd_recipes(args)
     except ModeError as err:
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, markup=False)
+        from rich.text import Text
+
+        # soft_wrap: a message piped to a log stays on its own lines, not cut at 80 columns.
+        console.print(Text.assemble(("error:", "bold red"), " ", str(err)), soft_wrap=True)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         console.print("interrupted")
@@ -184,7 +190,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         return 0
     if len(args.args) != 2:
         raise ModeError("usage: mode recipes cp NAME PATH")
-    target = copy_recipe(args.args[0], args.args[1])
+    target = copy_recipe(args.args[0], args.args[1], args.recipes_dir)
     out.print(f"copied {args.args[0]} to {target}; run it with: mode train recipe={target}")
     return 0
 

@@ -265,13 +265,15 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
         )
 
     if check_hardware and cfg.train.device in CHOICES["train.device"]:
-        device = resolve_device(cfg.train.device)
-        if device == "cuda":
-            import torch
+        import torch
 
-            if not torch.cuda.is_available():
-                problems.append("train.device=cuda: torch sees no CUDA GPU on this machine")
-        else:
+        device = resolve_device(cfg.train.device)
+        if device == "cuda" and not torch.cuda.is_available():
+            problems.append(
+                "train.device=cuda: torch sees no CUDA GPU on this machine (train=cpu-smoke runs "
+                "a recipe on the CPU)"
+            )
+        if device == "cpu" or not torch.cuda.is_available():
             if cfg.train.optimizer in GPU_ONLY_OPTIMIZERS:
                 problems.append(
                     f"train.optimizer={cfg.train.optimizer} needs a CUDA GPU (bitsandbytes' 8-bit "

@@ -73,7 +73,7 @@ class Dataset:
 # ---------------------------------------------------------------------------- reading rows
 
 
-def read_rows(source: str, split: str = "train") -> list[dict]:
+def read_rows(source: str, split: str = "train") -> list[dict | BadLine]:
     """All rows of a source: a local .json/.jsonl file, `bundled:<path>`, or a hub dataset id."""
     if source.startswith("bundled:"):
         return read_file(resolve_bundled(source))
@@ -85,9 +85,18 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
     return read_hub(source, split)
 
 
-def read_file(path: Path) -> list[dict]:
-    """Rows of a JSON list or a JSON-lines file; a line that is not JSON names its line number."""
-    text = path.read_text(encoding="utf-8")
+@dataclass(frozen=True)
+class BadLine:
+    """A line of a JSON-lines file that does not parse: reported like any malformed row."""
+
+    line: int
+    error: str
+
+
+def read_file(path: Path) -> list[dict | BadLine]:
+    """Rows of a JSON list or a JSON-lines file (a line that is not JSON becomes a BadLine)."""
+    # utf-8-sig: files saved by some editors start with a byte-order mark.
+    text = path.read_text(encoding="utf-8-sig")
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -103,7 +112,7 @@ def read_file(path: Path) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ModeError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+            rows.append(BadLine(number, err.msg))
     return rows
 
 
@@ -123,11 +132,13 @@ def check_rows(rows: list[dict], source: str, on_bad_row: str) -> tuple[list[dic
     """Keep well-formed Alpaca rows; a bad one is an error, or skipped and listed."""
     good, bad = [], []
     for number, row in enumerate(rows, start=1):
-        problem = row_problem(row)
-        if problem is None:
+        if isinstance(row, BadLine):
+            message = f"{source}, line {row.line}: not valid JSON ({row.error})"
+        elif (problem := row_problem(row)) is not None:
+            message = f"{source}, row {number}: {problem}"
+        else:
             good.append(row)
             continue
-        message = f"{source}, row {number}: {problem}"
         if on_bad_row == "error":
             raise ModeError(message + " (set data.on_bad_row=skip to drop such rows)")
         bad.append(message)
@@ -184,9 +195,13 @@ def build(rows: list[dict], tokenizer, max_seq_len: int, stats: DataStats) -> li
 def load_splits(data_cfg: DictConfig, tokenizer) -> tuple[Dataset, Dataset]:
     """The train and eval splits of a recipe's data, tokenized."""
     train_rows = read_rows(data_cfg.train, data_cfg.split)
+    if not train_rows:
+        raise ModeError(f"{data_cfg.train} holds no rows")
     train_rows, train_bad = check_rows(train_rows, data_cfg.train, data_cfg.on_bad_row)
     if data_cfg.eval:
         eval_rows = read_rows(data_cfg.eval, data_cfg.split)
+        if not eval_rows:
+            raise ModeError(f"{data_cfg.eval} holds no rows")
         eval_rows, eval_bad = check_rows(eval_rows, data_cfg.eval, data_cfg.on_bad_row)
     else:
         # Hold out a seeded random fraction of the training rows.
@@ -206,6 +221,15 @@ def load_splits(data_cfg: DictConfig, tokenizer) -> tuple[Dataset, Dataset]:
     for name, rows, bad in (("train", train_rows, train_bad), ("eval", eval_rows, eval_bad)):
         stats = DataStats(rows=len(rows), skipped=bad)
         examples = build(rows, tokenizer, data_cfg.max_seq_len, stats)
+        if not rows:
+            raise ModeError(
+                f"The {name} split is empty after removing {len(bad)} bad rows"
+                + (
+                    " and holding out the eval rows"
+                    if name == "train" and not data_cfg.eval
+                    else ""
+                )
+            )
         if not examples:
             raise ModeError(
                 f"The {name} split has no example with a trained token ({stats.rows} rows, "

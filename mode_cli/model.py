@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +18,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from mode_cli.errors import ModeError
+from mode_cli.files import staged_folder
+from mode_cli.smollm2 import cache_dir
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 
@@ -60,13 +59,6 @@ def get_attr(root: nn.Module, path: str) -> nn.Module:
     return root
 
 
-def cache_root() -> Path:
-    """Where converted and generated models are cached: $MODE_CACHE, else the XDG cache."""
-    if os.environ.get("MODE_CACHE"):
-        return Path(os.environ["MODE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mode"
-
-
 def resolve_bundled(spec: str) -> Path:
     """`bundled:arithmetic/train.jsonl` -> the file shipped inside the package."""
     path = BUNDLED_DIR / spec.removeprefix("bundled:")
@@ -90,7 +82,7 @@ def resolve_source(model_cfg: DictConfig) -> str:
             raise ModeError(f"Unknown packaged model '{name}'. Packaged: package:smollm2")
         from mode_cli.smollm2 import ensure_converted
 
-        return str(ensure_converted(cache_root(), log=_log))
+        return str(ensure_converted(log=_log))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -133,7 +125,7 @@ def build_tiny_model(family: str, tiny: DictConfig) -> Path:
     )
     spec = {"family": family, **OmegaConf.to_container(tiny), "format": 1}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    target = cache_root() / "tiny" / f"{family}-{digest}"
+    target = cache_dir() / "tiny" / f"{family}-{digest}"
     if (target / "config.json").is_file():
         return target
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
@@ -145,20 +137,10 @@ def build_tiny_model(family: str, tiny: DictConfig) -> Path:
     config = tiny_config(family, tiny, len(tokenizer), special)
     torch.manual_seed(tiny.seed)
     model = AutoModelForCausalLM.from_config(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target and rename: a crash never leaves a folder that looks complete.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "mode_tiny.json").write_text(json.dumps(spec, indent=2))
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -26,12 +26,13 @@ GROUPS = ("model", "data", "lora", "layers", "loss", "train", "eval")
 
 
 def shipped_recipes_dir() -> Path:
-    """The recipes that come with `mode`: inside the package when installed, else the repo's."""
+    """The recipes that come with `mode`: the repo's `recipes/` (source checkout or editable
+    install), else the copy a wheel installs as `mode_cli/shipped_recipes`."""
     here = Path(__file__).resolve().parent
-    for candidate in (here / "recipes", here.parent / "recipes"):
-        if candidate.is_dir():
+    for candidate in (here.parent / "recipes", here / "shipped_recipes"):
+        if (candidate / "model").is_dir():
             return candidate
-    raise ModeError(f"mode's recipes folder is missing (looked in {here / 'recipes'})")
+    raise ModeError(f"mode's recipes folder is missing (looked in {here / 'shipped_recipes'})")
 
 
 def recipe_files(directory: Path) -> dict[str, Path]:
@@ -61,7 +62,9 @@ def group_options(directory: Path) -> dict[str, list[str]]:
 
 def locate(recipe: str, recipes_dir: Path | None = None) -> tuple[Path, str]:
     """Where a recipe lives: (config folder, recipe name). `recipe` is a name or a path to YAML."""
-    if recipe.endswith((".yaml", ".yml")):
+    if recipe.endswith(".yml"):
+        raise ModeError(f"Recipe files must end in .yaml (Hydra reads no other): {recipe}")
+    if recipe.endswith(".yaml"):
         path = Path(recipe).expanduser().resolve()
         if not path.is_file():
             raise ModeError(f"Recipe file not found: {recipe}")
@@ -132,7 +135,8 @@ class _unlocked:
 
 def explain_composition_error(err: Exception) -> str:
     """Turn Hydra's composition errors into one message that names the key and what was expected."""
-    cause = err.__cause__
+    # Hydra sometimes raises without `from`: the OmegaConf error is then the context.
+    cause = err.__cause__ or err.__context__
     if isinstance(cause, ValidationError | ConfigAttributeError | ConfigKeyError):
         return explain_omegaconf_error(cause)
     message = str(err).split("\nConfig search path:")[0].strip()
@@ -166,14 +170,14 @@ def known_keys(dotted: str) -> list[str]:
     return [f.name for f in fields(node)] if is_dataclass(node) else []
 
 
-def copy_recipe(name: str, destination: str) -> Path:
-    """Copy a shipped recipe out for editing; refuses to overwrite a file that exists."""
-    directory, name = locate(name)
+def copy_recipe(name: str, destination: str, recipes_dir: Path | None = None) -> Path:
+    """Copy a recipe out for editing; refuses to overwrite a file that exists."""
+    directory, name = locate(name, recipes_dir)
     source = directory / f"{name}.yaml"
     target = Path(destination).expanduser()
     if target.is_dir():
         target = target / source.name
-    if target.suffix not in (".yaml", ".yml"):
+    if target.suffix != ".yaml":
         raise ModeError(f"Destination must be a folder or a .yaml file: {destination}")
     if target.exists():
         raise ModeError(f"Refusing to overwrite {target}: remove it or pick another path")

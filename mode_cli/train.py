@@ -149,10 +149,6 @@ class FinetuneRecipe:
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.out = Path(cfg.output_dir or default_output_dir(cfg.recipe or "run"))
-        if (self.out / "config.yaml").exists():
-            raise ModeError(
-                f"{self.out} already holds a run; pick another output_dir (nothing was changed)"
-            )
 
     # ------------------------------------------------------------------ setup
 
@@ -289,11 +285,16 @@ class FinetuneRecipe:
         return save_merged(self.cfg, self.source, self.out, self.device)
 
     def run(self) -> Path:
+        if (self.out / "config.yaml").exists():
+            raise ModeError(
+                f"{self.out} already holds a run; pick another output_dir (nothing was changed)"
+            )
+        console.print(f"[bold]mode train[/bold] {self.cfg.recipe} -> {self.out}")
         self.setup_data()
+        self.setup_model()
+        # The run folder appears only once everything a user can get wrong has been checked.
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-        console.print(f"[bold]mode train[/bold] {self.cfg.recipe} -> {self.out}")
-        self.setup_model()
         counts = self.trainable_parameters()
         console.print(
             f"{len(self.train_set.examples)} train / {len(self.eval_set.examples)} eval examples; "

@@ -23,6 +23,20 @@ def model_cache(tmp_path_factory):
     return os.environ["MODE_CACHE"]
 
 
+@pytest.fixture(scope="session")
+def smollm2_conversion(model_cache):
+    """SmolLM2-135M-Instruct converted from its GGUF once per session into the model cache:
+    (cache, folder, log messages of the conversion)."""
+    from pathlib import Path
+
+    from mode_cli import smollm2
+
+    cache = Path(model_cache)
+    messages: list[str] = []
+    folder = smollm2.ensure_converted(cache, log=messages.append)
+    return cache, folder, messages
+
+
 @pytest.fixture
 def mode(capsys):
     """Run `mode ARGS...` in-process; returns (exit code, stdout, stderr)."""

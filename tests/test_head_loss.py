@@ -29,7 +29,10 @@ def reference_loss(normed_inputs, head, lm_head, labels, w: LossWeights) -> torc
     total = torch.zeros(())
     for t in range(labels.numel()):
         states = [normed_inputs[layer][t] for layer in head.layers]
-        normed = [head.norms[str(layer)](s) for layer, s in zip(head.layers[:-1], states[:-1])]
+        normed = [
+            head.norms[str(layer)](s)
+            for layer, s in zip(head.layers[:-1], states[:-1], strict=True)
+        ]
         normed.append(states[-1])
         weights = torch.softmax(head.router(normed[-1]), dim=-1)
         logits = [lm_head(u) for u in normed]
@@ -100,7 +103,9 @@ def test_teacher_is_detached():
     head.router.bias.requires_grad_(False)
     normed = torch.stack(head.normed(raw))
     routing = torch.full((7, 3), 1 / 3)
-    mode_loss(normed, routing, labels, lm_head, LossWeights(ensemble=0.0, distill=1.0)).total.backward()
+    mode_loss(
+        normed, routing, labels, lm_head, LossWeights(ensemble=0.0, distill=1.0)
+    ).total.backward()
     assert raw[head.layers[-1]].grad is None or raw[head.layers[-1]].grad.abs().max() == 0
     assert raw[head.layers[0]].grad.abs().max() > 0
 

@@ -16,17 +16,25 @@ from mode_cli.loss import final_only_loss
 
 
 def tiny_model_cfg(**values):
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name_or_path": "tiny:llama", **values})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(ModelConfig), {"name_or_path": "tiny:llama", **values}
+    )
     return cfg
 
 
 def lora_cfg(**values):
-    return OmegaConf.merge(OmegaConf.structured(LoraConfig), {"r": 4, "alpha": 8, "dropout": 0.0, **values})
+    return OmegaConf.merge(
+        OmegaConf.structured(LoraConfig), {"r": 4, "alpha": 8, "dropout": 0.0, **values}
+    )
 
 
 def causal_loss(model, ids):
     states = model_mod.hidden_states(model, ids, torch.ones_like(ids))
-    sums = final_only_loss(states[-1][:, :-1].reshape(-1, states[-1].shape[-1]), ids[:, 1:].reshape(-1), model_mod.lm_head(model))
+    sums = final_only_loss(
+        states[-1][:, :-1].reshape(-1, states[-1].shape[-1]),
+        ids[:, 1:].reshape(-1),
+        model_mod.lm_head(model),
+    )
     return sums.total / sums.tokens
 
 
@@ -48,7 +56,9 @@ def test_lora_gradients_after_an_eval_pass_equal_a_dequantized_fp32_reference():
     source = model_mod.resolve_source(cfg)
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
 
-    quantized = model_mod.attach_lora(model_mod.load_base_model(source, cfg, "fp32", "cpu"), lora_cfg(), False)
+    quantized = model_mod.attach_lora(
+        model_mod.load_base_model(source, cfg, "fp32", "cpu"), lora_cfg(), False
+    )
     randomise_lora(quantized, seed=1)
     # A no-grad forward in eval mode (as in evaluation or generate()) used to repack
     # bitsandbytes' CPU weights onto a path without backward: gradients must survive it.

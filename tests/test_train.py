@@ -13,15 +13,32 @@ def records(run):
 
 
 def test_a_run_writes_every_output(tiny_run):
-    for name in ("config.yaml", "metrics.jsonl", "mode_head.safetensors", "mode_head.json",
-                 "report.json", "report.md", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
-                 "merged/config.json", "merged/model.safetensors", "merged/tokenizer.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "mode_head.safetensors",
+        "mode_head.json",
+        "report.json",
+        "report.md",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer.json",
+        "merged/config.json",
+        "merged/model.safetensors",
+        "merged/tokenizer.json",
+    ):
         assert (tiny_run / name).is_file(), name
     steps = records(tiny_run)
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
     for record in steps:
-        assert {"loss", "ce_ensemble", "distill", "lr", "tokens_per_s", "elapsed_s"} <= record.keys()
+        assert {
+            "loss",
+            "ce_ensemble",
+            "distill",
+            "lr",
+            "tokens_per_s",
+            "elapsed_s",
+        } <= record.keys()
         assert record["loss"] > 0 and record["target_tokens"] > 0
     head = json.loads((tiny_run / "mode_head.json").read_text())
     assert head["layers"] == [2, 3, 4] and head["num_layers"] == 4 and head["router"] == "token"
@@ -56,7 +73,9 @@ def test_mode_eval_reproduces_the_training_report(tiny_run, mode, tmp_path):
     for old, new in zip(before["layers"], after["layers"], strict=True):
         assert new["tuned"]["loss"] == pytest.approx(old["tuned"]["loss"], rel=1e-5)
         assert new["base"]["loss"] == pytest.approx(old["base"]["loss"], rel=1e-5)
-    assert after["ensemble"]["tuned"]["loss"] == pytest.approx(before["ensemble"]["tuned"]["loss"], rel=1e-5)
+    assert after["ensemble"]["tuned"]["loss"] == pytest.approx(
+        before["ensemble"]["tuned"]["loss"], rel=1e-5
+    )
 
 
 def test_mode_eval_rejects_what_is_not_a_run(mode, tmp_path):
@@ -70,8 +89,15 @@ def test_mode_eval_rejects_what_is_not_a_run(mode, tmp_path):
 
 def test_training_lowers_the_loss(mode, tmp_path):
     out = tmp_path / "run"
-    code, _, err = mode("train", "recipe=tiny-llama-alpaca", f"output_dir={out}",
-                        "train.max_steps=40", "train.lr=5e-3", "merge=false", "eval.compare_base=false")
+    code, _, err = mode(
+        "train",
+        "recipe=tiny-llama-alpaca",
+        f"output_dir={out}",
+        "train.max_steps=40",
+        "train.lr=5e-3",
+        "merge=false",
+        "eval.compare_base=false",
+    )
     assert code == 0, err
     losses = [r["loss"] for r in records(out)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
@@ -79,8 +105,14 @@ def test_training_lowers_the_loss(mode, tmp_path):
 
 def test_final_only_is_plain_qlora_without_a_head(mode, tmp_path):
     out = tmp_path / "final"
-    code, _, err = mode("train", "recipe=tiny-llama-alpaca", "loss=final-only", f"output_dir={out}",
-                        "train.max_steps=3", "merge=false")
+    code, _, err = mode(
+        "train",
+        "recipe=tiny-llama-alpaca",
+        "loss=final-only",
+        f"output_dir={out}",
+        "train.max_steps=3",
+        "merge=false",
+    )
     assert code == 0, err
     assert not (out / "mode_head.safetensors").exists()
     report = json.loads((out / "report.json").read_text())
@@ -90,20 +122,38 @@ def test_final_only_is_plain_qlora_without_a_head(mode, tmp_path):
     assert code == 0, err
 
 
-@pytest.mark.parametrize("overrides", [["loss=mode-nodistill", "layers=last2"],
-                                       ["model.quantization=none", "layers=last4",
-                                        "train.grad_accum_steps=2", "train.gradient_checkpointing=true"]],
-                         ids=["nodistill-last2", "no-quant-last4-accum-ckpt"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["loss=mode-nodistill", "layers=last2"],
+        [
+            "model.quantization=none",
+            "layers=last4",
+            "train.grad_accum_steps=2",
+            "train.gradient_checkpointing=true",
+        ],
+    ],
+    ids=["nodistill-last2", "no-quant-last4-accum-ckpt"],
+)
 def test_recipe_variants_train(mode, tmp_path, overrides):
     out = tmp_path / "variant"
-    code, _, err = mode("train", "recipe=tiny-llama-alpaca", f"output_dir={out}", "train.max_steps=2",
-                        "merge=false", "eval.max_examples=4", *overrides)
+    code, _, err = mode(
+        "train",
+        "recipe=tiny-llama-alpaca",
+        f"output_dir={out}",
+        "train.max_steps=2",
+        "merge=false",
+        "eval.max_examples=4",
+        *overrides,
+    )
     assert code == 0, err
     assert len(records(out)) == 2
 
 
 def test_layer_selection_is_checked_against_the_models_depth(mode, tmp_path):
-    code, _, err = mode("train", "recipe=tiny-llama-alpaca", f"output_dir={tmp_path / 'r'}", "layers.k=9")
+    code, _, err = mode(
+        "train", "recipe=tiny-llama-alpaca", f"output_dir={tmp_path / 'r'}", "layers.k=9"
+    )
     assert code == 2
     assert "4 layers" in err and "layers.k=9" in err
 
@@ -111,8 +161,35 @@ def test_layer_selection_is_checked_against_the_models_depth(mode, tmp_path):
 def test_same_seed_same_losses(mode, tmp_path):
     runs = []
     for name in ("a", "b"):
-        code, _, err = mode("train", "recipe=tiny-llama-alpaca", f"output_dir={tmp_path / name}",
-                            "train.max_steps=3", "merge=false", "eval.compare_base=false")
+        code, _, err = mode(
+            "train",
+            "recipe=tiny-llama-alpaca",
+            f"output_dir={tmp_path / name}",
+            "train.max_steps=3",
+            "merge=false",
+            "eval.compare_base=false",
+        )
         assert code == 0, err
         runs.append([r["loss"] for r in records(tmp_path / name)])
     assert runs[0] == runs[1]
+
+
+def test_the_packaged_smollm2_trains_in_4_bits(mode, tmp_path, smollm2_conversion):
+    """The demo's real pretrained model, briefly: NF4 load, LoRA + MoDE, report (no merge)."""
+    out = tmp_path / "smollm2"
+    code, _, err = mode(
+        "train",
+        "recipe=smollm2-arithmetic",
+        f"output_dir={out}",
+        "train.max_steps=2",
+        "train.micro_batch_size=2",
+        "merge=false",
+        "data.max_eval_examples=4",
+    )
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_layers"] == 30 and report["selected_layers"] == [28, 29, 30]
+    final = report["layers"][-1]
+    # The logit lens of a real model: the final layer predicts far better than early layers.
+    assert final["base"]["loss"] < report["layers"][20]["base"]["loss"]
+    assert final["base"]["top1"] > 0.3
