@@ -24,6 +24,8 @@ def _quiet_libraries() -> None:
     """Keep third-party chatter (progress bars, advisory warnings) out of the terminal."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # The one-time GGUF conversion draws tqdm bars of its own; mode shows its own progress.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import logging
     import warnings
 

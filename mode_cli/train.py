@@ -206,10 +206,12 @@ class FinetuneRecipe:
         trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         batches = self.micro_batches()
         history: list[dict] = []
-        metrics_file = (self.out / "metrics.jsonl").open("a")
         start = time.perf_counter()
         seen_tokens = 0
-        with TrainingProgress(cfg.max_steps, console) as progress:
+        with (
+            (self.out / "metrics.jsonl").open("a") as metrics_file,
+            TrainingProgress(cfg.max_steps, console, cfg.log_every) as progress,
+        ):
             for step in range(1, cfg.max_steps + 1):
                 micro = [self.to_device(next(batches)) for _ in range(cfg.grad_accum_steps)]
                 # Normalise by the target tokens of the whole step, not per micro-batch.
@@ -250,8 +252,6 @@ class FinetuneRecipe:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
                 progress.update(step, loss=loss, lr=lr, tokens_per_s=record["tokens_per_s"])
-        metrics_file.close()
-        self.train_seconds = time.perf_counter() - start
         return history
 
     # ------------------------------------------------------------------ outputs
