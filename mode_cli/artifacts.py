@@ -45,14 +45,7 @@ def load_head(run_dir: Path, model, device: str) -> MoDEHead:
             f"{run_dir / HEAD_INFO} was trained on a {info['num_layers']}-layer model; "
             f"this model has {n} layers"
         )
-    head = MoDEHead(
-        final_norm=model_mod.final_norm(model),
-        layers=info["layers"],
-        num_layers=n,
-        hidden_size=info["hidden_size"],
-        router=info["router"],
-        init_final_weight=info["init_final_weight"],
-    )
+    head = MoDEHead.from_description(model_mod.final_norm(model), info)
     head.load_state_dict(load_file(str(run_dir / HEAD_WEIGHTS)))
     return head.to(device)
 
@@ -75,12 +68,16 @@ def load_run(run_dir: Path, cfg: DictConfig, device: str):
     from peft import PeftModel
 
     adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise ModeError(f"{run_dir} has no trained adapter (adapter/adapter_config.json)")
     source = model_mod.resolve_source(cfg.model)
-    tokenizer = model_mod.load_tokenizer(str(adapter), cfg.model)
     base = model_mod.load_base_model(source, cfg.model, cfg.train.precision, device)
-    model = PeftModel.from_pretrained(base, str(adapter))
+    if cfg.loss.name == "mode-only":
+        # The head trained alone on the frozen base.
+        model, tokenizer = base, model_mod.load_tokenizer(source, cfg.model)
+    else:
+        if not (adapter / "adapter_config.json").is_file():
+            raise ModeError(f"{run_dir} has no trained adapter (adapter/adapter_config.json)")
+        tokenizer = model_mod.load_tokenizer(str(adapter), cfg.model)
+        model = PeftModel.from_pretrained(base, str(adapter))
     head = load_head(run_dir, model, device) if (run_dir / HEAD_INFO).is_file() else None
     if head is None and cfg.loss.name != "final-only":
         raise ModeError(f"{run_dir} was trained with loss={cfg.loss.name} but has no {HEAD_INFO}")

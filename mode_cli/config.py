@@ -52,12 +52,16 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    """The peft LoRA adapter. `target_modules`: `all-linear` or a list of module names."""
+    """The peft adapter (recipe group `adapter`): LoRA, or DoRA with `use_dora: true`.
+
+    target_modules: `all-linear` or a list of module names.
+    """
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
     target_modules: Any = "all-linear"
+    use_dora: bool = False
 
 
 @dataclass
@@ -83,20 +87,57 @@ class DataConfig:
 
 @dataclass
 class LayersConfig:
-    """Which decoder layers form the MoDE ensemble. `last_k`: the last `k` layers (1-based N-k+1..N)."""
+    """Which decoder layers (1-based, N = the model's depth) form the MoDE ensemble.
+
+    select: `last_k` (the last `k` layers), `every_n` (every `every`-th layer of the last
+    `of_last`, ending at N),
+    `fraction` (the last `fraction` of the depth, rounded up). `indices`, when set, overrides the
+    rule: explicit layers, negative ones counted from the end (-1 is N). The final layer N is
+    always part of the selection.
+    """
 
     select: str = "last_k"
     k: int = 3
+    every: int = 2
+    of_last: int = 8
+    fraction: float = 0.1
+    indices: list[int] | None = None
+
+
+@dataclass
+class RouterConfig:
+    """How the ensemble's weights over the selected layers are made (METHOD.md 3).
+
+    kind: `token` (a linear router per token), `scalar` (one learned logit per layer), `fixed`
+    (the weights in `weights`, not trained). init: `final` puts `init_final_weight` on layer N and
+    shares the rest; `uniform` starts equal. input: the token router reads `final` (the final
+    layer's normalised state) or `mean` (the mean of the selected layers' normalised states);
+    `detach_input` stops the router's gradient from reaching the adapter through its input.
+    """
+
+    kind: str = "token"
+    init: str = "final"
+    init_final_weight: float = 0.9
+    weights: list[float] | None = None
+    input: str = "final"
+    detach_input: bool = False
 
 
 @dataclass
 class LossConfig:
     """How the loss weighs the ensemble, the late layers and the distillation term (METHOD.md 5).
 
-    name: `mode` (ensemble CE + distillation), `mode-nodistill` (distill_weight must be 0), or
-    `final-only` (no MoDE head: plain QLoRA, the baseline). The router (METHOD.md 3) is part of the
-    head: `token` mixes per token from the final layer's normalised state; `init_final_weight` is
-    the router's starting weight on the final layer.
+    name: `mode` (ensemble CE + distillation), `mode-nodistill` (no distillation), `final-only`
+    (no MoDE head: plain QLoRA, the baseline), `layerwise` (per-layer CE weighted by `scale`,
+    optionally on a `curriculum`, no router: LayerSkip's early-exit loss), `mode-only` (the MoDE
+    head trained alone, no adapter).
+    teacher: the distillation teacher, `final` (layer N; students are the other selected layers)
+    or `ensemble` (students are all selected layers); always detached.
+    scale: layerwise weights by depth l: `uniform`, `linear` (l), `sqrt`, `inverse` (1/l),
+    `inverse_sqrt`, normalised to sum to 1. curriculum: `none`, `rotational` (one early exit at
+    a time, rotating every `curriculum_period` steps, layer N always on), `gradual` (exits
+    switched on from the last layer backwards over the run).
+    impl: `chunked` (memory-efficient, the default) or `naive` (the reference).
     """
 
     name: str = "mode"
@@ -104,8 +145,11 @@ class LossConfig:
     layer_weight: float = 0.0
     distill_weight: float = 0.1
     temperature: float = 1.0
-    router: str = "token"
-    init_final_weight: float = 0.9
+    teacher: str = "final"
+    scale: str = "uniform"
+    curriculum: str = "none"
+    curriculum_period: int = 1
+    impl: str = "chunked"
 
 
 @dataclass
@@ -155,6 +199,7 @@ class RecipeConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     layers: LayersConfig = field(default_factory=LayersConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -169,9 +214,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.quantization": ("nf4", "none"),
     "data.template": ("alpaca",),
     "data.on_bad_row": ("error", "skip"),
-    "layers.select": ("last_k",),
-    "loss.name": ("mode", "mode-nodistill", "final-only"),
-    "loss.router": ("token",),
+    "layers.select": ("last_k", "every_n", "fraction"),
+    "router.kind": ("token", "scalar", "fixed"),
+    "router.init": ("final", "uniform"),
+    "router.input": ("final", "mean"),
+    "loss.name": ("mode", "mode-nodistill", "final-only", "layerwise", "mode-only"),
+    "loss.teacher": ("final", "ensemble"),
+    "loss.scale": ("uniform", "linear", "sqrt", "inverse", "inverse_sqrt"),
+    "loss.curriculum": ("none", "rotational", "gradual"),
+    "loss.impl": ("chunked", "naive"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("fp32", "bf16"),
     "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
@@ -210,6 +261,9 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
         "lora.alpha",
         "data.max_seq_len",
         "layers.k",
+        "layers.every",
+        "layers.of_last",
+        "loss.curriculum_period",
         "train.lr",
         "train.max_steps",
         "train.micro_batch_size",
@@ -242,15 +296,22 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
             f"data.eval_fraction={cfg.data.eval_fraction}: expected a number in (0, 1) "
             "when data.eval is not set"
         )
-    if not 0.0 < cfg.loss.init_final_weight < 1.0:
+    if not 0.0 < cfg.router.init_final_weight < 1.0:
         problems.append(
-            f"loss.init_final_weight={cfg.loss.init_final_weight}: expected a number in (0, 1)"
+            f"router.init_final_weight={cfg.router.init_final_weight}: expected a number in (0, 1)"
         )
+    if not 0.0 < cfg.layers.fraction <= 1.0:
+        problems.append(f"layers.fraction={cfg.layers.fraction}: expected a number in (0, 1]")
+    weights = cfg.router.weights
+    if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
+        problems.append(f"router.weights={list(weights)}: expected non-negative numbers, not all 0")
     if cfg.loss.name == "mode-nodistill" and cfg.loss.distill_weight != 0:
         problems.append(
             f"loss.name=mode-nodistill with loss.distill_weight={cfg.loss.distill_weight}: "
             "the no-distillation recipe needs distill_weight 0 (use loss=mode-nodistill)"
         )
+    if cfg.loss.name == "layerwise" and cfg.loss.teacher == "ensemble" and cfg.loss.distill_weight:
+        problems.append("loss.teacher=ensemble needs a router, and loss=layerwise has none")
     targets = cfg.lora.target_modules
     if not (
         targets == "all-linear"

@@ -22,20 +22,27 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-ROUTERS = ("token",)
+ROUTERS = ("token", "scalar", "fixed", "none")
+ROUTER_INPUTS = ("final", "mean")
 
 
 class MoDEHead(nn.Module):
-    """Norms for the selected late layers and a token router over them.
+    """Norms for the selected late layers and a router over them.
 
     Args:
         final_norm: the model's final norm module (copied for each selected layer below N; the
             module itself is not stored, so the head's state holds only its own weights).
         layers: selected layers, 1-based, ascending; must end with `num_layers`.
         num_layers: N, the model's number of decoder layers.
-        hidden_size: the model's hidden size (the router's input width).
-        router: `token`, a linear router per token on the final layer's normalised state.
-        init_final_weight: the router's initial weight on layer N, in (0, 1).
+        hidden_size: the model's hidden size (the token router's input width).
+        router: `token` (a linear router per token), `scalar` (one learned logit per layer),
+            `fixed` (constant weights), or `none` (norms only: per-layer losses, no ensemble).
+        init_final_weight: the initial weight on layer N, in (0, 1); None starts uniform.
+        fixed_weights: the weights of a `fixed` router (normalised to sum to 1); None uses the
+            initial weights.
+        router_input: what the token router reads: `final` (`Norm_N(h_N)`) or `mean` (the mean
+            of the selected layers' normalised states).
+        detach_input: stop the router's gradient at its input.
     """
 
     def __init__(
@@ -45,7 +52,10 @@ class MoDEHead(nn.Module):
         num_layers: int,
         hidden_size: int,
         router: str = "token",
-        init_final_weight: float = 0.9,
+        init_final_weight: float | None = 0.9,
+        fixed_weights: Sequence[float] | None = None,
+        router_input: str = "final",
+        detach_input: bool = False,
     ) -> None:
         super().__init__()
         layers = [int(layer) for layer in layers]
@@ -55,11 +65,19 @@ class MoDEHead(nn.Module):
             raise ValueError(f"layers must lie in 1..{num_layers} and end with {num_layers}")
         if router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        if router_input not in ROUTER_INPUTS:
+            raise ValueError(f"router_input must be one of {ROUTER_INPUTS}, got {router_input!r}")
+        if fixed_weights is not None and len(fixed_weights) != len(layers):
+            raise ValueError(
+                f"fixed_weights has {len(fixed_weights)} entries for {len(layers)} layers {layers}"
+            )
         self.layers = layers
         self.num_layers = num_layers
         self.hidden_size = hidden_size
         self.router_kind = router
         self.init_final_weight = init_final_weight
+        self.router_input = router_input
+        self.detach_input = detach_input
         self.norms = nn.ModuleDict()
         for layer in layers[:-1]:
             norm = copy.deepcopy(final_norm)
@@ -67,14 +85,28 @@ class MoDEHead(nn.Module):
                 param.data = param.data.float()
                 param.requires_grad_(True)
             self.norms[str(layer)] = norm
-        self.router = nn.Linear(hidden_size, len(layers))
+        prior = router_bias(len(layers), init_final_weight)
+        self.router: nn.Module | None = None
+        if router == "token":
+            self.router = nn.Linear(hidden_size, len(layers))
+        elif router == "scalar":
+            self.router_logits = nn.Parameter(prior.clone())
+        elif router == "fixed":
+            fixed = (
+                torch.softmax(prior, 0) if fixed_weights is None else torch.tensor(fixed_weights)
+            )
+            self.register_buffer("fixed_weights", fixed.float() / fixed.sum())
         self.reset_router()
 
     def reset_router(self) -> None:
-        """Zero the router's weights; biases give layer N `init_final_weight`, the rest equal."""
-        nn.init.zeros_(self.router.weight)
+        """Back to the initial routing: zero token-router weights, the prior in the biases."""
+        prior = router_bias(len(self.layers), self.init_final_weight)
         with torch.no_grad():
-            self.router.bias.copy_(router_bias(len(self.layers), self.init_final_weight))
+            if self.router_kind == "token":
+                nn.init.zeros_(self.router.weight)
+                self.router.bias.copy_(prior)
+            elif self.router_kind == "scalar":
+                self.router_logits.copy_(prior)
 
     def normed(self, hidden_states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """`Norm_l(h_l)` for each selected layer; layer N's state arrives already normalised.
@@ -87,19 +119,51 @@ class MoDEHead(nn.Module):
         out.append(hidden_states[self.num_layers].float())
         return out
 
-    def route(self, final_normed: torch.Tensor) -> torch.Tensor:
-        """Routing weights `softmax(U . Norm_N(h_N) + b)` over the selected layers, per token."""
-        return torch.softmax(self.router(final_normed.to(self.router.weight.dtype)), dim=-1)
+    def route(self, normed: torch.Tensor) -> torch.Tensor | None:
+        """Routing weights `[..., |S|]` per token from the stacked normalised states; None when
+        the head has no router.
 
-    def forward(self, hidden_states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked normalised states `[|S|, ..., H]` and routing weights `[..., |S|]`."""
-        normed = self.normed(hidden_states)
-        return torch.stack(normed), self.route(normed[-1])
+        token: `softmax(U . x + b)` with x = `Norm_N(h_N)` (or the mean over layers); scalar:
+        `softmax(b)`; fixed: the recipe's weights.
+        """
+        shape = (*normed.shape[1:-1], len(self.layers))
+        if self.router_kind == "none":
+            return None
+        if self.router_kind == "fixed":
+            return self.fixed_weights.expand(shape)
+        if self.router_kind == "scalar":
+            return torch.softmax(self.router_logits, dim=0).expand(shape)
+        x = normed[-1] if self.router_input == "final" else normed.mean(0)
+        if self.detach_input:
+            x = x.detach()
+        return torch.softmax(self.router(x.to(self.router.weight.dtype)), dim=-1)
+
+    def forward(
+        self, hidden_states: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stacked normalised states `[|S|, ..., H]` and routing weights `[..., |S|]` (or None)."""
+        normed = torch.stack(self.normed(hidden_states))
+        return normed, self.route(normed)
 
     @staticmethod
     def mix(normed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`sum_l w_l Norm_l(h_l)`: the head is linear, so this fed to it gives the mixed logits."""
         return torch.einsum("s...h,...s->...h", normed, weights.to(normed.dtype))
+
+    @classmethod
+    def from_description(cls, final_norm: nn.Module, info: dict) -> MoDEHead:
+        """A freshly initialised head with the shape and settings `describe()` recorded."""
+        return cls(
+            final_norm=final_norm,
+            layers=info["layers"],
+            num_layers=info["num_layers"],
+            hidden_size=info["hidden_size"],
+            router=info["router"],
+            init_final_weight=info["init_final_weight"],
+            fixed_weights=info.get("fixed_weights"),
+            router_input=info.get("router_input", "final"),
+            detach_input=info.get("detach_input", False),
+        )
 
     def describe(self) -> dict:
         """What `mode_head.json` records: enough to rebuild the head around the same model."""
@@ -111,14 +175,18 @@ class MoDEHead(nn.Module):
             "hidden_size": self.hidden_size,
             "router": self.router_kind,
             "init_final_weight": self.init_final_weight,
+            "fixed_weights": self.fixed_weights.tolist() if self.router_kind == "fixed" else None,
+            "router_input": self.router_input,
+            "detach_input": self.detach_input,
             "trainable_parameters": sum(p.numel() for p in self.parameters()),
         }
 
 
-def router_bias(num_selected: int, init_final_weight: float) -> torch.Tensor:
-    """Logits whose softmax puts `init_final_weight` on the last entry and equal shares elsewhere."""
-    if num_selected == 1:
-        return torch.zeros(1)
+def router_bias(num_selected: int, init_final_weight: float | None) -> torch.Tensor:
+    """Logits whose softmax puts `init_final_weight` on the last entry and equal shares elsewhere
+    (all equal when it is None)."""
+    if num_selected == 1 or init_final_weight is None:
+        return torch.zeros(num_selected)
     rest = (1.0 - init_final_weight) / (num_selected - 1)
     bias = torch.full((num_selected,), math.log(rest))
     bias[-1] = math.log(init_final_weight)
@@ -130,3 +198,36 @@ def last_k(num_layers: int, k: int) -> list[int]:
     if not 1 <= k <= num_layers:
         raise ValueError(f"k={k} is outside 1..{num_layers} (the model has {num_layers} layers)")
     return list(range(num_layers - k + 1, num_layers + 1))
+
+
+def every_n(num_layers: int, every: int, of_last: int) -> list[int]:
+    """Every `every`-th of the last `of_last` layers, ending at N: every_n(30, 2, 6) == [26, 28, 30]."""
+    if not 1 <= of_last <= num_layers:
+        raise ValueError(
+            f"of_last={of_last} is outside 1..{num_layers} (the model has {num_layers} layers)"
+        )
+    if every < 1:
+        raise ValueError(f"every={every}: expected at least 1")
+    return sorted(range(num_layers, num_layers - of_last, -every))
+
+
+def fraction_of_depth(num_layers: int, fraction: float) -> list[int]:
+    """The last `fraction` of the layers, rounded up: fraction_of_depth(30, 0.1) == [28, 29, 30]."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction={fraction} is outside (0, 1]")
+    return last_k(num_layers, max(1, math.ceil(fraction * num_layers - 1e-9)))
+
+
+def explicit(num_layers: int, indices: Sequence[int]) -> list[int]:
+    """Explicit layers, 1-based, negative ones from the end (-1 is N); N is always added."""
+    chosen = set()
+    for index in indices:
+        layer = num_layers + 1 + index if index < 0 else index
+        if not 1 <= layer <= num_layers:
+            raise ValueError(
+                f"indices: layer {index} is out of range: the model has {num_layers} layers "
+                f"(use 1..{num_layers}, or -1..-{num_layers} from the end)"
+            )
+        chosen.add(layer)
+    chosen.add(num_layers)
+    return sorted(chosen)

@@ -1,85 +1,207 @@
 """The MoDE loss (METHOD.md 5), summed over target tokens; the caller divides by the step's count.
 
-    L = a_ens * CE(z, y) + a_l * sum_{l in S} CE(z_l, y)
-        + lambda * T^2 * sum_{l in S, l < N} KL(softmax(z_N / T) || softmax(z_l / T))
+    L = a_ens * CE(z, y) + sum_{l in S} a_l * CE(z_l, y)
+        + lambda * T^2 * sum_{students l} KL(softmax(teacher / T) || softmax(z_l / T))
 
-`z = W . sum_l w_l Norm_l(h_l)` is the ensemble (one head matmul, since the head is linear),
-`z_l = W . Norm_l(h_l)`, and the teacher `z_N` is detached. Inputs hold only target positions:
-masked ones (label -100) are dropped by the caller before any head matmul. Every term is computed
-in fp32. The per-layer logits are only computed when a per-layer term has weight.
+`z_l = f(W . Norm_l(h_l) + b)` and the ensemble `z = f(W . sum_l w_l Norm_l(h_l) + b)`: the head is
+linear, so one head matmul on the mixed states gives the mix of the raw logits. `f` is the model's
+optional elementwise logit function (Gemma 2's final-logit soft-capping), applied to every logits
+tensor; for the ensemble it acts after the mix (our documented choice). The teacher is `z_N`
+(students: every l < N) or the ensemble `z` (students: every l in S), always detached.
 
-Returning sums, not means, lets gradient accumulation divide by the number of target tokens of the
-whole optimizer step, so every token weighs the same however the step is split into micro-batches.
+Inputs hold only target positions: masked ones (label -100) are dropped by the caller before any
+head matmul. Every term is computed in fp32. Per-layer logits are only computed when a per-layer
+term has weight. Returning sums, not means, lets gradient accumulation divide by the number of
+target tokens of the whole optimizer step, so every token weighs the same however the step is split.
+
+Two implementations of the same function:
+- `mode_loss`: the naive reference, plain autograd over full `[T, V]` logits (kept for the tests);
+- `chunked_mode_loss`: the default, which walks the tokens in chunks (METHOD.md "Memory").
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mode_cli.head import MoDEHead
+LogitFn = Callable[[torch.Tensor], torch.Tensor]
+
+# Elements of one chunk's fp32 logits block `[rows, chunk, V]` (256 MiB). Large enough that each
+# chunk's head matmul is an efficient GEMM (about 130 tokens x 4 rows at Llama-3's 128,256 vocab,
+# 520 at 32k) and per-chunk overheads vanish, small enough to be noise next to a QLoRA step of an
+# 8B model. The chunked loss holds about two such blocks at its peak, whatever the token count.
+DEFAULT_CHUNK_BUDGET = 2**26
+
+TEACHERS = ("final", "ensemble")
 
 
 @dataclass(frozen=True)
 class LossWeights:
-    """a_ens, a_l (the same for every selected layer), lambda and T of the formula above."""
+    """The coefficients of the formula above.
+
+    Attributes:
+        ensemble: a_ens, on the routed ensemble's cross-entropy.
+        layers: a_l for each selected layer (ascending, layer N last); `()` means all zero.
+        distill: lambda, on the distillation term.
+        temperature: T of the distillation (the term is scaled by T^2).
+        teacher: `final` (teacher z_N, students l < N) or `ensemble` (teacher z, students all l).
+    """
 
     ensemble: float = 1.0
-    layer: float = 0.0
+    layers: tuple[float, ...] = ()
     distill: float = 0.1
     temperature: float = 1.0
+    teacher: str = "final"
+
+    def __post_init__(self) -> None:
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"teacher must be one of {TEACHERS}, got {self.teacher!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if min((self.ensemble, self.distill, *self.layers)) < 0:
+            raise ValueError(f"loss weights must be non-negative, got {self}")
+
+    def per_layer(self, num_selected: int) -> tuple[float, ...]:
+        """a_l for each of the `num_selected` layers (zeros when `layers` is empty)."""
+        if not self.layers:
+            return (0.0,) * num_selected
+        if len(self.layers) != num_selected:
+            raise ValueError(
+                f"loss weights name {len(self.layers)} per-layer weights for {num_selected} layers"
+            )
+        return tuple(float(a) for a in self.layers)
 
 
 @dataclass
 class LossSums:
-    """The objective summed over tokens, with its parts (detached) for logging."""
+    """The objective summed over tokens, with its parts (detached floats) for logging.
+
+    Parts, each summed over tokens and without its outer coefficient: `ce_ensemble` = CE(z, y)
+    (when a_ens > 0), `ce_layers` = sum_l a_l CE(z_l, y) (when some a_l > 0), `distill` =
+    T^2 sum_students KL (when lambda > 0 and there are students).
+    """
 
     total: torch.Tensor
     tokens: int
     parts: dict[str, float] = field(default_factory=dict)
 
 
-def head_logits(lm_head: nn.Module, states: torch.Tensor) -> torch.Tensor:
-    """Logits in fp32 from the (frozen, possibly lower-precision) LM head."""
-    return lm_head(states.to(lm_head.weight.dtype)).float()
+@dataclass(frozen=True)
+class _Plan:
+    """Which logits a call needs and how each row of them enters the loss."""
+
+    a_ens: float
+    a_layers: tuple[float, ...]
+    distill: float
+    temperature: float
+    students: int  # students are layer rows 0..students-1 (the lowest layers)
+    teacher_is_ensemble: bool
+    layer_logits: bool  # per-layer head matmuls needed
+    ensemble_logits: bool  # the ensemble's logits needed
+
+    @property
+    def logit_rows(self) -> int:
+        """How many `[chunk, V]` logits tensors one chunk materialises."""
+        return int(self.ensemble_logits) + (len(self.a_layers) if self.layer_logits else 0)
+
+
+def _plan(num_selected: int, has_router: bool, w: LossWeights) -> _Plan:
+    a_layers = w.per_layer(num_selected)
+    teacher_is_ensemble = w.teacher == "ensemble"
+    students = num_selected if teacher_is_ensemble else num_selected - 1
+    distill = w.distill if students > 0 else 0.0
+    if not has_router and (w.ensemble > 0 or (distill > 0 and teacher_is_ensemble)):
+        raise ValueError(
+            "without routing weights there is no ensemble: set the ensemble weight to 0 "
+            "and use teacher='final'"
+        )
+    return _Plan(
+        a_ens=w.ensemble,
+        a_layers=a_layers,
+        distill=distill,
+        temperature=w.temperature,
+        students=students if distill > 0 else 0,
+        teacher_is_ensemble=teacher_is_ensemble,
+        layer_logits=any(a > 0 for a in a_layers) or distill > 0,
+        ensemble_logits=w.ensemble > 0 or (distill > 0 and teacher_is_ensemble),
+    )
+
+
+def _parts(plan: _Plan, ce_ens, ce_layers, distill) -> dict[str, torch.Tensor]:
+    parts = {}
+    if plan.a_ens > 0:
+        parts["ce_ensemble"] = ce_ens
+    if any(a > 0 for a in plan.a_layers):
+        parts["ce_layers"] = ce_layers
+    if plan.distill > 0:
+        parts["distill"] = distill
+    return parts
+
+
+def _sums(plan: _Plan, total: torch.Tensor, tokens: int, parts: dict) -> LossSums:
+    # One host sync for all the logged parts.
+    values = torch.stack([p.detach().float() for p in parts.values()]).tolist() if parts else []
+    return LossSums(total=total, tokens=tokens, parts=dict(zip(parts, values, strict=True)))
+
+
+def head_logits(
+    lm_head: nn.Module, states: torch.Tensor, logit_fn: LogitFn | None = None
+) -> torch.Tensor:
+    """Logits in fp32 from the (frozen, possibly lower-precision) LM head, then `logit_fn`."""
+    logits = lm_head(states.to(lm_head.weight.dtype)).float()
+    return logit_fn(logits) if logit_fn is not None else logits
 
 
 def mode_loss(
     normed: torch.Tensor,
-    weights: torch.Tensor,
+    weights: torch.Tensor | None,
     labels: torch.Tensor,
     lm_head: nn.Module,
     loss_weights: LossWeights,
+    logit_fn: LogitFn | None = None,
 ) -> LossSums:
-    """The MoDE objective for `T` target tokens.
+    """The MoDE objective for `T` target tokens: the naive reference, full logits and autograd.
+
+    Holds several `[T, V]` fp32 tensors per selected layer (and as many again in backward); use
+    `chunked_mode_loss` for training. Kept as the readable definition the chunked loss is tested
+    against.
 
     Args:
         normed: `[|S|, T, H]` normalised states of the selected layers, layer N last.
-        weights: `[T, |S|]` routing weights.
+        weights: `[T, |S|]` routing weights, or None without a router (no ensemble term then).
         labels: `[T]` target token ids (no -100 left).
-        lm_head: the model's shared output projection.
+        lm_head: the model's shared output projection (frozen).
+        loss_weights: the coefficients of the terms.
+        logit_fn: elementwise function applied to every logits tensor after the head.
     """
-    ensemble_logits = head_logits(lm_head, MoDEHead.mix(normed, weights))
-    ce_ensemble = F.cross_entropy(ensemble_logits, labels, reduction="sum")
-    total = loss_weights.ensemble * ce_ensemble
-    parts = {"ce_ensemble": ce_ensemble.item()}
-
-    if loss_weights.layer > 0 or loss_weights.distill > 0:
-        layer_logits = head_logits(lm_head, normed)  # [|S|, T, V]
-        if loss_weights.layer > 0:
-            ce_layers = sum(
-                F.cross_entropy(logits, labels, reduction="sum") for logits in layer_logits
-            )
-            total = total + loss_weights.layer * ce_layers
-            parts["ce_layers"] = ce_layers.item()
-        if loss_weights.distill > 0 and len(layer_logits) > 1:
-            distill = distillation(layer_logits[:-1], layer_logits[-1], loss_weights.temperature)
-            total = total + loss_weights.distill * distill
-            parts["distill"] = distill.item()
-    return LossSums(total=total, tokens=labels.numel(), parts=parts)
+    plan = _plan(normed.shape[0], weights is not None, loss_weights)
+    normed = normed.float()
+    zero = normed.new_zeros(())
+    total, ce_ens, ce_layers, distill = zero, zero, zero, zero
+    ensemble_logits = None
+    if plan.ensemble_logits:
+        mixed = torch.einsum("sth,ts->th", normed, weights.float())
+        ensemble_logits = head_logits(lm_head, mixed, logit_fn)
+        if plan.a_ens > 0:
+            ce_ens = F.cross_entropy(ensemble_logits, labels, reduction="sum")
+            total = total + plan.a_ens * ce_ens
+    if plan.layer_logits:
+        layer_logits = head_logits(lm_head, normed, logit_fn)  # [|S|, T, V]
+        for a, logits in zip(plan.a_layers, layer_logits, strict=True):
+            if a > 0:
+                ce_layers = ce_layers + a * F.cross_entropy(logits, labels, reduction="sum")
+        total = total + ce_layers
+        if plan.distill > 0:
+            teacher = ensemble_logits if plan.teacher_is_ensemble else layer_logits[-1]
+            distill = distillation(layer_logits[: plan.students], teacher, plan.temperature)
+            total = total + plan.distill * distill
+    parts = _parts(plan, ce_ens, ce_layers, distill)
+    return _sums(plan, total, labels.numel(), parts)
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -92,9 +214,321 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     return temperature**2 * kl
 
 
+FINAL_ONLY = LossWeights(ensemble=0.0, layers=(1.0,), distill=0.0)
+
+
 def final_only_loss(
-    final_normed: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module
+    final_normed: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: nn.Module,
+    logit_fn: LogitFn | None = None,
+    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
 ) -> LossSums:
-    """Plain causal-LM cross-entropy on the final layer: the QLoRA baseline, no MoDE head."""
-    ce = F.cross_entropy(head_logits(lm_head, final_normed), labels, reduction="sum")
-    return LossSums(total=ce, tokens=labels.numel(), parts={"ce_final": ce.item()})
+    """Plain causal-LM cross-entropy on the final layer: the QLoRA baseline, no MoDE head.
+
+    The general loss with one layer, no router and `FINAL_ONLY` weights, chunked like MoDE's so
+    that A/B runs compare like with like. Its part is logged as `ce_final`.
+    """
+    sums = chunked_mode_loss(
+        final_normed.unsqueeze(0), None, labels, lm_head, FINAL_ONLY, logit_fn, chunk_budget
+    )
+    return LossSums(sums.total, sums.tokens, {"ce_final": sums.parts["ce_layers"]})
+
+
+# --- The chunked loss -----------------------------------------------------------------------------
+
+
+def chunked_mode_loss(
+    normed: torch.Tensor,
+    weights: torch.Tensor | None,
+    labels: torch.Tensor,
+    lm_head: nn.Module,
+    loss_weights: LossWeights,
+    logit_fn: LogitFn | None = None,
+    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+) -> LossSums:
+    """The MoDE objective of `mode_loss`, computed chunk by chunk over the tokens.
+
+    Memory (METHOD.md "Memory"): tokens are walked in chunks sized so that one chunk's fp32 logits
+    block `[rows, chunk, V]` holds at most `chunk_budget` elements (rows: |S| when a per-layer
+    term has weight, plus 1 for the ensemble), and only one chunk's block is alive at a time. The
+    gradient with respect to `normed` and `weights` is computed chunk by chunk during the forward
+    pass, analytically from the softmaxes (`d CE / dz = p - onehot(y)`, `d T^2 KL / dz_l =
+    T (q_l - p_teacher)`), and kept: it is the size of the inputs, tiny next to the logits.
+    Backward only scales it by the incoming gradient, so the head matmul is paid once forward and
+    once for the input gradient, never recomputed. Gradients then flow on to whatever produced
+    `normed` and `weights` (LoRA, per-layer norms, router).
+
+    The LM head is treated as frozen: it receives no gradient, even if its weight requires one.
+    The gradient is stored for one backward pass (no double backward).
+
+    Args: as `mode_loss`, plus
+        chunk_budget: elements of one chunk's fp32 logits block (default `DEFAULT_CHUNK_BUDGET`).
+    """
+    num_selected, num_tokens, _ = normed.shape
+    plan = _plan(num_selected, weights is not None, loss_weights)
+    weight = lm_head.weight
+    bias = getattr(lm_head, "bias", None)
+    grad_inputs = [normed] + ([weights] if weights is not None else [])
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in grad_inputs)
+    if need_grad and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        warnings.warn(
+            "chunked_mode_loss gives the LM head no gradient; freeze it, or use mode_loss",
+            stacklevel=2,
+        )
+    chunk = _chunk_size(plan, weight.shape[0], chunk_budget)
+    total, ce_ens, ce_layers, distill = _ChunkedLoss.apply(
+        normed, weights, labels, weight, bias, plan, logit_fn, chunk, need_grad
+    )
+    return _sums(plan, total, num_tokens, _parts(plan, ce_ens, ce_layers, distill))
+
+
+def chunk_size(
+    loss_weights: LossWeights,
+    num_selected: int,
+    vocab: int,
+    has_router: bool = True,
+    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+) -> int:
+    """Tokens per chunk of `chunked_mode_loss`: the most whose `[rows, chunk, V]` block fits."""
+    return _chunk_size(_plan(num_selected, has_router, loss_weights), vocab, chunk_budget)
+
+
+def _chunk_size(plan: _Plan, vocab: int, chunk_budget: int) -> int:
+    return max(1, chunk_budget // (max(1, plan.logit_rows) * vocab))
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Loss sums forward; the input gradients, computed during forward, scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, normed, weights, labels, weight, bias, plan, logit_fn, chunk, need_grad):
+        num_selected, num_tokens, _ = normed.shape
+        sums = normed.new_zeros(4, dtype=torch.float32)  # total, ce_ens, ce_layers, distill
+        grad_normed = torch.zeros_like(normed, dtype=torch.float32) if need_grad else None
+        grad_weights = (
+            torch.zeros_like(weights, dtype=torch.float32)
+            if need_grad and weights is not None
+            else None
+        )
+        if plan.logit_rows:
+            for start in range(0, num_tokens, chunk):
+                stop = min(start + chunk, num_tokens)
+                out = _chunk(
+                    normed[:, start:stop].float(),
+                    None if weights is None else weights[start:stop].float(),
+                    labels[start:stop],
+                    weight,
+                    bias,
+                    plan,
+                    logit_fn,
+                    need_grad,
+                )
+                sums += out[0]
+                if need_grad:
+                    grad_normed[:, start:stop] = out[1]
+                    if grad_weights is not None and out[2] is not None:
+                        grad_weights[start:stop] = out[2]
+        ctx.grads = (grad_normed, grad_weights)
+        ctx.dtypes = (normed.dtype, None if weights is None else weights.dtype)
+        total, ce_ens, ce_layers, distill = (value.clone() for value in sums)
+        ctx.mark_non_differentiable(ce_ens, ce_layers, distill)
+        return total, ce_ens, ce_layers, distill
+
+    @staticmethod
+    def backward(ctx, grad_total, *_parts):
+        grad_normed, grad_weights = ctx.grads
+        if grad_normed is None:
+            raise RuntimeError("chunked_mode_loss ran without gradients (no_grad or no inputs)")
+        ctx.grads = (None, None)  # free them with the graph; stored for one backward only
+        out_normed = (grad_normed * grad_total).to(ctx.dtypes[0])
+        out_weights = None
+        if grad_weights is not None:
+            out_weights = (grad_weights * grad_total).to(ctx.dtypes[1])
+        return out_normed, out_weights, None, None, None, None, None, None, None
+
+
+def _softcapped(raw: torch.Tensor, logit_fn: LogitFn | None, need_grad: bool):
+    """`logit_fn(raw)` and a function mapping dL/dz back to dL/draw (identity without one)."""
+    if logit_fn is None:
+        return raw, lambda g: g
+    if not need_grad:
+        return logit_fn(raw), None
+    with torch.enable_grad():
+        leaf = raw.detach().requires_grad_(True)
+        z = logit_fn(leaf)
+    return z.detach(), lambda g: torch.autograd.grad(z, leaf, g)[0]
+
+
+@dataclass
+class _Teacher:
+    """softmax(teacher / T) of one chunk, computed once and shared by every student."""
+
+    p: torch.Tensor  # [c, V]
+    neg_entropy: torch.Tensor  # [c]: sum_v p log p
+    scaled: torch.Tensor | None  # -lambda T p, the teacher's share of each student's gradient
+
+
+def _row_loss(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    ce_weight: float,
+    teacher: _Teacher | None,
+    plan: _Plan,
+    need_grad: bool,
+    out: torch.Tensor | None = None,
+    ens: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
+    """CE and KL sums of one fp32 logits row `z` `[c, V]` and, if wanted, dLoss/dz.
+
+    `teacher` is given for a student row. `out` receives the gradient (a row of the chunk's block,
+    which may alias `z`: every read of `z` comes first). `ens` = (dL/dz_ens, w_l) adds the
+    ensemble's share `w_l dL/dz_ens` (the ensemble is mixed from this row's logits). The per-layer
+    CE and the KL share one log-softmax and one exp when T = 1; each step below is one pass.
+    """
+    temperature = plan.temperature
+    kd_t = plan.distill * temperature
+    into = {} if out is None else {"out": out}
+    ce = kl = z.new_zeros(())
+    logp = logq = None
+    if ce_weight > 0 or (teacher is not None and temperature == 1.0):
+        logp = torch.log_softmax(z, dim=-1)
+    if ce_weight > 0:
+        ce = -logp.gather(-1, labels[:, None]).sum()
+    if teacher is not None:
+        logq = logp if temperature == 1.0 else torch.log_softmax(z / temperature, dim=-1)
+        # KL(p_t || q) = sum p_t log p_t - sum p_t log q; the first sum is shared by students.
+        cross = torch.einsum("cv,cv->c", teacher.p, logq)
+        kl = temperature**2 * (teacher.neg_entropy - cross).sum()
+    if not need_grad:
+        return ce, kl, None
+    # d CE / dz = a (p - onehot(y)); d lambda T^2 KL / dz = lambda T (q - p_t). The logs are not
+    # needed any more: exponentiate them in place.
+    grad = None
+    if teacher is not None and logq is not logp:  # T != 1: q and p are different softmaxes
+        grad = torch.add(teacher.scaled, logq.exp_(), alpha=kd_t, **into)
+    if logp is not None:
+        shared = teacher is not None and logq is logp  # T = 1: q is p
+        p = logp.exp_()
+        if grad is not None:
+            grad.add_(p, alpha=ce_weight)
+        elif shared:
+            grad = torch.add(teacher.scaled, p, alpha=ce_weight + kd_t, **into)
+        elif out is not None or ce_weight != 1.0:
+            grad = torch.mul(p, ce_weight, **into)
+        else:
+            grad = p
+        if ce_weight > 0:
+            grad.scatter_add_(-1, labels[:, None], grad.new_full((labels.numel(), 1), -ce_weight))
+    if ens is not None:
+        grad = torch.mul(*ens, **into) if grad is None else grad.addcmul_(*ens)
+    return ce, kl, grad
+
+
+def _chunk(x, w, labels, weight, bias, plan: _Plan, logit_fn, need_grad):
+    """One chunk: loss sums `[4]` and, if wanted, the gradients for `x` `[|S|, c, H]` and `w`.
+
+    Only one `[|S|, c, V]` block lives at a time: it holds the raw per-layer logits, then each row
+    is overwritten in place by its gradient; the other temporaries are a few `[c, V]` rows.
+    """
+    num_selected, c, _ = x.shape
+    temperature = plan.temperature
+    zero = x.new_zeros(())
+    ce_ens, ce_layers, distill = zero, zero, zero
+    grad_x = grad_w = None
+
+    def head(states: torch.Tensor) -> torch.Tensor:
+        return F.linear(states.to(weight.dtype), weight, bias).float()
+
+    def back(grad_logits: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(grad_logits.to(weight.dtype), weight).float()
+
+    def teacher_of(z_teacher: torch.Tensor) -> _Teacher:
+        scaled_z = z_teacher / temperature if temperature != 1.0 else z_teacher
+        logp_t = torch.log_softmax(scaled_z, dim=-1)
+        p_t = logp_t.exp()
+        neg_entropy = torch.einsum("cv,cv->c", p_t, logp_t)
+        scaled = None
+        if need_grad:
+            scaled = torch.mul(p_t, -plan.distill * temperature, out=logp_t)
+        return _Teacher(p_t, neg_entropy, scaled)
+
+    if not plan.layer_logits:
+        # Ensemble only: one head matmul on the mixed states; its gradient goes back through the
+        # mix: dL/dx_l = w_l dL/dm, dL/dw_l = <dL/dm, x_l>.
+        mixed = torch.einsum("sch,cs->ch", x, w)
+        z, to_raw = _softcapped(head(mixed), logit_fn, need_grad)
+        ce_ens, _, grad_z = _row_loss(z, labels, plan.a_ens, None, plan, need_grad)
+        del z
+        if need_grad:
+            grad_m = back(to_raw(grad_z))
+            grad_x = w.t()[:, :, None] * grad_m
+            grad_w = torch.einsum("sch,ch->cs", x, grad_m)
+        total = plan.a_ens * ce_ens
+        return torch.stack([total, ce_ens, ce_layers, distill]), grad_x, grad_w
+
+    raw = head(x)  # [|S|, c, V]: the one block of this chunk
+    teacher = None
+    grad_ens = None
+    if plan.ensemble_logits:
+        # The ensemble's raw logits mixed from the per-layer ones: W.(sum w_l x_l) + b equals
+        # sum w_l (W x_l + b) + (1 - sum w_l) b, and saves the ensemble's head matmul (forward and
+        # backward: its gradient folds into the layers' rows as w_l dL/dz).
+        raw_ens = raw[0] * w[:, :1]
+        for s in range(1, num_selected):
+            raw_ens.addcmul_(raw[s], w[:, s : s + 1])
+        if bias is not None:
+            raw_ens.addcmul_((1 - w.sum(-1, keepdim=True)), bias.float()[None])
+        z_ens, ens_to_raw = _softcapped(raw_ens, logit_fn, need_grad)
+        if plan.teacher_is_ensemble and plan.students:
+            teacher = teacher_of(z_ens)
+        ce_ens, _, grad_z = _row_loss(z_ens, labels, plan.a_ens, None, plan, need_grad)
+        del z_ens, raw_ens
+        if need_grad and grad_z is not None:
+            grad_ens = ens_to_raw(grad_z)
+            # dL/dw_l = <dL/draw_ens, raw_l - b>
+            grad_w = torch.stack(
+                [torch.einsum("cv,cv->c", grad_ens, raw[s]) for s in range(num_selected)], dim=-1
+            )
+            if bias is not None:
+                grad_w -= (grad_ens @ bias.float())[:, None]
+        elif need_grad:
+            grad_w = w.new_zeros(c, num_selected)
+
+    zs = [None] * num_selected
+    to_raws = [None] * num_selected
+    if plan.students and not plan.teacher_is_ensemble:
+        zs[-1], to_raws[-1] = _softcapped(raw[-1], logit_fn, need_grad)
+        teacher = teacher_of(zs[-1])
+
+    has_grad = [False] * num_selected
+    for s in range(num_selected):
+        a_l = plan.a_layers[s]
+        student = s < plan.students
+        if a_l == 0 and not student and grad_ens is None:
+            continue  # e.g. the final-layer teacher: its row enters no term with a gradient
+        if zs[s] is None:
+            zs[s], to_raws[s] = _softcapped(raw[s], logit_fn, need_grad)
+        ens = None if grad_ens is None else (grad_ens, w[:, s : s + 1])
+        row_teacher = teacher if student else None
+        if logit_fn is None:  # the gradient goes straight into the block's row
+            ce, kl, _ = _row_loss(zs[s], labels, a_l, row_teacher, plan, need_grad, raw[s], ens)
+        else:  # chain rule through logit_fn first, then the ensemble's share (it is on raw)
+            ce, kl, grad_z = _row_loss(zs[s], labels, a_l, row_teacher, plan, need_grad)
+            if need_grad:
+                grad_raw = to_raws[s](grad_z) if grad_z is not None else torch.zeros_like(raw[s])
+                raw[s] = grad_raw if ens is None else grad_raw.addcmul_(*ens)
+        zs[s] = None
+        ce_layers = ce_layers + a_l * ce
+        distill = distill + kl
+        has_grad[s] = True
+
+    if need_grad:
+        grad_x = torch.zeros_like(x)
+        rows = [s for s in range(num_selected) if has_grad[s]]
+        if rows and rows == list(range(rows[0], rows[-1] + 1)):  # a slice: no copy of the block
+            grad_x[rows[0] : rows[-1] + 1] = back(raw[rows[0] : rows[-1] + 1])
+        elif rows:
+            grad_x[rows] = back(raw[rows])
+    total = plan.a_ens * ce_ens + ce_layers + plan.distill * distill
+    return torch.stack([total, ce_ens, ce_layers, distill]), grad_x, grad_w

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,18 +27,62 @@ BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 
 @dataclass(frozen=True)
 class Family:
-    """Where a model family keeps the parts MoDE needs, as attribute paths from the CausalLM."""
+    """Where a model family keeps the parts MoDE needs, as attribute paths from the CausalLM.
+
+    `softcap` names the config attribute holding the final-logit soft-capping value (None: the
+    family has none); `logit_fn` turns it into the function every layer's logits go through.
+    """
 
     decoder: str
     layers: str
     final_norm: str
     lm_head: str
+    softcap: str | None = None
 
 
-# A small table, not guesswork: the parts MoDE touches differ by architecture.
+# A small table, not guesswork: the parts MoDE touches differ by architecture. Keyed by
+# `config.model_type`; checked per family on tiny random-init models in tests/test_families.py.
+# In transformers 5 every decoder here returns its final-normed state as the last hidden state.
 FAMILIES: dict[str, Family] = {
+    # RMSNorm; untied (Llama-3.2 1B/3B tie).
     "llama": Family(
         decoder="model", layers="model.layers", final_norm="model.norm", lm_head="lm_head"
+    ),
+    # RMSNorm; untied; sliding-window attention in v0.1.
+    "mistral": Family(
+        decoder="model", layers="model.layers", final_norm="model.norm", lm_head="lm_head"
+    ),
+    # RMSNorm; q/k/v biases; small sizes tie the embeddings.
+    "qwen2": Family(
+        decoder="model", layers="model.layers", final_norm="model.norm", lm_head="lm_head"
+    ),
+    # RMSNorm, plus per-head q_norm/k_norm inside attention; small sizes tie the embeddings.
+    "qwen3": Family(
+        decoder="model", layers="model.layers", final_norm="model.norm", lm_head="lm_head"
+    ),
+    # Offset RMSNorm (scale 1 + w); embeddings scaled by sqrt(hidden) inside the decoder; tied.
+    "gemma": Family(
+        decoder="model", layers="model.layers", final_norm="model.norm", lm_head="lm_head"
+    ),
+    # As Gemma, plus sandwich norms, sliding/global layers and final-logit soft-capping; tied.
+    "gemma2": Family(
+        decoder="model",
+        layers="model.layers",
+        final_norm="model.norm",
+        lm_head="lm_head",
+        softcap="final_logit_softcapping",
+    ),
+    # RMSNorm; fused qkv_proj and gate_up_proj; untied.
+    "phi3": Family(
+        decoder="model", layers="model.layers", final_norm="model.norm", lm_head="lm_head"
+    ),
+    # LayerNorm (with bias); parallel residual; untied. The head is `lm_head` in transformers 5
+    # (checkpoints' `embed_out.weight` is renamed on load).
+    "gpt_neox": Family(
+        decoder="gpt_neox",
+        layers="gpt_neox.layers",
+        final_norm="gpt_neox.final_layer_norm",
+        lm_head="lm_head",
     ),
 }
 
@@ -75,7 +120,8 @@ def resolve_source(model_cfg: DictConfig) -> str:
     """A string `from_pretrained` accepts: a local folder or a hub id."""
     name = model_cfg.name_or_path
     if name.startswith("tiny:"):
-        return str(build_tiny_model(name.removeprefix("tiny:"), model_cfg.tiny))
+        family = name.removeprefix("tiny:").replace("-", "_")
+        return str(build_tiny_model(family, model_cfg.tiny))
     if name.startswith("package:"):
         package = name.removeprefix("package:")
         if package not in ("smollm2", "smollm2-135m-instruct"):
@@ -99,23 +145,63 @@ def _log(message: str) -> None:
     Console(stderr=True).print(f"[dim]{message}[/dim]")
 
 
-def tiny_config(family: str, tiny: DictConfig, vocab_size: int, special: dict[str, int]):
-    """A transformers config for a tiny model of the given family."""
-    if family != "llama":
-        raise ModeError(f"No tiny model for family '{family}'. Tiny families: llama")
-    from transformers import LlamaConfig
+# Tiny families: `tiny:<key>` builds a random-init model of that family (keys as in FAMILIES;
+# `gpt-neox` is accepted for `gpt_neox`). Sliding windows are kept shorter than the tiny recipes'
+# sequences so the sliding-window masks are exercised too.
+TINY_SLIDING_WINDOW = 32
 
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=tiny.hidden_size,
-        intermediate_size=tiny.intermediate_size,
-        num_hidden_layers=tiny.num_layers,
-        num_attention_heads=tiny.num_heads,
-        num_key_value_heads=tiny.num_kv_heads,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
+
+def tiny_config(family: str, tiny: DictConfig, vocab_size: int, special: dict[str, int]):
+    """A transformers config for a tiny model of the given family.
+
+    Each family keeps its own defaults (norm, activation, tied or untied embeddings, biases) and
+    gets the tiny shape: heads of `hidden_size / num_heads`, grouped KV heads where the family has
+    them, the default RoPE.
+    """
+    import transformers
+
+    family = family.replace("-", "_")
+    if family not in FAMILIES:
+        raise ModeError(
+            f"No tiny model for family '{family}'. Tiny families: {', '.join(sorted(FAMILIES))}"
+        )
+    head_dim = tiny.hidden_size // tiny.num_heads
+    shape = {
+        "vocab_size": vocab_size,
+        "hidden_size": tiny.hidden_size,
+        "intermediate_size": tiny.intermediate_size,
+        "num_hidden_layers": tiny.num_layers,
+        "num_attention_heads": tiny.num_heads,
+        "max_position_embeddings": 4096,
         **special,
-    )
+    }
+    gqa = {"num_key_value_heads": tiny.num_kv_heads}
+    if family == "llama":
+        return transformers.LlamaConfig(**shape, **gqa, tie_word_embeddings=False)
+    if family == "mistral":
+        return transformers.MistralConfig(
+            **shape, **gqa, head_dim=head_dim, sliding_window=TINY_SLIDING_WINDOW
+        )
+    if family == "qwen2":
+        return transformers.Qwen2Config(**shape, **gqa)
+    if family == "qwen3":
+        return transformers.Qwen3Config(**shape, **gqa, head_dim=head_dim)
+    if family == "gemma":
+        return transformers.GemmaConfig(**shape, **gqa, head_dim=head_dim)
+    if family == "gemma2":
+        return transformers.Gemma2Config(
+            **shape,
+            **gqa,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=TINY_SLIDING_WINDOW,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+        )
+    if family == "phi3":
+        return transformers.Phi3Config(**shape, **gqa)
+    # gpt_neox: multi-head attention (no KV groups), partial rotary (rotary_pct 0.25).
+    return transformers.GPTNeoXConfig(**shape)
 
 
 def build_tiny_model(family: str, tiny: DictConfig) -> Path:
@@ -223,9 +309,13 @@ def linear_module_names(model: nn.Module) -> list[str]:
     """Short names of the linear layers LoRA can target (the LM head excluded)."""
     import bitsandbytes as bnb
 
+    # The head by identity, whatever a family calls it (GPT-NeoX before transformers 5: embed_out).
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = set()
     for full_name, module in model.named_modules():
-        if isinstance(module, nn.Linear | bnb.nn.Linear4bit) and "lm_head" not in full_name:
+        if module is head or "lm_head" in full_name:
+            continue
+        if isinstance(module, nn.Linear | bnb.nn.Linear4bit):
             names.add(full_name.rsplit(".", 1)[-1])
     return sorted(names)
 
@@ -246,6 +336,7 @@ def lora_targets(model: nn.Module, targets) -> str | list[str]:
 
 
 def peft_lora_config(lora_cfg: DictConfig, targets: str | list[str]):
+    """peft's config for the recipe's adapter: LoRA, or DoRA with `use_dora`."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -253,6 +344,7 @@ def peft_lora_config(lora_cfg: DictConfig, targets: str | list[str]):
         lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout,
         target_modules=targets,
+        use_dora=lora_cfg.use_dora,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -291,11 +383,31 @@ def lm_head(model: nn.Module) -> nn.Module:
     return get_attr(base_of(model), family_of(base_of(model)).lm_head)
 
 
+def logit_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What the model does to logits after the LM head, or None when it does nothing.
+
+    Gemma 2 soft-caps its final logits: `cap * tanh(z / cap)`. Every layer's logits and the
+    ensemble's must go through it to match the model's own prediction (METHOD.md 2).
+    """
+    base = base_of(model)
+    family = family_of(base)
+    cap = getattr(base.config, family.softcap, None) if family.softcap else None
+    if not cap:
+        return None
+    cap = float(cap)
+
+    def softcap(logits: torch.Tensor) -> torch.Tensor:
+        return cap * torch.tanh(logits / cap)
+
+    return softcap
+
+
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """Run the decoder alone (no full-vocabulary logits) and return all N+1 hidden states.
 
-    hidden_states[0] is the embedding output, hidden_states[l] the output of layer l; in
-    transformers 5 the last one already has the final norm applied.
+    hidden_states[0] is the embedding output (Gemma's already scaled by sqrt(hidden)),
+    hidden_states[l] the output of layer l before the final norm, and the last one has the final
+    norm applied: `lm_head(hidden_states[-1])` (through `logit_fn`) is the model's own logits.
     """
     base = base_of(model)
     decoder = get_attr(base, family_of(base).decoder)
@@ -305,4 +417,7 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         output_hidden_states=True,
         use_cache=False,
     )
-    return out.hidden_states
+    # transformers 5 already puts the final-normed state last (the same tensor as
+    # last_hidden_state) for every family here; taking last_hidden_state keeps that contract
+    # even for a decoder or config (`tie_last_hidden_states=False`) that would not.
+    return (*out.hidden_states[:-1], out.last_hidden_state)

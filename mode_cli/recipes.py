@@ -22,7 +22,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationErr
 from mode_cli.config import RecipeConfig, register_schema
 from mode_cli.errors import ModeError
 
-GROUPS = ("model", "data", "lora", "layers", "loss", "train", "eval")
+GROUPS = ("model", "data", "adapter", "layers", "router", "loss", "train", "eval")
 
 
 def shipped_recipes_dir() -> Path:

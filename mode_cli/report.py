@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,7 +23,6 @@ from mode_cli import data as data_mod
 from mode_cli import model as model_mod
 from mode_cli.data import IGNORE, Dataset
 from mode_cli.head import MoDEHead
-from mode_cli.loss import head_logits
 
 SCHEMA = {"name": "mode-report", "version": 1}
 
@@ -65,9 +65,16 @@ def layer_metrics(
     n = model_mod.num_layers(model)
     lm_head = model_mod.lm_head(model)
     final_norm = model_mod.final_norm(model)
+    logit_fn = model_mod.logit_fn(model) or (lambda z: z)
+
+    def logits(states: torch.Tensor) -> torch.Tensor:
+        # Every layer, and the ensemble, read through the head and its quirks (soft-capping).
+        return logit_fn(lm_head(states.to(lm_head.weight.dtype)).float())
+
     layers = [Tally() for _ in range(n)]
     ensemble = Tally()
-    selected = head.layers if head is not None else []
+    routed = head is not None and head.router_kind != "none"
+    selected = head.layers if routed else []
     router_sum = torch.zeros(len(selected), dtype=torch.float64)
     router_sq = torch.zeros(len(selected), dtype=torch.float64)
     examples = dataset.examples[:max_examples] if max_examples else dataset.examples
@@ -85,11 +92,11 @@ def layer_metrics(
                 if head is not None and str(layer) in head.norms
                 else final_norm
             )
-            layers[layer - 1].add(head_logits(lm_head, norm(at_targets[layer])), labels)
-        layers[n - 1].add(head_logits(lm_head, at_targets[n]), labels)
-        if head is not None:
+            layers[layer - 1].add(logits(norm(at_targets[layer])), labels)
+        layers[n - 1].add(logits(at_targets[n]), labels)
+        if routed:
             normed, weights = head(at_targets)
-            ensemble.add(head_logits(lm_head, MoDEHead.mix(normed, weights)), labels)
+            ensemble.add(logits(MoDEHead.mix(normed, weights)), labels)
             router_sum += weights.double().sum(0).cpu()
             router_sq += (weights.double() ** 2).sum(0).cpu()
     model.train(was_training)
@@ -101,7 +108,7 @@ def layer_metrics(
         router[layer] = {"mean": mean, "std": math.sqrt(var)}
     return {
         "layers": [t.result() for t in layers],
-        "ensemble": ensemble.result() if head is not None else None,
+        "ensemble": ensemble.result() if routed else None,
         "router": router,
         "tokens": tokens,
         "examples": len(examples),
@@ -120,15 +127,13 @@ def evaluate(
         # The base before tuning: adapter off, and a freshly initialised head (what step 0 saw).
         base_head = None
         if head is not None:
-            base_head = MoDEHead(
-                final_norm=model_mod.final_norm(model),
-                layers=head.layers,
-                num_layers=head.num_layers,
-                hidden_size=head.hidden_size,
-                router=head.router_kind,
-                init_final_weight=head.init_final_weight,
-            ).to(device)
-        with model.disable_adapter():
+            base_head = MoDEHead.from_description(model_mod.final_norm(model), head.describe())
+            base_head = base_head.to(device)
+        # A mode-only run has no adapter: its base is the model itself.
+        adapter_off = (
+            model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+        )
+        with adapter_off:
             base = layer_metrics(
                 model,
                 base_head,
@@ -152,7 +157,7 @@ def evaluate(
             }
         )
     ensemble = None
-    if head is not None:
+    if tuned["ensemble"] is not None:
         ensemble = {"tuned": tuned["ensemble"], "base": base["ensemble"] if base else None}
     return {
         "schema": SCHEMA,

@@ -32,8 +32,10 @@ from mode_cli import model as model_mod
 from mode_cli.config import resolve_device, validate
 from mode_cli.data import IGNORE
 from mode_cli.errors import ModeError
-from mode_cli.head import MoDEHead, last_k
-from mode_cli.loss import LossSums, LossWeights, final_only_loss, mode_loss
+from mode_cli import head as head_mod
+from mode_cli.head import MoDEHead
+from mode_cli.loss import LossSums, LossWeights, chunked_mode_loss, final_only_loss, mode_loss
+from mode_cli.weighting import loss_weights
 from mode_cli.progress import TrainingProgress
 
 console = Console(stderr=True)
@@ -51,42 +53,47 @@ def default_output_dir(recipe: str) -> Path:
 
 def selected_layers(cfg: DictConfig, num_layers: int) -> list[int]:
     """The layers of the MoDE ensemble, checked against the loaded model's depth."""
+    layers = cfg.layers
     try:
-        return last_k(num_layers, cfg.layers.k)
-    except ValueError:
-        raise ModeError(
-            f"layers.k={cfg.layers.k}: the model has {num_layers} layers, so k must be in "
-            f"1..{num_layers}"
-        ) from None
+        if layers.indices is not None:
+            return head_mod.explicit(num_layers, layers.indices)
+        if layers.select == "every_n":
+            return head_mod.every_n(num_layers, layers.every, layers.of_last)
+        if layers.select == "fraction":
+            return head_mod.fraction_of_depth(num_layers, layers.fraction)
+        return head_mod.last_k(num_layers, layers.k)
+    except ValueError as err:
+        raise ModeError(f"layers.{err}") from None
 
 
 def build_head(cfg: DictConfig, model, device: str) -> MoDEHead | None:
     """The MoDE head for this recipe, or None for the final-only baseline."""
     if cfg.loss.name == "final-only":
         return None
-    base = model_mod.base_of(model)
     n = model_mod.num_layers(model)
-    head = MoDEHead(
-        final_norm=model_mod.final_norm(model),
-        layers=selected_layers(cfg, n),
-        num_layers=n,
-        hidden_size=base.config.hidden_size,
-        router=cfg.loss.router,
-        init_final_weight=cfg.loss.init_final_weight,
-    )
+    layers = selected_layers(cfg, n)
+    router = cfg.router
+    try:
+        head = MoDEHead(
+            final_norm=model_mod.final_norm(model),
+            layers=layers,
+            num_layers=n,
+            hidden_size=model_mod.base_of(model).config.hidden_size,
+            # layerwise trains per-layer exits: norms, no ensemble, so no router.
+            router="none" if cfg.loss.name == "layerwise" else router.kind,
+            init_final_weight=router.init_final_weight if router.init == "final" else None,
+            fixed_weights=router.weights,
+            router_input=router.input,
+            detach_input=router.detach_input,
+        )
+    except ValueError as err:
+        raise ModeError(f"router: {err}") from None
     return head.to(device)
 
 
-def loss_weights(cfg: DictConfig) -> LossWeights:
-    return LossWeights(
-        ensemble=cfg.loss.ensemble_weight,
-        layer=cfg.loss.layer_weight,
-        distill=cfg.loss.distill_weight,
-        temperature=cfg.loss.temperature,
-    )
-
-
-def batch_loss(model, head: MoDEHead | None, batch: dict, weights: LossWeights) -> LossSums:
+def batch_loss(
+    model, head: MoDEHead | None, batch: dict, weights: LossWeights, impl: str = "chunked"
+) -> LossSums:
     """Summed loss of one micro-batch: decoder states, masked positions dropped, then the loss."""
     states = model_mod.hidden_states(model, batch["input_ids"], batch["attention_mask"])
     # Position t predicts token t+1; keep only positions whose target is trained.
@@ -94,11 +101,21 @@ def batch_loss(model, head: MoDEHead | None, batch: dict, weights: LossWeights) 
     keep = targets != IGNORE
     labels = targets[keep]
     lm_head = model_mod.lm_head(model)
+    logit_fn = model_mod.logit_fn(model)
     if head is None:
-        return final_only_loss(states[-1][:, :-1][keep], labels, lm_head)
-    selected = {layer: states[layer][:, :-1][keep] for layer in head.layers}
-    normed, routing = head(selected)
-    return mode_loss(normed, routing, labels, lm_head, weights)
+        final = states[-1][:, :-1][keep].unsqueeze(0)
+        normed, routing, weights = (
+            final,
+            None,
+            LossWeights(ensemble=0.0, layers=(1.0,), distill=0.0),
+        )
+    else:
+        normed, routing = head({layer: states[layer][:, :-1][keep] for layer in head.layers})
+    loss = chunked_mode_loss if impl == "chunked" else mode_loss
+    sums = loss(normed, routing, labels, lm_head, weights, logit_fn=logit_fn)
+    if head is None:  # the baseline's one per-layer term is the final layer's cross-entropy
+        sums.parts = {"ce_final": sums.parts["ce_layers"]}
+    return sums
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -130,6 +147,7 @@ def make_optimizer(cfg: DictConfig, model, head: MoDEHead | None) -> torch.optim
                 "weight_decay": 0.0,
             }
         )
+    groups = [group for group in groups if group["params"]]  # mode-only has no adapter
     if cfg.train.optimizer == "adamw":
         return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
     import bitsandbytes as bnb
@@ -166,14 +184,25 @@ class FinetuneRecipe:
         cfg = self.cfg
         seed_everything(cfg.train.seed)
         base = model_mod.load_base_model(self.source, cfg.model, cfg.train.precision, self.device)
-        self.model = model_mod.attach_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
+        if cfg.loss.name == "mode-only":
+            # The MoDE head trains alone on the frozen base: no adapter.
+            if cfg.train.gradient_checkpointing:
+                base.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+            self.model = base
+        else:
+            self.model = model_mod.attach_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
         self.head = build_head(cfg, self.model, self.device)
-        self.weights = loss_weights(cfg)
         self.optimizer = make_optimizer(cfg, self.model, self.head)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio),
         )
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.cfg.loss.name != "mode-only"
 
     def trainable_parameters(self) -> dict[str, int]:
         adapter = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -191,6 +220,11 @@ class FinetuneRecipe:
             ):
                 yield data_mod.collate(examples, self.tokenizer.pad_token_id)
             epoch += 1
+
+    def step_weights(self, step: int) -> LossWeights:
+        """The loss terms' weights at this step (a layerwise curriculum changes them)."""
+        layers = self.head.layers if self.head is not None else []
+        return loss_weights(self.cfg.loss, layers, step, self.cfg.train.max_steps)
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items()}
@@ -214,12 +248,13 @@ class FinetuneRecipe:
         ):
             for step in range(1, cfg.max_steps + 1):
                 micro = [self.to_device(next(batches)) for _ in range(cfg.grad_accum_steps)]
+                weights = self.step_weights(step)
                 # Normalise by the target tokens of the whole step, not per micro-batch.
                 step_tokens = sum(data_mod.target_count(b) for b in micro)
                 total, parts = 0.0, {}
                 for batch in micro:
                     with self.autocast():
-                        sums = batch_loss(self.model, self.head, batch, self.weights)
+                        sums = batch_loss(self.model, self.head, batch, weights, self.cfg.loss.impl)
                     (sums.total / step_tokens).backward()
                     total += sums.total.item()
                     for key, value in sums.parts.items():
@@ -260,8 +295,9 @@ class FinetuneRecipe:
         """The adapter (peft format, with the tokenizer) and the MoDE head (safetensors + json)."""
         from mode_cli.artifacts import save_head
 
-        self.model.save_pretrained(self.out / "adapter")
-        self.tokenizer.save_pretrained(self.out / "adapter")
+        if self.has_adapter:
+            self.model.save_pretrained(self.out / "adapter")
+            self.tokenizer.save_pretrained(self.out / "adapter")
         if self.head is not None:
             save_head(self.head, self.out)
 
@@ -304,9 +340,13 @@ class FinetuneRecipe:
         self.train()
         self.save()
         self.report()
-        if self.cfg.merge:
+        if self.cfg.merge and self.has_adapter:
             merged = self.merge()
             console.print(f"merged model: {merged}")
+        elif self.cfg.merge:
+            console.print(
+                "no merged model: loss=mode-only trains no adapter, the base is unchanged"
+            )
         console.print(f"[bold green]done[/bold green] in {self.out}")
         return self.out
 
@@ -375,10 +415,12 @@ def count_trainable(recipe: FinetuneRecipe) -> dict[str, int]:
         skeleton = AutoModelForCausalLM.from_config(config)
     model_mod.family_of(skeleton)
     targets = model_mod.lora_targets(skeleton, cfg.lora.target_modules)
-    peft_model = get_peft_model(skeleton, model_mod.peft_lora_config(cfg.lora, targets))
-    adapter = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    adapter = 0
+    if recipe.has_adapter:
+        skeleton = get_peft_model(skeleton, model_mod.peft_lora_config(cfg.lora, targets))
+        adapter = sum(p.numel() for p in skeleton.parameters() if p.requires_grad)
     head = 0
     if cfg.loss.name != "final-only":
         with init_empty_weights():
-            head = sum(p.numel() for p in build_head(cfg, peft_model, "meta").parameters())
+            head = sum(p.numel() for p in build_head(cfg, skeleton, "meta").parameters())
     return {"adapter": adapter, "mode_head": head, "total": adapter + head}

@@ -24,8 +24,19 @@ class RMSNorm(nn.Module):
         return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
-def reference_loss(normed_inputs, head, lm_head, labels, w: LossWeights) -> torch.Tensor:
-    """METHOD.md 5 written out per token: mixes *logits* (no linear-head shortcut), explicit KL."""
+def softcap(z: torch.Tensor) -> torch.Tensor:
+    return 3.0 * torch.tanh(z / 3.0)
+
+
+def reference_loss(
+    normed_inputs, head, lm_head, labels, w: LossWeights, logit_fn=None
+) -> torch.Tensor:
+    """METHOD.md 5 written out per token: mixes *logits* (no linear-head shortcut), explicit KL.
+
+    With `logit_fn`, it acts on each layer's logits and on the mix of the raw logits (our choice).
+    """
+    f = logit_fn or (lambda z: z)
+    a_layers = w.layers or (0.0,) * len(head.layers)
     total = torch.zeros(())
     for t in range(labels.numel()):
         states = [normed_inputs[layer][t] for layer in head.layers]
@@ -35,13 +46,17 @@ def reference_loss(normed_inputs, head, lm_head, labels, w: LossWeights) -> torc
         ]
         normed.append(states[-1])
         weights = torch.softmax(head.router(normed[-1]), dim=-1)
-        logits = [lm_head(u) for u in normed]
-        mixed = sum(weights[i] * logits[i] for i in range(len(logits)))
+        raw = [lm_head(u) for u in normed]
+        mixed = f(sum(weights[i] * raw[i] for i in range(len(raw))))
+        logits = [f(z) for z in raw]
         y = labels[t]
         total = total + w.ensemble * -torch.log_softmax(mixed, -1)[y]
-        total = total + w.layer * sum(-torch.log_softmax(z, -1)[y] for z in logits)
-        teacher = torch.softmax(logits[-1].detach() / w.temperature, -1)
-        for z in logits[:-1]:
+        total = total + sum(a * -torch.log_softmax(z, -1)[y] for a, z in zip(a_layers, logits))
+        if w.teacher == "ensemble":
+            teacher, students = torch.softmax(mixed.detach() / w.temperature, -1), logits
+        else:
+            teacher, students = torch.softmax(logits[-1].detach() / w.temperature, -1), logits[:-1]
+        for z in students:
             student = torch.log_softmax(z / w.temperature, -1)
             kl = (teacher * (teacher.log() - student)).sum()
             total = total + w.distill * w.temperature**2 * kl
@@ -60,22 +75,24 @@ def make_head(hidden=16, n=5, k=3, vocab=37):
 
 
 @pytest.mark.parametrize(
-    "weights",
+    ("weights", "logit_fn"),
     [
-        LossWeights(),
-        LossWeights(distill=0.0),
-        LossWeights(ensemble=0.5, layer=0.3, distill=0.7, temperature=2.0),
+        (LossWeights(), None),
+        (LossWeights(distill=0.0), None),
+        (LossWeights(ensemble=0.5, layers=(0.3, 0.2, 0.4), distill=0.7, temperature=2.0), None),
+        (LossWeights(teacher="ensemble"), None),
+        (LossWeights(layers=(0.1, 0.0, 0.5), distill=0.3, temperature=1.5), softcap),
     ],
-    ids=["mode", "nodistill", "all-terms-T2"],
+    ids=["mode", "nodistill", "all-terms-T2", "ensemble-teacher", "softcap"],
 )
-def test_mode_loss_and_gradients_match_the_naive_formula(weights):
+def test_mode_loss_and_gradients_match_the_naive_formula(weights, logit_fn):
     head, lm_head = make_head()
     tokens, hidden = 11, 16
     raw = {layer: torch.randn(tokens, hidden, requires_grad=True) for layer in head.layers}
     labels = torch.randint(0, 37, (tokens,))
 
     normed, routing = head(raw)
-    ours = mode_loss(normed, routing, labels, lm_head, weights)
+    ours = mode_loss(normed, routing, labels, lm_head, weights, logit_fn=logit_fn)
     ours.total.backward()
     our_grads = {n: p.grad.clone() for n, p in head.named_parameters()}
     our_input_grads = {layer: x.grad.clone() for layer, x in raw.items()}
@@ -83,7 +100,7 @@ def test_mode_loss_and_gradients_match_the_naive_formula(weights):
     head.zero_grad()
     for x in raw.values():
         x.grad = None
-    ref = reference_loss(raw, head, lm_head, labels, weights)
+    ref = reference_loss(raw, head, lm_head, labels, weights, logit_fn)
     ref.backward()
 
     assert ours.tokens == tokens
@@ -116,7 +133,7 @@ def test_head_starts_from_the_final_norm_and_the_router_prior():
     for norm in head.norms.values():
         torch.testing.assert_close(norm.weight, final.weight)
         assert norm.weight.requires_grad and norm.weight is not final.weight
-    weights = head.route(torch.randn(4, 8))
+    weights = head.route(torch.randn(3, 4, 8))  # stacked normalised states [|S|, T, H]
     torch.testing.assert_close(weights, torch.tensor([[0.05, 0.05, 0.9]]).expand(4, 3))
     assert sorted(head.norms) == ["3", "4"]
     assert not any(p is final.weight for p in head.parameters())

@@ -119,6 +119,24 @@ def test_missing_local_model_folder_is_a_clear_error(tmp_path):
 
 
 def test_merged_model_equals_the_adapter_on_the_dequantized_base(tiny_run):
+    assert_merged_matches_adapter(tiny_run)
+
+
+def test_merged_dora_equals_the_adapter_on_the_dequantized_base(mode, tmp_path):
+    out = tmp_path / "dora"
+    code, _, err = mode(
+        "train",
+        "recipe=tiny-llama-alpaca",
+        "adapter=dora-small",
+        f"output_dir={out}",
+        "train.max_steps=5",
+        "eval.max_examples=4",
+    )
+    assert code == 0, err
+    assert_merged_matches_adapter(out)
+
+
+def assert_merged_matches_adapter(tiny_run):
     merged = AutoModelForCausalLM.from_pretrained(tiny_run / "merged", dtype=torch.float32).eval()
     cfg = load_run_config(tiny_run)
     source = model_mod.resolve_source(cfg.model)
