@@ -24,6 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest -q
 
+# Peak memory and time of the MoDE loss, chunked vs naive; writes docs/benchmarks.md.
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_loss.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

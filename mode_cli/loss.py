@@ -34,7 +34,8 @@ LogitFn = Callable[[torch.Tensor], torch.Tensor]
 # Elements of one chunk's fp32 logits block `[rows, chunk, V]` (256 MiB). Large enough that each
 # chunk's head matmul is an efficient GEMM (about 130 tokens x 4 rows at Llama-3's 128,256 vocab,
 # 520 at 32k) and per-chunk overheads vanish, small enough to be noise next to a QLoRA step of an
-# 8B model. The chunked loss holds about two such blocks at its peak, whatever the token count.
+# 8B model. The chunked loss holds about two budgets at its peak, whatever the token count.
+# (On a 2-core CPU, budgets of 2^22 and 2^20 made the loss 2-6x slower: small GEMMs.)
 DEFAULT_CHUNK_BUDGET = 2**26
 
 TEACHERS = ("final", "ensemble")
@@ -256,8 +257,17 @@ def chunked_mode_loss(
     pass, analytically from the softmaxes (`d CE / dz = p - onehot(y)`, `d T^2 KL / dz_l =
     T (q_l - p_teacher)`), and kept: it is the size of the inputs, tiny next to the logits.
     Backward only scales it by the incoming gradient, so the head matmul is paid once forward and
-    once for the input gradient, never recomputed. Gradients then flow on to whatever produced
+    once for the input gradient, never recomputed (METHOD.md's recompute-in-backward would pay the
+    forward matmul twice for the same memory). Gradients then flow on to whatever produced
     `normed` and `weights` (LoRA, per-layer norms, router).
+
+    Cost: when per-layer logits are computed anyway, the ensemble's raw logits are mixed from them
+    (`sum_l w_l z_l`, equal to `W . sum_l w_l x_l` for a linear head) instead of a fourth head
+    matmul, and its gradient folds into the layers' rows. So MoDE with distillation costs |S| head
+    matmuls forward and |S| backward (the final-only baseline: 1 and 1); without per-layer terms it
+    costs one each way, like the baseline. Each logits row is log-softmaxed once (shared by its CE
+    and KL when T = 1), the teacher once per chunk. A chunk holds its `[|S|, c, V]` block plus a
+    few `[c, V]` rows, all reused across chunks: about two budgets at the peak in total.
 
     The LM head is treated as frozen: it receives no gradient, even if its weight requires one.
     The gradient is stored for one backward pass (no double backward).
@@ -311,6 +321,7 @@ class _ChunkedLoss(torch.autograd.Function):
             if need_grad and weights is not None
             else None
         )
+        ws = _Workspace(normed.device)  # the chunk's buffers, reused by every chunk
         if plan.logit_rows:
             for start in range(0, num_tokens, chunk):
                 stop = min(start + chunk, num_tokens)
@@ -323,12 +334,14 @@ class _ChunkedLoss(torch.autograd.Function):
                     plan,
                     logit_fn,
                     need_grad,
+                    ws,
                 )
                 sums += out[0]
                 if need_grad:
                     grad_normed[:, start:stop] = out[1]
                     if grad_weights is not None and out[2] is not None:
                         grad_weights[start:stop] = out[2]
+        del ws
         ctx.grads = (grad_normed, grad_weights)
         ctx.dtypes = (normed.dtype, None if weights is None else weights.dtype)
         total, ce_ens, ce_layers, distill = (value.clone() for value in sums)
@@ -355,9 +368,32 @@ def _softcapped(raw: torch.Tensor, logit_fn: LogitFn | None, need_grad: bool):
     if not need_grad:
         return logit_fn(raw), None
     with torch.enable_grad():
-        leaf = raw.detach().requires_grad_(True)
+        # A copy: the block row under `raw` is overwritten later, and logit_fn may save its input.
+        leaf = raw.detach().clone().requires_grad_(True)
         z = logit_fn(leaf)
     return z.detach(), lambda g: torch.autograd.grad(z, leaf, g)[0]
+
+
+class _Workspace:
+    """Named fp32 buffers allocated once per call and reused by every chunk.
+
+    Each chunk needs the same few `[c, V]` buffers; allocating them afresh costs more than the
+    elementwise passes that fill them (large CPU allocations are fresh pages, faulted in on first
+    touch). A smaller last chunk gets a contiguous prefix of each buffer.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.flat: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, *shape: int) -> torch.Tensor:
+        size = 1
+        for dim in shape:
+            size *= dim
+        buf = self.flat.get(name)
+        if buf is None or buf.numel() < size:
+            buf = self.flat[name] = torch.empty(size, device=self.device)
+        return buf[:size].view(shape)
 
 
 @dataclass
@@ -376,27 +412,33 @@ def _row_loss(
     teacher: _Teacher | None,
     plan: _Plan,
     need_grad: bool,
+    ws: _Workspace,
+    scratch: str = "row",
     out: torch.Tensor | None = None,
     ens: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """CE and KL sums of one fp32 logits row `z` `[c, V]` and, if wanted, dLoss/dz.
 
-    `teacher` is given for a student row. `out` receives the gradient (a row of the chunk's block,
-    which may alias `z`: every read of `z` comes first). `ens` = (dL/dz_ens, w_l) adds the
-    ensemble's share `w_l dL/dz_ens` (the ensemble is mixed from this row's logits). The per-layer
-    CE and the KL share one log-softmax and one exp when T = 1; each step below is one pass.
+    `teacher` is given for a student row. The gradient goes to `out` (a row of the chunk's block,
+    which may alias `z`: every read of `z` comes first), else to the `scratch` buffer. `ens` =
+    (dL/dz_ens, w_l) adds the ensemble's share `w_l dL/dz_ens` (the ensemble is mixed from this
+    row's logits). The per-layer CE and the KL share one log-softmax and one exp when T = 1; each
+    step below is one pass over the row.
     """
     temperature = plan.temperature
     kd_t = plan.distill * temperature
-    into = {} if out is None else {"out": out}
+    shape = z.shape
     ce = kl = z.new_zeros(())
     logp = logq = None
     if ce_weight > 0 or (teacher is not None and temperature == 1.0):
-        logp = torch.log_softmax(z, dim=-1)
+        logp = torch.log_softmax(z, dim=-1, out=ws(scratch, *shape))
     if ce_weight > 0:
         ce = -logp.gather(-1, labels[:, None]).sum()
     if teacher is not None:
-        logq = logp if temperature == 1.0 else torch.log_softmax(z / temperature, dim=-1)
+        logq = logp
+        if temperature != 1.0:
+            scaled_z = torch.div(z, temperature, out=ws("scaled_z", *shape))
+            logq = torch.log_softmax(scaled_z, dim=-1, out=ws("logq", *shape))
         # KL(p_t || q) = sum p_t log p_t - sum p_t log q; the first sum is shared by students.
         cross = torch.einsum("cv,cv->c", teacher.p, logq)
         kl = temperature**2 * (teacher.neg_entropy - cross).sum()
@@ -404,6 +446,7 @@ def _row_loss(
         return ce, kl, None
     # d CE / dz = a (p - onehot(y)); d lambda T^2 KL / dz = lambda T (q - p_t). The logs are not
     # needed any more: exponentiate them in place.
+    into = {"out": out if out is not None else ws(scratch + "_grad", *shape)}
     grad = None
     if teacher is not None and logq is not logp:  # T != 1: q and p are different softmaxes
         grad = torch.add(teacher.scaled, logq.exp_(), alpha=kd_t, **into)
@@ -414,10 +457,10 @@ def _row_loss(
             grad.add_(p, alpha=ce_weight)
         elif shared:
             grad = torch.add(teacher.scaled, p, alpha=ce_weight + kd_t, **into)
-        elif out is not None or ce_weight != 1.0:
+        elif out is not None:
             grad = torch.mul(p, ce_weight, **into)
-        else:
-            grad = p
+        else:  # the gradient stays in the scratch buffer
+            grad = p.mul_(ce_weight) if ce_weight != 1.0 else p
         if ce_weight > 0:
             grad.scatter_add_(-1, labels[:, None], grad.new_full((labels.numel(), 1), -ce_weight))
     if ens is not None:
@@ -425,28 +468,41 @@ def _row_loss(
     return ce, kl, grad
 
 
-def _chunk(x, w, labels, weight, bias, plan: _Plan, logit_fn, need_grad):
+def _chunk(x, w, labels, weight, bias, plan: _Plan, logit_fn, need_grad, ws: _Workspace):
     """One chunk: loss sums `[4]` and, if wanted, the gradients for `x` `[|S|, c, H]` and `w`.
 
-    Only one `[|S|, c, V]` block lives at a time: it holds the raw per-layer logits, then each row
-    is overwritten in place by its gradient; the other temporaries are a few `[c, V]` rows.
+    One `[|S|, c, V]` block holds the raw per-layer logits, then each row is overwritten in place by
+    its gradient; the other buffers are a few `[c, V]` rows (`_Workspace`).
     """
-    num_selected, c, _ = x.shape
+    num_selected, c, hidden = x.shape
+    vocab = weight.shape[0]
     temperature = plan.temperature
     zero = x.new_zeros(())
     ce_ens, ce_layers, distill = zero, zero, zero
     grad_x = grad_w = None
 
     def head(states: torch.Tensor) -> torch.Tensor:
-        return F.linear(states.to(weight.dtype), weight, bias).float()
+        """fp32 logits `[n, c, V]` of states `[n, c, H]`, written into the chunk's block."""
+        n = states.shape[0]
+        block = ws("block", n, c, vocab)
+        states = states.reshape(n * c, hidden)
+        if weight.dtype == torch.float32:
+            if bias is None:
+                torch.matmul(states, weight.t(), out=block.view(n * c, vocab))
+            else:
+                torch.addmm(bias, states, weight.t(), out=block.view(n * c, vocab))
+        else:  # a lower-precision head computes in its dtype, as `mode_loss` does
+            block.view(n * c, vocab).copy_(F.linear(states.to(weight.dtype), weight, bias))
+        return block
 
     def back(grad_logits: torch.Tensor) -> torch.Tensor:
         return torch.matmul(grad_logits.to(weight.dtype), weight).float()
 
     def teacher_of(z_teacher: torch.Tensor) -> _Teacher:
-        scaled_z = z_teacher / temperature if temperature != 1.0 else z_teacher
-        logp_t = torch.log_softmax(scaled_z, dim=-1)
-        p_t = logp_t.exp()
+        if temperature != 1.0:
+            z_teacher = torch.div(z_teacher, temperature, out=ws("scaled_z", c, vocab))
+        logp_t = torch.log_softmax(z_teacher, dim=-1, out=ws("teacher_logp", c, vocab))
+        p_t = torch.exp(logp_t, out=ws("teacher_p", c, vocab))
         neg_entropy = torch.einsum("cv,cv->c", p_t, logp_t)
         scaled = None
         if need_grad:
@@ -457,8 +513,8 @@ def _chunk(x, w, labels, weight, bias, plan: _Plan, logit_fn, need_grad):
         # Ensemble only: one head matmul on the mixed states; its gradient goes back through the
         # mix: dL/dx_l = w_l dL/dm, dL/dw_l = <dL/dm, x_l>.
         mixed = torch.einsum("sch,cs->ch", x, w)
-        z, to_raw = _softcapped(head(mixed), logit_fn, need_grad)
-        ce_ens, _, grad_z = _row_loss(z, labels, plan.a_ens, None, plan, need_grad)
+        z, to_raw = _softcapped(head(mixed[None])[0], logit_fn, need_grad)
+        ce_ens, _, grad_z = _row_loss(z, labels, plan.a_ens, None, plan, need_grad, ws)
         del z
         if need_grad:
             grad_m = back(to_raw(grad_z))
@@ -467,14 +523,14 @@ def _chunk(x, w, labels, weight, bias, plan: _Plan, logit_fn, need_grad):
         total = plan.a_ens * ce_ens
         return torch.stack([total, ce_ens, ce_layers, distill]), grad_x, grad_w
 
-    raw = head(x)  # [|S|, c, V]: the one block of this chunk
+    raw = head(x)  # [|S|, c, V]: the chunk's block
     teacher = None
     grad_ens = None
     if plan.ensemble_logits:
         # The ensemble's raw logits mixed from the per-layer ones: W.(sum w_l x_l) + b equals
         # sum w_l (W x_l + b) + (1 - sum w_l) b, and saves the ensemble's head matmul (forward and
         # backward: its gradient folds into the layers' rows as w_l dL/dz).
-        raw_ens = raw[0] * w[:, :1]
+        raw_ens = torch.mul(raw[0], w[:, :1], out=ws("row", c, vocab))
         for s in range(1, num_selected):
             raw_ens.addcmul_(raw[s], w[:, s : s + 1])
         if bias is not None:
@@ -482,7 +538,7 @@ def _chunk(x, w, labels, weight, bias, plan: _Plan, logit_fn, need_grad):
         z_ens, ens_to_raw = _softcapped(raw_ens, logit_fn, need_grad)
         if plan.teacher_is_ensemble and plan.students:
             teacher = teacher_of(z_ens)
-        ce_ens, _, grad_z = _row_loss(z_ens, labels, plan.a_ens, None, plan, need_grad)
+        ce_ens, _, grad_z = _row_loss(z_ens, labels, plan.a_ens, None, plan, need_grad, ws, "ens")
         del z_ens, raw_ens
         if need_grad and grad_z is not None:
             grad_ens = ens_to_raw(grad_z)
@@ -512,9 +568,11 @@ def _chunk(x, w, labels, weight, bias, plan: _Plan, logit_fn, need_grad):
         ens = None if grad_ens is None else (grad_ens, w[:, s : s + 1])
         row_teacher = teacher if student else None
         if logit_fn is None:  # the gradient goes straight into the block's row
-            ce, kl, _ = _row_loss(zs[s], labels, a_l, row_teacher, plan, need_grad, raw[s], ens)
+            ce, kl, _ = _row_loss(
+                zs[s], labels, a_l, row_teacher, plan, need_grad, ws, out=raw[s], ens=ens
+            )
         else:  # chain rule through logit_fn first, then the ensemble's share (it is on raw)
-            ce, kl, grad_z = _row_loss(zs[s], labels, a_l, row_teacher, plan, need_grad)
+            ce, kl, grad_z = _row_loss(zs[s], labels, a_l, row_teacher, plan, need_grad, ws)
             if need_grad:
                 grad_raw = to_raws[s](grad_z) if grad_z is not None else torch.zeros_like(raw[s])
                 raw[s] = grad_raw if ens is None else grad_raw.addcmul_(*ens)

@@ -28,15 +28,15 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from mode_cli import data as data_mod
+from mode_cli import head as head_mod
 from mode_cli import model as model_mod
 from mode_cli.config import resolve_device, validate
 from mode_cli.data import IGNORE
 from mode_cli.errors import ModeError
-from mode_cli import head as head_mod
 from mode_cli.head import MoDEHead
-from mode_cli.loss import LossSums, LossWeights, chunked_mode_loss, final_only_loss, mode_loss
-from mode_cli.weighting import loss_weights
+from mode_cli.loss import LossSums, LossWeights, chunked_mode_loss, mode_loss
 from mode_cli.progress import TrainingProgress
+from mode_cli.weighting import loss_weights
 
 console = Console(stderr=True)
 

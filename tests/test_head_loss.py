@@ -51,7 +51,9 @@ def reference_loss(
         logits = [f(z) for z in raw]
         y = labels[t]
         total = total + w.ensemble * -torch.log_softmax(mixed, -1)[y]
-        total = total + sum(a * -torch.log_softmax(z, -1)[y] for a, z in zip(a_layers, logits))
+        total = total + sum(
+            a * -torch.log_softmax(z, -1)[y] for a, z in zip(a_layers, logits, strict=True)
+        )
         if w.teacher == "ensemble":
             teacher, students = torch.softmax(mixed.detach() / w.temperature, -1), logits
         else:
