@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import RMSNorm
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -13,15 +14,6 @@ from mode_cli.head import MoDEHead, last_k, router_bias
 from mode_cli.loss import LossWeights, final_only_loss, mode_loss
 
 torch.manual_seed(0)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(1 + 0.1 * torch.randn(hidden))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 def softcap(z: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import RMSNorm
 from torch import nn
 
 from mode_cli.head import MoDEHead, last_k
@@ -19,15 +20,6 @@ from mode_cli.loss import (
 )
 
 HIDDEN, VOCAB, N, TOKENS = 16, 37, 5, 13
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(1 + 0.1 * torch.randn(hidden))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 def softcap(z: torch.Tensor) -> torch.Tensor:
