@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from mode_cli import model as model_mod
+from mode_cli.config import RecipeConfig, trains_adapter
 from mode_cli.errors import ModeError
 from mode_cli.files import staged_folder
 from mode_cli.head import MoDEHead
@@ -52,8 +53,6 @@ def load_head(run_dir: Path, model, device: str) -> MoDEHead:
 
 def load_run_config(run_dir: Path) -> DictConfig:
     """A run's resolved recipe, merged onto the schema so overrides are type-checked."""
-    from mode_cli.config import RecipeConfig
-
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ModeError(f"{run_dir} is not a mode run folder: it has no config.yaml")
@@ -68,16 +67,16 @@ def load_run(run_dir: Path, cfg: DictConfig, device: str):
     from peft import PeftModel
 
     adapter = run_dir / "adapter"
+    # Check before loading any weights.
+    if trains_adapter(cfg) and not (adapter / "adapter_config.json").is_file():
+        raise ModeError(f"{run_dir} has no trained adapter (adapter/adapter_config.json)")
     source = model_mod.resolve_source(cfg.model)
     base = model_mod.load_base_model(source, cfg.model, cfg.train.precision, device)
-    if cfg.loss.name == "mode-only":
-        # The head trained alone on the frozen base.
-        model, tokenizer = base, model_mod.load_tokenizer(source, cfg.model)
-    else:
-        if not (adapter / "adapter_config.json").is_file():
-            raise ModeError(f"{run_dir} has no trained adapter (adapter/adapter_config.json)")
+    if trains_adapter(cfg):
         tokenizer = model_mod.load_tokenizer(str(adapter), cfg.model)
         model = PeftModel.from_pretrained(base, str(adapter))
+    else:  # mode-only: the head trained alone on the frozen base
+        model, tokenizer = base, model_mod.load_tokenizer(source, cfg.model)
     head = load_head(run_dir, model, device) if (run_dir / HEAD_INFO).is_file() else None
     if head is None and cfg.loss.name != "final-only":
         raise ModeError(f"{run_dir} was trained with loss={cfg.loss.name} but has no {HEAD_INFO}")

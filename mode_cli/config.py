@@ -232,6 +232,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 GPU_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
 
 
+def trains_adapter(cfg: DictConfig) -> bool:
+    """Whether the recipe trains an adapter: every loss but `mode-only` (the head alone)."""
+    return cfg.loss.name != "mode-only"
+
+
 def resolve_device(requested: str) -> str:
     """`auto` means CUDA when torch sees a GPU, else the CPU."""
     if requested != "auto":

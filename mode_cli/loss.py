@@ -223,16 +223,20 @@ def final_only_loss(
     labels: torch.Tensor,
     lm_head: nn.Module,
     logit_fn: LogitFn | None = None,
+    impl: str = "chunked",
     chunk_budget: int = DEFAULT_CHUNK_BUDGET,
 ) -> LossSums:
     """Plain causal-LM cross-entropy on the final layer: the QLoRA baseline, no MoDE head.
 
-    The general loss with one layer, no router and `FINAL_ONLY` weights, chunked like MoDE's so
-    that A/B runs compare like with like. Its part is logged as `ce_final`.
+    The general loss with one layer, no router and `FINAL_ONLY` weights, through the same
+    implementation as MoDE's so that A/B runs compare like with like. Its part is logged as
+    `ce_final`.
     """
-    sums = chunked_mode_loss(
-        final_normed.unsqueeze(0), None, labels, lm_head, FINAL_ONLY, logit_fn, chunk_budget
-    )
+    args = (final_normed.unsqueeze(0), None, labels, lm_head, FINAL_ONLY, logit_fn)
+    if impl == "chunked":
+        sums = chunked_mode_loss(*args, chunk_budget=chunk_budget)
+    else:
+        sums = IMPLEMENTATIONS[impl](*args)
     return LossSums(sums.total, sums.tokens, {"ce_final": sums.parts["ce_layers"]})
 
 
@@ -590,3 +594,7 @@ def _chunk(x, w, labels, weight, bias, plan: _Plan, logit_fn, need_grad, ws: _Wo
             grad_x[rows] = back(raw[rows])
     total = plan.a_ens * ce_ens + ce_layers + plan.distill * distill
     return torch.stack([total, ce_ens, ce_layers, distill]), grad_x, grad_w
+
+
+# `loss.impl` in a recipe picks one of these.
+IMPLEMENTATIONS = {"chunked": chunked_mode_loss, "naive": mode_loss}

@@ -16,7 +16,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from mode_cli.config import RecipeConfig, register_schema
@@ -69,20 +69,20 @@ def locate(recipe: str, recipes_dir: Path | None = None) -> tuple[Path, str]:
         if not path.is_file():
             raise ModeError(f"Recipe file not found: {recipe}")
         return path.parent, path.stem
-    directory = (recipes_dir or shipped_recipes_dir()).resolve()
-    if not directory.is_dir():
-        raise ModeError(f"Recipes folder not found: {directory}")
-    if recipe not in recipe_files(directory):
-        available = sorted(recipe_files(directory))
-        if recipes_dir is not None:
-            available += [n for n in recipe_files(shipped_recipes_dir()) if n not in available]
-            if recipe in recipe_files(shipped_recipes_dir()):
-                return shipped_recipes_dir(), recipe
-        raise ModeError(
-            f"Unknown recipe '{recipe}'. Available recipes: {', '.join(sorted(available))}\n"
-            "(`mode recipes` lists them with descriptions; `recipe=path/to/recipe.yaml` runs your own)"
-        )
-    return directory, recipe
+    # A user's folder first, then the shipped recipes (also reachable with --recipes-dir).
+    folders = [shipped_recipes_dir().resolve()]
+    if recipes_dir is not None:
+        if not recipes_dir.is_dir():
+            raise ModeError(f"Recipes folder not found: {recipes_dir}")
+        folders.insert(0, recipes_dir.resolve())
+    for folder in folders:
+        if recipe in recipe_files(folder):
+            return folder, recipe
+    available = sorted({name for folder in folders for name in recipe_files(folder)})
+    raise ModeError(
+        f"Unknown recipe '{recipe}'. Available recipes: {', '.join(available)}\n"
+        "(`mode recipes` lists them with descriptions; `recipe=path/to/recipe.yaml` runs your own)"
+    )
 
 
 def compose_recipe(
@@ -107,30 +107,16 @@ def compose_recipe(
     finally:
         GlobalHydra.instance().clear()
     if "hydra" in cfg:
-        with _unlocked(cfg):
+        with open_dict(cfg):
             del cfg["hydra"]
     if not isinstance(cfg._metadata.object_type, type) or cfg._metadata.object_type is dict:
         raise ModeError(
             f"Recipe '{name}' does not build on the schema: its defaults list must start with "
             "`- base` (see `mode recipes show tiny-llama-alpaca`)"
         )
-    with _unlocked(cfg):
+    with open_dict(cfg):
         cfg.recipe = name
     return cfg
-
-
-class _unlocked:
-    """Lift struct mode for a moment, to fill in values the CLI owns."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
-
-    def __enter__(self) -> DictConfig:
-        OmegaConf.set_struct(self.cfg, False)
-        return self.cfg
-
-    def __exit__(self, *exc: object) -> None:
-        OmegaConf.set_struct(self.cfg, True)
 
 
 def explain_composition_error(err: Exception) -> str:

@@ -23,6 +23,7 @@ from mode_cli import data as data_mod
 from mode_cli import model as model_mod
 from mode_cli.data import IGNORE, Dataset
 from mode_cli.head import MoDEHead
+from mode_cli.loss import head_logits
 
 SCHEMA = {"name": "mode-report", "version": 1}
 
@@ -65,11 +66,11 @@ def layer_metrics(
     n = model_mod.num_layers(model)
     lm_head = model_mod.lm_head(model)
     final_norm = model_mod.final_norm(model)
-    logit_fn = model_mod.logit_fn(model) or (lambda z: z)
+    logit_fn = model_mod.logit_fn(model)
 
     def logits(states: torch.Tensor) -> torch.Tensor:
         # Every layer, and the ensemble, read through the head and its quirks (soft-capping).
-        return logit_fn(lm_head(states.to(lm_head.weight.dtype)).float())
+        return head_logits(lm_head, states, logit_fn)
 
     layers = [Tally() for _ in range(n)]
     ensemble = Tally()

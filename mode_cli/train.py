@@ -30,11 +30,11 @@ from rich.console import Console
 from mode_cli import data as data_mod
 from mode_cli import head as head_mod
 from mode_cli import model as model_mod
-from mode_cli.config import resolve_device, validate
+from mode_cli.config import resolve_device, trains_adapter, validate
 from mode_cli.data import IGNORE
 from mode_cli.errors import ModeError
 from mode_cli.head import MoDEHead
-from mode_cli.loss import LossSums, LossWeights, chunked_mode_loss, mode_loss
+from mode_cli.loss import IMPLEMENTATIONS, LossSums, LossWeights, final_only_loss
 from mode_cli.progress import TrainingProgress
 from mode_cli.weighting import loss_weights
 
@@ -103,19 +103,9 @@ def batch_loss(
     lm_head = model_mod.lm_head(model)
     logit_fn = model_mod.logit_fn(model)
     if head is None:
-        final = states[-1][:, :-1][keep].unsqueeze(0)
-        normed, routing, weights = (
-            final,
-            None,
-            LossWeights(ensemble=0.0, layers=(1.0,), distill=0.0),
-        )
-    else:
-        normed, routing = head({layer: states[layer][:, :-1][keep] for layer in head.layers})
-    loss = chunked_mode_loss if impl == "chunked" else mode_loss
-    sums = loss(normed, routing, labels, lm_head, weights, logit_fn=logit_fn)
-    if head is None:  # the baseline's one per-layer term is the final layer's cross-entropy
-        sums.parts = {"ce_final": sums.parts["ce_layers"]}
-    return sums
+        return final_only_loss(states[-1][:, :-1][keep], labels, lm_head, logit_fn, impl)
+    normed, routing = head({layer: states[layer][:, :-1][keep] for layer in head.layers})
+    return IMPLEMENTATIONS[impl](normed, routing, labels, lm_head, weights, logit_fn=logit_fn)
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -184,7 +174,7 @@ class FinetuneRecipe:
         cfg = self.cfg
         seed_everything(cfg.train.seed)
         base = model_mod.load_base_model(self.source, cfg.model, cfg.train.precision, self.device)
-        if cfg.loss.name == "mode-only":
+        if not trains_adapter(cfg):
             # The MoDE head trains alone on the frozen base: no adapter.
             if cfg.train.gradient_checkpointing:
                 base.gradient_checkpointing_enable(
@@ -199,10 +189,6 @@ class FinetuneRecipe:
             self.optimizer,
             lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio),
         )
-
-    @property
-    def has_adapter(self) -> bool:
-        return self.cfg.loss.name != "mode-only"
 
     def trainable_parameters(self) -> dict[str, int]:
         adapter = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -234,12 +220,11 @@ class FinetuneRecipe:
             return torch.autocast(device_type=self.device, dtype=torch.bfloat16)
         return nullcontext()
 
-    def train(self) -> list[dict]:
+    def train(self) -> None:
         cfg = self.cfg.train
         self.model.train()  # from_pretrained returns eval mode; dropout and bnb need train mode
         trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
         batches = self.micro_batches()
-        history: list[dict] = []
         start = time.perf_counter()
         seen_tokens = 0
         with (
@@ -282,12 +267,10 @@ class FinetuneRecipe:
                     "tokens_per_s": seen_tokens / elapsed,
                     "elapsed_s": elapsed,
                 }
-                history.append(record)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
                 progress.update(step, loss=loss, lr=lr, tokens_per_s=record["tokens_per_s"])
-        return history
 
     # ------------------------------------------------------------------ outputs
 
@@ -295,7 +278,7 @@ class FinetuneRecipe:
         """The adapter (peft format, with the tokenizer) and the MoDE head (safetensors + json)."""
         from mode_cli.artifacts import save_head
 
-        if self.has_adapter:
+        if trains_adapter(self.cfg):
             self.model.save_pretrained(self.out / "adapter")
             self.tokenizer.save_pretrained(self.out / "adapter")
         if self.head is not None:
@@ -340,7 +323,7 @@ class FinetuneRecipe:
         self.train()
         self.save()
         self.report()
-        if self.cfg.merge and self.has_adapter:
+        if self.cfg.merge and trains_adapter(self.cfg):
             merged = self.merge()
             console.print(f"merged model: {merged}")
         elif self.cfg.merge:
@@ -416,7 +399,7 @@ def count_trainable(recipe: FinetuneRecipe) -> dict[str, int]:
     model_mod.family_of(skeleton)
     targets = model_mod.lora_targets(skeleton, cfg.lora.target_modules)
     adapter = 0
-    if recipe.has_adapter:
+    if trains_adapter(cfg):
         skeleton = get_peft_model(skeleton, model_mod.peft_lora_config(cfg.lora, targets))
         adapter = sum(p.numel() for p in skeleton.parameters() if p.requires_grad)
     head = 0

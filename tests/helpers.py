@@ -15,3 +15,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def train_tiny(mode, out, *overrides: str, recipe: str = "tiny-llama-alpaca") -> None:
+    """`mode train recipe=<tiny recipe> output_dir=OUT merge=false OVERRIDES...`, which must succeed."""
+    code, _, err = mode("train", f"recipe={recipe}", f"output_dir={out}", "merge=false", *overrides)
+    assert code == 0, err

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import train_tiny
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -155,16 +156,7 @@ def test_loss_recipes_to_weights():
 
 
 def train(mode, out, *overrides):
-    code, _, err = mode(
-        "train",
-        "recipe=tiny-llama-alpaca",
-        f"output_dir={out}",
-        "train.max_steps=2",
-        "merge=false",
-        "eval.max_examples=4",
-        *overrides,
-    )
-    assert code == 0, err
+    train_tiny(mode, out, "train.max_steps=2", "eval.max_examples=4", *overrides)
     return json.loads((out / "report.json").read_text())
 
 

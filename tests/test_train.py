@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import train_tiny
 from safetensors.torch import load_file
 
 
@@ -89,31 +90,14 @@ def test_mode_eval_rejects_what_is_not_a_run(mode, tmp_path):
 
 def test_training_lowers_the_loss(mode, tmp_path):
     out = tmp_path / "run"
-    code, _, err = mode(
-        "train",
-        "recipe=tiny-llama-alpaca",
-        f"output_dir={out}",
-        "train.max_steps=40",
-        "train.lr=5e-3",
-        "merge=false",
-        "eval.compare_base=false",
-    )
-    assert code == 0, err
+    train_tiny(mode, out, "train.max_steps=40", "train.lr=5e-3", "eval.compare_base=false")
     losses = [r["loss"] for r in records(out)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
 
 
 def test_final_only_is_plain_qlora_without_a_head(mode, tmp_path):
     out = tmp_path / "final"
-    code, _, err = mode(
-        "train",
-        "recipe=tiny-llama-alpaca",
-        "loss=final-only",
-        f"output_dir={out}",
-        "train.max_steps=3",
-        "merge=false",
-    )
-    assert code == 0, err
+    train_tiny(mode, out, "loss=final-only", "train.max_steps=3")
     assert not (out / "mode_head.safetensors").exists()
     report = json.loads((out / "report.json").read_text())
     assert report["ensemble"] is None and report["selected_layers"] == []
@@ -137,16 +121,7 @@ def test_final_only_is_plain_qlora_without_a_head(mode, tmp_path):
 )
 def test_recipe_variants_train(mode, tmp_path, overrides):
     out = tmp_path / "variant"
-    code, _, err = mode(
-        "train",
-        "recipe=tiny-llama-alpaca",
-        f"output_dir={out}",
-        "train.max_steps=2",
-        "merge=false",
-        "eval.max_examples=4",
-        *overrides,
-    )
-    assert code == 0, err
+    train_tiny(mode, out, "train.max_steps=2", "eval.max_examples=4", *overrides)
     assert len(records(out)) == 2
 
 
@@ -161,15 +136,7 @@ def test_layer_selection_is_checked_against_the_models_depth(mode, tmp_path):
 def test_same_seed_same_losses(mode, tmp_path):
     runs = []
     for name in ("a", "b"):
-        code, _, err = mode(
-            "train",
-            "recipe=tiny-llama-alpaca",
-            f"output_dir={tmp_path / name}",
-            "train.max_steps=3",
-            "merge=false",
-            "eval.compare_base=false",
-        )
-        assert code == 0, err
+        train_tiny(mode, tmp_path / name, "train.max_steps=3", "eval.compare_base=false")
         runs.append([r["loss"] for r in records(tmp_path / name)])
     assert runs[0] == runs[1]
 
