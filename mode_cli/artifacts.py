@@ -6,18 +6,21 @@
   adapter/                  peft LoRA adapter + tokenizer
   mode_head.safetensors     the MoDE head's norms and router
   mode_head.json            what the head is (layers, router, ...)
-  merged/                   base + LoRA merged: a plain transformers model with its tokenizer
-  report.json, report.md    the per-layer eval report
+  merged/                   base + LoRA merged: a plain transformers model with its tokenizer,
+                            plus the head files and the recipe (mode_config.yaml)
+  eval/<time>/              eval reports: report.json, report.md, layers.png (report.py)
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from mode_cli import model as model_mod
 from mode_cli.config import RecipeConfig, trains_adapter
@@ -27,6 +30,9 @@ from mode_cli.head import MoDEHead
 
 HEAD_WEIGHTS = "mode_head.safetensors"
 HEAD_INFO = "mode_head.json"
+# A merged folder's copy of the run's resolved recipe: marks it as a merged mode model.
+MERGED_CONFIG = "mode_config.yaml"
+MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def save_head(head: MoDEHead, out: Path) -> None:
@@ -51,13 +57,32 @@ def load_head(run_dir: Path, model, device: str) -> MoDEHead:
     return head.to(device)
 
 
-def load_run_config(run_dir: Path) -> DictConfig:
-    """A run's resolved recipe, merged onto the schema so overrides are type-checked."""
-    path = run_dir / "config.yaml"
+def load_run_config(run_dir: Path, name: str = "config.yaml") -> DictConfig:
+    """A run's resolved recipe (`name`: `config.yaml` in a run folder, `mode_config.yaml` in a
+    merged one), merged onto the schema so overrides are type-checked."""
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    path = run_dir / name
     if not path.is_file():
-        raise ModeError(f"{run_dir} is not a mode run folder: it has no config.yaml")
+        raise ModeError(f"{run_dir} is not a mode run folder: it has no {name}")
     schema = OmegaConf.structured(RecipeConfig)
-    cfg = OmegaConf.merge(schema, OmegaConf.load(path))
+    try:
+        saved = OmegaConf.load(path)
+    except (YAMLError, OmegaConfBaseException) as err:
+        raise ModeError(f"{path} is not a mode recipe: {str(err).splitlines()[0]}") from None
+    if not isinstance(saved, DictConfig):
+        raise ModeError(f"{path} is not a mode recipe: it holds a list, not a mapping of keys")
+    if isinstance(saved.get("merge"), bool):
+        # Runs saved before `merge` became a group of keys wrote `merge: true|false`.
+        saved.merge = {"enabled": saved.merge}
+    if "template" in saved.get("data", {}):
+        # Runs saved before `data.format` named the prompt format wrote `data.template`.
+        saved.data.format = saved.data.pop("template")
+    try:
+        cfg = OmegaConf.merge(schema, saved)
+    except OmegaConfBaseException as err:
+        raise ModeError(f"{path} is not a mode recipe: {str(err).splitlines()[0]}") from None
     OmegaConf.set_struct(cfg, True)
     return cfg
 
@@ -98,19 +123,63 @@ def dequantized_base(cfg: DictConfig, source: str, device: str):
     return base
 
 
+def original_base(cfg: DictConfig, source: str, dtype: torch.dtype, device: str):
+    """The unquantized base reloaded from its source in `dtype`, without bitsandbytes.
+
+    These are the weights a 16-bit release is built on. They are not the weights the 4-bit
+    training saw: those are the NF4-rounded ones (`dequantized_base`), so the merged model
+    differs from the trained adapter-on-4-bit model by that rounding.
+    """
+    try:
+        base = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=cfg.model.revision,
+            trust_remote_code=cfg.model.trust_remote_code,
+            dtype=dtype,
+        )
+    except OSError as err:
+        raise ModeError(
+            f"Could not reload the base model '{source}' for the merge: {model_mod.first_line(err)}"
+        ) from None
+    return base.to(device)
+
+
+def merge_dtype(cfg: DictConfig) -> torch.dtype:
+    """The dtype of the merged weights: `merge.dtype`, or the training compute dtype for `auto`."""
+    if cfg.merge.dtype == "auto":
+        return model_mod.compute_dtype(cfg.train.precision)
+    return MERGE_DTYPES[cfg.merge.dtype]
+
+
+def merge_base(cfg: DictConfig, source: str, device: str):
+    """The weights the adapter is merged into, as `merge.base` asks."""
+    if cfg.merge.base == "original":
+        return original_base(cfg, source, merge_dtype(cfg), device)
+    return dequantized_base(cfg, source, device)
+
+
 def save_merged(cfg: DictConfig, source: str, out: Path, device: str) -> Path:
-    """Base (dequantized) + LoRA merged, saved as a normal transformers model with its tokenizer."""
+    """Base + LoRA merged into `<out>/merged`: a plain transformers model with its tokenizer.
+
+    The folder also carries what `mode` needs to use it with the MoDE ensemble later: the head
+    (`mode_head.safetensors`, `mode_head.json`) when the run has one, and the run's resolved
+    recipe as `mode_config.yaml`. `from_pretrained` ignores these files.
+    """
     from peft import PeftModel
 
-    base = dequantized_base(cfg, source, device)
+    base = merge_base(cfg, source, device)
     merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
-    merged = merged.to(model_mod.compute_dtype(cfg.train.precision))
+    merged = merged.to(merge_dtype(cfg))
     target = out / "merged"
     # An interrupted merge leaves no half folder behind.
     with staged_folder(target, replace=True) as staging:
         merged.save_pretrained(staging)
         tokenizer = model_mod.load_tokenizer(str(out / "adapter"), cfg.model)
         tokenizer.save_pretrained(staging)
+        for name in (HEAD_WEIGHTS, HEAD_INFO):
+            if (out / name).is_file():
+                shutil.copyfile(out / name, staging / name)
+        (staging / MERGED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     del merged, base
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -1,7 +1,10 @@
 """The `mode` command line: argparse owns the subcommands, Hydra's Compose API the overrides.
 
     mode train recipe=NAME [key=value ...] [--dry-run] [--recipes-dir DIR]
+    mode train -m recipe=NAME key=a,b [key=value ...]      (a sweep: every combination in turn)
     mode eval checkpoint=DIR [key=value ...]
+    mode generate checkpoint=DIR prompt=TEXT [head=ensemble|final] [max_new_tokens=N ...]
+    mode chat checkpoint=DIR [head=ensemble|final ...]
     mode recipes | mode recipes show NAME [key=value ...] | mode recipes cp NAME PATH
 
 Errors a user can cause (ModeError) print one message and exit 2; bugs still raise.
@@ -93,13 +96,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="validate and show the data; no training"
     )
     train.add_argument("--recipes-dir", type=Path, help="a folder of your own recipes")
+    train.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="sweep: run every combination of comma-separated values (loss=mode,final-only "
+        "train.lr=1e-4,2e-4; also range(...), choice(...), glob(...)), one after another, "
+        "then write a comparison table",
+    )
 
     evaluate = sub.add_parser(
         "eval",
-        help="per-layer report of a finished run",
-        description="Write and print the per-layer report (base vs tuned) of a run folder.",
+        help="per-layer report and answer accuracy of a run, merged model or model",
+        description="Write and print the eval report: every layer's loss, perplexity and top-1 "
+        "(logit lens), the MoDE ensemble and router, base vs tuned, and the exact-match accuracy "
+        "of answers decoded with the ensemble and the final head. Files: "
+        "<checkpoint>/eval/<time>/report.json, report.md, layers.png.",
+        epilog="checkpoint=DIR: a run folder (mode train), a merged model folder, or a plain "
+        "model (a folder, a hub id, package:smollm2: a base-only logit-lens report)\n"
+        "data=NAME         another data group (recipes/data/NAME.yaml), e.g. data=arithmetic\n"
+        "examples=N        evaluate N eval examples\n"
+        "compare=base|none also evaluate the base before tuning (default: on for run folders)\n"
+        "eval.answers=auto|on|off, eval.answer_field=answer, eval.answer_match=number|exact|"
+        "choice, eval.max_new_tokens=64, and any recipe key=value",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     evaluate.add_argument("overrides", nargs="*", metavar="checkpoint=DIR key=value")
+
+    generate = sub.add_parser(
+        "generate",
+        help="stream a completion from a finished run",
+        description="Stream the model's answer to one prompt, in the run's prompt format. "
+        "Options: prompt=TEXT (required), head=ensemble|final, max_new_tokens=N, "
+        "temperature=T (0: greedy, the default), seed=N.",
+    )
+    generate.add_argument("overrides", nargs="*", metavar="checkpoint=DIR prompt=TEXT key=value")
+
+    chat = sub.add_parser(
+        "chat",
+        help="chat with a finished run in the terminal",
+        description="An interactive conversation; /exit, Ctrl-D or Ctrl-C ends it, /reset "
+        "forgets the conversation. Options: head=ensemble|final, max_new_tokens=N, "
+        "temperature=T, seed=N.",
+    )
+    chat.add_argument("overrides", nargs="*", metavar="checkpoint=DIR key=value")
 
     recipes = sub.add_parser("recipes", help="list, show or copy recipes")
     recipes.add_argument("action", nargs="?", choices=["list", "show", "cp"], default="list")
@@ -123,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command in ("generate", "chat"):
+            return cmd_generate(args)
         return cmd_recipes(args)
     except ModeError as err:
         from rich.text import Text
@@ -130,15 +172,19 @@ def main(argv: list[str] | None = None) -> int:
         # soft_wrap: a message piped to a log stays on its own lines, not cut at 80 columns.
         console.print(Text.assemble(("error:", "bold red"), " ", str(err)), soft_wrap=True)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        console.print("interrupted")
-        return 130
+    except KeyboardInterrupt as err:
+        # Training stops after a step with a checkpoint and says how to resume (TrainingInterrupted:
+        # 130 for Ctrl-C, 143 for SIGTERM); anywhere else an interrupt just ends the command.
+        console.print(str(err) or "interrupted", soft_wrap=True, highlight=False)
+        return getattr(err, "exit_code", 130)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mode_cli.recipes import compose_recipe
     from mode_cli.train import FinetuneRecipe, dry_run
 
+    if args.multirun:
+        return cmd_sweep(args)
     recipe, overrides = split_overrides(args.overrides, "recipe")
     if recipe is None:
         raise ModeError("mode train needs recipe=NAME (`mode recipes` lists them)")
@@ -150,14 +196,57 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """`mode train -m`: validate every combination first, then run them in turn (sweep.py)."""
+    from rich.console import Console
+
+    from mode_cli.sweep import plan_sweep, print_plan, run_sweep
+
+    log, out = Console(stderr=True), Console()
+    sweep = plan_sweep(args.overrides, args.recipes_dir)
+    if not sweep.swept_keys:
+        log.print("nothing to sweep (no key has several values): one run")
+    if args.dry_run:
+        print_plan(sweep, out)
+        log.print(
+            f"[bold]dry run[/bold]: {len(sweep.runs)} combinations composed and validated; "
+            "no training done"
+        )
+        return 0
+    failed = run_sweep(sweep, log, out)
+    if failed:
+        log.print(f"[bold red]{failed} of {len(sweep.runs)} runs failed[/bold red]")
+        return 1
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from mode_cli.evaluate import run_eval
 
     checkpoint, overrides = split_overrides(args.overrides, "checkpoint")
     if checkpoint is None:
-        raise ModeError("mode eval needs checkpoint=DIR (a run folder written by mode train)")
-    run_eval(Path(checkpoint), overrides)
+        raise ModeError(
+            "mode eval needs checkpoint=DIR (a run folder written by mode train, a merged model "
+            "folder, or a model folder or hub id)"
+        )
+    run_eval(checkpoint, overrides)
     return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """`mode generate` and `mode chat`: load the run once, then stream."""
+    from mode_cli.inference import chat_loop, decoding_options, stream_one
+
+    checkpoint, overrides = split_overrides(args.overrides, "checkpoint")
+    if checkpoint is None:
+        raise ModeError(
+            f"mode {args.command} needs checkpoint=DIR (a run folder written by mode train, "
+            "or its merged/ folder)"
+        )
+    options = decoding_options(overrides, with_prompt=args.command == "generate")
+    if args.command == "generate":
+        return stream_one(Path(checkpoint), options)
+    return chat_loop(Path(checkpoint), options)
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:

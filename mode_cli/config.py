@@ -66,24 +66,121 @@ class LoraConfig:
 
 
 @dataclass
-class DataConfig:
-    """Instruction data in Alpaca format (instruction, optional input, output).
+class FieldsConfig:
+    """The file's column for each field a format reads; null keeps the field's own name.
 
-    train / eval: a local .json or .jsonl file, a hub dataset id, or `bundled:<name>/<file>`. With no
-    eval source, `eval_fraction` of the training rows are held out. `on_bad_row`: `error` stops at
-    the first malformed row (naming its row number); `skip` drops such rows and reports the count.
+    alpaca: instruction, input, output. chat: messages, and role / content inside each message.
+    text: text.
+    """
+
+    instruction: str | None = None
+    input: str | None = None
+    output: str | None = None
+    messages: str | None = None
+    role: str | None = None
+    content: str | None = None
+    text: str | None = None
+
+
+@dataclass
+class DataSourceConfig:
+    """One entry of `data.mix`: a training source, its sampling weight and its format.
+
+    weight: relative share of the mixed training rows. format / fields: null takes `data.format`
+    / `data.fields`. eval: this source's eval rows; null holds out `data.eval_fraction` of its
+    training rows (unless `data.eval` gives one eval source for the whole mix).
     """
 
     train: str = MISSING
     eval: str | None = None
+    split: str | None = None
+    weight: float = 1.0
+    format: str | None = None
+    fields: FieldsConfig | None = None
+
+
+@dataclass
+class DataConfig:
+    """Training data: rows of a file or dataset, rendered by `format`, with the loss on responses.
+
+    train / eval: a local .json or .jsonl file, a hub dataset id, or `bundled:<name>/<file>`. With no
+    eval source, `eval_fraction` of the training rows are held out. `on_bad_row`: `error` stops at
+    the first malformed row (naming its row number); `skip` drops such rows and reports the count.
+    format: `alpaca` (instruction, optional input, output; the response trained), `chat`
+    (`messages` of role/content turns in the chat template; the assistant turns trained), `text`
+    (plain documents, every token trained, long ones split into max_seq_len chunks).
+    fields: the format's field names -> the file's columns (`{instruction: question}`,
+    `{messages: conversation, role: from, content: value}`, `{text: body}`).
+    chat_template: null uses the tokenizer's (ChatML when it has none), `chatml`, or a Jinja
+    template. mix: several sources sampled by weight (`DataSourceConfig`); `train` is then unset,
+    and `max_train_examples` is the size of the mix in rows (unset: the sources' rows together),
+    each source giving its weight's share, its rows repeated when it holds fewer.
+    packing: pack training examples greedily into sequences of at most max_seq_len, with no
+    attention or position leakage across them; `train.micro_batch_size` then counts packed
+    sequences. The eval split is never packed.
+    max_dropped_fraction: the share of a split's examples that may lose every trained token to
+    truncation (they are dropped and reported) before that is an error.
+    """
+
+    train: str | None = None
+    eval: str | None = None
     split: str = "train"
     eval_fraction: float = 0.05
-    template: str = "alpaca"
+    format: str = "alpaca"
+    fields: FieldsConfig = field(default_factory=FieldsConfig)
+    chat_template: str | None = None
+    mix: list[DataSourceConfig] = field(default_factory=list)
     max_seq_len: int = 512
+    packing: bool = False
+    max_dropped_fraction: float = 0.5
     on_bad_row: str = "error"
     max_train_examples: int | None = None
     max_eval_examples: int | None = 200
     seed: int = 0
+
+
+def data_problems(data: DictConfig) -> list[str]:
+    """What `validate` finds wrong in the `data` section beyond its choices."""
+    from mode_cli.data import FORMAT_FIELDS, FORMATS
+
+    problems = []
+    if data.mix and data.train:
+        problems.append("data.train and data.mix are both set: use one")
+    if not data.mix and not data.train:
+        problems.append("data.train is not set: name a data file or dataset (or use data.mix)")
+    if data.max_seq_len < 2:
+        problems.append(f"data.max_seq_len={data.max_seq_len}: expected at least 2")
+    if not 0.0 <= data.max_dropped_fraction <= 1.0:
+        problems.append(
+            f"data.max_dropped_fraction={data.max_dropped_fraction}: expected a number in [0, 1]"
+        )
+
+    def check_fields(key: str, format: str, fields) -> None:
+        if format not in FORMATS or not fields:
+            return
+        unknown = [
+            name
+            for name, column in fields.items()
+            if column is not None and name not in FORMAT_FIELDS[format]
+        ]
+        if unknown:
+            problems.append(
+                f"{key}: {', '.join(unknown)} is not a field of format {format} "
+                f"(its fields: {', '.join(FORMAT_FIELDS[format])})"
+            )
+
+    check_fields("data.fields", data.format, data.fields)
+    for i, entry in enumerate(data.mix):
+        format = entry.format or data.format
+        if format not in FORMATS:
+            problems.append(
+                f"data.mix[{i}].format={format!r}: expected one of {', '.join(FORMATS)}"
+            )
+        if not entry.weight > 0:
+            problems.append(f"data.mix[{i}].weight={entry.weight}: expected a number > 0")
+        fields = entry.fields if entry.fields is not None else data.fields
+        check_fields(f"data.mix[{i}].fields", format, fields)
+    return problems
 
 
 @dataclass
@@ -155,19 +252,31 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    """The optimisation loop: AdamW, warmup then cosine decay, gradient accumulation.
+    """The optimisation loop: AdamW, warmup then a decay schedule, gradient accumulation.
 
     precision: `fp32` or `bf16` (compute dtype of the 4-bit layers and of the trainable weights).
-    optimizer: `adamw` (torch), `adamw_8bit` / `paged_adamw_8bit` (bitsandbytes, CUDA only).
+    optimizer: `adamw` (torch), `adamw_8bit` / `paged_adamw_8bit` (bitsandbytes, CUDA only: 8-bit
+    states save ~75% of the optimizer memory; paged ones also survive memory spikes).
+    optimizer_fallback: on the CPU, run an 8-bit optimizer as torch AdamW (with a note) instead of
+    refusing the recipe.
+    lr_schedule: `cosine` (to `min_lr_ratio` x lr), `linear` (likewise) or `constant`, each after
+    `warmup_steps` of linear warmup.
     head_lr: learning rate of the MoDE head (norms, router); null means `lr`.
+    max_grad_norm: clip the global gradient norm (0 turns clipping off).
+    stop_after_steps / max_minutes: end this invocation cleanly with a checkpoint after that many
+    optimizer steps or minutes, keeping the whole run's schedule; `resume=auto` continues it.
+    on_nonfinite: a NaN or inf loss or gradient norm either `stop`s the run (the last checkpoint
+    stays intact) or is `skip`ped (that step's update is dropped and counted).
     """
 
     device: str = "auto"
     precision: str = "fp32"
     optimizer: str = "adamw"
+    optimizer_fallback: bool = False
     lr: float = 2e-4
     head_lr: float | None = None
     weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
     warmup_steps: int = 10
     min_lr_ratio: float = 0.0
     max_steps: int = 100
@@ -178,15 +287,73 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     threads: int | None = None
+    stop_after_steps: int | None = None
+    max_minutes: float | None = None
+    on_nonfinite: str = "stop"
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable training state under `<output_dir>/checkpoints/step-NNNNNN/`.
+
+    every_steps: write one every that many optimizer steps (null: only at the end and when a run
+    is stopped or interrupted). keep: how many of the newest checkpoints to keep.
+    """
+
+    every_steps: int | None = 100
+    keep: int = 2
 
 
 @dataclass
 class EvalConfig:
-    """The per-layer report: every layer (logit lens), the ensemble, base model vs tuned."""
+    """The eval report: every layer (logit lens), the ensemble, base vs tuned, answer accuracy.
+
+    max_examples: eval examples the per-layer metrics read (null: the whole eval split).
+    compare_base: also evaluate the base before tuning (adapter off, untrained head). `mode eval`
+    keeps a run's setting, is off for merged and plain models (`compare=base` turns it on).
+    output_dir: the folder that receives `<time>/report.json, report.md, layers.png`; null is
+    `<run>/eval` (`outputs/eval/<model>` for a plain model).
+    answers: exact-match accuracy of greedy generations decoded with the ensemble and the final
+    head: `auto` (in `mode eval`, when the eval rows have `answer_field`; not at the end of
+    training), `on` (also at the end of training; an error when the rows have no answers), `off`.
+    Generation is slow on a CPU: `answer_examples` rows, `max_new_tokens` each.
+    answer_match: how a generation and a reference are compared: `number` (the number after "The
+    answer is" or "####", else the last number), `exact` (whitespace, case and a final period
+    ignored), `choice` (a letter A-J).
+    """
 
     batch_size: int = 8
     max_examples: int | None = None
     compare_base: bool = True
+    # Eval-split losses (final layer, selected layers, ensemble) and router weights every that
+    # many steps during training, into metrics.jsonl; null: only the report at the end.
+    every_steps: int | None = None
+    output_dir: str | None = None
+    answers: str = "auto"
+    answer_field: str = "answer"
+    answer_match: str = "number"
+    answer_examples: int = 32
+    max_new_tokens: int = 64
+    answer_batch_size: int = 16
+
+
+@dataclass
+class MergeConfig:
+    """The merged model written at the end of a run (`merged/`): base + adapter as one model.
+
+    enabled: `merge=false` (or `merge.enabled=false`) skips it; the adapter and head are saved
+    either way.
+    base: `dequantized` (the 4-bit base loaded as in training, then dequantized: exactly the
+    weights the adapter was trained against) or `original` (the unquantized base reloaded from its
+    source in `dtype`, without bitsandbytes: what a 16-bit release needs; it differs slightly from
+    the base the 4-bit training saw, by the NF4 rounding).
+    dtype: dtype of the saved weights: `auto` (the training compute dtype, train.precision),
+    `fp32`, `bf16` or `fp16`.
+    """
+
+    enabled: bool = True
+    base: str = "dequantized"
+    dtype: str = "auto"
 
 
 @dataclass
@@ -195,7 +362,7 @@ class RecipeConfig:
 
     recipe: str = ""
     output_dir: str | None = None
-    merge: bool = True
+    merge: MergeConfig = field(default_factory=MergeConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -204,6 +371,12 @@ class RecipeConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # `auto`: continue from the newest complete checkpoint in output_dir (a fresh start when
+    # output_dir holds no run yet); or the path of a checkpoint or of a run folder.
+    resume: str | None = None
+    # `tensorboard` also writes TensorBoard events to <output_dir>/tensorboard/.
+    logger: str = "none"
 
 
 def register_schema() -> None:
@@ -213,7 +386,7 @@ def register_schema() -> None:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.quantization": ("nf4", "none"),
-    "data.template": ("alpaca",),
+    "data.format": ("alpaca", "chat", "text"),
     "data.on_bad_row": ("error", "skip"),
     "layers.select": ("last_k", "every_n", "fraction"),
     "router.kind": ("token", "scalar", "fixed"),
@@ -227,6 +400,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("fp32", "bf16"),
     "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
+    "train.lr_schedule": ("cosine", "linear", "constant"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "logger": ("none", "tensorboard"),
+    "merge.base": ("dequantized", "original"),
+    "merge.dtype": ("auto", "fp32", "bf16", "fp16"),
+    "eval.answers": ("auto", "on", "off"),
+    "eval.answer_match": ("number", "exact", "choice"),
 }
 
 GPU_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
@@ -248,7 +428,7 @@ def resolve_device(requested: str) -> str:
 
 def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
     """Check what the schema's types cannot; raise one ModeError listing every problem found."""
-    problems: list[str] = []
+    problems: list[str] = data_problems(cfg.data)
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -282,6 +462,14 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
         "eval.max_examples",
         "train.head_lr",
         "train.threads",
+        "train.stop_after_steps",
+        "train.max_minutes",
+        "checkpoint.every_steps",
+        "checkpoint.keep",
+        "eval.every_steps",
+        "eval.answer_examples",
+        "eval.max_new_tokens",
+        "eval.answer_batch_size",
     ):
         positive(key)
     for key in (
@@ -341,11 +529,11 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
                 "a recipe on the CPU)"
             )
         if device == "cpu" or not torch.cuda.is_available():
-            if cfg.train.optimizer in GPU_ONLY_OPTIMIZERS:
+            if cfg.train.optimizer in GPU_ONLY_OPTIMIZERS and not cfg.train.optimizer_fallback:
                 problems.append(
                     f"train.optimizer={cfg.train.optimizer} needs a CUDA GPU (bitsandbytes' 8-bit "
-                    "optimizers); on the CPU use train.optimizer=adamw, or train=cpu-smoke to "
-                    "smoke-test a GPU recipe"
+                    "optimizers); on the CPU use train.optimizer=adamw, train.optimizer_fallback=true "
+                    "(runs it as AdamW), or train=cpu-smoke to smoke-test a GPU recipe"
                 )
             if cfg.train.precision == "bf16":
                 problems.append(

@@ -402,8 +402,18 @@ def logit_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     return softcap
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+def hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+):
     """Run the decoder alone (no full-vocabulary logits) and return all N+1 hidden states.
+
+    Packed sequences (`data.packing`) pass `position_ids` that restart at 0 at every example; the
+    decoder is then run without the attention mask, so that transformers builds a block-diagonal
+    causal mask from the restarts (sliding windows included): no attention across examples, and
+    padding, given positions of its own, is a block nothing real attends to.
 
     hidden_states[0] is the embedding output (Gemma's already scaled by sqrt(hidden)),
     hidden_states[l] the output of layer l before the final norm, and the last one has the final
@@ -413,7 +423,8 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     decoder = get_attr(base, family_of(base).decoder)
     out = decoder(
         input_ids=input_ids,
-        attention_mask=attention_mask,
+        attention_mask=attention_mask if position_ids is None else None,
+        position_ids=position_ids,
         output_hidden_states=True,
         use_cache=False,
     )

@@ -1,6 +1,11 @@
-"""The training progress display: step, loss, learning rate, tokens/s and ETA, on one rich bar."""
+"""What a training run shows and records: the live progress line, metrics.jsonl (and TensorBoard
+events with `logger=tensorboard`), and the summary table at the end."""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -11,33 +16,54 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
+
+METRICS = "metrics.jsonl"
 
 
 class TrainingProgress:
     """A context manager around rich's Progress; `update` after every optimizer step.
 
-    Without a terminal (CI logs, `| tee`), a live bar would only show at the end: print a plain
-    line every `log_every` steps instead.
+    Shows step, epoch, loss, the latest eval loss, learning rate, tokens/s, peak CUDA memory and
+    the ETA. Without a terminal (CI logs, `| tee`), a live bar would only show at the end: print a
+    plain line every `log_every` steps instead. A resumed run starts the bar at `start_step`.
     """
 
-    def __init__(self, total_steps: int, console: Console, log_every: int = 1) -> None:
+    def __init__(
+        self, total_steps: int, console: Console, log_every: int = 1, start_step: int = 0
+    ) -> None:
         self.console = console
         self.total = total_steps
         self.log_every = log_every
+        self.start_step = start_step
+        self.eval_loss = "-"
         self.progress = Progress(
             TextColumn("[bold]step"),
             MofNCompleteColumn(),
             BarColumn(),
+            TextColumn("epoch {task.fields[epoch]}"),
             TextColumn("loss [cyan]{task.fields[loss]}"),
+            TextColumn("eval [magenta]{task.fields[eval]}"),
             TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("{task.fields[memory]}"),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=console,
             disable=not console.is_terminal,
         )
-        self.task = self.progress.add_task("train", total=total_steps, loss="-", lr="-", tps="-")
+        self.task = self.progress.add_task(
+            "train",
+            total=total_steps,
+            completed=start_step,
+            loss="-",
+            eval="-",
+            lr="-",
+            tps="-",
+            epoch="-",
+            memory="",
+        )
 
     def __enter__(self) -> TrainingProgress:
         self.progress.start()
@@ -46,19 +72,126 @@ class TrainingProgress:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def update(self, step: int, *, loss: float, lr: float, tokens_per_s: float) -> None:
+    def update(
+        self,
+        step: int,
+        *,
+        loss: float,
+        lr: float,
+        tokens_per_s: float,
+        epoch: float,
+        peak_memory_gb: float | None = None,
+    ) -> None:
+        memory = f"peak {peak_memory_gb:.1f} GB" if peak_memory_gb is not None else ""
         if not self.console.is_terminal and (step % self.log_every == 0 or step == self.total):
             elapsed = self.progress.tasks[0].elapsed or 0.0
-            remaining = elapsed / step * (self.total - step)
+            remaining = elapsed / max(1, step - self.start_step) * (self.total - step)
+            evaluated = f"eval {self.eval_loss}  " if self.eval_loss != "-" else ""
             self.console.print(
-                f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  "
-                f"{tokens_per_s:,.0f} tok/s  elapsed {elapsed:.0f}s  eta {remaining:.0f}s",
+                f"step {step}/{self.total}  epoch {epoch:.2f}  loss {loss:.4f}  {evaluated}"
+                f"lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  {memory + '  ' if memory else ''}"
+                f"elapsed {elapsed:.0f}s  eta {remaining:.0f}s",
                 highlight=False,
+                soft_wrap=True,
             )
         self.progress.update(
             self.task,
             completed=step,
             loss=f"{loss:.4f}",
+            eval=self.eval_loss,
             lr=f"{lr:.2e}",
             tps=f"{tokens_per_s:,.0f}",
+            epoch=f"{epoch:.2f}",
+            memory=memory,
         )
+
+    def show_eval(self, step: int, result: dict) -> None:
+        """The eval split's losses at `step`: the ensemble's (or the final layer's) on the bar."""
+        main = result["ensemble"] if result["ensemble"] is not None else result["final"]
+        self.eval_loss = f"{main:.4f}"
+        layers = "  ".join(f"L{layer} {loss:.4f}" for layer, loss in result["layers"].items())
+        ensemble = "" if result["ensemble"] is None else f"  ensemble {result['ensemble']:.4f}"
+        self.console.print(
+            f"eval @ step {step}: {layers}{ensemble}", highlight=False, soft_wrap=True
+        )
+
+
+class MetricsLog:
+    """One JSON record per line in metrics.jsonl, mirrored to TensorBoard with `logger=tensorboard`.
+
+    A run resumed from the checkpoint of step `resume_step` first drops the records after that
+    step (the steps it is about to redo), in metrics.jsonl and in the TensorBoard events.
+    """
+
+    def __init__(self, out: Path, logger: str = "none", resume_step: int | None = None) -> None:
+        self.path = out / METRICS
+        if resume_step is not None:
+            truncate_after(self.path, resume_step)
+        self.file = self.path.open("a")
+        self.writer = None
+        if logger == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = resume_step + 1 if resume_step is not None else None
+            self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=purge)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            step = record["step"]
+            for tag, value in scalars(record):
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def scalars(record: dict) -> list[tuple[str, float]]:
+    """TensorBoard tags of one record: `train/<key>` for a step, `eval/...` for an evaluation."""
+    if "eval" in record:
+        result = record["eval"]
+        tags = [("eval/final", result["final"])]
+        tags += [(f"eval/layer_{layer}", loss) for layer, loss in result["layers"].items()]
+        if result["ensemble"] is not None:
+            tags.append(("eval/ensemble", result["ensemble"]))
+        tags += [(f"router/layer_{layer}", w) for layer, w in result["router"].items()]
+        return tags
+    return [
+        (f"train/{key}", float(value))
+        for key, value in record.items()
+        if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keep only the records of steps <= `step` (atomically: a crash leaves the old file)."""
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    staging.write_text("".join(line + "\n" for line in kept))
+    os.replace(staging, path)
+
+
+def print_summary(console: Console, summary: dict) -> None:
+    """The end-of-run table: steps, losses, speed, time, skipped steps, checkpoints."""
+    table = Table("", "", title="training summary", show_header=False)
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:,.4f}" if "loss" in key else f"{value:,.1f}"
+        table.add_row(key, "-" if value is None else str(value))
+    console.print(table)

@@ -91,7 +91,7 @@ def compose_recipe(
     """Compose a recipe with command-line overrides into a typed, validated-by-schema config."""
     register_schema()
     config_dir, name = locate(recipe, recipes_dir)
-    overrides = list(overrides or [])
+    overrides = [merge_shorthand(item) for item in overrides or []]
     shipped = shipped_recipes_dir().resolve()
     if config_dir != shipped:
         overrides.append(f"hydra.searchpath=[file://{shipped}]")
@@ -119,6 +119,23 @@ def compose_recipe(
     return cfg
 
 
+def merge_shorthand(override: str) -> str:
+    """`merge=false` / `merge=true` stand for `merge.enabled=...`; other overrides pass through.
+
+    `merge` is a group of keys (enabled, base, dtype), so the bare boolean is rewritten before
+    Hydra sees it; any other bare value is refused with the keys it could have meant.
+    """
+    key, sep, value = override.partition("=")
+    if not sep or key.lstrip("+") != "merge":
+        return override
+    if value.strip().lower() in ("true", "false"):
+        return f"{key}.enabled={value.strip().lower()}"
+    raise ModeError(
+        f"{override}: expected merge=true or merge=false "
+        "(or merge.enabled=, merge.base=dequantized|original, merge.dtype=auto|fp32|bf16|fp16)"
+    )
+
+
 def explain_composition_error(err: Exception) -> str:
     """Turn Hydra's composition errors into one message that names the key and what was expected."""
     # Hydra sometimes raises without `from`: the OmegaConf error is then the context.
@@ -142,6 +159,12 @@ def explain_omegaconf_error(err: Exception) -> str:
         known = known_keys(parent)
         where = f"in '{parent}'" if parent else "at the top level"
         return f"Unknown config key '{key}'. Keys {where}: {', '.join(known)}"
+    if "is not a subclass of MergeConfig" in first_line:
+        # A recipe file's `merge: false`: the shell shorthand has no YAML counterpart.
+        return (
+            "merge is a group of keys in a recipe file: write `merge: {enabled: false}` "
+            "(keys: enabled, base, dtype)"
+        )
     return f"Invalid value for '{key}': {first_line}"
 
 

@@ -10,15 +10,22 @@ model). Every knob is in `config.py`; the trade-offs that matter most:
 - train.precision=bf16 (GPU) halves activation memory; fp32 is exact and is what the CPU runs.
 - train.head_lr gives the MoDE head its own learning rate (norms and router move slowly at the
   adapter's rate).
+- checkpoint.every_steps trades disk writes for lost work: a checkpoint holds everything needed to
+  continue bit for bit (weights, optimizer, schedule, RNG states, data position); `resume=auto`
+  continues from the newest one. Ctrl-C / SIGTERM finish the step and checkpoint first.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import random
+import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -27,15 +34,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from mode_cli import checkpoint as checkpoint_mod
 from mode_cli import data as data_mod
 from mode_cli import head as head_mod
 from mode_cli import model as model_mod
-from mode_cli.config import resolve_device, trains_adapter, validate
+from mode_cli.config import GPU_ONLY_OPTIMIZERS, resolve_device, trains_adapter, validate
 from mode_cli.data import IGNORE
 from mode_cli.errors import ModeError
 from mode_cli.head import MoDEHead
 from mode_cli.loss import IMPLEMENTATIONS, LossSums, LossWeights, final_only_loss
-from mode_cli.progress import TrainingProgress
+from mode_cli.progress import MetricsLog, TrainingProgress, print_summary
 from mode_cli.weighting import loss_weights
 
 console = Console(stderr=True)
@@ -95,7 +103,9 @@ def batch_loss(
     model, head: MoDEHead | None, batch: dict, weights: LossWeights, impl: str = "chunked"
 ) -> LossSums:
     """Summed loss of one micro-batch: decoder states, masked positions dropped, then the loss."""
-    states = model_mod.hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    states = model_mod.hidden_states(
+        model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
+    )
     # Position t predicts token t+1; keep only positions whose target is trained.
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
@@ -108,20 +118,73 @@ def batch_loss(
     return IMPLEMENTATIONS[impl](normed, routing, labels, lm_head, weights, logit_fn=logit_fn)
 
 
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    """Linear warmup to the peak, then cosine decay to `min_ratio` of it at the last step."""
+@dataclass
+class StepLoss:
+    """One optimizer step's loss, each term, and its token counts."""
+
+    loss: float  # summed over the step's micro-batches, divided by its target tokens
+    parts: dict[str, float]  # each loss term, normalised the same way
+    target_tokens: int
+    tokens: int  # attended tokens, for tokens/s
+
+
+def accumulate_gradients(
+    model,
+    head: MoDEHead | None,
+    micro: list[dict],
+    weights: LossWeights,
+    impl: str = "chunked",
+    autocast=nullcontext,
+) -> StepLoss:
+    """Forward and backward over the micro-batches of one optimizer step.
+
+    Each micro-batch's summed loss is divided by the target tokens of the whole step (not of the
+    micro-batch), so the gradients add up to those of one batch holding every example, however
+    the step is split into micro-batches.
+    """
+    step_tokens = sum(data_mod.target_count(b) for b in micro)
+    total, parts, tokens = 0.0, {}, 0
+    for batch in micro:
+        with autocast():
+            sums = batch_loss(model, head, batch, weights, impl)
+        (sums.total / step_tokens).backward()
+        total += sums.total.item()
+        for key, value in sums.parts.items():
+            parts[key] = parts.get(key, 0.0) + value
+        tokens += int(batch["attention_mask"].sum())
+    return StepLoss(
+        loss=total / step_tokens,
+        parts={key: value / step_tokens for key, value in parts.items()},
+        target_tokens=step_tokens,
+        tokens=tokens,
+    )
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float, schedule: str = "cosine"):
+    """The LR factor of scheduler step `step` (0-based): linear warmup to the peak over `warmup`
+    steps, then `cosine` or `linear` decay reaching `min_ratio` at the last step, or `constant`."""
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+        if schedule == "linear":
+            return min_ratio + (1 - min_ratio) * (1 - progress)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
 
 
-def make_optimizer(cfg: DictConfig, model, head: MoDEHead | None) -> torch.optim.Optimizer:
-    """AdamW over the adapter and the MoDE head, each with its own learning rate."""
+def make_optimizer(
+    cfg: DictConfig, model, head: MoDEHead | None, device: str = "cpu"
+) -> torch.optim.Optimizer:
+    """AdamW over the adapter and the MoDE head, each with its own learning rate.
+
+    bitsandbytes' 8-bit AdamW (plain or paged) runs on CUDA only; on the CPU it is refused by
+    `validate`, or replaced by torch AdamW when `train.optimizer_fallback` is set.
+    """
     groups = [
         {
             "params": [p for p in model.parameters() if p.requires_grad],
@@ -138,15 +201,104 @@ def make_optimizer(cfg: DictConfig, model, head: MoDEHead | None) -> torch.optim
             }
         )
     groups = [group for group in groups if group["params"]]  # mode-only has no adapter
-    if cfg.train.optimizer == "adamw":
+    name = cfg.train.optimizer
+    if name in GPU_ONLY_OPTIMIZERS and device != "cuda":
+        if not cfg.train.optimizer_fallback:
+            raise ModeError(
+                f"train.optimizer={name} needs a CUDA GPU (bitsandbytes' 8-bit optimizers); set "
+                "train.optimizer=adamw, or train.optimizer_fallback=true to run it as AdamW"
+            )
+        console.print(f"note: train.optimizer={name} needs CUDA; using torch AdamW on the {device}")
+        name = "adamw"
+    if name == "adamw":
         return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
     import bitsandbytes as bnb
 
     optimizer_class = {
         "adamw_8bit": bnb.optim.AdamW8bit,
         "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-    }[cfg.train.optimizer]
+    }[name]
     return optimizer_class(groups, betas=(0.9, 0.999), eps=1e-8)
+
+
+class BatchStream:
+    """Collated micro-batches, epoch after epoch, in the order fixed by the seed.
+
+    `position` (epoch, index of the next micro-batch in that epoch) is all a checkpoint needs to
+    restart the stream exactly where it was: each epoch's order is a pure function of the seed.
+    """
+
+    def __init__(
+        self, examples, batch_size: int, seed: int, pad_id: int, epoch: int = 0, index: int = 0
+    ) -> None:
+        self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.epoch, self.index = epoch, index
+        self._order_epoch, self._order = -1, []
+
+    def epoch_batches(self) -> list:
+        if self._order_epoch != self.epoch:
+            self._order = data_mod.batches(self.examples, self.batch_size, self.seed, self.epoch)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def next(self) -> dict:
+        if self.index >= len(self.epoch_batches()):
+            self.epoch, self.index = self.epoch + 1, 0
+        examples = self.epoch_batches()[self.index]
+        self.index += 1
+        return data_mod.collate(examples, self.pad_id)
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    @property
+    def epochs_done(self) -> float:
+        return self.epoch + self.index / max(1, len(self.epoch_batches()))
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training after a step and a checkpoint; the CLI exits with
+    `exit_code` (130 for SIGINT, 143 for SIGTERM) and prints the message (how to resume)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignals:
+    """While the loop runs, SIGINT and SIGTERM ask it to stop after the current step; a second
+    Ctrl-C interrupts at once. The previous handlers come back on exit."""
+
+    EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        # Python delivers signals to the main thread only; elsewhere leave handling as it is.
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.EXIT_CODES:
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        console.print(
+            f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+            "(Ctrl-C again stops at once, without one)"
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return self.EXIT_CODES[self.received]
 
 
 class FinetuneRecipe:
@@ -184,10 +336,15 @@ class FinetuneRecipe:
         else:
             self.model = model_mod.attach_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
         self.head = build_head(cfg, self.model, self.device)
-        self.optimizer = make_optimizer(cfg, self.model, self.head)
+        self.optimizer = make_optimizer(cfg, self.model, self.head, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lr_lambda(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio),
+            lr_lambda(
+                cfg.train.warmup_steps,
+                cfg.train.max_steps,
+                cfg.train.min_lr_ratio,
+                cfg.train.lr_schedule,
+            ),
         )
 
     def trainable_parameters(self) -> dict[str, int]:
@@ -196,16 +353,6 @@ class FinetuneRecipe:
         return {"adapter": adapter, "mode_head": head, "total": adapter + head}
 
     # ------------------------------------------------------------------ train
-
-    def micro_batches(self):
-        """Endless micro-batches, epoch after epoch, in an order fixed by the seed."""
-        epoch = 0
-        while True:
-            for examples in data_mod.batches(
-                self.train_set.examples, self.cfg.train.micro_batch_size, self.cfg.train.seed, epoch
-            ):
-                yield data_mod.collate(examples, self.tokenizer.pad_token_id)
-            epoch += 1
 
     def step_weights(self, step: int) -> LossWeights:
         """The loss terms' weights at this step (a layerwise curriculum changes them)."""
@@ -220,57 +367,347 @@ class FinetuneRecipe:
             return torch.autocast(device_type=self.device, dtype=torch.bfloat16)
         return nullcontext()
 
-    def train(self) -> None:
+    def train(self) -> bool:
+        """The loop, from the step after `self.state["step"]` to train.max_steps.
+
+        Returns True when the run reached train.max_steps, False when it stopped early
+        (train.stop_after_steps, train.max_minutes) with a checkpoint to resume from. Ctrl-C or
+        SIGTERM: the step finishes, a checkpoint is written, TrainingInterrupted is raised.
+        """
         cfg = self.cfg.train
         self.model.train()  # from_pretrained returns eval mode; dropout and bnb need train mode
         trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
-        batches = self.micro_batches()
-        start = time.perf_counter()
-        seen_tokens = 0
+        first = self.state["step"] + 1
+        self.started = time.perf_counter()
+        stopped_by = None
         with (
-            (self.out / "metrics.jsonl").open("a") as metrics_file,
-            TrainingProgress(cfg.max_steps, console, cfg.log_every) as progress,
+            MetricsLog(self.out, self.cfg.logger, self.resumed_step) as log,
+            TrainingProgress(cfg.max_steps, console, cfg.log_every, first - 1) as progress,
+            StopSignals() as signals,
         ):
-            for step in range(1, cfg.max_steps + 1):
-                micro = [self.to_device(next(batches)) for _ in range(cfg.grad_accum_steps)]
-                weights = self.step_weights(step)
-                # Normalise by the target tokens of the whole step, not per micro-batch.
-                step_tokens = sum(data_mod.target_count(b) for b in micro)
-                total, parts = 0.0, {}
-                for batch in micro:
-                    with self.autocast():
-                        sums = batch_loss(self.model, self.head, batch, weights, self.cfg.loss.impl)
-                    (sums.total / step_tokens).backward()
-                    total += sums.total.item()
-                    for key, value in sums.parts.items():
-                        parts[key] = parts.get(key, 0.0) + value
-                    seen_tokens += int(batch["attention_mask"].sum())
-                loss = total / step_tokens
-                if not math.isfinite(loss):
-                    raise ModeError(
-                        f"Loss became {loss} at step {step}: lower train.lr or check the data"
+            for step in range(first, cfg.max_steps + 1):
+                # What a checkpoint of step - 1 needs, before this step draws random numbers.
+                boundary = {"rng": checkpoint_mod.rng_state(), "position": self.stream.position}
+                try:
+                    record = self.train_step(step, trainable, boundary)
+                    if record is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                        log.write(record)
+                    if self.cfg.eval.every_steps and step % self.cfg.eval.every_steps == 0:
+                        result = self.evaluate_now()
+                        log.write({"step": step, "eval": result})
+                        progress.show_eval(step, result)
+                except torch.OutOfMemoryError:
+                    self.out_of_memory(step, boundary)
+                self.state["step"] = step
+                if record is not None:
+                    self.last_loss = record["loss"]
+                    progress.update(
+                        step,
+                        loss=record["loss"],
+                        lr=record["lr"],
+                        tokens_per_s=record["tokens_per_s"],
+                        epoch=self.stream.epochs_done,
+                        peak_memory_gb=self.peak_memory_gb(),
                     )
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or 1e9)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                lr = self.scheduler.get_last_lr()[0]
-                self.scheduler.step()
+                every = self.cfg.checkpoint.every_steps
+                if every and step % every == 0:
+                    self.save_checkpoint(step)
+                stopped_by = self.stop_reason(signals, step - first + 1)
+                if stopped_by:
+                    break
+        if self.checkpointed_step != self.state["step"]:
+            self.save_checkpoint(self.state["step"])
+        print_summary(console, self.summary(first))
+        if self.state["step"] == cfg.max_steps and signals.received is None:
+            return True
+        hint = (
+            f"resume with: mode train recipe={self.cfg.recipe} output_dir={self.out} resume=auto "
+            "(and this run's other overrides)"
+        )
+        console.print(
+            f"stopped at step {self.state['step']}/{cfg.max_steps} ({stopped_by}); checkpoint "
+            f"{self.last_checkpoint}",
+            soft_wrap=True,
+        )
+        if signals.received is not None:
+            raise TrainingInterrupted(hint, signals.exit_code)
+        console.print(hint, soft_wrap=True)
+        return False
 
-                elapsed = time.perf_counter() - start
-                record = {
-                    "step": step,
-                    "loss": loss,
-                    **{k: v / step_tokens for k, v in parts.items()},
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "target_tokens": step_tokens,
-                    "tokens_per_s": seen_tokens / elapsed,
-                    "elapsed_s": elapsed,
-                }
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                progress.update(step, loss=loss, lr=lr, tokens_per_s=record["tokens_per_s"])
+    def train_step(self, step: int, trainable: list, boundary: dict) -> dict | None:
+        """One optimizer step: forward/backward over its micro-batches, clip, update, schedule.
+
+        Returns the step's metrics record, or None for a non-finite step that was skipped."""
+        cfg = self.cfg.train
+        self.phase = "forward"
+        micro = [self.to_device(self.stream.next()) for _ in range(cfg.grad_accum_steps)]
+        result = accumulate_gradients(
+            self.model, self.head, micro, self.step_weights(step), self.cfg.loss.impl, self.autocast
+        )
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf))
+        finite = math.isfinite(result.loss) and math.isfinite(grad_norm)
+        if not finite and cfg.on_nonfinite == "stop":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.stop_on_nonfinite(step, result.loss, grad_norm, boundary)
+        if finite:
+            self.phase = "update"  # an OOM in here may leave a half-updated optimizer
+            self.optimizer.step()
+        else:
+            self.skipped_steps += 1
+            console.print(
+                f"step {step}: loss {result.loss}, gradient norm {grad_norm}: update skipped "
+                f"({self.skipped_steps} so far)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.phase = "done"
+        self.seen_tokens += result.tokens
+        if not finite:
+            return None
+        elapsed = self.elapsed()
+        return {
+            "step": step,
+            "loss": result.loss,
+            **result.parts,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "target_tokens": result.target_tokens,
+            "tokens_per_s": self.seen_tokens / max(elapsed, 1e-9),
+            "elapsed_s": elapsed,
+        }
+
+    def evaluate_now(self) -> dict:
+        """Eval-split losses of the final layer, each selected layer and the ensemble, and the
+        mean router weights (eval mode: no dropout, so the training RNG is not touched)."""
+        from mode_cli.report import layer_metrics
+
+        metrics = layer_metrics(
+            self.model,
+            self.head,
+            self.eval_set,
+            self.tokenizer,
+            self.device,
+            self.cfg.eval.batch_size,
+            self.cfg.eval.max_examples,
+        )
+        n = len(metrics["layers"])
+        selected = self.head.layers if self.head is not None else [n]
+        ensemble = metrics["ensemble"]["loss"] if metrics["ensemble"] is not None else None
+        result = {
+            "final": metrics["layers"][-1]["loss"],
+            "layers": {str(layer): metrics["layers"][layer - 1]["loss"] for layer in selected},
+            "ensemble": ensemble,
+            "router": {str(layer): w["mean"] for layer, w in metrics["router"].items()},
+            "examples": metrics["examples"],
+            "tokens": metrics["tokens"],
+        }
+        score = ensemble if ensemble is not None else result["final"]
+        if self.best_eval_loss is None or score < self.best_eval_loss:
+            self.best_eval_loss = score
+        return result
+
+    def stop_reason(self, signals: StopSignals, steps_done: int) -> str | None:
+        cfg = self.cfg.train
+        if signals.received is not None:
+            return signal.Signals(signals.received).name
+        if cfg.stop_after_steps and steps_done >= cfg.stop_after_steps:
+            return f"train.stop_after_steps={cfg.stop_after_steps}"
+        if cfg.max_minutes and time.perf_counter() - self.started >= cfg.max_minutes * 60:
+            return f"train.max_minutes={cfg.max_minutes}"
+        return None
+
+    def stop_on_nonfinite(self, step: int, loss: float, grad_norm: float, boundary: dict) -> None:
+        """Keep the state before this step as a checkpoint, then stop with a clear message."""
+        if step > 1 and self.checkpointed_step != step - 1:
+            self.save_checkpoint(step - 1, **boundary)
+        raise ModeError(
+            f"the loss became {loss} (gradient norm {grad_norm}) at step {step}. The model before "
+            f"that step is in {self.last_checkpoint or 'no checkpoint (it was the first step)'}. "
+            "Lower train.lr or check the data; or continue with resume=auto "
+            "train.on_nonfinite=skip to drop such steps"
+        )
+
+    def out_of_memory(self, step: int, boundary: dict) -> None:
+        """Free what the step held, keep a checkpoint when the state is whole, name the knobs."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        if self.phase == "forward" and step > 1 and self.checkpointed_step != step - 1:
+            # The step died before the optimizer touched anything: the state is step - 1's.
+            self.save_checkpoint(step - 1, **boundary)
+        elif self.phase == "done":  # the update went through; the eval after it ran out
+            self.state["step"] = step
+            self.save_checkpoint(step)
+        cfg = self.cfg
+        raise ModeError(
+            f"out of GPU memory at step {step}. Lower memory with train.micro_batch_size "
+            f"(now {cfg.train.micro_batch_size}; raise train.grad_accum_steps to keep the batch), "
+            f"data.max_seq_len (now {cfg.data.max_seq_len}) or "
+            f"train.gradient_checkpointing=true (now {str(cfg.train.gradient_checkpointing).lower()}"
+            "; a run can be resumed with it changed). Last checkpoint: "
+            f"{self.last_checkpoint or 'none'}"
+        ) from None
+
+    def peak_memory_gb(self) -> float | None:
+        return torch.cuda.max_memory_allocated() / 2**30 if self.device == "cuda" else None
+
+    def elapsed(self) -> float:
+        """Training seconds of the whole run, earlier invocations included."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def summary(self, first: int) -> dict:
+        last = self.state["step"]
+        return {
+            "steps": f"{first}-{last} of {self.cfg.train.max_steps}" if last >= first else "none",
+            "final loss": self.last_loss,
+            "best eval loss": self.best_eval_loss,
+            "tokens/s": self.seen_tokens / max(self.elapsed(), 1e-9),
+            "wall time (s)": self.elapsed(),
+            "skipped steps": self.skipped_steps,
+            "peak memory (GB)": self.peak_memory_gb(),
+            "checkpoints written": self.checkpoints_written,
+            "latest checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+        }
+
+    # ------------------------------------------------------------------ checkpoints and resume
+
+    def save_checkpoint(self, step: int, rng: dict | None = None, position: dict | None = None):
+        """The resumable state after `step`; `rng`/`position` default to the current ones."""
+        position = position or self.stream.position
+        state = {
+            "step": step,
+            "max_steps": self.cfg.train.max_steps,
+            **position,
+            "skipped_steps": self.skipped_steps,
+            "seen_tokens": self.seen_tokens,
+            "elapsed_s": self.elapsed(),
+            "best_eval_loss": self.best_eval_loss,
+            "last_loss": self.last_loss,
+            "data": self.data_identity(),
+        }
+        self.last_checkpoint = checkpoint_mod.save_checkpoint(
+            self.out,
+            model=self.model,
+            head=self.head,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            rng=rng or checkpoint_mod.rng_state(),
+            state=state,
+            cfg=self.cfg,
+            keep=self.cfg.checkpoint.keep,
+        )
+        self.checkpointed_step = step
+        self.checkpoints_written += 1
+
+    def data_identity(self) -> dict:
+        """The training examples' count and a digest of their tokens: a resume must see the same."""
+        if self._data_identity is None:
+            digest = hashlib.sha256()
+            for example in self.train_set.examples:
+                digest.update(np.asarray(example.input_ids, dtype=np.int64).tobytes())
+                digest.update(np.asarray(example.labels, dtype=np.int64).tobytes())
+            self._data_identity = {
+                "train_examples": len(self.train_set.examples),
+                "sha256": digest.hexdigest()[:16],
+            }
+        return self._data_identity
+
+    def find_checkpoint(self) -> Path | None:
+        """The checkpoint `resume=` asks for, checked against this recipe; None: a new run."""
+        resume = self.cfg.resume
+        if resume is None:
+            return None
+        if resume == "auto" and self.cfg.output_dir is None:
+            raise ModeError("resume=auto needs output_dir=DIR: the run folder to continue")
+        if resume != "auto" and self.cfg.output_dir is None:
+            # resume=PATH alone continues that run in its own folder.
+            self.out = checkpoint_mod.resolve_resume(resume, self.out).parent.parent
+        path = checkpoint_mod.resolve_resume(resume, self.out)
+        if path is None:
+            if (self.out / "config.yaml").exists():
+                raise ModeError(
+                    f"resume=auto: {self.out} holds a run but no complete checkpoint under "
+                    f"{self.out / checkpoint_mod.CHECKPOINTS}, so it cannot be continued; start "
+                    "again in another output_dir (nothing was changed)"
+                )
+            console.print(
+                f"resume=auto: no run in {self.out} yet, starting a new one", soft_wrap=True
+            )
+            return None
+        checkpoint_mod.check_compatible(path, self.cfg)
+        return path
+
+    def reset_counters(self) -> None:
+        self.state = {"step": 0}
+        self.resumed_step: int | None = None
+        self.skipped_steps = 0
+        self.seen_tokens = 0
+        self.elapsed_before = 0.0
+        self.best_eval_loss: float | None = None
+        self.last_loss: float | None = None
+        self.last_checkpoint: Path | None = None
+        self.checkpointed_step = -1
+        self.checkpoints_written = 0
+        self.phase = "done"
+        self._data_identity: dict | None = None
+
+    def new_stream(self, epoch: int = 0, index: int = 0) -> BatchStream:
+        cfg = self.cfg.train
+        return BatchStream(
+            self.train_set.examples,
+            cfg.micro_batch_size,
+            cfg.seed,
+            self.tokenizer.pad_token_id,
+            epoch,
+            index,
+        )
+
+    def start_new_run(self) -> None:
+        self.reset_counters()
+        self.stream = self.new_stream()
+        # The run folder appears only once everything a user can get wrong has been checked.
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+
+    def resume_from(self, path: Path) -> None:
+        """Weights, optimizer, schedule, counters, data position and, last, the RNG states."""
+        self.reset_counters()
+        state, rng = checkpoint_mod.load_checkpoint(
+            path,
+            model=self.model,
+            head=self.head,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+        )
+        if state["data"] != self.data_identity():
+            raise ModeError(
+                f"cannot resume from {path}: the training data differ from the checkpoint's "
+                f"({state['data']} there, {self.data_identity()} now)"
+            )
+        self.out.mkdir(parents=True, exist_ok=True)
+        source = path.parent.parent
+        if not (self.out / "config.yaml").exists():
+            # A checkpoint of another run folder, continued here: start from its history.
+            (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            if (source / "metrics.jsonl").is_file():
+                shutil.copyfile(source / "metrics.jsonl", self.out / "metrics.jsonl")
+        self.state = {"step": state["step"]}
+        self.resumed_step = state["step"]
+        self.checkpointed_step = state["step"]
+        self.last_checkpoint = path
+        self.skipped_steps = state["skipped_steps"]
+        self.seen_tokens = state["seen_tokens"]
+        self.elapsed_before = state["elapsed_s"]
+        self.best_eval_loss = state["best_eval_loss"]
+        self.last_loss = state["last_loss"]
+        self.stream = self.new_stream(state["epoch"], state["index"])
+        console.print(
+            f"resuming from {path} (step {state['step']}/{self.cfg.train.max_steps})",
+            soft_wrap=True,
+        )
+        # Last: nothing may draw random numbers between here and the first resumed step.
+        checkpoint_mod.set_rng_state(rng)
 
     # ------------------------------------------------------------------ outputs
 
@@ -285,48 +722,74 @@ class FinetuneRecipe:
             save_head(self.head, self.out)
 
     def report(self) -> dict:
-        from mode_cli.report import evaluate, print_report, write_report
+        """The eval report (per-layer metrics, answer accuracy) into `<out>/eval/<time>/`."""
+        from mode_cli.answers import answer_rows, evaluate_answers
+        from mode_cli.report import EVAL_FOLDER, evaluate, print_report, save_report
 
+        answers = None
+        try:
+            rows = answer_rows(self.cfg, auto=False)
+        except ModeError as err:
+            # The adapter is saved already: report without answers rather than stop here.
+            console.print(f"[yellow]no answer accuracy:[/yellow] {err}")
+            rows = None
+        if rows:
+            answers = evaluate_answers(
+                self.cfg, self.model, self.head, self.tokenizer, self.device, rows
+            )
         report = evaluate(
-            self.cfg, self.model, self.head, self.eval_set, self.tokenizer, self.device
+            self.cfg,
+            self.model,
+            self.head,
+            self.eval_set,
+            self.tokenizer,
+            self.device,
+            source={"kind": "run", "checkpoint": str(self.out)},
+            answers=answers,
         )
-        write_report(report, self.out)
+        parent = Path(self.cfg.eval.output_dir or self.out / EVAL_FOLDER)
+        folder = save_report(report, parent)
         print_report(report, console)
+        console.print(f"report: {folder}")
         return report
 
     def merge(self) -> Path:
         from mode_cli.artifacts import save_merged
 
-        # Free the training model first: the merge reloads and dequantizes the base.
+        # Free the training model first: the merge reloads the base (merge.base).
         del self.model, self.optimizer
         if self.device == "cuda":
             torch.cuda.empty_cache()
         return save_merged(self.cfg, self.source, self.out, self.device)
 
     def run(self) -> Path:
-        if (self.out / "config.yaml").exists():
+        checkpoint = self.find_checkpoint()
+        if checkpoint is None and (self.out / "config.yaml").exists():
             raise ModeError(
-                f"{self.out} already holds a run; pick another output_dir (nothing was changed)"
+                f"{self.out} already holds a run; pick another output_dir (nothing was changed), "
+                "or continue it with resume=auto"
             )
         console.print(f"[bold]mode train[/bold] {self.cfg.recipe} -> {self.out}")
         self.setup_data()
         self.setup_model()
-        # The run folder appears only once everything a user can get wrong has been checked.
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        if checkpoint is None:
+            self.start_new_run()
+        else:
+            self.resume_from(checkpoint)
         counts = self.trainable_parameters()
         console.print(
             f"{len(self.train_set.examples)} train / {len(self.eval_set.examples)} eval examples; "
             f"trainable parameters: {counts['adapter']:,} adapter + {counts['mode_head']:,} "
             f"MoDE head; device {self.device}"
         )
-        self.train()
+        if not self.train():
+            return self.out  # stopped early, with a checkpoint to resume from
         self.save()
         self.report()
-        if self.cfg.merge and trains_adapter(self.cfg):
+        if self.cfg.merge.enabled and trains_adapter(self.cfg):
             merged = self.merge()
-            console.print(f"merged model: {merged}")
-        elif self.cfg.merge:
+            console.print(f"merged model ({self.cfg.merge.base} base): {merged}")
+        elif self.cfg.merge.enabled:
             console.print(
                 "no merged model: loss=mode-only trains no adapter, the base is unchanged"
             )
@@ -343,13 +806,7 @@ def dry_run(cfg: DictConfig) -> dict:
     counts = count_trainable(recipe)
     show_example(recipe.tokenizer, recipe.train_set.examples[0])
     for name, split in (("train", recipe.train_set), ("eval", recipe.eval_set)):
-        stats = split.stats
-        console.print(
-            f"{name}: {len(split.examples):,} examples from {stats.rows:,} rows, "
-            f"{stats.tokens:,} tokens ({stats.trained_tokens:,} trained); "
-            f"{stats.truncated} truncated at data.max_seq_len={cfg.data.max_seq_len}, "
-            f"{stats.dropped_empty} dropped with no response left, {len(stats.skipped)} bad rows skipped"
-        )
+        console.print(f"{name}: {split.stats.describe(cfg.data.max_seq_len)}")
     console.print(
         f"trainable parameters: {counts['adapter']:,} adapter + {counts['mode_head']:,} MoDE head "
         f"= {counts['total']:,}"

@@ -169,7 +169,7 @@ def test_split_with_every_response_cut_is_an_error(tokenizer, tmp_path):
 
     message = str(err.value)
     assert message.startswith("The train split has no example with a trained token (4 rows, ")
-    assert "4 lost their whole response to data.max_seq_len=16" in message
+    assert "4 lost their whole response to truncation at data.max_seq_len=16" in message
     assert "raise data.max_seq_len" in message
 
 

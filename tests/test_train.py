@@ -8,6 +8,13 @@ import pytest
 from helpers import train_tiny
 from safetensors.torch import load_file
 
+from mode_cli.report import latest_report
+
+
+def first_report(run):
+    """The run's end-of-training report (later `mode eval` reports sort after it)."""
+    return sorted((run / "eval").glob("*/report.json"))[0]
+
 
 def records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -19,8 +26,6 @@ def test_a_run_writes_every_output(tiny_run):
         "metrics.jsonl",
         "mode_head.safetensors",
         "mode_head.json",
-        "report.json",
-        "report.md",
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",
         "adapter/tokenizer.json",
@@ -29,6 +34,10 @@ def test_a_run_writes_every_output(tiny_run):
         "merged/tokenizer.json",
     ):
         assert (tiny_run / name).is_file(), name
+    # The end-of-training report: the first folder under eval/.
+    report_dir = first_report(tiny_run).parent
+    for name in ("report.json", "report.md", "layers.png"):
+        assert (report_dir / name).is_file(), name
     steps = records(tiny_run)
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
     for record in steps:
@@ -48,8 +57,8 @@ def test_a_run_writes_every_output(tiny_run):
 
 
 def test_the_report_has_one_entry_per_layer_plus_the_ensemble(tiny_run):
-    report = json.loads((tiny_run / "report.json").read_text())
-    assert report["schema"] == {"name": "mode-report", "version": 1}
+    report = json.loads(first_report(tiny_run).read_text())
+    assert report["schema"] == {"name": "mode-report", "version": 2}
     assert [row["layer"] for row in report["layers"]] == [1, 2, 3, 4]
     assert [row["selected"] for row in report["layers"]] == [False, True, True, True]
     for row in report["layers"]:
@@ -61,15 +70,15 @@ def test_the_report_has_one_entry_per_layer_plus_the_ensemble(tiny_run):
     weights = [row["router_weight"]["mean"] for row in report["layers"] if row["selected"]]
     assert sum(weights) == pytest.approx(1.0, abs=1e-6)
     assert report["layers"][0]["router_weight"] is None
-    markdown = (tiny_run / "report.md").read_text()
+    markdown = (first_report(tiny_run).parent / "report.md").read_text()
     assert "| ensemble |" in markdown and "| 4 * (final) |" in markdown
 
 
 def test_mode_eval_reproduces_the_training_report(tiny_run, mode, tmp_path):
-    before = json.loads((tiny_run / "report.json").read_text())
-    code, _, err = mode("eval", f"checkpoint={tiny_run}")
+    before = json.loads(first_report(tiny_run).read_text())
+    code, _, err = mode("eval", f"checkpoint={tiny_run}", "eval.answers=off")
     assert code == 0, err
-    after = json.loads((tiny_run / "report.json").read_text())
+    after = json.loads(latest_report(tiny_run).read_text())
     assert "ensemble" in err and "final layer eval loss" in err
     for old, new in zip(before["layers"], after["layers"], strict=True):
         assert new["tuned"]["loss"] == pytest.approx(old["tuned"]["loss"], rel=1e-5)
@@ -99,7 +108,7 @@ def test_final_only_is_plain_qlora_without_a_head(mode, tmp_path):
     out = tmp_path / "final"
     train_tiny(mode, out, "loss=final-only", "train.max_steps=3")
     assert not (out / "mode_head.safetensors").exists()
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads(latest_report(out).read_text())
     assert report["ensemble"] is None and report["selected_layers"] == []
     assert {"ce_final", "loss"} <= records(out)[0].keys()
     code, _, err = mode("eval", f"checkpoint={out}", "eval.compare_base=false")
@@ -154,7 +163,7 @@ def test_the_packaged_smollm2_trains_in_4_bits(mode, tmp_path, smollm2_conversio
         "data.max_eval_examples=4",
     )
     assert code == 0, err
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads(latest_report(out).read_text())
     assert report["num_layers"] == 30 and report["selected_layers"] == [28, 29, 30]
     final = report["layers"][-1]
     # The logit lens of a real model: the final layer predicts far better than early layers.

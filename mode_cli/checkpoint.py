@@ -1,0 +1,295 @@
+"""Resumable training state: what a checkpoint holds, writing it atomically, finding and loading it.
+
+<output_dir>/checkpoints/step-000010/
+  adapter.safetensors    the trainable adapter parameters, by their names in the peft model
+  mode_head.safetensors  the MoDE head's state dict
+  optimizer.pt           optimizer state (tensors and numbers only: loads with weights_only=True)
+  scheduler.pt           LR scheduler state
+  rng.pt                 python, numpy, torch and CUDA RNG states, as tensors
+  config.yaml            the resolved recipe the checkpoint was trained with
+  trainer_state.json     step, data position (epoch, micro-batch index), counters, elapsed time
+  COMPLETE               written last
+
+A checkpoint is staged in a hidden sibling folder and renamed into place, so a process killed
+mid-write leaves the previous checkpoints untouched and no folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from contextlib import suppress
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors.torch import load_file, save_file
+
+from mode_cli.config import RecipeConfig
+from mode_cli.errors import ModeError
+from mode_cli.files import staged_folder
+
+CHECKPOINTS = "checkpoints"
+COMPLETE = "COMPLETE"
+STATE = "trainer_state.json"
+_NAME = re.compile(r"^step-(\d+)$")
+
+# Keys that may change between a checkpoint and the run that resumes it: where and how long this
+# invocation runs, how often it logs, evaluates and checkpoints, and what happens after training.
+RESUMABLE_CHANGES = (
+    "recipe",
+    "output_dir",
+    "resume",
+    "logger",
+    "merge",
+    "merge.",
+    "eval.",
+    "checkpoint.",
+    "train.stop_after_steps",
+    "train.max_minutes",
+    "train.log_every",
+    "train.threads",
+    "train.on_nonfinite",
+    "train.gradient_checkpointing",  # the same gradients for less memory (what an OOM asks for)
+    "data.max_eval_examples",
+)
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / CHECKPOINTS / f"step-{step:06d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file() and (path / STATE).is_file()
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoints of a run folder, oldest first."""
+    folder = out / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = [
+        (int(match.group(1)), path)
+        for path in folder.iterdir()
+        if (match := _NAME.match(path.name)) and is_complete(path)
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = complete_checkpoints(out)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str, out: Path) -> Path | None:
+    """The checkpoint `resume=` names: `auto` (the newest in `out`, None when there is none), a
+    checkpoint folder, or a run folder (its newest checkpoint)."""
+    if resume == "auto":
+        return latest_checkpoint(out)
+    path = Path(resume)
+    if is_complete(path):
+        return path
+    if (path / CHECKPOINTS).is_dir() or (path / "config.yaml").is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise ModeError(f"resume={resume}: {path} holds no complete checkpoint")
+        return latest
+    if path.exists():
+        raise ModeError(
+            f"resume={resume}: {path} is neither a complete checkpoint (no {COMPLETE} marker) nor a "
+            "run folder"
+        )
+    raise ModeError(f"resume={resume}: {path} not found")
+
+
+# ---------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict:
+    """Every RNG the training step draws from, as tensors and numbers (weights_only-loadable)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {
+            "version": version,
+            "state": torch.tensor(mt, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["kind"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The parameters the optimizer trains (the adapter's), by name."""
+    return {
+        name: param.detach().contiguous().cpu()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def save_checkpoint(
+    out: Path,
+    *,
+    model,
+    head,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    rng: dict,
+    state: dict,
+    cfg: DictConfig,
+    keep: int,
+) -> Path:
+    """Write the checkpoint of step `state["step"]` atomically, then keep only the newest `keep`.
+
+    `rng` is the RNG state at the step boundary the checkpoint stands for (taken by the caller
+    before the next step draws from it).
+    """
+    target = checkpoint_dir(out, state["step"])
+    with staged_folder(target, replace=True) as staging:
+        write_contents(staging, model, head, optimizer, scheduler, rng, state, cfg)
+    prune(out, keep)
+    return target
+
+
+def write_contents(staging: Path, model, head, optimizer, scheduler, rng, state, cfg) -> None:
+    adapter = trainable_state(model)
+    if adapter:
+        save_file(adapter, str(staging / "adapter.safetensors"))
+    if head is not None:
+        head_state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+        save_file(head_state, str(staging / "mode_head.safetensors"))
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    torch.save(rng, staging / "rng.pt")
+    (staging / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (staging / STATE).write_text(json.dumps(state, indent=2) + "\n")
+    (staging / COMPLETE).write_text("")
+
+
+def prune(out: Path, keep: int) -> None:
+    """Drop all but the newest `keep` complete checkpoints, and staging folders left behind by a
+    process killed mid-write (one run folder has one writer at a time)."""
+    for old in complete_checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for leftover in (out / CHECKPOINTS).glob(".step-*.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / STATE).read_text())
+
+
+def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
+    """`key: saved -> current` for every setting that differs and that a resume must keep."""
+    old = flatten(OmegaConf.to_container(saved, resolve=True))
+    new = flatten(OmegaConf.to_container(current, resolve=True))
+    lines = []
+    for key in sorted(old.keys() | new.keys()):
+        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
+            continue
+        if old.get(key) != new.get(key):
+            lines.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return lines
+
+
+def flatten(tree: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(tree, dict):
+        flat: dict[str, object] = {}
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def check_compatible(path: Path, cfg: DictConfig) -> None:
+    """Refuse a checkpoint trained with another recipe (model, data, layers, loss, schedule...)."""
+    saved = OmegaConf.load(path / "config.yaml")
+    # Keys added to the schema since the checkpoint was written take their defaults (with keys
+    # since removed, the merge fails and the file is compared as it is).
+    with suppress(OmegaConfBaseException):
+        saved = OmegaConf.merge(OmegaConf.structured(RecipeConfig), saved)
+    differences = config_differences(saved, cfg)
+    if differences:
+        raise ModeError(
+            f"cannot resume from {path}: it was trained with another recipe. Settings that "
+            "differ (checkpoint -> now):\n"
+            + "\n".join(f"  - {line}" for line in differences)
+            + "\nresume with the checkpoint's settings, or start a new run in another output_dir"
+        )
+
+
+def load_checkpoint(path: Path, *, model, head, optimizer, scheduler) -> tuple[dict, dict]:
+    """Load weights, optimizer and scheduler state in place; return (trainer state, RNG state).
+
+    The RNG state is returned rather than applied so that the caller sets it last, after anything
+    else that draws random numbers during setup.
+    """
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapter_file = path / "adapter.safetensors"
+    adapter = load_file(str(adapter_file)) if adapter_file.is_file() else {}
+    if set(adapter) != expected:
+        missing, extra = sorted(expected - set(adapter)), sorted(set(adapter) - expected)
+        raise ModeError(
+            f"cannot resume from {path}: its adapter does not match this model "
+            f"({len(missing)} parameters missing, e.g. {missing[:2]}; {len(extra)} unexpected, "
+            f"e.g. {extra[:2]})"
+        )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in adapter:
+                if param.shape != adapter[name].shape:
+                    raise ModeError(
+                        f"cannot resume from {path}: {name} has shape "
+                        f"{tuple(adapter[name].shape)} there, {tuple(param.shape)} here"
+                    )
+                param.copy_(adapter[name])
+    head_file = path / "mode_head.safetensors"
+    if (head is not None) != head_file.is_file():
+        raise ModeError(f"cannot resume from {path}: the MoDE head does not match this recipe")
+    if head is not None:
+        try:
+            head.load_state_dict(load_file(str(head_file)))
+        except RuntimeError as err:
+            raise ModeError(f"cannot resume from {path}: MoDE head mismatch: {err}") from None
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    return read_state(path), rng

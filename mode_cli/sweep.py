@@ -1,0 +1,455 @@
+"""`mode train -m`: a sweep over override values, run one after another, then a comparison table.
+
+    mode train -m recipe=tiny-llama-alpaca loss=mode,final-only train.lr=1e-4,2e-4
+
+Sweep values use Hydra's override grammar: `key=a,b`, `key=range(1,4)`, `key=choice(a,b)`, and
+`group=glob(last*)` for config groups (`recipe=` can be swept too). The runs are the product of
+the swept values, the first swept key varying slowest (as in Hydra's basic sweeper). Every
+combination is composed and validated before the first one starts, so a typo in the last value
+fails at once. The runs go one after another in this process, each in its own folder
+`<sweep_dir>/<index>-<swept values>/`, where sweep_dir is `output_dir` when given, else
+`outputs/<recipe>/<time>-sweep/`.
+
+A run that stops on a user error (ModeError) is recorded as failed and the sweep goes on; the
+command exits non-zero at the end if any run failed. Ctrl-C stops the sweep. After each run the
+sweep folder's `sweep.json` and `sweep.md` are rewritten, so a stopped sweep keeps the results
+it has: per run the overrides, the final train loss, the eval loss of each head (final layer,
+ensemble, each other selected layer), the wall time and the status.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, ValueType
+from hydra.errors import HydraException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from mode_cli.errors import ModeError
+
+SCHEMA = {"name": "mode-sweep", "version": 1}
+SUMMARY_JSON = "sweep.json"
+SUMMARY_MD = "sweep.md"
+# Run folder names stay within characters that need no quoting in a shell or a Hydra override.
+_UNSAFE = re.compile(r"[^A-Za-z0-9.+-]+")
+MAX_NAME = 80
+
+
+@dataclass
+class SweepRun:
+    """One combination of the sweep: its overrides, its folder, and what it produced."""
+
+    index: int
+    recipe: str
+    overrides: list[str]
+    swept: dict[str, str]
+    out: Path
+    cfg: DictConfig | None = None
+    status: str = "pending"
+    error: str | None = None
+    wall_s: float | None = None
+    train_loss: float | None = None
+    eval_loss: dict = field(default_factory=dict)
+
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.swept.items()) or "(no swept keys)"
+
+    def to_json(self) -> dict:
+        return {
+            "index": self.index,
+            "dir": str(self.out),
+            "recipe": self.recipe,
+            "overrides": self.overrides,
+            "swept": self.swept,
+            "status": self.status,
+            "error": self.error,
+            "wall_s": self.wall_s,
+            "final_train_loss": self.train_loss,
+            "eval_loss": self.eval_loss,
+        }
+
+
+@dataclass
+class Sweep:
+    """The whole sweep: where it writes, what was asked for, and its runs in order."""
+
+    directory: Path
+    overrides: list[str]
+    swept_keys: list[str]
+    runs: list[SweepRun]
+
+
+# ---------------------------------------------------------------------------- expanding
+
+
+def parse_overrides(overrides: list[str]) -> list[Override]:
+    """The overrides parsed by Hydra's own grammar (what `compose` would parse)."""
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as err:
+        message = str(err).split("\nSee https://")[0].strip()
+        raise ModeError(f"Could not parse an override: {message}") from None
+
+
+def override_values(override: Override, recipes_dir: Path | None = None) -> list[tuple[str, str]]:
+    """Every `(key, value)` one override stands for: one pair, or one per swept value.
+
+    Values are in override syntax (quoted or escaped as needed), ready to be joined by `=`;
+    `recipe` and `output_dir`, which `mode` reads itself, get their plain value.
+    """
+    key = override.get_key_element()
+    plain = override.key_or_group in ("recipe", "output_dir")
+    if not override.is_sweep_override():
+        value = override.value() if plain else override.get_value_element_as_str()
+        return [(key, str(value))]
+    if override.key_or_group == "output_dir":
+        raise ModeError("output_dir cannot be swept: it is the sweep's folder (one value)")
+    if override.value_type == ValueType.INTERVAL_SWEEP:
+        raise ModeError(
+            f"{override.input_line}: interval() has no fixed values to run; list them "
+            f"instead ({key}=a,b,c or {key}=range(start,stop,step))"
+        )
+    if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+        options = group_options(override.key_or_group, recipes_dir)
+        values = override.value().filter(options)
+        if not values:
+            raise ModeError(
+                f"{override.input_line} matches no option of group '{override.key_or_group}' "
+                f"(options: {', '.join(options) or 'none'})"
+            )
+        return [(key, value) for value in values]
+    try:
+        if plain:
+            return [(key, str(value)) for value in override.sweep_iterator()]
+        return [(key, value) for value in override.sweep_string_iterator()]
+    except HydraException as err:
+        raise ModeError(f"{override.input_line}: {err}") from None
+
+
+def group_options(group: str, recipes_dir: Path | None = None) -> list[str]:
+    """Options of a config group (or the recipes, for `recipe`) that a glob sweep can match."""
+    from mode_cli.recipes import recipe_files, shipped_recipes_dir
+
+    folders = [shipped_recipes_dir()] + ([recipes_dir] if recipes_dir is not None else [])
+    if group == "recipe":
+        return sorted({name for folder in folders for name in recipe_files(folder)})
+    return sorted({p.stem for folder in folders for p in (folder / group).glob("*.yaml")})
+
+
+def expand(
+    overrides: list[str], recipes_dir: Path | None = None
+) -> tuple[list[list[tuple[str, str]]], list[str]]:
+    """(every combination as a list of (key, value) pairs, the swept keys), in Hydra's order."""
+    choices: list[list[tuple[str, str]]] = []
+    swept: list[str] = []
+    for override in parse_overrides(overrides):
+        values = override_values(override, recipes_dir)
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            if key in swept:
+                raise ModeError(f"{key} is swept twice: give all its values in one override")
+            swept.append(key)
+        choices.append(values)
+    return [list(combo) for combo in itertools.product(*choices)], swept
+
+
+def run_name(index: int, swept: dict[str, str], width: int) -> str:
+    """`03-loss-final-only_train.lr-0.0002`: the index, then the swept values, shell-safe."""
+    parts = []
+    for key, value in swept.items():
+        key = _UNSAFE.sub("-", key.lstrip("+~").replace("/", ".")).strip("-")
+        parts.append(f"{key}-{_UNSAFE.sub('-', value).strip('-')}")
+    name = "_".join(parts)[:MAX_NAME].rstrip("-_")
+    prefix = f"{index:0{width}d}"
+    return f"{prefix}-{name}" if name else prefix
+
+
+def default_sweep_dir(recipes: set[str], now: datetime | None = None) -> Path:
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    name = Path(next(iter(recipes))).stem if len(recipes) == 1 else "sweep"
+    return Path("outputs") / name / f"{stamp}-sweep"
+
+
+def plan_sweep(
+    overrides: list[str], recipes_dir: Path | None = None, *, check_hardware: bool = True
+) -> Sweep:
+    """Expand the sweep, then compose and validate every combination; one error lists them all."""
+    from mode_cli.config import validate
+    from mode_cli.recipes import compose_recipe
+
+    combos, swept_keys = expand(overrides, recipes_dir)
+    output_dirs = {v for combo in combos for k, v in combo if k == "output_dir"}
+    recipes = {v for combo in combos for k, v in combo if k == "recipe"}
+    if not recipes or any(not any(k == "recipe" for k, _ in c) for c in combos):
+        raise ModeError("mode train needs recipe=NAME (`mode recipes` lists them)")
+    directory = Path(output_dirs.pop()) if output_dirs else default_sweep_dir(recipes)
+    width = len(str(len(combos) - 1))
+    runs: list[SweepRun] = []
+    # One line per distinct problem: a bad value shared by several combinations is named once.
+    problems: dict[str, list[SweepRun]] = {}
+    for index, combo in enumerate(combos):
+        swept = {k: v for k, v in combo if k in swept_keys}
+        recipe = next(v for k, v in combo if k == "recipe")
+        rest = [f"{k}={v}" for k, v in combo if k not in ("recipe", "output_dir")]
+        run = SweepRun(index, recipe, rest, swept, directory / run_name(index, swept, width))
+        try:
+            cfg = compose_recipe(recipe, rest, recipes_dir)
+            cfg.output_dir = str(run.out)
+            validate(cfg, check_hardware=check_hardware)
+        except ModeError as err:
+            problems.setdefault(str(err), []).append(run)
+            continue
+        run.cfg = cfg
+        runs.append(run)
+    if problems:
+        invalid = sum(len(bad) for bad in problems.values())
+        lines = [
+            f"run {bad[0].index} ({bad[0].label()}): {message}"
+            if len(bad) == 1
+            else f"runs {', '.join(str(run.index) for run in bad)}: {message}"
+            for message, bad in problems.items()
+        ]
+        raise ModeError(
+            f"The sweep was not started: {invalid} of {len(combos)} combinations are invalid:\n"
+            + "\n".join(lines)
+        )
+    # Rewriting an existing sweep's table would lose it, unless its runs are being continued.
+    resuming = all(OmegaConf.select(run.cfg, "resume") for run in runs)
+    if (directory / SUMMARY_JSON).exists() and not resuming:
+        raise ModeError(
+            f"{directory} already holds a sweep ({SUMMARY_JSON}); pick another output_dir, or "
+            "continue its runs with resume=auto (nothing was changed)"
+        )
+    return Sweep(directory, list(overrides), swept_keys, runs)
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def run_sweep(sweep: Sweep, console: Console, out: Console) -> int:
+    """Run every combination in order; the number of runs that failed.
+
+    The summary files are rewritten after each run; the table is printed on `out` at the end,
+    also when the sweep is interrupted.
+    """
+    from mode_cli.train import FinetuneRecipe
+
+    sweep.directory.mkdir(parents=True, exist_ok=True)
+    write_summary(sweep)
+    try:
+        for run in sweep.runs:
+            console.print(
+                f"[bold]sweep run {run.index + 1}/{len(sweep.runs)}[/bold] {run.label()} "
+                f"-> {run.out}"
+            )
+            run.status = "running"
+            start, started_at = time.perf_counter(), time.time()
+            try:
+                FinetuneRecipe(run.cfg).run()
+                # A time or step budget (train.max_minutes, train.stop_after_steps) ends a run
+                # early with a checkpoint and no report: not a failure, but a partial result.
+                report = newest_report(run.out)
+                finished = report is not None and report.stat().st_mtime >= started_at - 1
+                run.status = "ok" if finished else "stopped"
+            except ModeError as err:
+                run.status, run.error = "failed", str(err)
+                console.print(f"[bold red]run {run.index} failed:[/bold red] {err}", soft_wrap=True)
+            except KeyboardInterrupt:
+                run.status = "interrupted"
+                raise
+            except BaseException as err:
+                run.status, run.error = "crashed", f"{type(err).__name__}: {err}"
+                raise
+            finally:
+                run.wall_s = time.perf_counter() - start
+                collect_results(run)
+                write_summary(sweep)
+                # The next run loads its own model: drop this one's before it does.
+                gc.collect()
+                free_cuda_cache()
+    finally:
+        print_table(sweep, out)
+        console.print(f"sweep: {sweep.directory / SUMMARY_MD}, {sweep.directory / SUMMARY_JSON}")
+    return sum(run.status in ("failed", "crashed") for run in sweep.runs)
+
+
+def free_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------- results
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    """The training-step records of a run's metrics.jsonl (those with a `loss`), in order."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed run
+        if isinstance(record, dict) and isinstance(record.get("loss"), int | float):
+            records.append(record)
+    return records
+
+
+def final_train_loss(run_dir: Path) -> float | None:
+    """The loss of the last record in a run's metrics.jsonl that has one."""
+    records = train_records(run_dir)
+    return float(records[-1]["loss"]) if records else None
+
+
+def newest_report(run_dir: Path) -> Path | None:
+    """The run's newest `eval/<time>/report.json`, else its `report.json`, else None."""
+    reports = sorted(
+        (run_dir / "eval").glob("*/report.json"), key=lambda p: (p.stat().st_mtime, p.parent.name)
+    )
+    if reports:
+        return reports[-1]
+    legacy = run_dir / "report.json"
+    return legacy if legacy.is_file() else None
+
+
+def eval_losses(report: dict) -> dict:
+    """Eval loss per head: the final layer, the ensemble (None without one), each other selected
+    layer by number."""
+    rows = sorted(report["layers"], key=lambda row: row["layer"])
+    final = rows[-1]
+    ensemble = report.get("ensemble")
+    return {
+        "final": final["tuned"]["loss"],
+        "ensemble": ensemble["tuned"]["loss"] if ensemble else None,
+        "layers": {
+            str(row["layer"]): row["tuned"]["loss"]
+            for row in rows
+            if row["selected"] and row["layer"] != final["layer"]
+        },
+    }
+
+
+def collect_results(run: SweepRun) -> None:
+    """Fill in a run's train loss and eval losses from what its folder holds."""
+    run.train_loss = final_train_loss(run.out)
+    path = newest_report(run.out)
+    if path is None:
+        return
+    try:
+        run.eval_loss = eval_losses(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, IndexError) as err:
+        run.eval_loss = {}
+        run.error = run.error or f"unreadable report {path}: {err}"
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+def layer_columns(sweep: Sweep) -> list[str]:
+    """The selected layers (other than the final one) any run reports, in order."""
+    layers = {int(layer) for run in sweep.runs for layer in run.eval_loss.get("layers", {})}
+    return [str(layer) for layer in sorted(layers)]
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def table_rows(sweep: Sweep) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the comparison table; `-` where a value does not apply or is missing."""
+    layers = layer_columns(sweep)
+    header = ["#", "run", "overrides", "train loss", "eval final", "eval ensemble"]
+    header += [f"eval L{layer}" for layer in layers] + ["wall s", "status"]
+    rows = []
+    for run in sweep.runs:
+        evals = run.eval_loss
+        rows.append(
+            [
+                str(run.index),
+                run.out.name,
+                run.label(),
+                _number(run.train_loss),
+                _number(evals.get("final")),
+                _number(evals.get("ensemble")),
+                *(_number(evals.get("layers", {}).get(layer)) for layer in layers),
+                _number(run.wall_s, 1),
+                run.status,
+            ]
+        )
+    return header, rows
+
+
+def to_markdown(sweep: Sweep) -> str:
+    header, rows = table_rows(sweep)
+    lines = [
+        f"# Sweep in {sweep.directory}",
+        "",
+        f"`mode train -m {' '.join(sweep.overrides)}`",
+        "",
+        "Train loss: the last logged step. Eval loss: the newest report of each run, per head.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    errors = [
+        f"- run {run.index}: " + " ".join(line.strip() for line in run.error.splitlines())
+        for run in sweep.runs
+        if run.error
+    ]
+    if errors:
+        lines += ["", "## Errors", "", *errors]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(sweep: Sweep) -> None:
+    """`sweep.json` and `sweep.md` in the sweep folder, as things stand."""
+    summary = {
+        "schema": SCHEMA,
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sweep_dir": str(sweep.directory),
+        "overrides": sweep.overrides,
+        "swept": sweep.swept_keys,
+        "runs": [run.to_json() for run in sweep.runs],
+    }
+    (sweep.directory / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    (sweep.directory / SUMMARY_MD).write_text(to_markdown(sweep))
+
+
+def print_table(sweep: Sweep, out: Console) -> None:
+    header, rows = table_rows(sweep)
+    table = Table(title=f"sweep: {sweep.directory}")
+    for name in header:
+        # Fold rather than cut: the run names and numbers are what the table is for.
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        style = None if row[-1] == "ok" else "red"
+        table.add_row(*row, style=style)
+    out.print(table)
+
+
+def print_plan(sweep: Sweep, out: Console) -> None:
+    """The runs a sweep would make, for `--dry-run`."""
+    table = Table(title=f"sweep plan: {sweep.directory}")
+    for name in ("#", "run", "recipe", "overrides"):
+        table.add_column(name, overflow="fold")
+    for run in sweep.runs:
+        table.add_row(str(run.index), run.out.name, run.recipe, run.label())
+    out.print(table)

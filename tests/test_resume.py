@@ -1,0 +1,272 @@
+"""Checkpoints and resume: exact continuation, refusals, interrupts and a process killed mid-write.
+
+The signal and kill tests run the real `mode` CLI in a subprocess; the rest run it in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mode_cli import checkpoint as checkpoint_mod
+
+REPO = Path(__file__).resolve().parents[1]
+# lora.dropout > 0 makes every step draw from torch's RNG: exact resume needs its state back.
+TINY = [
+    "recipe=tiny-llama-alpaca",
+    "lora.dropout=0.1",
+    "merge.enabled=false",
+    "eval.compare_base=false",
+    "eval.answers=off",
+    "eval.max_examples=4",
+]
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run) if "loss" in r}
+
+
+def checkpoints(run: Path) -> list[str]:
+    return [p.name for p in checkpoint_mod.complete_checkpoints(run)]
+
+
+def train(mode, out: Path, *overrides: str) -> tuple[int, str]:
+    code, _, err = mode("train", *TINY, f"output_dir={out}", *overrides)
+    return code, " ".join(err.split())  # rich wraps long lines at 80 columns off a terminal
+
+
+def test_a_stopped_and_resumed_run_matches_an_uninterrupted_one(mode, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    common = ["train.max_steps=6", "eval.every_steps=2", "checkpoint.every_steps=1"]
+    code, err = train(mode, full, *common)
+    assert code == 0, err
+
+    code, err = train(mode, split, *common, "train.stop_after_steps=3", "logger=tensorboard")
+    assert code == 0, err
+    assert "resume with: mode train recipe=tiny-llama-alpaca" in err and "resume=auto" in err
+    assert checkpoints(split) == ["step-000002", "step-000003"]  # checkpoint.keep=2
+    assert not (split / "adapter").exists()  # final outputs only once the run is complete
+    assert sorted(losses(split)) == [1, 2, 3]
+
+    code, err = train(mode, split, *common, "resume=auto", "logger=tensorboard")
+    assert code == 0, err
+    assert "resuming from" in err and "step-000003" in err
+    a, b = losses(full), losses(split)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+    eval_steps = [r["step"] for r in records(split) if "eval" in r]
+    assert eval_steps == [2, 4, 6]
+    assert (split / "adapter" / "adapter_model.safetensors").is_file()
+
+    # The resumed TensorBoard events hold each step once, with the metrics' values.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(split / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(logged) == [1, 2, 3, 4, 5, 6]
+    for step, value in logged.items():
+        assert value == pytest.approx(b[step], rel=1e-6)
+    assert [e.step for e in events.Scalars("eval/ensemble")] == [2, 4, 6]
+
+
+def test_a_checkpoint_holds_safetensors_and_weights_only_state(mode, tmp_path):
+    out = tmp_path / "run"
+    code, err = train(mode, out, "train.max_steps=2", "checkpoint.every_steps=null")
+    assert code == 0, err
+    assert checkpoints(out) == ["step-000002"]
+    folder = out / "checkpoints" / "step-000002"
+    adapter = load_file(str(folder / "adapter.safetensors"))
+    assert adapter and all("lora_" in name for name in adapter)
+    assert set(load_file(str(folder / "mode_head.safetensors"))) == {
+        "norms.2.weight",
+        "norms.3.weight",
+        "router.weight",
+        "router.bias",
+    }
+    for name in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+        torch.load(folder / name, weights_only=True)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["max_steps"] == 2
+    # 64 examples in micro-batches of 4: two steps used the first two of epoch 0's 16.
+    assert (state["epoch"], state["index"]) == (0, 2)
+
+    # A checkpoint continued in another folder: its history comes along; the run is complete, so
+    # only the final outputs are written.
+    fork = tmp_path / "fork"
+    code, err = train(mode, fork, "train.max_steps=2", f"resume={folder}")
+    assert code == 0, err
+    assert sorted(losses(fork)) == [1, 2] and (fork / "adapter").is_dir()
+
+
+def test_resume_refuses_another_recipe_and_a_run_without_checkpoint(mode, tmp_path):
+    out = tmp_path / "run"
+    code, err = train(mode, out, "train.max_steps=4", "train.stop_after_steps=2")
+    assert code == 0, err
+    before = (out / "metrics.jsonl").read_text()
+    code, err = train(
+        mode, out, "train.max_steps=4", "resume=auto", "layers=last2", "train.lr=1e-2"
+    )
+    assert code == 2
+    assert "layers.k: 3 -> 2" in err and "train.lr: 0.001 -> 0.01" in err
+    assert (out / "metrics.jsonl").read_text() == before  # nothing changed
+
+    code, err = train(mode, out, "train.max_steps=4")
+    assert code == 2 and "resume=auto" in err and "already holds a run" in err
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.yaml").write_text("recipe: x\n")
+    code, err = train(mode, bare, "train.max_steps=4", "resume=auto")
+    assert code == 2 and "no complete checkpoint" in err
+
+    code, err = train(mode, tmp_path / "x", "resume=" + str(tmp_path / "missing"))
+    assert code == 2 and "not found" in err
+
+
+def test_resume_auto_starts_fresh_and_max_minutes_stops_with_a_checkpoint(mode, tmp_path):
+    out = tmp_path / "run"
+    code, err = train(mode, out, "train.max_steps=3", "resume=auto", "train.max_minutes=1e-6")
+    assert code == 0, err
+    assert "starting a new one" in err and "train.max_minutes" in err
+    assert checkpoints(out) == ["step-000001"] and sorted(losses(out)) == [1]
+    code, err = train(mode, out, "train.max_steps=3", "resume=auto")
+    assert code == 0, err
+    assert sorted(losses(out)) == [1, 2, 3] and checkpoints(out)[-1] == "step-000003"
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(mode, tmp_path, monkeypatch):
+    """A real SIGTERM to this process while step 2 runs."""
+    from mode_cli import train as train_mod
+
+    real = train_mod.accumulate_gradients
+    calls = []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "accumulate_gradients", signalled)
+    previous = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    code, err = train(mode, out, "train.max_steps=5")
+    assert code == 143
+    assert "SIGTERM" in err and "resume=auto" in err
+    assert checkpoints(out) == ["step-000002"] and sorted(losses(out)) == [1, 2]
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is put back
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, "the run ended before the test could signal it"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+# A real `mode train` process whose steps take at least 0.2 s, so that the test's signal lands
+# mid-run however fast the machine is.
+SLOW_STEPS = """
+import sys, time
+import mode_cli.train as train
+
+real = train.accumulate_gradients
+
+def slow(*args, **kwargs):
+    time.sleep(0.2)
+    return real(*args, **kwargs)
+
+train.accumulate_gradients = slow
+from mode_cli.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_on_a_real_process_checkpoints_and_resume_completes(mode, tmp_path):
+    out, log, script = tmp_path / "run", tmp_path / "log.txt", tmp_path / "slow.py"
+    script.write_text(SLOW_STEPS)
+    overrides = ["train.max_steps=12", "checkpoint.every_steps=null"]
+    process = spawn(
+        [sys.executable, str(script), "train", *TINY, f"output_dir={out}", *overrides], log
+    )
+    metrics = out / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and metrics.read_text().strip(), process)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    text = " ".join(log.read_text().split())
+    assert "SIGINT" in text and f"output_dir={out} resume=auto" in text
+    (stopped,) = checkpoints(out)
+    step = int(stopped.split("-")[1])
+    assert 1 <= step < 12 and sorted(losses(out)) == list(range(1, step + 1))
+
+    code, err = train(mode, out, *overrides, "resume=auto")
+    assert code == 0, err
+    assert sorted(losses(out)) == list(range(1, 13))
+
+
+KILLED_MID_WRITE = """
+import sys, time
+from pathlib import Path
+import mode_cli.checkpoint as checkpoint
+
+real_save_file, calls = checkpoint.save_file, []
+
+def save_file(tensors, path):
+    # Each checkpoint saves the adapter then the head: the 3rd call is the second checkpoint's
+    # adapter. Write it for real, then stall mid-checkpoint until the test kills the process.
+    real_save_file(tensors, path)
+    calls.append(path)
+    if len(calls) == 3:
+        Path(sys.argv[1]).write_text(path)
+        time.sleep(600)
+
+checkpoint.save_file = save_file
+from mode_cli.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_process_killed_while_writing_a_checkpoint_keeps_the_previous_one(mode, tmp_path):
+    out = tmp_path / "run"
+    script, paused = tmp_path / "stall.py", tmp_path / "paused.txt"
+    script.write_text(KILLED_MID_WRITE)
+    overrides = ["train.max_steps=6", "checkpoint.every_steps=2"]
+    process = spawn(
+        [sys.executable, str(script), str(paused), "train", *TINY, f"output_dir={out}", *overrides],
+        tmp_path / "log.txt",
+    )
+    wait_for(paused.is_file, process)
+    process.kill()  # SIGKILL: no handler, no cleanup
+    process.wait(timeout=60)
+    staging = Path(paused.read_text()).parent
+    assert staging.is_dir() and staging.name.startswith(".step-000004.tmp-")
+    assert checkpoints(out) == ["step-000002"]  # the half-written one is not taken for complete
+    assert checkpoint_mod.latest_checkpoint(out).name == "step-000002"
+
+    code, err = train(mode, out, *overrides, "resume=auto")
+    assert code == 0, err
+    assert "step-000002" in err
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
+    assert checkpoints(out) == ["step-000004", "step-000006"]
+    assert not staging.exists()  # the leftover staging folder was cleaned up

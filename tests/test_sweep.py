@@ -1,0 +1,255 @@
+"""`mode train -m`: expanding a sweep with Hydra's grammar, validating every combination before any
+run, running them in turn, the comparison table, failures and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mode_cli.errors import ModeError
+from mode_cli.sweep import (
+    Sweep,
+    SweepRun,
+    collect_results,
+    expand,
+    final_train_loss,
+    newest_report,
+    plan_sweep,
+    run_name,
+    table_rows,
+)
+from mode_cli.train import FinetuneRecipe
+
+TINY = "recipe=tiny-llama-alpaca"
+# Greedy answer generation is the slow part of a tiny run's report: off unless a test needs it.
+FAST_EVAL = ("eval.max_examples=8", "eval.compare_base=false", "eval.answers=off")
+QUICK = ("train.max_steps=2", *FAST_EVAL, "merge=false")
+
+
+def test_expansion_is_the_product_in_hydra_order():
+    combos, swept = expand(
+        [TINY, "loss=mode,final-only", "train.lr=1e-4,2e-4", "train.max_steps=range(1,3)"]
+    )
+    assert swept == ["loss", "train.lr", "train.max_steps"]
+    assert len(combos) == 8
+    # The first swept key varies slowest, the last fastest; fixed overrides ride along.
+    assert combos[0] == [
+        ("recipe", "tiny-llama-alpaca"),
+        ("loss", "mode"),
+        ("train.lr", "0.0001"),
+        ("train.max_steps", "1"),
+    ]
+    assert [dict(c)["train.max_steps"] for c in combos[:2]] == ["1", "2"]
+    assert [dict(c)["loss"] for c in combos] == ["mode"] * 4 + ["final-only"] * 4
+
+
+def test_choice_glob_and_quoted_values_expand_as_in_hydra():
+    combos, swept = expand([TINY, "layers=glob(last*,exclude=last6)", "data.train='a,b.json'"])
+    assert swept == ["layers"]
+    assert [dict(c)["layers"] for c in combos] == ["last2", "last3", "last4"]
+    assert {dict(c)["data.train"] for c in combos} == {"'a,b.json'"}  # one value, not a sweep
+    combos, _ = expand([TINY, "router=choice(token,scalar)", "recipe=tiny-llama-alpaca"])
+    assert [dict(c)["router"] for c in combos] == ["token", "scalar"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=interval(0,1)", "interval"),
+        ("output_dir=a,b", "output_dir cannot be swept"),
+        ("layers=glob(nothing*)", "matches no option"),
+        ("train.lr=1e-4,", "Could not parse"),
+    ],
+)
+def test_sweeps_that_cannot_run_are_refused(override, message):
+    with pytest.raises(ModeError, match=message):
+        expand([TINY, override])
+
+
+def test_plan_composes_every_combination_into_its_own_folder(tmp_path):
+    sweep = plan_sweep(
+        [TINY, "loss=mode,final-only", "merge=true,false", f"output_dir={tmp_path}"],
+        check_hardware=False,
+    )
+    assert sweep.directory == tmp_path
+    assert [run.out.name for run in sweep.runs] == [
+        "0-loss-mode_merge-True",
+        "1-loss-mode_merge-False",
+        "2-loss-final-only_merge-True",
+        "3-loss-final-only_merge-False",
+    ]
+    cfgs = [run.cfg for run in sweep.runs]
+    assert [c.loss.name for c in cfgs] == ["mode", "mode", "final-only", "final-only"]
+    assert [c.merge.enabled for c in cfgs] == [True, False, True, False]
+    assert [c.output_dir for c in cfgs] == [str(run.out) for run in sweep.runs]
+    assert not tmp_path.joinpath("sweep.json").exists()  # planning writes nothing
+    # Nothing swept: one run, in the sweep's layout.
+    single = plan_sweep([TINY, f"output_dir={tmp_path}"], check_hardware=False)
+    assert single.swept_keys == [] and [run.out.name for run in single.runs] == ["0"]
+
+
+def test_run_names_are_shell_and_override_safe():
+    name = run_name(3, {"+data.train": "'a b,c.json'", "train.lr": "0.0002"}, 2)
+    assert name == "03-data.train-a-b-c.json_train.lr-0.0002"
+    assert run_name(0, {}, 1) == "0"
+
+
+def test_a_bad_value_in_the_second_combination_fails_before_anything_runs(
+    mode, tmp_path, monkeypatch
+):
+    def must_not_run(self):
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr(FinetuneRecipe, "run", must_not_run)
+    out = tmp_path / "sweep"
+    code, _, err = mode("train", "-m", TINY, "train.max_steps=5,0", f"output_dir={out}")
+    assert code == 2
+    assert "1 of 2 combinations are invalid" in err
+    assert "run 1 (train.max_steps=0)" in err and "expected a number > 0" in err
+    assert not out.exists()
+    # The same for a typo in a config group option, named once for all its combinations.
+    code, _, err = mode("train", "-m", TINY, "loss=mode,nope", "train.lr=1e-4,2e-4")
+    assert code == 2 and "runs 2, 3:" in err and "loss/nope" in err
+
+
+def test_dry_run_lists_the_plan_and_trains_nothing(mode, tmp_path, monkeypatch):
+    monkeypatch.setattr(FinetuneRecipe, "run", lambda self: pytest.fail("a run started"))
+    out = tmp_path / "sweep"
+    code, stdout, err = mode(
+        "train", "-m", "--dry-run", TINY, "loss=mode,final-only", f"output_dir={out}"
+    )
+    assert code == 0, err
+    assert "2 combinations composed and validated" in err
+    assert "0-loss-mode" in stdout and "1-loss-final-only" in stdout
+    assert not out.exists()
+
+
+def test_sweep_runs_each_combination_and_writes_the_comparison_table(mode, tmp_path):
+    out = tmp_path / "sweep"
+    code, stdout, err = mode(
+        "train", "-m", TINY, "loss=mode,final-only", "train.max_steps=5", "merge=false",
+        *FAST_EVAL, f"output_dir={out}",
+    )  # fmt: skip
+    assert code == 0, err
+    runs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["0-loss-mode", "1-loss-final-only"]
+    for run in runs:
+        assert (run / "config.yaml").is_file() and (run / "adapter").is_dir()
+        assert not (run / "merged").exists()
+
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["swept"] == ["loss"]
+    rows = summary["runs"]
+    assert [r["swept"] for r in rows] == [{"loss": "mode"}, {"loss": "final-only"}]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for row, run in zip(rows, runs, strict=True):
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        last = [r for r in records if "loss" in r][-1]
+        assert last["step"] == 5 and row["final_train_loss"] == last["loss"]
+        report = json.loads(newest_report(run).read_text())
+        assert row["eval_loss"]["final"] == report["layers"][-1]["tuned"]["loss"]
+        assert row["wall_s"] > 0
+    mode_row, final_row = rows
+    # MoDE over the last 3 of 4 layers: the ensemble, and layers 2 and 3 beside the final one.
+    assert mode_row["eval_loss"]["ensemble"] is not None
+    assert set(mode_row["eval_loss"]["layers"]) == {"2", "3"}
+    assert final_row["eval_loss"]["ensemble"] is None and final_row["eval_loss"]["layers"] == {}
+
+    table = (out / "sweep.md").read_text()
+    header = "| # | run | overrides | train loss | eval final | eval ensemble | eval L2 | eval L3 |"
+    assert header in table
+    lines = [line for line in table.splitlines() if line.startswith("| 1 |")]
+    assert len(lines) == 1 and "| loss=final-only |" in lines[0] and "| - | - | - |" in lines[0]
+    assert f"{final_row['final_train_loss']:.4f}" in lines[0]
+    # The printed table (folded to the terminal's width): a row per run, both finished.
+    assert f"sweep: {out}" in " ".join(stdout.split()) and stdout.count(" ok ") == 2
+
+
+def test_a_failed_run_is_recorded_and_the_sweep_goes_on(mode, tmp_path):
+    out = tmp_path / "sweep"
+    # layers.k=9 passes validation but the 4-layer model has no 9 last layers; the second run
+    # stops on its step budget after 1 of 2 steps (a partial result, not a failure).
+    code, _, err = mode(
+        "train", "-m", TINY, "layers.k=9,2", *QUICK, "train.stop_after_steps=1",
+        f"output_dir={out}",
+    )  # fmt: skip
+    assert code == 1
+    assert "1 of 2 runs failed" in err
+    rows = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [r["status"] for r in rows] == ["failed", "stopped"]
+    assert "layers" in rows[0]["error"] and rows[1]["error"] is None
+    assert rows[1]["final_train_loss"] is not None and rows[1]["eval_loss"] == {}
+    assert (Path(rows[1]["dir"]) / "checkpoints").is_dir()
+    assert not Path(rows[0]["dir"]).exists()
+
+
+def test_ctrl_c_stops_the_sweep_and_keeps_the_table(mode, tmp_path, monkeypatch):
+    started = []
+
+    def interrupted(self):
+        started.append(self.cfg.loss.name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FinetuneRecipe, "run", interrupted)
+    out = tmp_path / "sweep"
+    code, _, _ = mode("train", "-m", TINY, "loss=mode,final-only", f"output_dir={out}")
+    assert code == 130
+    assert started == ["mode"]  # the second run never started
+    rows = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [r["status"] for r in rows] == ["interrupted", "pending"]
+    # A second sweep into the same folder would overwrite this table: refused.
+    code, _, err = mode("train", "-m", TINY, "loss=mode,final-only", f"output_dir={out}")
+    assert code == 2 and "already holds a sweep" in err
+    # ... unless its runs are continued from their checkpoints.
+    sweep = plan_sweep([TINY, "loss=mode,final-only", f"output_dir={out}", "resume=auto"])
+    assert len(sweep.runs) == 2
+
+
+def test_results_come_from_the_newest_report_and_the_last_logged_loss(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert final_train_loss(run) is None and newest_report(run) is None
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n{"step": 2, "eval_acc": 0.1}\n{"st'
+    )
+    assert final_train_loss(run) == 2.5
+
+    def report(final: float, ensemble: float | None) -> str:
+        layers = [
+            {"layer": 1, "selected": False, "tuned": {"loss": 9.0}},
+            {"layer": 2, "selected": True, "tuned": {"loss": 5.0}},
+            {"layer": 3, "selected": True, "tuned": {"loss": final}},
+        ]
+        ens = None if ensemble is None else {"tuned": {"loss": ensemble}, "base": None}
+        return json.dumps({"layers": layers, "ensemble": ens})
+
+    (run / "report.json").write_text(report(4.0, 3.5))
+    assert newest_report(run) == run / "report.json"
+    for stamp, (final, ens) in {
+        "20260101-000000": (2.0, None),
+        "20260102-000000": (1.0, 0.5),
+    }.items():
+        (run / "eval" / stamp).mkdir(parents=True)
+        (run / "eval" / stamp / "report.json").write_text(report(final, ens))
+    older = run / "eval" / "20260101-000000" / "report.json"
+    os.utime(older, (1, 1))
+    assert newest_report(run) == run / "eval" / "20260102-000000" / "report.json"
+
+    entry = SweepRun(0, "tiny", [], {"loss": "mode"}, run)
+    collect_results(entry)
+    assert entry.train_loss == 2.5
+    assert entry.eval_loss == {"final": 1.0, "ensemble": 0.5, "layers": {"2": 5.0}}
+    header, rows = table_rows(Sweep(tmp_path, [], ["loss"], [entry]))
+    assert header[3:7] == ["train loss", "eval final", "eval ensemble", "eval L2"]
+    assert rows[0][3:7] == ["2.5000", "1.0000", "0.5000", "5.0000"]
+
+
+def test_the_sweep_folder_defaults_to_outputs_recipe_time(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = plan_sweep([TINY, "loss=mode,final-only"], check_hardware=False)
+    assert sweep.directory.parent == Path("outputs") / "tiny-llama-alpaca"
+    assert sweep.directory.name.endswith("-sweep")
+    assert all(run.out.parent == sweep.directory for run in sweep.runs)
