@@ -1,45 +1,346 @@
-"""`mode eval checkpoint=DIR`: the per-layer report of a finished run, written into the run folder."""
+"""`mode eval checkpoint=...`: the eval report of a run folder, a merged model or a plain model.
+
+What `checkpoint=` can be, and what is evaluated:
+
+- a run folder (`config.yaml`, written by `mode train`): the base as training loaded it (4-bit)
+  with the trained adapter and MoDE head. `compare=base` (the run's `eval.compare_base`, on by
+  default) adds the base before tuning: the same model with the adapter off and an untrained head.
+- a merged folder (`mode_config.yaml`, the run's recipe, beside the merged weights and
+  `mode_head.safetensors` / `mode_head.json`): loaded with a plain `from_pretrained` in the run's
+  precision (`model.quantization=none` unless overridden), with the MoDE head from the folder. A
+  merged model holds no separate base, so `compare=base` (off by default) reloads the original
+  base the recipe names, as training loaded it, with an untrained head.
+- a plain model (a folder with `config.json`, a hub id, `package:smollm2`, `tiny:<family>`): a
+  base-only logit-lens report, every layer through the final norm, no head. Its eval data come
+  from `data=` (default: the bundled arithmetic eval split, 32 examples).
+
+Shorthands besides any `key=value` of the recipe schema: `data=NAME` swaps in a data group
+(`recipes/data/NAME.yaml`, or a path to such a YAML file) instead of the run's data; `eval=NAME`
+swaps in eval settings (`recipes/eval/NAME.yaml`, e.g. `eval=gsm8k`); `examples=N` evaluates N
+eval examples (per-layer metrics and answer accuracy); `compare=base|none`.
+
+The report goes into a new folder `<checkpoint>/eval/<time>/` (`eval.output_dir` changes the
+parent; a plain model's default is `outputs/eval/<model>/`); an earlier report is never replaced.
+"""
 
 from __future__ import annotations
 
+import copy
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
 from mode_cli import data as data_mod
-from mode_cli.artifacts import load_run, load_run_config
-from mode_cli.config import resolve_device, validate
+from mode_cli import model as model_mod
+from mode_cli.answers import answer_rows, evaluate_answers
+from mode_cli.artifacts import (
+    HEAD_INFO,
+    HEAD_WEIGHTS,
+    MERGED_CONFIG,
+    load_head,
+    load_run,
+    load_run_config,
+)
+from mode_cli.config import DataConfig, EvalConfig, RecipeConfig, resolve_device, validate
 from mode_cli.errors import ModeError
-from mode_cli.recipes import explain_omegaconf_error
-from mode_cli.report import evaluate, print_report, write_report
+from mode_cli.recipes import explain_omegaconf_error, shipped_recipes_dir
+from mode_cli.report import (
+    EVAL_FOLDER,
+    assemble,
+    data_description,
+    fresh_head,
+    layer_metrics,
+    print_report,
+    run_base_metrics,
+    save_report,
+)
 
 console = Console(stderr=True)
 
+RUN_CONFIG = "config.yaml"
+# A plain model has no recipe: its eval data default to the bundled arithmetic eval split, sized
+# like the demo's report.
+PLAIN_MODEL_DATA = "arithmetic"
+PLAIN_MODEL_EXAMPLES = 32
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What `checkpoint=` names: kind `run`, `merged` or `model`; `path` is None for a model id."""
+
+    kind: str
+    spec: str
+    path: Path | None
+
+
+def classify(spec: str) -> Checkpoint:
+    """Tell a run folder, a merged folder and a plain model apart; anything else is an error."""
+    if spec.startswith(("tiny:", "package:")):
+        return Checkpoint("model", spec, None)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / RUN_CONFIG).is_file():
+            return Checkpoint("run", spec, path)
+        if (path / MERGED_CONFIG).is_file():
+            return Checkpoint("merged", spec, path)
+        if (path / "config.json").is_file():
+            return Checkpoint("model", spec, path)
+        raise ModeError(
+            f"{path} is not a mode run folder, merged folder or model folder: it has no "
+            f"{RUN_CONFIG} (a run), {MERGED_CONFIG} (a merged model) or config.json (a model)"
+        )
+    if path.exists():
+        raise ModeError(f"{spec} is a file; checkpoint= takes a folder or a model id")
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModeError(f"Checkpoint folder not found: {spec}")
+    return Checkpoint("model", spec, None)  # a hub id, `org/name`
+
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """`key=value` overrides on a saved run config, type-checked against the schema."""
+    """`key=value` overrides on a saved run config, type-checked against the schema.
+
+    Values are read by Hydra's override grammar, as `mode train` reads them (`off` stays a
+    string, `[-4,-1]` is a list, `null` is None).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
     for item in overrides:
         if "=" not in item:
             raise ModeError(f"Expected key=value, got '{item}'")
     try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as err:
+        raise ModeError(f"Could not parse an override: {err}") from None
+    updates: dict = {}
+    for override in parsed:
+        *parents, leaf = override.key_or_group.split(".")
+        node = updates
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = override.value()
+    try:
+        return OmegaConf.merge(cfg, updates)
     except OmegaConfBaseException as err:
         raise ModeError(explain_omegaconf_error(err)) from None
 
 
-def run_eval(run_dir: Path, overrides: list[str]) -> dict:
-    """Rebuild the run's model, adapter and head; evaluate every layer, base vs tuned."""
-    if not run_dir.is_dir():
-        raise ModeError(f"Checkpoint folder not found: {run_dir}")
-    cfg = apply_overrides(load_run_config(run_dir), overrides)
+def take(overrides: list[str], key: str) -> tuple[str | None, list[str]]:
+    """Pull the shorthand `key=value` out of the overrides (the last one wins)."""
+    value, rest = None, []
+    for item in overrides:
+        if item.startswith(f"{key}="):
+            value = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    return value, rest
+
+
+def config_group(group: str, name: str) -> DictConfig:
+    """`data=NAME` / `eval=NAME`: an option of a shipped config group (`recipes/<group>/NAME.yaml`)
+    or a YAML file, on the schema's defaults for that section."""
+    schema = {"data": DataConfig, "eval": EvalConfig}[group]
+    path = Path(name).expanduser()
+    if name.endswith(".yaml"):
+        if not path.is_file():
+            raise ModeError(f"{group}={name}: file not found")
+    else:
+        folder = shipped_recipes_dir() / group
+        path = folder / f"{name}.yaml"
+        if not path.is_file():
+            options = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+            raise ModeError(
+                f"{group}={name}: no such {group} group option. Options: {options} (or a path to "
+                "a .yaml file)"
+            )
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
+    except OmegaConfBaseException as err:
+        raise ModeError(f"{group}={name}: {explain_omegaconf_error(err)}") from None
+
+
+def with_section(cfg: DictConfig, section: str, value: DictConfig) -> DictConfig:
+    """A copy of `cfg` with one whole section replaced."""
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.set_struct(cfg, False)
+    cfg[section] = value
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def checkpoint_config(checkpoint: Checkpoint) -> tuple[DictConfig, DictConfig]:
+    """The recipe a checkpoint was made with, adjusted to how `mode eval` loads it; and the
+    recipe's own `model` section (for a merged model: where its base came from)."""
+    if checkpoint.kind == "run":
+        cfg = load_run_config(checkpoint.path)
+        return cfg, cfg.model
+    if checkpoint.kind == "merged":
+        cfg = load_run_config(checkpoint.path, MERGED_CONFIG)
+        original = copy.deepcopy(cfg.model)
+        # The merged weights are a plain model: loaded as saved, not from the recipe's source.
+        cfg.model.name_or_path = str(checkpoint.path)
+        cfg.model.quantization = "none"
+        cfg.model.revision = None
+        cfg.eval.compare_base = False
+        return cfg, original
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(RecipeConfig),
+        {"model": {"name_or_path": checkpoint.spec, "quantization": "none"}},
+    )
+    OmegaConf.set_struct(cfg, True)
+    cfg = with_section(cfg, "data", config_group("data", PLAIN_MODEL_DATA))
+    cfg.data.max_eval_examples = PLAIN_MODEL_EXAMPLES
+    cfg.eval.compare_base = False
+    return cfg, cfg.model
+
+
+def eval_config(checkpoint: Checkpoint, overrides: list[str]) -> tuple[DictConfig, DictConfig]:
+    """The checkpoint's recipe with the shorthands and `key=value` overrides applied, validated;
+    and the recipe's own `model` section (where a merged model's base came from)."""
+    cfg, original_model = checkpoint_config(checkpoint)
+    data, overrides = take(overrides, "data")
+    evaluation, overrides = take(overrides, "eval")
+    examples, overrides = take(overrides, "examples")
+    compare, overrides = take(overrides, "compare")
+    if data is not None:
+        cfg = with_section(cfg, "data", config_group("data", data))
+    if evaluation is not None:
+        settings = config_group("eval", evaluation)
+        # Whether to compare with the base depends on the checkpoint, not on the settings group.
+        settings.compare_base = cfg.eval.compare_base
+        cfg = with_section(cfg, "eval", settings)
+    shorthand = []
+    if examples is not None:
+        if not re.fullmatch(r"[1-9]\d*", examples):
+            raise ModeError(f"examples={examples}: expected a whole number >= 1")
+        shorthand += [
+            f"data.max_eval_examples={examples}",
+            f"eval.max_examples={examples}",
+            f"eval.answer_examples={examples}",
+        ]
+    if compare is not None:
+        if compare not in ("base", "none"):
+            raise ModeError(f"compare={compare}: expected base or none")
+        shorthand.append(f"eval.compare_base={compare == 'base'}")
+    cfg = apply_overrides(cfg, shorthand + overrides)
+    if checkpoint.kind == "model" and cfg.eval.compare_base:
+        raise ModeError(
+            f"{checkpoint.spec} is a plain model, its own base: compare=base needs a run folder "
+            "or a merged folder"
+        )
     validate(cfg)
+    problems = [
+        f"eval.{key}={cfg.eval[key]}: expected a whole number >= 1"
+        for key in ("answer_examples", "max_new_tokens", "answer_batch_size")
+        if cfg.eval[key] < 1
+    ]
+    if problems:
+        raise ModeError("Invalid eval settings:\n" + "\n".join(f"  - {p}" for p in problems))
+    return cfg, original_model
+
+
+def report_parent(checkpoint: Checkpoint, cfg: DictConfig) -> Path:
+    """The folder that receives the report's `<time>/` folder."""
+    if cfg.eval.output_dir:
+        return Path(cfg.eval.output_dir)
+    if checkpoint.kind == "model":
+        name = Path(checkpoint.spec).name if checkpoint.path else checkpoint.spec
+        return Path("outputs") / EVAL_FOLDER / re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    return checkpoint.path / EVAL_FOLDER
+
+
+def load_plain(cfg: DictConfig, device: str):
+    """(model, tokenizer) of a model folder or id, as `cfg.model` says to load it."""
+    source = model_mod.resolve_source(cfg.model)
+    tokenizer = model_mod.load_tokenizer(source, cfg.model)
+    model = model_mod.load_base_model(source, cfg.model, cfg.train.precision, device)
+    return model, tokenizer
+
+
+def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
+    """Load the checkpoint, evaluate every layer (and answers), write and print the report."""
+    checkpoint = classify(str(run_dir))
+    cfg, original_model = eval_config(checkpoint, overrides)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    model, head, tokenizer, _ = load_run(run_dir, cfg, device)
+    # Read the answer rows before any weights: data without answers fails fast.
+    rows = answer_rows(cfg)
+    source = {"kind": checkpoint.kind, "checkpoint": checkpoint.spec}
+
+    if checkpoint.kind == "run":
+        model, head, tokenizer, _ = load_run(checkpoint.path, cfg, device)
+        source["model"] = cfg.model.name_or_path
+    elif checkpoint.kind == "merged":
+        trains_head = cfg.loss.name != "final-only"
+        missing = [
+            name for name in (HEAD_INFO, HEAD_WEIGHTS) if not (checkpoint.path / name).is_file()
+        ]
+        if trains_head and missing:
+            raise ModeError(
+                f"{checkpoint.path} is a merged model without its MoDE head: the recipe trained "
+                f"one (loss={cfg.loss.name}) but {' and '.join(missing)} is missing. Copy "
+                f"{HEAD_INFO} and {HEAD_WEIGHTS} from the run folder, or evaluate the run folder "
+                "itself"
+            )
+        model, tokenizer = load_plain(cfg, device)
+        head = load_head(checkpoint.path, model, device) if trains_head else None
+        source["model"] = str(checkpoint.path)
+        source["base"] = original_model.name_or_path
+    else:
+        try:
+            model, tokenizer = load_plain(cfg, device)
+        except ModeError as err:
+            if checkpoint.path is None and not checkpoint.spec.startswith(("tiny:", "package:")):
+                raise ModeError(
+                    f"{checkpoint.spec} is neither a folder here nor a model id that loads: {err}"
+                ) from None
+            raise
+        head = None
+        source["model"] = checkpoint.spec
+
     _, eval_set = data_mod.load_splits(cfg.data, tokenizer)
-    report = evaluate(cfg, model, head, eval_set, tokenizer, device)
-    write_report(report, run_dir)
+    console.print(
+        f"[bold]mode eval[/bold] {checkpoint.spec} ({checkpoint.kind}): "
+        f"{min(len(eval_set.examples), cfg.eval.max_examples or len(eval_set.examples))} eval "
+        f"examples from {data_description(cfg.data)}"
+        + (f"; answer accuracy on {len(rows)} rows" if rows else ""),
+        soft_wrap=True,
+    )
+    metrics = layer_metrics(
+        model, head, eval_set, tokenizer, device, cfg.eval.batch_size, cfg.eval.max_examples
+    )
+    answers = evaluate_answers(cfg, model, head, tokenizer, device, rows) if rows else None
+    selected = head.layers if head is not None else []
+    tuned, base = (None, metrics) if checkpoint.kind == "model" else (metrics, None)
+    if cfg.eval.compare_base and checkpoint.kind == "run":
+        base = run_base_metrics(cfg, model, head, eval_set, tokenizer, device)
+    elif cfg.eval.compare_base and checkpoint.kind == "merged":
+        # One model at a time: the merged model is done with before the base loads.
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        base_cfg = copy.deepcopy(cfg)
+        base_cfg.model = original_model
+        base_model, _ = load_plain(base_cfg, device)
+        base = layer_metrics(
+            base_model,
+            fresh_head(head, base_model, device),
+            eval_set,
+            tokenizer,
+            device,
+            cfg.eval.batch_size,
+            cfg.eval.max_examples,
+        )
+    report = assemble(
+        cfg, tuned=tuned, base=base, selected=selected, source=source, answers=answers
+    )
+    folder = save_report(report, report_parent(checkpoint, cfg))
     print_report(report, console)
-    console.print(f"report: {run_dir / 'report.json'}, {run_dir / 'report.md'}")
+    console.print(f"report: {folder / 'report.json'}, report.md, layers.png", soft_wrap=True)
     return report

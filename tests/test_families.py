@@ -183,7 +183,9 @@ def test_a_qlora_run_per_family(family, mode, tmp_path):
     assert code == 0, err
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps] == [1, 2, 3] and all(r["loss"] > 0 for r in steps)
-    report = json.loads((out / "report.json").read_text())
+    from mode_cli.report import latest_report
+
+    report = json.loads(latest_report(out).read_text())
     assert [row["layer"] for row in report["layers"]] == [1, 2, 3, 4]
     for row in report["layers"]:
         assert row["tuned"]["loss"] > 0 and row["base"]["loss"] > 0

@@ -156,8 +156,10 @@ def test_loss_recipes_to_weights():
 
 
 def train(mode, out, *overrides):
+    from mode_cli.report import latest_report
+
     train_tiny(mode, out, "train.max_steps=2", "eval.max_examples=4", *overrides)
-    return json.loads((out / "report.json").read_text())
+    return json.loads(latest_report(out).read_text())
 
 
 LOSSES = ["mode", "mode-nodistill", "final-only", "layerwise", "layerwise-rotational", "mode-only"]

@@ -1,0 +1,160 @@
+"""Using a finished run from Python: the model decodes from the MoDE ensemble head.
+
+    from mode_cli import load, format_prompt
+    model, tokenizer = load("outputs/smollm2-arithmetic/<time>")  # a run folder, or its merged/
+    inputs = tokenizer(format_prompt(model, tokenizer, "What is 12 + 30?"), return_tensors="pt").to(model.device)
+    output = model.generate(**inputs, max_new_tokens=48, do_sample=False)  # the ensemble head, KV cache on
+    print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+
+`load` accepts a run folder (config.yaml, adapter/, mode_head.*: the base is loaded as the run
+trained it, 4-bit by default, with the adapter) or the run's merged folder (a plain transformers
+model plus mode_head.safetensors, mode_head.json and mode_config.yaml). The returned model is an
+ordinary transformers (or peft) model whose forward and `generate()` use the ensemble, KV cache
+included; `use_head(model, "final")` switches to the model's own final layer for a block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mode_cli import inference
+from mode_cli import model as model_mod
+from mode_cli.artifacts import HEAD_INFO, MERGED_CONFIG, load_head, load_run, load_run_config
+from mode_cli.config import CHOICES, resolve_device
+from mode_cli.errors import ModeError
+
+
+def folder_kind(path: Path) -> str:
+    """`run` or `merged`; a clear error for anything else."""
+    if not path.exists():
+        raise ModeError(f"Checkpoint folder not found: {path}")
+    if not path.is_dir():
+        raise ModeError(f"{path} is a file; expected a run folder or its merged/ folder")
+    if (path / "config.yaml").is_file():
+        return "run"
+    if (path / MERGED_CONFIG).is_file() and (path / "config.json").is_file():
+        return "merged"
+    if (path / "config.json").is_file():
+        raise ModeError(
+            f"{path} is a transformers model folder but not one written by mode (no "
+            f"{MERGED_CONFIG}): load it with AutoModelForCausalLM.from_pretrained, or pass the "
+            "run folder"
+        )
+    raise ModeError(
+        f"{path} is not a mode run folder (config.yaml, adapter/, {HEAD_INFO}) nor a merged "
+        f"model folder (config.json, {MERGED_CONFIG})"
+    )
+
+
+def load_merged(path: Path, cfg: DictConfig, device: str, head_kind: str):
+    """(merged model, head or None, tokenizer) of a merged folder."""
+    if (
+        head_kind == "ensemble"
+        and cfg.loss.name != "final-only"
+        and not (path / HEAD_INFO).is_file()
+    ):
+        raise ModeError(
+            f"{path} is a merged model without its MoDE head: the run trained one "
+            f"(loss={cfg.loss.name}) but {HEAD_INFO} is missing here. Copy mode_head.json and "
+            "mode_head.safetensors from the run folder, load the run folder instead, or use "
+            "head=final"
+        )
+    # The merged weights are local and dense: no hub revision, and quantize only on request.
+    model_cfg = OmegaConf.merge(cfg.model, {"revision": None})
+    model = model_mod.load_base_model(str(path), model_cfg, cfg.train.precision, device)
+    tokenizer = model_mod.load_tokenizer(str(path), model_cfg)
+    head = load_head(path, model, device) if (path / HEAD_INFO).is_file() else None
+    return model, head, tokenizer
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    head: str = "ensemble",
+    device: str | None = None,
+    quantization: str | None = None,
+):
+    """(model, MoDE head or None, tokenizer, recipe) of a run or merged folder, head not attached.
+
+    quantization: `nf4` or `none`; None keeps the run's own setting for a run folder (as trained)
+    and loads a merged folder dense.
+    """
+    path = Path(path).expanduser()
+    kind = folder_kind(path)
+    if head not in inference.HEAD_KINDS:
+        raise ModeError(f"head={head!r}: expected one of {', '.join(inference.HEAD_KINDS)}")
+    if quantization is not None and quantization not in CHOICES["model.quantization"]:
+        raise ModeError(
+            f"quantization={quantization!r}: expected one of "
+            f"{', '.join(CHOICES['model.quantization'])}"
+        )
+    device = device or resolve_device("auto")
+    if kind == "run":
+        cfg = load_run_config(path)
+        if head == "ensemble" and cfg.loss.name == "final-only":
+            inference.check_head_kind(head, None, where=str(path))
+        if quantization is not None:
+            cfg.model.quantization = quantization
+        model, mode_head, tokenizer, _ = load_run(path, cfg, device)
+    else:
+        cfg = load_run_config(path, MERGED_CONFIG)
+        if head == "ensemble" and cfg.loss.name == "final-only":
+            inference.check_head_kind(head, None, where=str(path))
+        cfg.model.quantization = quantization or "none"
+        model, mode_head, tokenizer = load_merged(path, cfg, device, head)
+    inference.check_head_kind(head, mode_head, where=str(path))
+    model.eval()
+    return model, mode_head, tokenizer, cfg
+
+
+def load(
+    path: str | Path,
+    *,
+    head: str = "ensemble",
+    device: str | None = None,
+    quantization: str | None = None,
+) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of a run folder or a merged folder, decoding with `head`.
+
+    Args:
+        path: a run folder written by `mode train`, or its `merged/` folder.
+        head: `ensemble` (the MoDE head's mix of the late layers) or `final` (the last layer
+            alone). A run trained with loss=final-only has no ensemble.
+        device: `cuda` or `cpu`; None picks CUDA when available.
+        quantization: `nf4` or `none`; None loads a run's base as it was trained (4-bit by
+            default) and a merged model dense.
+
+    The model is in eval mode with the MoDE head attached (when the run has one):
+    `use_head(model, "final")` switches the head for a block, `format_prompt(model, tokenizer,
+    text)` applies the run's prompt template.
+    """
+    model, mode_head, tokenizer, cfg = load_checkpoint(
+        path, head=head, device=device, quantization=quantization
+    )
+    if mode_head is not None and mode_head.router_kind != "none":
+        inference.attach(model, mode_head, head)
+    model.mode_config = cfg
+    return model, tokenizer
+
+
+def use_head(model: nn.Module, kind: str):
+    """Context manager: decode with `kind` (`ensemble` or `final`) inside the block."""
+    return inference.use_head(model, kind)
+
+
+def format_prompt(model: nn.Module, tokenizer, text: str) -> str:
+    """`text` as one user turn in the run's prompt format (Alpaca template, chat template, ...)."""
+    cfg = getattr(model, "mode_config", None)
+    if cfg is None:
+        raise ModeError(
+            "format_prompt needs a model from mode_cli.load (it reads the run's recipe)"
+        )
+    return inference.format_prompt(text, cfg, tokenizer)
+
+
+def harness_dir() -> Path:
+    """The folder of mode's lm-evaluation-harness tasks (`lm_eval --include_path`)."""
+    return Path(__file__).resolve().parent / "harness"

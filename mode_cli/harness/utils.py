@@ -1,0 +1,62 @@
+"""The bundled arithmetic eval set (`mode_cli/bundled/arithmetic/eval.jsonl`) as lm-eval documents.
+
+Loaded from the file shipped with `mode`, so the tasks run offline. Each document carries the
+Alpaca prompt the bundled recipes train with, the reference answer, and four choices for the
+multiple-choice task: "The answer is N." for the true N and three near misses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+
+EVAL_FILE = Path(__file__).resolve().parent.parent / "bundled" / "arithmetic" / "eval.jsonl"
+
+# The Alpaca template of mode_cli.data, repeated so the harness needs nothing but this folder.
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+CHOICES = 4
+
+
+def prompt(row: dict) -> str:
+    if row.get("input"):
+        return ALPACA_WITH_INPUT.format(instruction=row["instruction"], input=row["input"])
+    return ALPACA_NO_INPUT.format(instruction=row["instruction"])
+
+
+def near_misses(answer: int, count: int = CHOICES - 1) -> list[int]:
+    """Wrong answers close to the right one (off by one, by ten, doubled): never negative."""
+    misses: list[int] = []
+    for candidate in (answer + 1, answer - 1, answer + 10, answer - 10, answer + 2, 2 * answer):
+        if candidate >= 0 and candidate != answer and candidate not in misses:
+            misses.append(candidate)
+    return misses[:count]
+
+
+def document(index: int, row: dict) -> dict:
+    answer = int(row["answer"])
+    gold = index % CHOICES  # the right answer's position rotates through the choices
+    numbers = near_misses(answer)
+    numbers.insert(gold, answer)
+    return {
+        "prompt": prompt(row),
+        "answer": row["answer"],
+        "choices": [f"The answer is {n}." for n in numbers],
+        "gold": gold,
+    }
+
+
+def load_arithmetic(**_metadata) -> datasets.DatasetDict:
+    """The eval rows as a `test` split (lm-eval passes the task's metadata; none is needed)."""
+    rows = [json.loads(line) for line in EVAL_FILE.read_text().splitlines() if line.strip()]
+    docs = [document(i, row) for i, row in enumerate(rows)]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})

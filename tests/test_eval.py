@@ -1,0 +1,145 @@
+"""`mode eval` end to end on the tiny run: run folders, merged folders, plain models, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from omegaconf import OmegaConf
+
+from mode_cli.config import ModelConfig
+from mode_cli.report import latest_report
+
+# Few examples and short generations: the tiny random model never stops on its own.
+QUICK = ("examples=4", "eval.max_new_tokens=6")
+
+
+def report_folders(run):
+    return sorted(p.parent for p in (run / "eval").glob("*/report.json"))
+
+
+def test_eval_of_a_run_prints_and_writes_a_new_report_each_time(tiny_run, mode):
+    before = report_folders(tiny_run)
+    code, _, err = mode("eval", f"checkpoint={tiny_run}", *QUICK, "eval.answers=on")
+    assert code == 0, err
+    assert "Per-layer eval (4 examples" in err and "4 * (final)" in err and "ensemble" in err
+    assert "answer accuracy: 4 greedy generations" in err
+    first = latest_report(tiny_run).parent
+    assert first not in before
+    assert {p.name for p in first.iterdir()} == {"report.json", "report.md", "layers.png"}
+    report = json.loads((first / "report.json").read_text())
+    assert report["source"] == {"kind": "run", "checkpoint": str(tiny_run), "model": "tiny:llama"}
+    assert report["sides"] == ["base", "tuned"] and report["eval_examples"] == 4
+    answers = report["answers"]
+    assert set(answers["heads"]) == {"ensemble", "final"} and answers["examples"] == 4
+    assert sum(answers["agreement"].values()) == 4
+    assert "## Answer accuracy" in (first / "report.md").read_text()
+    saved = (first / "report.json").read_bytes()
+
+    code, _, err = mode("eval", f"checkpoint={tiny_run}", *QUICK, "compare=none")
+    assert code == 0, err
+    second = latest_report(tiny_run).parent
+    assert second != first and (first / "report.json").read_bytes() == saved
+    again = json.loads((second / "report.json").read_text())
+    assert again["sides"] == ["tuned"] and again["layers"][0]["base"] is None
+    for old, new in zip(report["layers"], again["layers"], strict=True):
+        assert new["tuned"]["loss"] == pytest.approx(old["tuned"]["loss"], rel=1e-5)
+
+
+def test_a_merged_folder_is_evaluated_with_its_head(tiny_run, mode, tmp_path):
+    code, _, err = mode(
+        "eval", f"checkpoint={tiny_run}", *QUICK, "eval.answers=off", f"eval.output_dir={tmp_path}"
+    )
+    assert code == 0, err
+    run = json.loads(next(tmp_path.glob("*/report.json")).read_text())
+    merged = tiny_run / "merged"
+    code, _, err = mode("eval", f"checkpoint={merged}", *QUICK, "eval.answers=off", "compare=base")
+    assert code == 0, err
+    report = json.loads(latest_report(merged).read_text())
+    assert report["source"]["kind"] == "merged" and report["source"]["base"] == "tiny:llama"
+    assert report["selected_layers"] == [2, 3, 4] and report["sides"] == ["base", "tuned"]
+    # The merged weights are what the adapter was trained against: the same predictions.
+    for ours, theirs in zip(report["layers"], run["layers"], strict=True):
+        assert ours["tuned"]["loss"] == pytest.approx(theirs["tuned"]["loss"], rel=1e-3)
+        assert ours["base"]["loss"] == pytest.approx(theirs["base"]["loss"], rel=1e-3)
+    assert report["ensemble"]["tuned"]["loss"] == pytest.approx(
+        run["ensemble"]["tuned"]["loss"], rel=1e-3
+    )
+
+
+def test_a_merged_folder_without_its_head_is_refused(tiny_run, mode, tmp_path):
+    copy = tmp_path / "merged"
+    shutil.copytree(tiny_run / "merged", copy)
+    (copy / "mode_head.json").unlink()
+    before = report_folders(copy)
+    code, _, err = mode("eval", f"checkpoint={copy}")
+    assert code == 2 and "merged model without its MoDE head" in err
+    assert report_folders(copy) == before
+
+
+def test_a_plain_model_gets_a_base_only_logit_lens_report(mode, tmp_path, model_cache):
+    from mode_cli.model import resolve_source
+
+    folder = resolve_source(OmegaConf.structured(ModelConfig(name_or_path="tiny:llama")))
+    out = tmp_path / "reports"
+    code, _, err = mode(
+        "eval",
+        f"checkpoint={folder}",
+        "examples=3",
+        "eval.max_new_tokens=4",
+        f"eval.output_dir={out}",
+    )
+    assert code == 0, err
+    report = json.loads(next(out.glob("*/report.json")).read_text())
+    assert report["source"]["kind"] == "model" and report["sides"] == ["base"]
+    assert report["selected_layers"] == [] and report["ensemble"] is None
+    assert report["data"]["eval"] == "bundled:arithmetic/eval.jsonl"
+    assert all(row["tuned"] is None and row["base"]["loss"] > 0 for row in report["layers"])
+    assert set(report["answers"]["heads"]) == {"final"}  # no MoDE head: the final layer only
+    assert "4 (final)" in err
+
+    code, _, err = mode("eval", f"checkpoint={folder}", "compare=base")
+    assert code == 2 and "its own base" in err
+
+
+def test_data_swaps_in_another_data_group(tiny_run, mode, tmp_path):
+    code, _, err = mode(
+        "eval",
+        f"checkpoint={tiny_run}",
+        "data=chat-sample",
+        "examples=2",
+        "eval.answers=off",
+        "compare=none",
+        f"eval.output_dir={tmp_path}",
+    )
+    assert code == 0, err
+    report = json.loads(next(tmp_path.glob("*/report.json")).read_text())
+    assert report["data"]["eval"] == "bundled:chat/eval.jsonl" and report["answers"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("data=text-sample", "eval.answers=on"), "needs reference answers"),
+        (("examples=many",), "examples=many: expected a whole number"),
+        (("compare=maybe",), "compare=maybe: expected base or none"),
+        (("data=nope",), "no such data group option. Options: alpaca"),
+        (("eval.answer_match=fuzzy",), "eval.answer_match='fuzzy': expected one of"),
+        (("eval.max_new_tokens=0",), "eval.max_new_tokens=0: expected a whole number >= 1"),
+    ],
+)
+def test_bad_eval_settings_are_one_clear_message(tiny_run, mode, args, message):
+    before = report_folders(tiny_run)
+    code, _, err = mode("eval", f"checkpoint={tiny_run}", *args)
+    assert code == 2 and message in err, err
+    assert report_folders(tiny_run) == before
+
+
+def test_what_is_not_a_checkpoint_is_named(mode, tmp_path):
+    code, _, err = mode("eval", f"checkpoint={tmp_path}")
+    assert code == 2
+    assert "is not a mode run folder, merged folder or model folder" in err
+    (tmp_path / "config.yaml").write_text("- a list\n- not a recipe\n")
+    code, _, err = mode("eval", f"checkpoint={tmp_path}")
+    assert code == 2 and "is not a mode recipe" in err

@@ -1,0 +1,381 @@
+"""Decoding with the MoDE ensemble head: forward and generate() against a naive reference, the KV
+cache against full recomputation, `mode generate` / `mode chat`, and the Python `load` API."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from mode_cli import inference
+from mode_cli import model as model_mod
+from mode_cli.errors import ModeError
+from mode_cli.head import MoDEHead
+from mode_cli.loss import head_logits
+
+VOCAB = 61
+
+
+def tiny_config(family: str):
+    shape = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    if family == "llama":
+        return transformers.LlamaConfig(**shape, num_key_value_heads=2)
+    if family == "gemma2":
+        # A low cap so the soft-capping visibly bends the logits.
+        return transformers.Gemma2Config(
+            **shape,
+            num_key_value_heads=2,
+            head_dim=8,
+            query_pre_attn_scalar=8,
+            sliding_window=4,
+            final_logit_softcapping=2.0,
+        )
+    return transformers.GPTNeoXConfig(**shape)
+
+
+def model_and_head(family: str, layers=(2, 3, 4), router: str = "token"):
+    """A random-init model and a MoDE head whose norms and router are far from their init."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
+    head = MoDEHead(model_mod.final_norm(model), list(layers), 4, 32, router=router)
+    with torch.no_grad():
+        for param in head.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    return model, head
+
+
+def reference_logits(model, head, input_ids, attention_mask):
+    """The naive ensemble: all hidden states, the head, one head matmul, the model's logit_fn."""
+    states = model_mod.hidden_states(model, input_ids, attention_mask)
+    normed, weights = head(states)
+    return head_logits(
+        model_mod.lm_head(model), head.mix(normed, weights), model_mod.logit_fn(model)
+    )
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
+def test_ensemble_forward_matches_naive_reference(family):
+    model, head = model_and_head(family)
+    ids = torch.randint(3, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask).logits
+        expected = reference_logits(model, head, ids, mask)
+        forward_before = model.forward
+        with inference.use_head(model, "ensemble", head):
+            assert isinstance(model_mod.lm_head(model), inference.EnsembleHead)
+            ensemble = model(input_ids=ids, attention_mask=mask).logits
+            # The last position only, as generate() asks for it.
+            last = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+            # Outside a model forward the replaced head is the plain LM head.
+            states = model_mod.hidden_states(model, ids, mask)
+            plain = model_mod.lm_head(model)(states[-1])
+        after = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ensemble, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, expected[:, -1:], atol=1e-5, rtol=1e-5)
+    assert (ensemble - own).abs().max() > 1e-2  # the ensemble is not the final layer
+    raw = model_mod.lm_head(model)(states[-1])
+    torch.testing.assert_close(plain, raw)
+    # Everything put back: the original head, forward and logits.
+    assert not isinstance(model_mod.lm_head(model), inference.EnsembleHead)
+    assert "forward" not in model.__dict__ and model.forward == forward_before
+    torch.testing.assert_close(after, own, atol=0, rtol=0)
+
+
+def test_final_head_is_the_model_itself():
+    model, head = model_and_head("llama")
+    ids = torch.randint(3, VOCAB, (1, 7))
+    with torch.no_grad():
+        own = model(input_ids=ids).logits
+        inference.attach(model, head, "ensemble")
+        with inference.use_head(model, "final"):
+            final = model(input_ids=ids).logits
+        mixed = model(input_ids=ids).logits
+        inference.detach(model)
+    torch.testing.assert_close(final, own, atol=0, rtol=0)
+    assert (mixed - own).abs().max() > 1e-2
+
+
+def naive_greedy(
+    model, head, prompt: list[int], steps: int
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding by full recomputation of the naive reference at every step."""
+    ids, logits = list(prompt), []
+    for _ in range(steps):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            step = reference_logits(model, head, x, torch.ones_like(x))[0, -1]
+        logits.append(step)
+        ids.append(int(step.argmax()))
+    return ids[len(prompt) :], logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_generate_with_kv_cache_matches_full_recomputation(family):
+    model, head = model_and_head(family)
+    prompt = torch.randint(3, VOCAB, (1, 6))
+    config = transformers.GenerationConfig(
+        max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    expected_tokens, expected_logits = naive_greedy(model, head, prompt[0].tolist(), 8)
+    with inference.use_head(model, "ensemble", head), torch.no_grad():
+        outputs = {
+            cache: model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                generation_config=config,
+                use_cache=cache,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            for cache in (True, False)
+        }
+    for out in outputs.values():
+        assert out.sequences[0, 6:].tolist() == expected_tokens
+        for got, want in zip(out.logits, expected_logits, strict=True):
+            torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)
+
+
+class DigitTokenizer:
+    """A stand-in tokenizer over a tiny vocabulary: each character one token, ids 3..60."""
+
+    bos_token, eos_token, pad_token = "<s>", "</s>", "<pad>"
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        ids = [3 + (ord(c) % (VOCAB - 3)) for c in text]
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(f"<{i}>" for i in ids if not (skip_special_tokens and i < 3))
+
+
+def test_generate_texts_batched_equals_one_by_one():
+    """Left padding and batching change nothing: each prompt decodes as when alone, and both
+    equal the naive greedy reference; generation stops at EOS."""
+    model, head = model_and_head("llama")
+    tokenizer = DigitTokenizer()
+    prompts = ["12 + 30", "7", "a longer prompt here"]
+    batched = inference.generate_texts(
+        model, head, tokenizer, prompts, max_new_tokens=6, device="cpu", batch_size=3
+    )
+    single = [
+        inference.generate_texts(model, head, tokenizer, [p], max_new_tokens=6, device="cpu")[0]
+        for p in prompts
+    ]
+    assert batched == single
+    for prompt, text in zip(prompts, batched, strict=True):
+        tokens, _ = naive_greedy(model, head, tokenizer(prompt)["input_ids"], 6)
+        if tokenizer.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+        assert text == tokenizer.decode(tokens, skip_special_tokens=True)
+    final = inference.generate_texts(
+        model, None, tokenizer, prompts, head_kind="final", max_new_tokens=6, device="cpu"
+    )
+    assert final != batched
+    assert not isinstance(model_mod.lm_head(model), inference.EnsembleHead)
+
+
+def test_generate_texts_refuses_an_ensemble_without_a_head():
+    model, _ = model_and_head("llama")
+    with pytest.raises(ModeError, match="head=final"):
+        inference.generate_texts(model, None, DigitTokenizer(), ["1"], device="cpu")
+    _, norms_only = model_and_head("llama", router="none")
+    with pytest.raises(ModeError, match="no router"):
+        inference.generate_texts(model, norms_only, DigitTokenizer(), ["1"], device="cpu")
+
+
+def test_decoding_options_report_every_problem():
+    with pytest.raises(ModeError) as err:
+        inference.decoding_options(
+            ["head=middle", "max_new_tokens=x", "temperature=-1", "colour=red"], with_prompt=True
+        )
+    message = str(err.value)
+    for part in ("head='middle'", "max_new_tokens='x'", "unknown option 'colour'", "prompt="):
+        assert part in message
+    options = inference.decoding_options(
+        ["prompt=a=b", "head=final", "max_new_tokens=5", "temperature=0.5"], with_prompt=True
+    )
+    assert (options.prompt, options.head, options.max_new_tokens, options.temperature) == (
+        "a=b",
+        "final",
+        5,
+        0.5,
+    )
+
+
+# ---------------------------------------------------------------------------- on a trained run
+
+
+@pytest.fixture(scope="module")
+def final_only_run(tmp_path_factory, model_cache):
+    from mode_cli.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "final-only"
+    code = main(
+        [
+            "train",
+            "recipe=tiny-llama-alpaca",
+            "loss=final-only",
+            f"output_dir={out}",
+            "train.max_steps=2",
+            "merge=false",
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def test_generate_streams_an_answer(mode, tiny_run):
+    code, out, err = mode(
+        "generate", f"checkpoint={tiny_run}", "prompt=What is 12 + 30?", "max_new_tokens=12"
+    )
+    assert code == 0, err
+    assert out.endswith("\n") and out.strip()
+    assert "ensemble head" in err
+    from mode_cli import load
+    from mode_cli.api import format_prompt
+
+    model, tokenizer = load(tiny_run, device="cpu")
+    prompt = format_prompt(model, tokenizer, "What is 12 + 30?")
+    assert "### Instruction:\nWhat is 12 + 30?" in prompt
+    expected = inference.generate_texts(
+        model, None, tokenizer, [prompt], max_new_tokens=12, device="cpu"
+    )[0]
+    assert out == expected + "\n"
+    code, final_out, err = mode(
+        "generate", f"checkpoint={tiny_run}", "prompt=What is 12 + 30?", "head=final",
+        "max_new_tokens=12",
+    )  # fmt: skip
+    assert code == 0, err
+    expected_final = inference.generate_texts(
+        model, None, tokenizer, [prompt], head_kind="final", max_new_tokens=12, device="cpu"
+    )[0]
+    assert expected_final != expected
+    assert final_out == expected_final + "\n"
+
+
+def test_generate_from_the_merged_folder(mode, tiny_run):
+    merged = tiny_run / "merged"
+    code, out, err = mode(
+        "generate", f"checkpoint={merged}", "prompt=What is 12 + 30?", "max_new_tokens=6"
+    )
+    assert code == 0, err
+    assert out.strip()
+    sampled = [
+        mode("generate", f"checkpoint={merged}", "prompt=hi", "max_new_tokens=8", *options)[1]
+        for options in (["temperature=1.0", "seed=3"],) * 2 + (["temperature=1.0", "seed=4"],)
+    ]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_bad_checkpoints_give_one_clear_message(mode, tiny_run, tmp_path, final_only_run):
+    code, _, err = mode("generate", f"checkpoint={tmp_path}", "prompt=hi")
+    assert code == 2 and "is not a mode run folder" in err
+    code, _, err = mode("generate", f"checkpoint={tmp_path / 'nowhere'}", "prompt=hi")
+    assert code == 2 and "not found" in err
+    code, _, err = mode("generate", f"checkpoint={tiny_run}")
+    assert code == 2 and "prompt=" in err
+    # A merged folder whose MoDE head was left behind.
+    bare = tmp_path / "merged"
+    shutil.copytree(tiny_run / "merged", bare)
+    for name in ("mode_head.json", "mode_head.safetensors"):
+        (bare / name).unlink(missing_ok=True)
+    code, _, err = mode("generate", f"checkpoint={bare}", "prompt=hi")
+    assert code == 2 and "merged model without its MoDE head" in err
+    # A final-only run has no ensemble; its final layer decodes.
+    code, _, err = mode("generate", f"checkpoint={final_only_run}", "prompt=hi")
+    assert code == 2 and "head=final" in err and "Traceback" not in err
+    code, out, err = mode(
+        "generate", f"checkpoint={final_only_run}", "prompt=hi", "head=final", "max_new_tokens=3"
+    )
+    assert code == 0, err
+
+
+def test_chat_keeps_the_conversation(mode, tiny_run, monkeypatch):
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO("What is 2 + 2?\n\nAnd 3 + 3?\n/exit\nnever read\n")
+    )
+    seen = []
+    original = inference.chat_prompt
+
+    def spy(messages, cfg, tokenizer):
+        seen.append([dict(m) for m in messages])
+        return original(messages, cfg, tokenizer)
+
+    monkeypatch.setattr(inference, "chat_prompt", spy)
+    code, out, err = mode("chat", f"checkpoint={tiny_run}", "max_new_tokens=4")
+    assert code == 0, err
+    assert [len(m) for m in seen] == [1, 3]
+    assert seen[1][0]["content"] == "What is 2 + 2?" and seen[1][1]["role"] == "assistant"
+    assert seen[1][2]["content"] == "And 3 + 3?"
+    # End of input ends the chat cleanly too.
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello"))
+    code, _, err = mode("chat", f"checkpoint={tiny_run}", "max_new_tokens=2")
+    assert code == 0, err
+
+
+def test_readme_example_runs_as_written(tiny_run, capsys):
+    """The five lines of docs/python-api.md, on a tiny run: the ensemble's greedy answer."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "python-api.md").read_text()
+    code = doc.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) == 5
+    placeholder = '"outputs/smollm2-arithmetic/<time>"'
+    assert placeholder in code
+    namespace: dict = {}
+    exec(code.replace(placeholder, repr(str(tiny_run))), namespace)
+    printed = capsys.readouterr().out
+    model, tokenizer = namespace["model"], namespace["tokenizer"]
+    assert isinstance(model_mod.lm_head(model), inference.EnsembleHead)
+    prompt = namespace["format_prompt"](model, tokenizer, "What is 12 + 30?")
+    expected = inference.generate_texts(
+        model, None, tokenizer, [prompt], max_new_tokens=48, device="cpu"
+    )[0]
+    assert printed == expected + "\n"
+
+
+@pytest.mark.parametrize("data", ["chat-sample", "arithmetic-sample", "text-sample"])
+def test_chat_prompt_follows_the_run_format(data):
+    from transformers import AutoTokenizer
+
+    from mode_cli import data as data_mod
+    from mode_cli.recipes import compose_recipe
+
+    cfg = compose_recipe("tiny-llama-alpaca", [f"data={data}"])
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(model_mod.resolve_bundled("bundled:tiny-tokenizer"))
+    )
+    messages = [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "The answer is 4."},
+        {"role": "user", "content": "And 3 + 3?"},
+    ]
+    prompt = inference.chat_prompt(messages, cfg, tokenizer)
+    first = inference.format_prompt("What is 2 + 2?", cfg, tokenizer)
+    assert first == data_mod.user_prompt("What is 2 + 2?", cfg.data, tokenizer)
+    if cfg.data.format == "chat":
+        template = data_mod.chat_template(cfg.data, tokenizer)
+        assert prompt == data_mod.render_chat(messages, template, tokenizer, True)
+        assert first == data_mod.render_chat(messages[:1], template, tokenizer, True)
+        positions = [prompt.index(m["content"]) for m in messages]
+        assert positions == sorted(positions)
+    elif cfg.data.format == "alpaca":
+        second = inference.format_prompt("And 3 + 3?", cfg, tokenizer)
+        assert prompt == first + "The answer is 4.\n\n" + second
+    else:
+        assert prompt == "What is 2 + 2?\nThe answer is 4.\nAnd 3 + 3?\n"
