@@ -192,7 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         dry_run(cfg)
     else:
-        FinetuneRecipe(cfg).run()
+        FinetuneRecipe(cfg, overrides, args.recipes_dir).run()
     return 0
 
 

@@ -256,7 +256,7 @@ def run_sweep(sweep: Sweep, console: Console, out: Console) -> int:
             run.status = "running"
             start, started_at = time.perf_counter(), time.time()
             try:
-                FinetuneRecipe(run.cfg).run()
+                FinetuneRecipe(run.cfg, run.overrides).run()
                 # A time or step budget (train.max_minutes, train.stop_after_steps) ends a run
                 # early with a checkpoint and no report: not a failure, but a partial result.
                 report = newest_report(run.out)

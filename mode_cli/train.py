@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import shlex
 import shutil
 import signal
 import threading
@@ -304,9 +305,14 @@ class StopSignals:
 class FinetuneRecipe:
     """One `mode train` run; `run()` goes setup -> train -> save -> report -> merge."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(
+        self, cfg: DictConfig, overrides: list[str] | None = None, recipes_dir: Path | None = None
+    ) -> None:
+        """`overrides` and `recipes_dir`, the command line's, only shape the resume hint."""
         validate(cfg)
         self.cfg = cfg
+        self.overrides = overrides
+        self.recipes_dir = recipes_dir
         self.device = resolve_device(cfg.train.device)
         self.out = Path(cfg.output_dir or default_output_dir(cfg.recipe or "run"))
 
@@ -420,10 +426,7 @@ class FinetuneRecipe:
         print_summary(console, self.summary(first))
         if self.state["step"] == cfg.max_steps and signals.received is None:
             return True
-        hint = (
-            f"resume with: mode train recipe={self.cfg.recipe} output_dir={self.out} resume=auto "
-            "(and this run's other overrides)"
-        )
+        hint = f"resume with: {self.resume_command()}"
         console.print(
             f"stopped at step {self.state['step']}/{cfg.max_steps} ({stopped_by}); checkpoint "
             f"{self.last_checkpoint}",
@@ -433,6 +436,25 @@ class FinetuneRecipe:
             raise TrainingInterrupted(hint, signals.exit_code)
         console.print(hint, soft_wrap=True)
         return False
+
+    def resume_command(self) -> str:
+        """The command that continues this run: its own overrides, output_dir and resume=auto."""
+        words = ["mode", "train", f"recipe={self.cfg.recipe}"]
+        if self.overrides is None:
+            words.append("<this run's overrides>")
+        else:
+            skip = (
+                "recipe=",
+                "output_dir=",
+                "resume=",
+                "train.stop_after_steps=",
+                "train.max_minutes=",
+            )
+            words += [o for o in self.overrides if not o.startswith(skip)]
+        words += [f"output_dir={self.out}", "resume=auto"]
+        if self.recipes_dir is not None:
+            words.append(f"--recipes-dir={self.recipes_dir}")
+        return " ".join(w if w.startswith("<") else shlex.quote(w) for w in words)
 
     def train_step(self, step: int, trainable: list, boundary: dict) -> dict | None:
         """One optimizer step: forward/backward over its micro-batches, clip, update, schedule.

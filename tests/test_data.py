@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from helpers import data_cfg, write_jsonl
 
 from mode_cli import data
-from mode_cli.config import DataConfig
 from mode_cli.data import IGNORE, DataStats, Example
 from mode_cli.errors import ModeError
 from mode_cli.model import BUNDLED_DIR, resolve_bundled
@@ -36,15 +35,6 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(resolve_bundled("bundled:tiny-tokenizer")))
-
-
-def data_cfg(**values):
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), values)
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 def good_rows(n: int, prefix: str = "q") -> list[dict]:

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import train_tiny
+from helpers import data_cfg, train_tiny, write_jsonl
 from omegaconf import OmegaConf
 
 from mode_cli import data
-from mode_cli.config import DataConfig
 from mode_cli.data import CHATML_TEMPLATE, IGNORE, DataStats
 from mode_cli.errors import ModeError
 from mode_cli.model import BUNDLED_DIR, resolve_bundled
@@ -26,15 +25,6 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(resolve_bundled("bundled:tiny-tokenizer")))
-
-
-def data_cfg(**values):
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), values)
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 def chat(i: int, turns: int = 1, system: bool = False) -> dict:

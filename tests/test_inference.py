@@ -328,13 +328,18 @@ def test_chat_keeps_the_conversation(mode, tiny_run, monkeypatch):
     assert code == 0, err
 
 
-def test_readme_example_runs_as_written(tiny_run, capsys):
-    """The five lines of docs/python-api.md, on a tiny run: the ensemble's greedy answer."""
+@pytest.mark.parametrize(
+    ("document", "section"),
+    [("README.md", "## Generating, and using"), ("docs/python-api.md", "## From Python")],
+)
+def test_readme_example_runs_as_written(tiny_run, capsys, document, section):
+    """The five lines of the README (and of docs/python-api.md), on a tiny run: the ensemble's
+    greedy answer."""
     from pathlib import Path
 
-    doc = (Path(__file__).parents[1] / "docs" / "python-api.md").read_text()
-    code = doc.split("## From Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    assert len(code.strip().splitlines()) == 5
+    doc = (Path(__file__).parents[1] / document).read_text()
+    code = doc.split(section, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len([line for line in code.splitlines() if line.strip()]) == 5
     placeholder = '"outputs/smollm2-arithmetic/<time>"'
     assert placeholder in code
     namespace: dict = {}

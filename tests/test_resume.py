@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import records
 from safetensors.torch import load_file
 
 from mode_cli import checkpoint as checkpoint_mod
@@ -29,10 +30,6 @@ TINY = [
     "eval.answers=off",
     "eval.max_examples=4",
 ]
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -56,7 +53,17 @@ def test_a_stopped_and_resumed_run_matches_an_uninterrupted_one(mode, tmp_path):
 
     code, err = train(mode, split, *common, "train.stop_after_steps=3", "logger=tensorboard")
     assert code == 0, err
-    assert "resume with: mode train recipe=tiny-llama-alpaca" in err and "resume=auto" in err
+    # The hint is this command with resume=auto, without the stop: it is what the next call runs.
+    hint = " ".join(
+        [
+            "resume with: mode train recipe=tiny-llama-alpaca",
+            *TINY[1:],
+            *common,
+            "logger=tensorboard",
+        ]
+        + [f"output_dir={split}", "resume=auto"]
+    )
+    assert hint in err
     assert checkpoints(split) == ["step-000002", "step-000003"]  # checkpoint.keep=2
     assert not (split / "adapter").exists()  # final outputs only once the run is complete
     assert sorted(losses(split)) == [1, 2, 3]

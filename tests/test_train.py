@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import train_tiny
+from helpers import records, train_tiny
 from safetensors.torch import load_file
 
 from mode_cli.report import latest_report
@@ -14,10 +14,6 @@ from mode_cli.report import latest_report
 def first_report(run):
     """The run's end-of-training report (later `mode eval` reports sort after it)."""
     return sorted((run / "eval").glob("*/report.json"))[0]
-
-
-def records(run):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_a_run_writes_every_output(tiny_run):

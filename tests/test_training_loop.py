@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import records
 
 from mode_cli import checkpoint as checkpoint_mod
 from mode_cli import data as data_mod
@@ -23,10 +24,6 @@ QUICK = [
     "eval.answers=off",
     "eval.max_examples=4",
 ]
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def train(mode, out: Path, *overrides: str) -> tuple[int, str]:

@@ -12,25 +12,11 @@ from pathlib import Path
 
 import datasets
 
+from mode_cli.data import alpaca_prompt
+
 EVAL_FILE = Path(__file__).resolve().parent.parent / "bundled" / "arithmetic" / "eval.jsonl"
 
-# The Alpaca template of mode_cli.data, repeated so the harness needs nothing but this folder.
-ALPACA_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
 CHOICES = 4
-
-
-def prompt(row: dict) -> str:
-    if row.get("input"):
-        return ALPACA_WITH_INPUT.format(instruction=row["instruction"], input=row["input"])
-    return ALPACA_NO_INPUT.format(instruction=row["instruction"])
 
 
 def near_misses(answer: int, count: int = CHOICES - 1) -> list[int]:
@@ -48,7 +34,7 @@ def document(index: int, row: dict) -> dict:
     numbers = near_misses(answer)
     numbers.insert(gold, answer)
     return {
-        "prompt": prompt(row),
+        "prompt": alpaca_prompt(row),
         "answer": row["answer"],
         "choices": [f"The answer is {n}." for n in numbers],
         "gold": gold,
