@@ -234,13 +234,6 @@ def eval_config(checkpoint: Checkpoint, overrides: list[str]) -> tuple[DictConfi
             "or a merged folder"
         )
     validate(cfg)
-    problems = [
-        f"eval.{key}={cfg.eval[key]}: expected a whole number >= 1"
-        for key in ("answer_examples", "max_new_tokens", "answer_batch_size")
-        if cfg.eval[key] < 1
-    ]
-    if problems:
-        raise ModeError("Invalid eval settings:\n" + "\n".join(f"  - {p}" for p in problems))
     return cfg, original_model
 
 

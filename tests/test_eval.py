@@ -126,7 +126,7 @@ def test_data_swaps_in_another_data_group(tiny_run, mode, tmp_path):
         (("compare=maybe",), "compare=maybe: expected base or none"),
         (("data=nope",), "no such data group option. Options: alpaca"),
         (("eval.answer_match=fuzzy",), "eval.answer_match='fuzzy': expected one of"),
-        (("eval.max_new_tokens=0",), "eval.max_new_tokens=0: expected a whole number >= 1"),
+        (("eval.max_new_tokens=0",), "eval.max_new_tokens=0: expected a number > 0"),
     ],
 )
 def test_bad_eval_settings_are_one_clear_message(tiny_run, mode, args, message):
