@@ -4,7 +4,8 @@ Formats (`data.format`, one per source):
 
 - `alpaca`: `instruction`, optional `input`, `output`. The prompt is the Alpaca template and is
   masked; the output and an EOS token are trained.
-- `chat`: `messages`, a list of `{role, content}` turns (roles `system`, `user`, `assistant`),
+- `chat`: `messages`, a list of `{role, content}` turns (roles `system`, `user`, `assistant`;
+  ShareGPT's `human` / `gpt` and Gemma's `model` are read as `user` / `assistant`),
   rendered with the tokenizer's chat template (`data.chat_template` overrides it; a tokenizer
   without one gets ChatML). Only the assistant turns are trained: for each one, the tokens it
   adds to the conversation after the generation prompt (its content and end-of-turn marker).
@@ -13,7 +14,7 @@ Formats (`data.format`, one per source):
   overlap by one token, so every token but the first is predicted exactly once.
 
 `data.fields` maps a format's field names to the file's column names (`{instruction: question}`,
-`{messages: conversation, role: from, content: value}`, `{text: body}`). Rows come from a local
+`{messages: conversations, role: from, content: value}` for ShareGPT files, `{text: body}`). Rows come from a local
 .json/.jsonl file, a hub dataset id, or a file bundled with `mode`; a malformed row is reported
 with its 1-based row number. An example left with no trained token after truncation is dropped,
 counted and reported; above `data.max_dropped_fraction` of a split that is an error.
@@ -45,6 +46,16 @@ FORMAT_FIELDS = {
     "text": ("text",),
 }
 ROLES = ("system", "user", "assistant")
+# Role names of other chat conventions: ShareGPT (`human`, `gpt`) and Gemma's `model`.
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant"}
+
+
+def role_of(message: dict, key: str) -> str | None:
+    """A message's role under the standard names (system, user, assistant), or None if unknown."""
+    role = message.get(key)
+    role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else None
+    return role if role in ROLES else None
+
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -288,13 +299,14 @@ def chat_problem(row: object, fields: dict) -> str | None:
             return f"message {i} is not an object with role/content"
         if role_key not in message:
             return f"message {i} has no {column('role', fields)}"
-        if message[role_key] not in ROLES:
-            return f"message {i}: unknown role {message[role_key]!r} (expected {', '.join(ROLES)})"
+        if role_of(message, role_key) is None:
+            known = ", ".join((*ROLES, *ROLE_ALIASES))
+            return f"message {i}: unknown role {message[role_key]!r} (expected {known})"
         if not isinstance(message.get(content_key), str):
             return f"message {i}: {column('content', fields)} is missing or not a string"
-        if message[role_key] == "assistant" and not message[content_key].strip():
+        if role_of(message, role_key) == "assistant" and not message[content_key].strip():
             return f"message {i}: empty assistant content"
-    if not any(message[role_key] == "assistant" for message in messages):
+    if not any(role_of(message, role_key) == "assistant" for message in messages):
         return "no assistant turn (nothing to train on)"
     return None
 
@@ -305,7 +317,7 @@ def canonical(row: dict, format: str, fields: dict) -> dict:
     if format == "chat":
         role_key, content_key = fields.get("role", "role"), fields.get("content", "content")
         out["messages"] = [
-            {"role": m[role_key], "content": m[content_key]}
+            {"role": role_of(m, role_key), "content": m[content_key]}
             for m in row[fields.get("messages", "messages")]
         ]
         return out

@@ -133,15 +133,20 @@ def test_chat_template_choice(tokenizer):
     assert data.chat_template(data_cfg(chat_template="chatml"), WithTemplate()) == CHATML_TEMPLATE
 
 
-def test_chat_field_mapping(tokenizer, tmp_path):
+def test_chat_field_mapping_reads_sharegpt_files(tokenizer, tmp_path):
+    """ShareGPT rows: `from`/`value` keys and the role names human/gpt."""
     plain = [chat(i, turns=2) for i in range(4)]
+    sharegpt = {"user": "human", "assistant": "gpt", "system": "system"}
     renamed = [
         {
-            "conversation": [{"from": m["role"], "value": m["content"]} for m in row["messages"]],
+            "conversation": [
+                {"from": sharegpt[m["role"]], "value": m["content"]} for m in row["messages"]
+            ],
             "answer": row["answer"],
         }
         for row in plain
     ]
+    assert any(m["from"] == "gpt" for m in renamed[0]["conversation"])
     a = write_jsonl(tmp_path / "a.jsonl", plain)
     b = write_jsonl(tmp_path / "b.jsonl", renamed)
     fields = {"messages": "conversation", "role": "from", "content": "value"}
@@ -167,7 +172,7 @@ BAD_CHATS = [
     ),
     pytest.param(
         {"messages": [{"role": "robot", "content": "Hi"}, {"role": "assistant", "content": "x"}]},
-        "message 1: unknown role 'robot' (expected system, user, assistant)",
+        "message 1: unknown role 'robot' (expected system, user, assistant, human, gpt, model)",
         id="unknown-role",
     ),
     pytest.param(
