@@ -433,6 +433,24 @@ def stream_one(path: Path, options: DecodingOptions) -> int:
     return 0
 
 
+def fit_context(messages: list[dict], length, limit: int | None) -> int:
+    """Drop the oldest exchanges until `length(messages)` fits in `limit` tokens (the newest
+    message always stays); returns how many messages were dropped."""
+    dropped = 0
+    while limit is not None and len(messages) > 1 and length(messages) > limit:
+        # A user turn and the reply to it go together.
+        count = 2 if len(messages) > 2 and messages[1]["role"] == "assistant" else 1
+        del messages[:count]
+        dropped += count
+    return dropped
+
+
+def context_limit(model, options: DecodingOptions) -> int | None:
+    """Prompt tokens a reply of `max_new_tokens` leaves room for; None when the model sets none."""
+    positions = getattr(model_mod.base_of(model).config, "max_position_embeddings", None)
+    return None if positions is None else max(1, positions - options.max_new_tokens)
+
+
 def chat_loop(path: Path, options: DecodingOptions) -> int:
     """`mode chat`: read a message per line, stream each reply; the conversation is kept."""
     from rich.console import Console
@@ -442,6 +460,12 @@ def chat_loop(path: Path, options: DecodingOptions) -> int:
     interactive = sys.stdin.isatty()
     console.print("[dim]/exit (or Ctrl-D) ends the chat, /reset forgets it[/dim]")
     messages: list[dict] = []
+    chat = model.mode_config.data.format == "chat"
+
+    def length(turns: list[dict]) -> int:
+        prompt = chat_prompt(turns, model.mode_config, tokenizer)
+        return len(prompt_ids(tokenizer, prompt, add_special_tokens=not chat))
+
     while True:
         try:
             line = input("> " if interactive else "")
@@ -457,6 +481,9 @@ def chat_loop(path: Path, options: DecodingOptions) -> int:
             console.print("[dim]conversation cleared[/dim]")
             continue
         messages.append({"role": "user", "content": text})
+        dropped = fit_context(messages, length, context_limit(model, options))
+        if dropped:
+            console.print(f"[dim]{dropped} earliest messages left out to fit the context[/dim]")
         prompt = chat_prompt(messages, model.mode_config, tokenizer)
         try:
             reply = stream_reply(model, tokenizer, prompt, options)

@@ -319,6 +319,8 @@ def test_chat_keeps_the_conversation(mode, tiny_run, monkeypatch):
     monkeypatch.setattr(inference, "chat_prompt", spy)
     code, out, err = mode("chat", f"checkpoint={tiny_run}", "max_new_tokens=4")
     assert code == 0, err
+    # Each prompt is rendered once to generate (and may be measured before, to fit the context).
+    seen = [m for i, m in enumerate(seen) if i == 0 or m != seen[i - 1]]
     assert [len(m) for m in seen] == [1, 3]
     assert seen[1][0]["content"] == "What is 2 + 2?" and seen[1][1]["role"] == "assistant"
     assert seen[1][2]["content"] == "And 3 + 3?"
@@ -352,6 +354,22 @@ def test_readme_example_runs_as_written(tiny_run, capsys, document, section):
         model, None, tokenizer, [prompt], max_new_tokens=48, device="cpu"
     )[0]
     assert printed == expected + "\n"
+
+
+def test_a_long_chat_drops_its_oldest_exchanges_to_fit_the_context():
+    turns = []
+    for i in range(4):
+        turns += [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+    turns.append({"role": "user", "content": "last"})
+
+    def length(messages):  # ten tokens a message
+        return 10 * len(messages)
+
+    messages = list(turns)
+    assert inference.fit_context(messages, length, None) == 0 and messages == turns
+    assert inference.fit_context(messages, length, 50) == 4
+    assert messages == turns[4:]  # whole exchanges dropped, oldest first
+    assert inference.fit_context(messages, length, 5) == 4 and messages == turns[-1:]
 
 
 @pytest.mark.parametrize("data", ["chat-sample", "arithmetic-sample", "text-sample"])
