@@ -17,12 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mode_cli import inference
-from mode_cli import model as model_mod
-from mode_cli.artifacts import HEAD_INFO, MERGED_CONFIG, load_head, load_run, load_run_config
+from mode_cli.artifacts import HEAD_INFO, MERGED_CONFIG, load_merged, load_run, load_run_config
 from mode_cli.config import CHOICES, resolve_device
 from mode_cli.errors import ModeError
 
@@ -47,27 +45,6 @@ def folder_kind(path: Path) -> str:
         f"{path} is not a mode run folder (config.yaml, adapter/, {HEAD_INFO}) nor a merged "
         f"model folder (config.json, {MERGED_CONFIG})"
     )
-
-
-def load_merged(path: Path, cfg: DictConfig, device: str, head_kind: str):
-    """(merged model, head or None, tokenizer) of a merged folder."""
-    if (
-        head_kind == "ensemble"
-        and cfg.loss.name != "final-only"
-        and not (path / HEAD_INFO).is_file()
-    ):
-        raise ModeError(
-            f"{path} is a merged model without its MoDE head: the run trained one "
-            f"(loss={cfg.loss.name}) but {HEAD_INFO} is missing here. Copy mode_head.json and "
-            "mode_head.safetensors from the run folder, load the run folder instead, or use "
-            "head=final"
-        )
-    # The merged weights are local and dense: no hub revision, and quantize only on request.
-    model_cfg = OmegaConf.merge(cfg.model, {"revision": None})
-    model = model_mod.load_base_model(str(path), model_cfg, cfg.train.precision, device)
-    tokenizer = model_mod.load_tokenizer(str(path), model_cfg)
-    head = load_head(path, model, device) if (path / HEAD_INFO).is_file() else None
-    return model, head, tokenizer
 
 
 def load_checkpoint(
@@ -104,7 +81,12 @@ def load_checkpoint(
         if head == "ensemble" and cfg.loss.name == "final-only":
             inference.check_head_kind(head, None, where=str(path))
         cfg.model.quantization = quantization or "none"
-        model, mode_head, tokenizer = load_merged(path, cfg, device, head)
+        try:
+            model, mode_head, tokenizer = load_merged(
+                path, cfg, device, require_head=head == "ensemble"
+            )
+        except ModeError as err:
+            raise ModeError(f"{err} (head=final decodes without it)") from None
     inference.check_head_kind(head, mode_head, where=str(path))
     model.eval()
     return model, mode_head, tokenizer, cfg

@@ -108,6 +108,26 @@ def load_run(run_dir: Path, cfg: DictConfig, device: str):
     return model, head, tokenizer, source
 
 
+def load_merged(path: Path, cfg: DictConfig, device: str, *, require_head: bool = True):
+    """(model, head or None, tokenizer) of a merged folder: the merged weights loaded as saved
+    (`cfg.model.quantization`; the recipe's source and revision do not apply), with the MoDE head
+    kept beside them. A recipe that trained a head whose files are missing is an error unless
+    `require_head` is false (decoding from the final layer needs no head)."""
+    trains_head = cfg.loss.name != "final-only"
+    missing = [name for name in (HEAD_INFO, HEAD_WEIGHTS) if not (path / name).is_file()]
+    if trains_head and missing and require_head:
+        raise ModeError(
+            f"{path} is a merged model without its MoDE head: the recipe trained one "
+            f"(loss={cfg.loss.name}) but {' and '.join(missing)} is missing. Copy {HEAD_INFO} and "
+            f"{HEAD_WEIGHTS} from the run folder, or use the run folder itself"
+        )
+    model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": str(path), "revision": None})
+    model = model_mod.load_base_model(str(path), model_cfg, cfg.train.precision, device)
+    tokenizer = model_mod.load_tokenizer(str(path), model_cfg)
+    head = load_head(path, model, device) if trains_head and not missing else None
+    return model, head, tokenizer
+
+
 def dequantized_base(cfg: DictConfig, source: str, device: str):
     """The base model as training saw it: loaded in 4 bits then dequantized, or the plain weights.
 

@@ -39,10 +39,8 @@ from mode_cli import data as data_mod
 from mode_cli import model as model_mod
 from mode_cli.answers import answer_rows, evaluate_answers
 from mode_cli.artifacts import (
-    HEAD_INFO,
-    HEAD_WEIGHTS,
     MERGED_CONFIG,
-    load_head,
+    load_merged,
     load_run,
     load_run_config,
 )
@@ -270,19 +268,7 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
         model, head, tokenizer, _ = load_run(checkpoint.path, cfg, device)
         source["model"] = cfg.model.name_or_path
     elif checkpoint.kind == "merged":
-        trains_head = cfg.loss.name != "final-only"
-        missing = [
-            name for name in (HEAD_INFO, HEAD_WEIGHTS) if not (checkpoint.path / name).is_file()
-        ]
-        if trains_head and missing:
-            raise ModeError(
-                f"{checkpoint.path} is a merged model without its MoDE head: the recipe trained "
-                f"one (loss={cfg.loss.name}) but {' and '.join(missing)} is missing. Copy "
-                f"{HEAD_INFO} and {HEAD_WEIGHTS} from the run folder, or evaluate the run folder "
-                "itself"
-            )
-        model, tokenizer = load_plain(cfg, device)
-        head = load_head(checkpoint.path, model, device) if trains_head else None
+        model, head, tokenizer = load_merged(checkpoint.path, cfg, device)
         source["model"] = str(checkpoint.path)
         source["base"] = original_model.name_or_path
     else:
