@@ -189,9 +189,10 @@ def answer_accuracy(
 
     The ensemble head exists only with a routed MoDE head; the final head always.
     """
+    from mode_cli.head import has_ensemble
     from mode_cli.inference import generate_texts
 
-    heads = ["ensemble", "final"] if head is not None and head.router_kind != "none" else ["final"]
+    heads = ["ensemble", "final"] if has_ensemble(head) else ["final"]
     outputs = {
         kind: generate_texts(
             model,

@@ -20,9 +20,17 @@ from pathlib import Path
 from torch import nn
 
 from mode_cli import inference
-from mode_cli.artifacts import HEAD_INFO, MERGED_CONFIG, load_merged, load_run, load_run_config
+from mode_cli.artifacts import (
+    HEAD_INFO,
+    MERGED_CONFIG,
+    RUN_CONFIG,
+    load_merged,
+    load_run,
+    load_run_config,
+)
 from mode_cli.config import CHOICES, resolve_device
 from mode_cli.errors import ModeError
+from mode_cli.head import has_ensemble
 
 
 def folder_kind(path: Path) -> str:
@@ -31,9 +39,9 @@ def folder_kind(path: Path) -> str:
         raise ModeError(f"Checkpoint folder not found: {path}")
     if not path.is_dir():
         raise ModeError(f"{path} is a file; expected a run folder or its merged/ folder")
-    if (path / "config.yaml").is_file():
+    if (path / RUN_CONFIG).is_file():
         return "run"
-    if (path / MERGED_CONFIG).is_file() and (path / "config.json").is_file():
+    if (path / MERGED_CONFIG).is_file():
         return "merged"
     if (path / "config.json").is_file():
         raise ModeError(
@@ -42,7 +50,7 @@ def folder_kind(path: Path) -> str:
             "run folder"
         )
     raise ModeError(
-        f"{path} is not a mode run folder (config.yaml, adapter/, {HEAD_INFO}) nor a merged "
+        f"{path} is not a mode run folder ({RUN_CONFIG}, adapter/, {HEAD_INFO}) nor a merged "
         f"model folder (config.json, {MERGED_CONFIG})"
     )
 
@@ -61,33 +69,23 @@ def load_checkpoint(
     """
     path = Path(path).expanduser()
     kind = folder_kind(path)
-    if head not in inference.HEAD_KINDS:
-        raise ModeError(f"head={head!r}: expected one of {', '.join(inference.HEAD_KINDS)}")
     if quantization is not None and quantization not in CHOICES["model.quantization"]:
         raise ModeError(
             f"quantization={quantization!r}: expected one of "
             f"{', '.join(CHOICES['model.quantization'])}"
         )
     device = device or resolve_device("auto")
+    cfg = load_run_config(path, RUN_CONFIG if kind == "run" else MERGED_CONFIG)
+    inference.check_recipe_head_kind(head, cfg.loss.name, where=str(path))
     if kind == "run":
-        cfg = load_run_config(path)
-        if head == "ensemble" and cfg.loss.name == "final-only":
-            inference.check_head_kind(head, None, where=str(path))
         if quantization is not None:
             cfg.model.quantization = quantization
-        model, mode_head, tokenizer, _ = load_run(path, cfg, device)
+        model, mode_head, tokenizer = load_run(path, cfg, device)
     else:
-        cfg = load_run_config(path, MERGED_CONFIG)
-        if head == "ensemble" and cfg.loss.name == "final-only":
-            inference.check_head_kind(head, None, where=str(path))
         cfg.model.quantization = quantization or "none"
-        try:
-            model, mode_head, tokenizer = load_merged(
-                path, cfg, device, require_head=head == "ensemble"
-            )
-        except ModeError as err:
-            raise ModeError(f"{err} (head=final decodes without it)") from None
-    inference.check_head_kind(head, mode_head, where=str(path))
+        model, mode_head, tokenizer = load_merged(
+            path, cfg, device, require_head=head == "ensemble"
+        )
     model.eval()
     return model, mode_head, tokenizer, cfg
 
@@ -116,7 +114,7 @@ def load(
     model, mode_head, tokenizer, cfg = load_checkpoint(
         path, head=head, device=device, quantization=quantization
     )
-    if mode_head is not None and mode_head.router_kind != "none":
+    if has_ensemble(mode_head):
         inference.attach(model, mode_head, head)
     model.mode_config = cfg
     return model, tokenizer

@@ -23,11 +23,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from mode_cli import model as model_mod
-from mode_cli.config import RecipeConfig, trains_adapter
+from mode_cli.config import RecipeConfig, trains_adapter, trains_head
 from mode_cli.errors import ModeError
 from mode_cli.files import staged_folder
 from mode_cli.head import MoDEHead
 
+RUN_CONFIG = "config.yaml"  # marks a run folder
 HEAD_WEIGHTS = "mode_head.safetensors"
 HEAD_INFO = "mode_head.json"
 # A merged folder's copy of the run's resolved recipe: marks it as a merged mode model.
@@ -57,7 +58,7 @@ def load_head(run_dir: Path, model, device: str) -> MoDEHead:
     return head.to(device)
 
 
-def load_run_config(run_dir: Path, name: str = "config.yaml") -> DictConfig:
+def load_run_config(run_dir: Path, name: str = RUN_CONFIG) -> DictConfig:
     """A run's resolved recipe (`name`: `config.yaml` in a run folder, `mode_config.yaml` in a
     merged one), merged onto the schema so overrides are type-checked."""
     from omegaconf.errors import OmegaConfBaseException
@@ -87,14 +88,23 @@ def load_run_config(run_dir: Path, name: str = "config.yaml") -> DictConfig:
     return cfg
 
 
+def missing_head_files(folder: Path) -> list[str]:
+    return [name for name in (HEAD_INFO, HEAD_WEIGHTS) if not (folder / name).is_file()]
+
+
 def load_run(run_dir: Path, cfg: DictConfig, device: str):
-    """(model with the trained adapter, head or None, tokenizer, source) of a finished run."""
+    """(model with the trained adapter, head or None, tokenizer) of a finished run."""
     from peft import PeftModel
 
     adapter = run_dir / "adapter"
     # Check before loading any weights.
     if trains_adapter(cfg) and not (adapter / "adapter_config.json").is_file():
         raise ModeError(f"{run_dir} has no trained adapter (adapter/adapter_config.json)")
+    missing = missing_head_files(run_dir)
+    if trains_head(cfg) and missing:
+        raise ModeError(
+            f"{run_dir} was trained with loss={cfg.loss.name} but has no {' or '.join(missing)}"
+        )
     source = model_mod.resolve_source(cfg.model)
     base = model_mod.load_base_model(source, cfg.model, cfg.train.precision, device)
     if trains_adapter(cfg):
@@ -102,10 +112,8 @@ def load_run(run_dir: Path, cfg: DictConfig, device: str):
         model = PeftModel.from_pretrained(base, str(adapter))
     else:  # mode-only: the head trained alone on the frozen base
         model, tokenizer = base, model_mod.load_tokenizer(source, cfg.model)
-    head = load_head(run_dir, model, device) if (run_dir / HEAD_INFO).is_file() else None
-    if head is None and cfg.loss.name != "final-only":
-        raise ModeError(f"{run_dir} was trained with loss={cfg.loss.name} but has no {HEAD_INFO}")
-    return model, head, tokenizer, source
+    head = load_head(run_dir, model, device) if trains_head(cfg) else None
+    return model, head, tokenizer
 
 
 def load_merged(path: Path, cfg: DictConfig, device: str, *, require_head: bool = True):
@@ -113,9 +121,8 @@ def load_merged(path: Path, cfg: DictConfig, device: str, *, require_head: bool 
     (`cfg.model.quantization`; the recipe's source and revision do not apply), with the MoDE head
     kept beside them. A recipe that trained a head whose files are missing is an error unless
     `require_head` is false (decoding from the final layer needs no head)."""
-    trains_head = cfg.loss.name != "final-only"
-    missing = [name for name in (HEAD_INFO, HEAD_WEIGHTS) if not (path / name).is_file()]
-    if trains_head and missing and require_head:
+    missing = missing_head_files(path)
+    if trains_head(cfg) and missing and require_head:
         raise ModeError(
             f"{path} is a merged model without its MoDE head: the recipe trained one "
             f"(loss={cfg.loss.name}) but {' and '.join(missing)} is missing. Copy {HEAD_INFO} and "
@@ -124,7 +131,7 @@ def load_merged(path: Path, cfg: DictConfig, device: str, *, require_head: bool 
     model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": str(path), "revision": None})
     model = model_mod.load_base_model(str(path), model_cfg, cfg.train.precision, device)
     tokenizer = model_mod.load_tokenizer(str(path), model_cfg)
-    head = load_head(path, model, device) if trains_head and not missing else None
+    head = load_head(path, model, device) if trains_head(cfg) and not missing else None
     return model, head, tokenizer
 
 

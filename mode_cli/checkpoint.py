@@ -20,16 +20,13 @@ import json
 import random
 import re
 import shutil
-from contextlib import suppress
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file, save_file
 
-from mode_cli.config import RecipeConfig
 from mode_cli.errors import ModeError
 from mode_cli.files import staged_folder
 
@@ -61,6 +58,11 @@ RESUMABLE_CHANGES = (
 
 def checkpoint_dir(out: Path, step: int) -> Path:
     return out / CHECKPOINTS / f"step-{step:06d}"
+
+
+def run_folder(checkpoint: Path) -> Path:
+    """The run folder a checkpoint belongs to (the inverse of `checkpoint_dir`)."""
+    return checkpoint.parent.parent
 
 
 def is_complete(path: Path) -> bool:
@@ -241,11 +243,10 @@ def flatten(tree: object, prefix: str = "") -> dict[str, object]:
 
 def check_compatible(path: Path, cfg: DictConfig) -> None:
     """Refuse a checkpoint trained with another recipe (model, data, layers, loss, schedule...)."""
-    saved = OmegaConf.load(path / "config.yaml")
-    # Keys added to the schema since the checkpoint was written take their defaults (with keys
-    # since removed, the merge fails and the file is compared as it is).
-    with suppress(OmegaConfBaseException):
-        saved = OmegaConf.merge(OmegaConf.structured(RecipeConfig), saved)
+    from mode_cli.artifacts import load_run_config
+
+    # On the schema, with renamed keys migrated: keys added since take their defaults.
+    saved = load_run_config(path)
     differences = config_differences(saved, cfg)
     if differences:
         raise ModeError(

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mode_cli import __version__
 from mode_cli.errors import ModeError
+from mode_cli.recipes import split_overrides
 
 EXIT_USER_ERROR = 2
 
@@ -46,17 +47,6 @@ def _quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-
-
-def split_overrides(args: list[str], key: str) -> tuple[str | None, list[str]]:
-    """Pull `key=value` out of the override list (e.g. recipe=, checkpoint=)."""
-    value, rest = None, []
-    for arg in args:
-        if arg.startswith(f"{key}="):
-            value = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    return value, rest
 
 
 def groups_help() -> str:

@@ -417,6 +417,11 @@ def trains_adapter(cfg: DictConfig) -> bool:
     return cfg.loss.name != "mode-only"
 
 
+def trains_head(cfg: DictConfig) -> bool:
+    """Whether the recipe trains a MoDE head: every loss but `final-only` (plain QLoRA)."""
+    return cfg.loss.name != "final-only"
+
+
 def resolve_device(requested: str) -> str:
     """`auto` means CUDA when torch sees a GPU, else the CPU."""
     if requested != "auto":

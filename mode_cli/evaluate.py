@@ -40,18 +40,18 @@ from mode_cli import model as model_mod
 from mode_cli.answers import answer_rows, evaluate_answers
 from mode_cli.artifacts import (
     MERGED_CONFIG,
+    RUN_CONFIG,
     load_merged,
     load_run,
     load_run_config,
 )
 from mode_cli.config import DataConfig, EvalConfig, RecipeConfig, resolve_device, validate
 from mode_cli.errors import ModeError
-from mode_cli.recipes import explain_omegaconf_error, shipped_recipes_dir
+from mode_cli.recipes import explain_omegaconf_error, shipped_recipes_dir, split_overrides
 from mode_cli.report import (
     EVAL_FOLDER,
     assemble,
     data_description,
-    fresh_head,
     layer_metrics,
     print_report,
     run_base_metrics,
@@ -60,7 +60,6 @@ from mode_cli.report import (
 
 console = Console(stderr=True)
 
-RUN_CONFIG = "config.yaml"
 # A plain model has no recipe: its eval data default to the bundled arithmetic eval split, sized
 # like the demo's report.
 PLAIN_MODEL_DATA = "arithmetic"
@@ -128,17 +127,6 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         raise ModeError(explain_omegaconf_error(err)) from None
 
 
-def take(overrides: list[str], key: str) -> tuple[str | None, list[str]]:
-    """Pull the shorthand `key=value` out of the overrides (the last one wins)."""
-    value, rest = None, []
-    for item in overrides:
-        if item.startswith(f"{key}="):
-            value = item.split("=", 1)[1]
-        else:
-            rest.append(item)
-    return value, rest
-
-
 def config_group(group: str, name: str) -> DictConfig:
     """`data=NAME` / `eval=NAME`: an option of a shipped config group (`recipes/<group>/NAME.yaml`)
     or a YAML file, on the schema's defaults for that section."""
@@ -201,10 +189,10 @@ def eval_config(checkpoint: Checkpoint, overrides: list[str]) -> tuple[DictConfi
     """The checkpoint's recipe with the shorthands and `key=value` overrides applied, validated;
     and the recipe's own `model` section (where a merged model's base came from)."""
     cfg, original_model = checkpoint_config(checkpoint)
-    data, overrides = take(overrides, "data")
-    evaluation, overrides = take(overrides, "eval")
-    examples, overrides = take(overrides, "examples")
-    compare, overrides = take(overrides, "compare")
+    data, overrides = split_overrides(overrides, "data")
+    evaluation, overrides = split_overrides(overrides, "eval")
+    examples, overrides = split_overrides(overrides, "examples")
+    compare, overrides = split_overrides(overrides, "compare")
     if data is not None:
         cfg = with_section(cfg, "data", config_group("data", data))
     if evaluation is not None:
@@ -265,7 +253,7 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
     source = {"kind": checkpoint.kind, "checkpoint": checkpoint.spec}
 
     if checkpoint.kind == "run":
-        model, head, tokenizer, _ = load_run(checkpoint.path, cfg, device)
+        model, head, tokenizer = load_run(checkpoint.path, cfg, device)
         source["model"] = cfg.model.name_or_path
     elif checkpoint.kind == "merged":
         model, head, tokenizer = load_merged(checkpoint.path, cfg, device)
@@ -307,15 +295,7 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
         base_cfg = copy.deepcopy(cfg)
         base_cfg.model = original_model
         base_model, _ = load_plain(base_cfg, device)
-        base = layer_metrics(
-            base_model,
-            fresh_head(head, base_model, device),
-            eval_set,
-            tokenizer,
-            device,
-            cfg.eval.batch_size,
-            cfg.eval.max_examples,
-        )
+        base = run_base_metrics(cfg, base_model, head, eval_set, tokenizer, device)
     report = assemble(
         cfg, tuned=tuned, base=base, selected=selected, source=source, answers=answers
     )

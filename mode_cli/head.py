@@ -98,6 +98,11 @@ class MoDEHead(nn.Module):
             self.register_buffer("fixed_weights", fixed.float() / fixed.sum())
         self.reset_router()
 
+    @property
+    def routed(self) -> bool:
+        """Whether the head mixes its layers into an ensemble (loss=layerwise trains no router)."""
+        return self.router_kind != "none"
+
     def reset_router(self) -> None:
         """Back to the initial routing: zero token-router weights, the prior in the biases."""
         prior = router_bias(len(self.layers), self.init_final_weight)
@@ -180,6 +185,11 @@ class MoDEHead(nn.Module):
             "detach_input": self.detach_input,
             "trainable_parameters": sum(p.numel() for p in self.parameters()),
         }
+
+
+def has_ensemble(head: MoDEHead | None) -> bool:
+    """Whether there is an ensemble to decode from: a head with a router."""
+    return head is not None and head.routed
 
 
 def router_bias(num_selected: int, init_final_weight: float | None) -> torch.Tensor:

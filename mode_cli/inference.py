@@ -32,7 +32,7 @@ from torch import nn
 from mode_cli import data as data_mod
 from mode_cli import model as model_mod
 from mode_cli.errors import ModeError
-from mode_cli.head import MoDEHead
+from mode_cli.head import MoDEHead, has_ensemble
 
 HEAD_KINDS = ("ensemble", "final")
 
@@ -84,22 +84,32 @@ def ensemble_of(model: nn.Module) -> EnsembleHead | None:
     return head if isinstance(head, EnsembleHead) else None
 
 
+# Why a recipe's model has no ensemble to decode from, by loss.
+NO_ENSEMBLE = {
+    "final-only": "has no MoDE head (trained with loss=final-only): use head=final to decode "
+    "from its final layer",
+    "layerwise": "has per-layer norms but no router (loss=layerwise), so no ensemble: use "
+    "head=final",
+}
+
+
 def check_head_kind(kind: str, head: MoDEHead | None, where: str = "this model") -> None:
     """A clear error for a head kind the model cannot decode with."""
+    check_kind(kind)
+    if kind == "ensemble" and not has_ensemble(head):
+        raise ModeError(f"{where} {NO_ENSEMBLE['final-only' if head is None else 'layerwise']}")
+
+
+def check_recipe_head_kind(kind: str, loss: str, where: str = "this model") -> None:
+    """The same check from the recipe's loss alone, before any weights load."""
+    check_kind(kind)
+    if kind == "ensemble" and loss in NO_ENSEMBLE:
+        raise ModeError(f"{where} {NO_ENSEMBLE[loss]}")
+
+
+def check_kind(kind: str) -> None:
     if kind not in HEAD_KINDS:
         raise ModeError(f"head={kind!r}: expected one of {', '.join(HEAD_KINDS)}")
-    if kind != "ensemble":
-        return
-    if head is None:
-        raise ModeError(
-            f"{where} has no MoDE head (trained with loss=final-only): use head=final to decode "
-            "from its final layer"
-        )
-    if head.router_kind == "none":
-        raise ModeError(
-            f"{where} has per-layer norms but no router (loss=layerwise), so no ensemble: use "
-            "head=final"
-        )
 
 
 def attach(model: nn.Module, head: MoDEHead, kind: str = "ensemble") -> EnsembleHead:

@@ -85,6 +85,18 @@ def locate(recipe: str, recipes_dir: Path | None = None) -> tuple[Path, str]:
     )
 
 
+def split_overrides(args: list[str], key: str) -> tuple[str | None, list[str]]:
+    """Pull `key=value` out of the override list (recipe=, checkpoint=, the shorthands of
+    `mode eval`); the last one wins."""
+    value, rest = None, []
+    for arg in args:
+        if arg.startswith(f"{key}="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return value, rest
+
+
 def compose_recipe(
     recipe: str, overrides: list[str] | None = None, recipes_dir: Path | None = None
 ) -> DictConfig:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Collection
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,7 +55,7 @@ from rich.table import Table
 from mode_cli import data as data_mod
 from mode_cli import model as model_mod
 from mode_cli.data import IGNORE, Dataset
-from mode_cli.head import MoDEHead
+from mode_cli.head import MoDEHead, has_ensemble
 from mode_cli.loss import head_logits
 
 SCHEMA = {"name": "mode-report", "version": 2}
@@ -92,8 +93,13 @@ def layer_metrics(
     device: str,
     batch_size: int,
     max_examples: int | None,
+    only_layers: Collection[int] | None = None,
 ) -> dict:
-    """Per-layer, ensemble and router statistics of one model (+ head) on a dataset."""
+    """Per-layer, ensemble and router statistics of one model (+ head) on a dataset.
+
+    only_layers: read just these layers through the LM head (and the final one); the others'
+    entries in `layers` are None. Eval during training asks only for the selected layers.
+    """
     was_training = model.training
     model.eval()
     n = model_mod.num_layers(model)
@@ -107,10 +113,13 @@ def layer_metrics(
 
     layers = [Tally() for _ in range(n)]
     ensemble = Tally()
-    routed = head is not None and head.router_kind != "none"
+    routed = has_ensemble(head)
     selected = head.layers if routed else []
     router_sum = torch.zeros(len(selected), dtype=torch.float64)
     router_sq = torch.zeros(len(selected), dtype=torch.float64)
+    wanted = set(range(1, n + 1)) if only_layers is None else {*only_layers, n}
+    # The router reads the selected layers' states, whatever is reported.
+    needed = sorted(wanted | set(selected))
     examples = dataset.examples[:max_examples] if max_examples else dataset.examples
     for start in range(0, len(examples), batch_size):
         batch = data_mod.collate(examples[start : start + batch_size], tokenizer.pad_token_id)
@@ -119,8 +128,8 @@ def layer_metrics(
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE
         labels = targets[keep]
-        at_targets = {layer: states[layer][:, :-1][keep] for layer in range(1, n + 1)}
-        for layer in range(1, n):
+        at_targets = {layer: states[layer][:, :-1][keep] for layer in needed}
+        for layer in sorted(wanted - {n}):
             norm = (
                 head.norms[str(layer)]
                 if head is not None and str(layer) in head.norms
@@ -141,7 +150,7 @@ def layer_metrics(
         var = max(0.0, router_sq[i].item() / max(1, tokens) - mean**2)
         router[layer] = {"mean": mean, "std": math.sqrt(var)}
     return {
-        "layers": [t.result() for t in layers],
+        "layers": [t.result() if i + 1 in wanted else None for i, t in enumerate(layers)],
         "ensemble": ensemble.result() if routed else None,
         "router": router,
         "tokens": tokens,

@@ -37,6 +37,8 @@ from rich.console import Console
 from rich.table import Table
 
 from mode_cli.errors import ModeError
+from mode_cli.progress import METRICS
+from mode_cli.report import latest_report
 
 SCHEMA = {"name": "mode-sweep", "version": 1}
 SUMMARY_JSON = "sweep.json"
@@ -61,6 +63,7 @@ class SweepRun:
     wall_s: float | None = None
     train_loss: float | None = None
     eval_loss: dict = field(default_factory=dict)
+    report: Path | None = None  # the report.json this sweep's run wrote
 
     def label(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.swept.items()) or "(no swept keys)"
@@ -88,6 +91,7 @@ class Sweep:
     overrides: list[str]
     swept_keys: list[str]
     runs: list[SweepRun]
+    recipes_dir: Path | None = None
 
 
 # ---------------------------------------------------------------------------- expanding
@@ -231,7 +235,7 @@ def plan_sweep(
             f"{directory} already holds a sweep ({SUMMARY_JSON}); pick another output_dir, or "
             "continue its runs with resume=auto (nothing was changed)"
         )
-    return Sweep(directory, list(overrides), swept_keys, runs)
+    return Sweep(directory, list(overrides), swept_keys, runs, recipes_dir)
 
 
 # ---------------------------------------------------------------------------- running
@@ -254,14 +258,15 @@ def run_sweep(sweep: Sweep, console: Console, out: Console) -> int:
                 f"-> {run.out}"
             )
             run.status = "running"
-            start, started_at = time.perf_counter(), time.time()
+            start = time.perf_counter()
             try:
-                FinetuneRecipe(run.cfg, run.overrides).run()
+                recipe = FinetuneRecipe(run.cfg, run.overrides, sweep.recipes_dir)
+                recipe.run()
                 # A time or step budget (train.max_minutes, train.stop_after_steps) ends a run
                 # early with a checkpoint and no report: not a failure, but a partial result.
-                report = newest_report(run.out)
-                finished = report is not None and report.stat().st_mtime >= started_at - 1
-                run.status = "ok" if finished else "stopped"
+                run.status = "ok" if recipe.finished else "stopped"
+                if recipe.finished:
+                    run.report = recipe.report_folder / "report.json"
             except ModeError as err:
                 run.status, run.error = "failed", str(err)
                 console.print(f"[bold red]run {run.index} failed:[/bold red] {err}", soft_wrap=True)
@@ -296,7 +301,7 @@ def free_cuda_cache() -> None:
 
 def train_records(run_dir: Path) -> list[dict]:
     """The training-step records of a run's metrics.jsonl (those with a `loss`), in order."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         return []
     records = []
@@ -314,17 +319,6 @@ def final_train_loss(run_dir: Path) -> float | None:
     """The loss of the last record in a run's metrics.jsonl that has one."""
     records = train_records(run_dir)
     return float(records[-1]["loss"]) if records else None
-
-
-def newest_report(run_dir: Path) -> Path | None:
-    """The run's newest `eval/<time>/report.json`, else its `report.json`, else None."""
-    reports = sorted(
-        (run_dir / "eval").glob("*/report.json"), key=lambda p: (p.stat().st_mtime, p.parent.name)
-    )
-    if reports:
-        return reports[-1]
-    legacy = run_dir / "report.json"
-    return legacy if legacy.is_file() else None
 
 
 def eval_losses(report: dict) -> dict:
@@ -347,7 +341,7 @@ def eval_losses(report: dict) -> dict:
 def collect_results(run: SweepRun) -> None:
     """Fill in a run's train loss and eval losses from what its folder holds."""
     run.train_loss = final_train_loss(run.out)
-    path = newest_report(run.out)
+    path = run.report or latest_report(run.out)
     if path is None:
         return
     try:

@@ -39,12 +39,18 @@ from mode_cli import checkpoint as checkpoint_mod
 from mode_cli import data as data_mod
 from mode_cli import head as head_mod
 from mode_cli import model as model_mod
-from mode_cli.config import GPU_ONLY_OPTIMIZERS, resolve_device, trains_adapter, validate
+from mode_cli.config import (
+    GPU_ONLY_OPTIMIZERS,
+    resolve_device,
+    trains_adapter,
+    trains_head,
+    validate,
+)
 from mode_cli.data import IGNORE
 from mode_cli.errors import ModeError
 from mode_cli.head import MoDEHead
 from mode_cli.loss import IMPLEMENTATIONS, LossSums, LossWeights, final_only_loss
-from mode_cli.progress import MetricsLog, TrainingProgress, print_summary
+from mode_cli.progress import METRICS, MetricsLog, TrainingProgress, print_summary
 from mode_cli.weighting import loss_weights
 
 console = Console(stderr=True)
@@ -77,7 +83,7 @@ def selected_layers(cfg: DictConfig, num_layers: int) -> list[int]:
 
 def build_head(cfg: DictConfig, model, device: str) -> MoDEHead | None:
     """The MoDE head for this recipe, or None for the final-only baseline."""
-    if cfg.loss.name == "final-only":
+    if not trains_head(cfg):
         return None
     n = model_mod.num_layers(model)
     layers = selected_layers(cfg, n)
@@ -313,6 +319,8 @@ class FinetuneRecipe:
         self.cfg = cfg
         self.overrides = overrides
         self.recipes_dir = recipes_dir
+        self.finished = False  # train.max_steps reached (not stopped early)
+        self.report_folder: Path | None = None  # where the end-of-training report went
         self.device = resolve_device(cfg.train.device)
         self.out = Path(cfg.output_dir or default_output_dir(cfg.recipe or "run"))
 
@@ -512,6 +520,7 @@ class FinetuneRecipe:
             self.device,
             self.cfg.eval.batch_size,
             self.cfg.eval.max_examples,
+            only_layers=self.head.layers if self.head is not None else (),
         )
         n = len(metrics["layers"])
         selected = self.head.layers if self.head is not None else [n]
@@ -642,10 +651,10 @@ class FinetuneRecipe:
             return None
         if resume == "auto" and self.cfg.output_dir is None:
             raise ModeError("resume=auto needs output_dir=DIR: the run folder to continue")
+        path = checkpoint_mod.resolve_resume(resume, self.out)
         if resume != "auto" and self.cfg.output_dir is None:
             # resume=PATH alone continues that run in its own folder.
-            self.out = checkpoint_mod.resolve_resume(resume, self.out).parent.parent
-        path = checkpoint_mod.resolve_resume(resume, self.out)
+            self.out = checkpoint_mod.run_folder(path)
         if path is None:
             if (self.out / "config.yaml").exists():
                 raise ModeError(
@@ -708,12 +717,12 @@ class FinetuneRecipe:
                 f"({state['data']} there, {self.data_identity()} now)"
             )
         self.out.mkdir(parents=True, exist_ok=True)
-        source = path.parent.parent
+        source = checkpoint_mod.run_folder(path)
         if not (self.out / "config.yaml").exists():
             # A checkpoint of another run folder, continued here: start from its history.
             (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-            if (source / "metrics.jsonl").is_file():
-                shutil.copyfile(source / "metrics.jsonl", self.out / "metrics.jsonl")
+            if (source / METRICS).is_file():
+                shutil.copyfile(source / METRICS, self.out / METRICS)
         self.state = {"step": state["step"]}
         self.resumed_step = state["step"]
         self.checkpointed_step = state["step"]
@@ -770,9 +779,9 @@ class FinetuneRecipe:
             answers=answers,
         )
         parent = Path(self.cfg.eval.output_dir or self.out / EVAL_FOLDER)
-        folder = save_report(report, parent)
+        self.report_folder = save_report(report, parent)
         print_report(report, console)
-        console.print(f"report: {folder}")
+        console.print(f"report: {self.report_folder}")
         return report
 
     def merge(self) -> Path:
@@ -804,7 +813,8 @@ class FinetuneRecipe:
             f"trainable parameters: {counts['adapter']:,} adapter + {counts['mode_head']:,} "
             f"MoDE head; device {self.device}"
         )
-        if not self.train():
+        self.finished = self.train()
+        if not self.finished:
             return self.out  # stopped early, with a checkpoint to resume from
         self.save()
         self.report()
@@ -824,7 +834,6 @@ def dry_run(cfg: DictConfig) -> dict:
     beyond the model's config, no training."""
     recipe = FinetuneRecipe(cfg)
     recipe.setup_data()
-    seed_everything(cfg.train.seed)
     counts = count_trainable(recipe)
     show_example(recipe.tokenizer, recipe.train_set.examples[0])
     for name, split in (("train", recipe.train_set), ("eval", recipe.eval_set)):
@@ -882,7 +891,7 @@ def count_trainable(recipe: FinetuneRecipe) -> dict[str, int]:
         skeleton = get_peft_model(skeleton, model_mod.peft_lora_config(cfg.lora, targets))
         adapter = sum(p.numel() for p in skeleton.parameters() if p.requires_grad)
     head = 0
-    if cfg.loss.name != "final-only":
+    if trains_head(cfg):
         with init_empty_weights():
             head = sum(p.numel() for p in build_head(cfg, skeleton, "meta").parameters())
     return {"adapter": adapter, "mode_head": head, "total": adapter + head}

@@ -116,6 +116,18 @@ def test_layer_metrics_match_a_naive_per_example_reference(tiny_llama):
     assert std.max() > 1e-3  # the router really varies across tokens
 
 
+def test_layer_metrics_of_some_layers_equal_those_of_the_full_pass(tiny_llama):
+    model, head, dataset = tiny_llama
+    full = report_mod.layer_metrics(model, head, dataset, PadTokenizer(), "cpu", 2, None)
+    some = report_mod.layer_metrics(
+        model, head, dataset, PadTokenizer(), "cpu", 2, None, only_layers=[3]
+    )
+    assert some["layers"][0] is None and some["layers"][1] is None  # layers 1, 2 not read
+    for layer in (3, 4):  # the asked-for layer and the final one
+        assert some["layers"][layer - 1] == full["layers"][layer - 1]
+    assert some["ensemble"] == full["ensemble"] and some["router"] == full["router"]
+
+
 @torch.no_grad()
 def test_layer_metrics_without_a_head_read_every_layer_through_the_final_norm(tiny_llama):
     model, _, dataset = tiny_llama

@@ -4,19 +4,18 @@ run, running them in turn, the comparison table, failures and Ctrl-C."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from mode_cli.errors import ModeError
+from mode_cli.report import latest_report
 from mode_cli.sweep import (
     Sweep,
     SweepRun,
     collect_results,
     expand,
     final_train_loss,
-    newest_report,
     plan_sweep,
     run_name,
     table_rows,
@@ -149,7 +148,7 @@ def test_sweep_runs_each_combination_and_writes_the_comparison_table(mode, tmp_p
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         last = [r for r in records if "loss" in r][-1]
         assert last["step"] == 5 and row["final_train_loss"] == last["loss"]
-        report = json.loads(newest_report(run).read_text())
+        report = json.loads(latest_report(run).read_text())
         assert row["eval_loss"]["final"] == report["layers"][-1]["tuned"]["loss"]
         assert row["wall_s"] > 0
     mode_row, final_row = rows
@@ -211,7 +210,7 @@ def test_ctrl_c_stops_the_sweep_and_keeps_the_table(mode, tmp_path, monkeypatch)
 def test_results_come_from_the_newest_report_and_the_last_logged_loss(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    assert final_train_loss(run) is None and newest_report(run) is None
+    assert final_train_loss(run) is None and latest_report(run) is None
     (run / "metrics.jsonl").write_text(
         '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.5}\n{"step": 2, "eval_acc": 0.1}\n{"st'
     )
@@ -226,17 +225,13 @@ def test_results_come_from_the_newest_report_and_the_last_logged_loss(tmp_path):
         ens = None if ensemble is None else {"tuned": {"loss": ensemble}, "base": None}
         return json.dumps({"layers": layers, "ensemble": ens})
 
-    (run / "report.json").write_text(report(4.0, 3.5))
-    assert newest_report(run) == run / "report.json"
     for stamp, (final, ens) in {
         "20260101-000000": (2.0, None),
         "20260102-000000": (1.0, 0.5),
     }.items():
         (run / "eval" / stamp).mkdir(parents=True)
         (run / "eval" / stamp / "report.json").write_text(report(final, ens))
-    older = run / "eval" / "20260101-000000" / "report.json"
-    os.utime(older, (1, 1))
-    assert newest_report(run) == run / "eval" / "20260102-000000" / "report.json"
+    assert latest_report(run) == run / "eval" / "20260102-000000" / "report.json"
 
     entry = SweepRun(0, "tiny", [], {"loss": "mode"}, run)
     collect_results(entry)

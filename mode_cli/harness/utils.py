@@ -8,13 +8,13 @@ multiple-choice task: "The answer is N." for the true N and three near misses.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import datasets
 
 from mode_cli.data import alpaca_prompt
+from mode_cli.model import resolve_bundled
 
-EVAL_FILE = Path(__file__).resolve().parent.parent / "bundled" / "arithmetic" / "eval.jsonl"
+EVAL_FILE = resolve_bundled("bundled:arithmetic/eval.jsonl")
 
 CHOICES = 4
 
