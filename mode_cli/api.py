@@ -19,43 +19,22 @@ from pathlib import Path
 
 from torch import nn
 
-from mode_cli import inference
 from mode_cli.artifacts import (
-    HEAD_INFO,
     MERGED_CONFIG,
     RUN_CONFIG,
+    classify,
     load_merged,
     load_run,
     load_run_config,
 )
-from mode_cli.config import CHOICES, resolve_device
+from mode_cli.decode import ensemble
+from mode_cli.decode.chat import format_prompt as run_prompt
 from mode_cli.errors import ModeError
-from mode_cli.head import has_ensemble
+from mode_cli.mode.head import has_ensemble
+from mode_cli.models.loading import QUANTIZATIONS, resolve_device
 
 
-def folder_kind(path: Path) -> str:
-    """`run` or `merged`; a clear error for anything else."""
-    if not path.exists():
-        raise ModeError(f"Checkpoint folder not found: {path}")
-    if not path.is_dir():
-        raise ModeError(f"{path} is a file; expected a run folder or its merged/ folder")
-    if (path / RUN_CONFIG).is_file():
-        return "run"
-    if (path / MERGED_CONFIG).is_file():
-        return "merged"
-    if (path / "config.json").is_file():
-        raise ModeError(
-            f"{path} is a transformers model folder but not one written by mode (no "
-            f"{MERGED_CONFIG}): load it with AutoModelForCausalLM.from_pretrained, or pass the "
-            "run folder"
-        )
-    raise ModeError(
-        f"{path} is not a mode run folder ({RUN_CONFIG}, adapter/, {HEAD_INFO}) nor a merged "
-        f"model folder (config.json, {MERGED_CONFIG})"
-    )
-
-
-def load_checkpoint(
+def load_model(
     path: str | Path,
     *,
     head: str = "ensemble",
@@ -67,17 +46,16 @@ def load_checkpoint(
     quantization: `nf4` or `none`; None keeps the run's own setting for a run folder (as trained)
     and loads a merged folder dense.
     """
-    path = Path(path).expanduser()
-    kind = folder_kind(path)
-    if quantization is not None and quantization not in CHOICES["model.quantization"]:
+    checkpoint = classify(Path(path).expanduser(), plain_models=False)
+    path = checkpoint.path
+    if quantization is not None and quantization not in QUANTIZATIONS:
         raise ModeError(
-            f"quantization={quantization!r}: expected one of "
-            f"{', '.join(CHOICES['model.quantization'])}"
+            f"quantization={quantization!r}: expected one of {', '.join(QUANTIZATIONS)}"
         )
     device = device or resolve_device("auto")
-    cfg = load_run_config(path, RUN_CONFIG if kind == "run" else MERGED_CONFIG)
-    inference.check_recipe_head_kind(head, cfg.loss.name, where=str(path))
-    if kind == "run":
+    cfg = load_run_config(path, RUN_CONFIG if checkpoint.kind == "run" else MERGED_CONFIG)
+    ensemble.check_recipe_head_kind(head, cfg.loss.name, where=str(path))
+    if checkpoint.kind == "run":
         if quantization is not None:
             cfg.model.quantization = quantization
         model, mode_head, tokenizer = load_run(path, cfg, device)
@@ -111,18 +89,18 @@ def load(
     `use_head(model, "final")` switches the head for a block, `format_prompt(model, tokenizer,
     text)` applies the run's prompt template.
     """
-    model, mode_head, tokenizer, cfg = load_checkpoint(
+    model, mode_head, tokenizer, cfg = load_model(
         path, head=head, device=device, quantization=quantization
     )
     if has_ensemble(mode_head):
-        inference.attach(model, mode_head, head)
+        ensemble.attach(model, mode_head, head)
     model.mode_config = cfg
     return model, tokenizer
 
 
 def use_head(model: nn.Module, kind: str):
     """Context manager: decode with `kind` (`ensemble` or `final`) inside the block."""
-    return inference.use_head(model, kind)
+    return ensemble.use_head(model, kind)
 
 
 def format_prompt(model: nn.Module, tokenizer, text: str) -> str:
@@ -132,7 +110,7 @@ def format_prompt(model: nn.Module, tokenizer, text: str) -> str:
         raise ModeError(
             "format_prompt needs a model from mode_cli.load (it reads the run's recipe)"
         )
-    return inference.format_prompt(text, cfg, tokenizer)
+    return run_prompt(text, cfg, tokenizer)
 
 
 def harness_dir() -> Path:

@@ -8,32 +8,94 @@
   mode_head.json            what the head is (layers, router, ...)
   merged/                   base + LoRA merged: a plain transformers model with its tokenizer,
                             plus the head files and the recipe (mode_config.yaml)
-  eval/<time>/              eval reports: report.json, report.md, layers.png (report.py)
+  eval/<time>/              eval reports: report.json, report.md, layers.png (eval/report.py)
+
+`classify` tells what a `checkpoint=` names (a run folder, a merged folder or a plain model) for
+`mode eval`, `mode generate`, `mode chat` and `mode_cli.load` alike.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
-from mode_cli import model as model_mod
-from mode_cli.config import RecipeConfig, trains_adapter, trains_head
+from mode_cli.config import RecipeConfig, method
 from mode_cli.errors import ModeError
 from mode_cli.files import staged_folder
-from mode_cli.head import MoDEHead
+from mode_cli.mode.head import MoDEHead
+from mode_cli.models import families
+from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_source
+from mode_cli.models.merging import merge_adapter
 
 RUN_CONFIG = "config.yaml"  # marks a run folder
+ADAPTER_DIR = "adapter"
 HEAD_WEIGHTS = "mode_head.safetensors"
 HEAD_INFO = "mode_head.json"
+MERGED_DIR = "merged"
 # A merged folder's copy of the run's resolved recipe: marks it as a merged mode model.
 MERGED_CONFIG = "mode_config.yaml"
-MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------------------- what a folder is
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What `checkpoint=` names: kind `run`, `merged` or `model` (a plain model); `path` is None
+    for a model id (`tiny:llama`, `package:smollm2`, a hub id)."""
+
+    kind: str
+    spec: str
+    path: Path | None
+
+
+def classify(spec: str | Path, *, plain_models: bool = True) -> Checkpoint:
+    """Tell a run folder, a merged folder and a plain model apart; anything else is an error.
+
+    `plain_models=False` (decoding, `mode_cli.load`) accepts only what `mode` wrote: a run folder or
+    its merged folder.
+    """
+    spec = str(spec)
+    if plain_models and spec.startswith(("tiny:", "package:")):
+        return Checkpoint("model", spec, None)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / RUN_CONFIG).is_file():
+            return Checkpoint("run", spec, path)
+        if (path / MERGED_CONFIG).is_file():
+            return Checkpoint("merged", spec, path)
+        if (path / "config.json").is_file():
+            if plain_models:
+                return Checkpoint("model", spec, path)
+            raise ModeError(
+                f"{path} is a transformers model folder but not one written by mode (no "
+                f"{MERGED_CONFIG}): load it with AutoModelForCausalLM.from_pretrained, or pass the "
+                "run folder"
+            )
+        accepted = "a mode run folder, merged folder or model folder"
+        if not plain_models:
+            accepted = "a mode run folder or merged folder"
+        raise ModeError(
+            f"{path} is not {accepted}: it has no {RUN_CONFIG} (a run), {MERGED_CONFIG} (a merged "
+            "model)" + (" or config.json (a model)" if plain_models else "")
+        )
+    if path.exists():
+        raise ModeError(
+            f"{spec} is a file; checkpoint= takes a folder"
+            + (" or a model id" if plain_models else "")
+        )
+    if not plain_models or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise ModeError(f"Checkpoint folder not found: {spec}")
+    return Checkpoint("model", spec, None)  # a hub id, `org/name`
+
+
+# ---------------------------------------------------------------------------- the MoDE head
 
 
 def save_head(head: MoDEHead, out: Path) -> None:
@@ -47,15 +109,18 @@ def save_head(head: MoDEHead, out: Path) -> None:
 def load_head(run_dir: Path, model, device: str) -> MoDEHead:
     """Rebuild a saved head around `model` (its final norm is the template of the layer norms)."""
     info = json.loads((run_dir / HEAD_INFO).read_text())
-    n = model_mod.num_layers(model)
+    n = families.num_layers(model)
     if info["num_layers"] != n:
         raise ModeError(
             f"{run_dir / HEAD_INFO} was trained on a {info['num_layers']}-layer model; "
             f"this model has {n} layers"
         )
-    head = MoDEHead.from_description(model_mod.final_norm(model), info)
+    head = MoDEHead.from_description(families.final_norm(model), info)
     head.load_state_dict(load_file(str(run_dir / HEAD_WEIGHTS)))
     return head.to(device)
+
+
+# ---------------------------------------------------------------------------- run folders
 
 
 def load_run_config(run_dir: Path, name: str = RUN_CONFIG) -> DictConfig:
@@ -80,6 +145,9 @@ def load_run_config(run_dir: Path, name: str = RUN_CONFIG) -> DictConfig:
     if "template" in saved.get("data", {}):
         # Runs saved before `data.format` named the prompt format wrote `data.template`.
         saved.data.format = saved.data.pop("template")
+    if "lora" in saved and "adapter" not in saved:
+        # Runs saved before the `adapter` key took the name of its recipe group wrote `lora`.
+        saved.adapter = saved.pop("lora")
     try:
         cfg = OmegaConf.merge(schema, saved)
     except OmegaConfBaseException as err:
@@ -96,23 +164,24 @@ def load_run(run_dir: Path, cfg: DictConfig, device: str):
     """(model with the trained adapter, head or None, tokenizer) of a finished run."""
     from peft import PeftModel
 
-    adapter = run_dir / "adapter"
+    adapter = run_dir / ADAPTER_DIR
+    trained = method(cfg)
     # Check before loading any weights.
-    if trains_adapter(cfg) and not (adapter / "adapter_config.json").is_file():
+    if trained.trains_adapter and not (adapter / "adapter_config.json").is_file():
         raise ModeError(f"{run_dir} has no trained adapter (adapter/adapter_config.json)")
     missing = missing_head_files(run_dir)
-    if trains_head(cfg) and missing:
+    if trained.trains_head and missing:
         raise ModeError(
             f"{run_dir} was trained with loss={cfg.loss.name} but has no {' or '.join(missing)}"
         )
-    source = model_mod.resolve_source(cfg.model)
-    base = model_mod.load_base_model(source, cfg.model, cfg.train.precision, device)
-    if trains_adapter(cfg):
-        tokenizer = model_mod.load_tokenizer(str(adapter), cfg.model)
+    source = resolve_source(cfg.model)
+    base = load_base_model(source, cfg.model, cfg.train.precision, device)
+    if trained.trains_adapter:
+        tokenizer = load_tokenizer(str(adapter), cfg.model)
         model = PeftModel.from_pretrained(base, str(adapter))
     else:  # mode-only: the head trained alone on the frozen base
-        model, tokenizer = base, model_mod.load_tokenizer(source, cfg.model)
-    head = load_head(run_dir, model, device) if trains_head(cfg) else None
+        model, tokenizer = base, load_tokenizer(source, cfg.model)
+    head = load_head(run_dir, model, device) if trained.trains_head else None
     return model, head, tokenizer
 
 
@@ -122,67 +191,18 @@ def load_merged(path: Path, cfg: DictConfig, device: str, *, require_head: bool 
     kept beside them. A recipe that trained a head whose files are missing is an error unless
     `require_head` is false (decoding from the final layer needs no head)."""
     missing = missing_head_files(path)
-    if trains_head(cfg) and missing and require_head:
+    trains_head = method(cfg).trains_head
+    if trains_head and missing and require_head:
         raise ModeError(
             f"{path} is a merged model without its MoDE head: the recipe trained one "
             f"(loss={cfg.loss.name}) but {' and '.join(missing)} is missing. Copy {HEAD_INFO} and "
             f"{HEAD_WEIGHTS} from the run folder, or use the run folder itself"
         )
     model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": str(path), "revision": None})
-    model = model_mod.load_base_model(str(path), model_cfg, cfg.train.precision, device)
-    tokenizer = model_mod.load_tokenizer(str(path), model_cfg)
-    head = load_head(path, model, device) if trains_head(cfg) and not missing else None
+    model = load_base_model(str(path), model_cfg, cfg.train.precision, device)
+    tokenizer = load_tokenizer(str(path), model_cfg)
+    head = load_head(path, model, device) if trains_head and not missing else None
     return model, head, tokenizer
-
-
-def dequantized_base(cfg: DictConfig, source: str, device: str):
-    """The base model as training saw it: loaded in 4 bits then dequantized, or the plain weights.
-
-    Merging onto the 4-bit model directly drifts (rounding the merged weight back to 4 bits);
-    reloading and dequantizing gives exactly the weights the adapter was trained against.
-    """
-    base = model_mod.load_base_model(source, cfg.model, cfg.train.precision, device)
-    if getattr(base, "is_loaded_in_4bit", False):
-        base = base.dequantize()
-        base.config.quantization_config = None
-        if hasattr(base.config, "quantization_config"):
-            del base.config.quantization_config
-    return base
-
-
-def original_base(cfg: DictConfig, source: str, dtype: torch.dtype, device: str):
-    """The unquantized base reloaded from its source in `dtype`, without bitsandbytes.
-
-    These are the weights a 16-bit release is built on. They are not the weights the 4-bit
-    training saw: those are the NF4-rounded ones (`dequantized_base`), so the merged model
-    differs from the trained adapter-on-4-bit model by that rounding.
-    """
-    try:
-        base = AutoModelForCausalLM.from_pretrained(
-            source,
-            revision=cfg.model.revision,
-            trust_remote_code=cfg.model.trust_remote_code,
-            dtype=dtype,
-        )
-    except OSError as err:
-        raise ModeError(
-            f"Could not reload the base model '{source}' for the merge: {model_mod.first_line(err)}"
-        ) from None
-    return base.to(device)
-
-
-def merge_dtype(cfg: DictConfig) -> torch.dtype:
-    """The dtype of the merged weights: `merge.dtype`, or the training compute dtype for `auto`."""
-    if cfg.merge.dtype == "auto":
-        return model_mod.compute_dtype(cfg.train.precision)
-    return MERGE_DTYPES[cfg.merge.dtype]
-
-
-def merge_base(cfg: DictConfig, source: str, device: str):
-    """The weights the adapter is merged into, as `merge.base` asks."""
-    if cfg.merge.base == "original":
-        return original_base(cfg, source, merge_dtype(cfg), device)
-    return dequantized_base(cfg, source, device)
 
 
 def save_merged(cfg: DictConfig, source: str, out: Path, device: str) -> Path:
@@ -192,22 +212,18 @@ def save_merged(cfg: DictConfig, source: str, out: Path, device: str) -> Path:
     (`mode_head.safetensors`, `mode_head.json`) when the run has one, and the run's resolved
     recipe as `mode_config.yaml`. `from_pretrained` ignores these files.
     """
-    from peft import PeftModel
-
-    base = merge_base(cfg, source, device)
-    merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload()
-    merged = merged.to(merge_dtype(cfg))
-    target = out / "merged"
+    merged = merge_adapter(cfg, source, out / ADAPTER_DIR, device)
+    target = out / MERGED_DIR
     # An interrupted merge leaves no half folder behind.
     with staged_folder(target, replace=True) as staging:
         merged.save_pretrained(staging)
-        tokenizer = model_mod.load_tokenizer(str(out / "adapter"), cfg.model)
+        tokenizer = load_tokenizer(str(out / ADAPTER_DIR), cfg.model)
         tokenizer.save_pretrained(staging)
         for name in (HEAD_WEIGHTS, HEAD_INFO):
             if (out / name).is_file():
                 shutil.copyfile(out / name, staging / name)
         (staging / MERGED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    del merged, base
+    del merged
     if device == "cuda":
         torch.cuda.empty_cache()
     return target

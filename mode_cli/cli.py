@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mode_cli import __version__
 from mode_cli.errors import ModeError
-from mode_cli.recipes import split_overrides
+from mode_cli.options import TEXT, parse_options
 
 EXIT_USER_ERROR = 2
 
@@ -144,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from rich.console import Console
+    from mode_cli.console import console, show_library_messages
 
-    console = Console(stderr=True)
     try:
         _quiet_libraries()
+        show_library_messages()
         if args.command == "train":
             return cmd_train(args)
         if args.command == "eval":
@@ -171,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mode_cli.recipes import compose_recipe
-    from mode_cli.train import FinetuneRecipe, dry_run
+    from mode_cli.train.recipe import FinetuneRecipe, dry_run
 
     if args.multirun:
         return cmd_sweep(args)
-    recipe, overrides = split_overrides(args.overrides, "recipe")
+    values, overrides = parse_options(args.overrides, {"recipe": TEXT}, rest_allowed=True)
+    recipe = values.get("recipe")
     if recipe is None:
         raise ModeError("mode train needs recipe=NAME (`mode recipes` lists them)")
     cfg = compose_recipe(recipe, overrides, args.recipes_dir)
@@ -188,11 +189,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """`mode train -m`: validate every combination first, then run them in turn (sweep.py)."""
-    from rich.console import Console
+    from mode_cli.console import console as log
+    from mode_cli.console import out
+    from mode_cli.train.sweep import plan_sweep, print_plan, run_sweep
 
-    from mode_cli.sweep import plan_sweep, print_plan, run_sweep
-
-    log, out = Console(stderr=True), Console()
     sweep = plan_sweep(args.overrides, args.recipes_dir)
     if not sweep.swept_keys:
         log.print("nothing to sweep (no key has several values): one run")
@@ -211,9 +211,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mode_cli.evaluate import run_eval
+    from mode_cli.eval.command import run_eval
 
-    checkpoint, overrides = split_overrides(args.overrides, "checkpoint")
+    values, overrides = parse_options(args.overrides, {"checkpoint": TEXT}, rest_allowed=True)
+    checkpoint = values.get("checkpoint")
     if checkpoint is None:
         raise ModeError(
             "mode eval needs checkpoint=DIR (a run folder written by mode train, a merged model "
@@ -225,25 +226,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """`mode generate` and `mode chat`: load the run once, then stream."""
-    from mode_cli.inference import chat_loop, decoding_options, stream_one
+    from mode_cli.api import load
+    from mode_cli.console import console
+    from mode_cli.decode.chat import chat_loop, format_prompt
+    from mode_cli.decode.generate import stream_reply
+    from mode_cli.options import decoding_options
 
-    checkpoint, overrides = split_overrides(args.overrides, "checkpoint")
+    values, rest = parse_options(args.overrides, {"checkpoint": TEXT}, rest_allowed=True)
+    checkpoint = values.get("checkpoint")
     if checkpoint is None:
         raise ModeError(
             f"mode {args.command} needs checkpoint=DIR (a run folder written by mode train, "
             "or its merged/ folder)"
         )
-    options = decoding_options(overrides, with_prompt=args.command == "generate")
-    if args.command == "generate":
-        return stream_one(Path(checkpoint), options)
-    return chat_loop(Path(checkpoint), options)
+    options = decoding_options(rest, with_prompt=args.command == "generate")
+    console.print(f"[dim]loading {checkpoint} ...[/dim]")
+    model, tokenizer = load(Path(checkpoint), head=options.head)
+    console.print(f"[dim]decoding with the {options.head} head[/dim]")
+    if args.command == "chat":
+        return chat_loop(model, tokenizer, options)
+    prompt = format_prompt(options.prompt, model.mode_config, tokenizer)
+    stream_reply(model, tokenizer, prompt, options)
+    return 0
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
-    from rich.console import Console
     from rich.table import Table
 
+    from mode_cli.config import validate
+    from mode_cli.console import out
     from mode_cli.recipes import (
         compose_recipe,
         copy_recipe,
@@ -252,7 +264,6 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         shipped_recipes_dir,
     )
 
-    out = Console()
     if args.action == "list":
         directory = args.recipes_dir or shipped_recipes_dir()
         table = Table("recipe", "description", title=f"recipes in {directory}")
@@ -264,8 +275,6 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         raise ModeError(f"mode recipes {args.action} needs a recipe name")
     if args.action == "show":
         cfg = compose_recipe(args.args[0], args.args[1:], args.recipes_dir)
-        from mode_cli.config import validate
-
         validate(cfg, check_hardware=False)
         sys.stdout.write(OmegaConf.to_yaml(cfg, resolve=True))
         return 0

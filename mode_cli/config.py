@@ -1,15 +1,17 @@
 """The recipe schema: every knob `mode` understands, its type and its default, in one place.
 
-Recipes under `recipes/` are Hydra config groups (`model/`, `data/`, `lora/`, `layers/`, `loss/`,
-`train/`, `eval/`) and top-level recipes that compose them. Each top-level recipe starts its
+Recipes under `recipes/` are Hydra config groups (`model/`, `data/`, `adapter/`, `layers/`,
+`router/`, `loss/`, `train/`, `eval/`) and top-level recipes that compose them. Each top-level recipe starts its
 defaults list with `base`, this schema, so Hydra type-checks every value and refuses unknown keys
 both in recipe files and in overrides from the shell. `validate` then checks what types cannot:
-allowed choices, ranges and options that need a GPU.
+allowed choices (each list defined next to the code that implements it, gathered by `choices`),
+ranges and options that need a GPU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -52,7 +54,7 @@ class ModelConfig:
 
 
 @dataclass
-class LoraConfig:
+class AdapterConfig:
     """The peft adapter (recipe group `adapter`): LoRA, or DoRA with `use_dora: true`.
 
     target_modules: `all-linear` or a list of module names.
@@ -141,7 +143,7 @@ class DataConfig:
 
 def data_problems(data: DictConfig) -> list[str]:
     """What `validate` finds wrong in the `data` section beyond its choices."""
-    from mode_cli.data import FORMAT_FIELDS, FORMATS
+    from mode_cli.data.formats import FORMAT_FIELDS, FORMATS
 
     problems = []
     if data.mix and data.train:
@@ -204,7 +206,7 @@ class LayersConfig:
 
 @dataclass
 class RouterConfig:
-    """How the ensemble's weights over the selected layers are made (METHOD.md 3).
+    """How the ensemble's weights over the selected layers are made (`docs/method.md`, "Router").
 
     kind: `token` (a linear router per token), `scalar` (one learned logit per layer), `fixed`
     (the weights in `weights`, not trained). init: `final` puts `init_final_weight` on layer N and
@@ -223,12 +225,13 @@ class RouterConfig:
 
 @dataclass
 class LossConfig:
-    """How the loss weighs the ensemble, the late layers and the distillation term (METHOD.md 5).
+    """How the loss weighs the ensemble, the late layers and the distillation term
+    (`docs/method.md`, "Loss").
 
-    name: `mode` (ensemble CE + distillation), `mode-nodistill` (no distillation), `final-only`
-    (no MoDE head: plain QLoRA, the baseline), `layerwise` (per-layer CE weighted by `scale`,
-    optionally on a `curriculum`, no router: LayerSkip's early-exit loss), `mode-only` (the MoDE
-    head trained alone, no adapter).
+    name: the method (`mode_cli.mode.methods`): `mode` (ensemble CE + distillation),
+    `mode-nodistill` (no distillation), `final-only` (no MoDE head: plain QLoRA, the baseline),
+    `layerwise` (per-layer CE weighted by `scale`, optionally on a `curriculum`, no router:
+    LayerSkip's early-exit loss), `mode-only` (the MoDE head trained alone, no adapter).
     teacher: the distillation teacher, `final` (layer N; students are the other selected layers)
     or `ensemble` (students are all selected layers); always detached.
     scale: layerwise weights by depth l: `uniform`, `linear` (l), `sqrt`, `inverse` (1/l),
@@ -365,7 +368,7 @@ class RecipeConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     layers: LayersConfig = field(default_factory=LayersConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -384,57 +387,62 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="base", node=RecipeConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.quantization": ("nf4", "none"),
-    "data.format": ("alpaca", "chat", "text"),
-    "data.on_bad_row": ("error", "skip"),
-    "layers.select": ("last_k", "every_n", "fraction"),
-    "router.kind": ("token", "scalar", "fixed"),
-    "router.init": ("final", "uniform"),
-    "router.input": ("final", "mean"),
-    "loss.name": ("mode", "mode-nodistill", "final-only", "layerwise", "mode-only"),
-    "loss.teacher": ("final", "ensemble"),
-    "loss.scale": ("uniform", "linear", "sqrt", "inverse", "inverse_sqrt"),
-    "loss.curriculum": ("none", "rotational", "gradual"),
-    "loss.impl": ("chunked", "naive"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("fp32", "bf16"),
-    "train.optimizer": ("adamw", "adamw_8bit", "paged_adamw_8bit"),
-    "train.lr_schedule": ("cosine", "linear", "constant"),
-    "train.on_nonfinite": ("stop", "skip"),
-    "logger": ("none", "tensorboard"),
-    "merge.base": ("dequantized", "original"),
-    "merge.dtype": ("auto", "fp32", "bf16", "fp16"),
-    "eval.answers": ("auto", "on", "off"),
-    "eval.answer_match": ("number", "exact", "choice"),
-}
+@cache
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every key with a fixed set of values, and the values: each list comes from the module that
+    implements the choice (imported here, on first use, so the schema alone stays light)."""
+    from mode_cli.data.formats import FORMATS
+    from mode_cli.data.sources import BAD_ROW_POLICIES
+    from mode_cli.eval.answers import ANSWER_MODES, NORMALISERS
+    from mode_cli.mode.head import ROUTER_INITS, ROUTER_INPUTS, ROUTERS
+    from mode_cli.mode.loss import IMPLEMENTATIONS
+    from mode_cli.mode.methods import METHODS
+    from mode_cli.mode.selection import SELECTIONS
+    from mode_cli.mode.terms import TEACHERS
+    from mode_cli.mode.weighting import CURRICULA, SCALES
+    from mode_cli.models.loading import DEVICES, PRECISIONS, QUANTIZATIONS
+    from mode_cli.models.merging import MERGE_BASES, MERGE_DTYPES
+    from mode_cli.train.optim import OPTIMIZERS, SCHEDULES
+    from mode_cli.train.progress import LOGGERS
+    from mode_cli.train.stopping import NONFINITE_POLICIES
 
-GPU_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+    return {
+        "model.quantization": QUANTIZATIONS,
+        "data.format": FORMATS,
+        "data.on_bad_row": BAD_ROW_POLICIES,
+        "layers.select": SELECTIONS,
+        "router.kind": ROUTERS,
+        "router.init": ROUTER_INITS,
+        "router.input": ROUTER_INPUTS,
+        "loss.name": tuple(METHODS),
+        "loss.teacher": TEACHERS,
+        "loss.scale": tuple(SCALES),
+        "loss.curriculum": CURRICULA,
+        "loss.impl": tuple(IMPLEMENTATIONS),
+        "train.device": DEVICES,
+        "train.precision": tuple(PRECISIONS),
+        "train.optimizer": OPTIMIZERS,
+        "train.lr_schedule": SCHEDULES,
+        "train.on_nonfinite": NONFINITE_POLICIES,
+        "logger": LOGGERS,
+        "merge.base": MERGE_BASES,
+        "merge.dtype": ("auto", *MERGE_DTYPES),
+        "eval.answers": ANSWER_MODES,
+        "eval.answer_match": tuple(NORMALISERS),
+    }
 
 
-def trains_adapter(cfg: DictConfig) -> bool:
-    """Whether the recipe trains an adapter: every loss but `mode-only` (the head alone)."""
-    return cfg.loss.name != "mode-only"
+def method(cfg: DictConfig):
+    """The recipe's method (`loss.name`): what it trains and which heads it decodes with."""
+    from mode_cli.mode.methods import method_of
 
-
-def trains_head(cfg: DictConfig) -> bool:
-    """Whether the recipe trains a MoDE head: every loss but `final-only` (plain QLoRA)."""
-    return cfg.loss.name != "final-only"
-
-
-def resolve_device(requested: str) -> str:
-    """`auto` means CUDA when torch sees a GPU, else the CPU."""
-    if requested != "auto":
-        return requested
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return method_of(cfg.loss.name)
 
 
 def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
     """Check what the schema's types cannot; raise one ModeError listing every problem found."""
     problems: list[str] = data_problems(cfg.data)
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             problems.append(f"{key}={value!r}: expected one of {', '.join(allowed)}")
@@ -448,8 +456,8 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
             problems.append(f"{key}={value}: expected a number {bound}")
 
     for key in (
-        "lora.r",
-        "lora.alpha",
+        "adapter.r",
+        "adapter.alpha",
         "data.max_seq_len",
         "layers.k",
         "layers.every",
@@ -486,8 +494,8 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
         "loss.distill_weight",
     ):
         positive(key, allow_zero=True)
-    if not 0.0 <= cfg.lora.dropout < 1.0:
-        problems.append(f"lora.dropout={cfg.lora.dropout}: expected a number in [0, 1)")
+    if not 0.0 <= cfg.adapter.dropout < 1.0:
+        problems.append(f"adapter.dropout={cfg.adapter.dropout}: expected a number in [0, 1)")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
         problems.append(f"train.min_lr_ratio={cfg.train.min_lr_ratio}: expected a number in [0, 1]")
     if cfg.data.eval is None and not 0.0 < cfg.data.eval_fraction < 1.0:
@@ -504,14 +512,21 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
     weights = cfg.router.weights
     if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
         problems.append(f"router.weights={list(weights)}: expected non-negative numbers, not all 0")
-    if cfg.loss.name == "mode-nodistill" and cfg.loss.distill_weight != 0:
-        problems.append(
-            f"loss.name=mode-nodistill with loss.distill_weight={cfg.loss.distill_weight}: "
-            "the no-distillation recipe needs distill_weight 0 (use loss=mode-nodistill)"
-        )
-    if cfg.loss.name == "layerwise" and cfg.loss.teacher == "ensemble" and cfg.loss.distill_weight:
-        problems.append("loss.teacher=ensemble needs a router, and loss=layerwise has none")
-    targets = cfg.lora.target_modules
+    from mode_cli.mode.methods import METHODS
+
+    chosen = METHODS.get(cfg.loss.name)  # an unknown name is reported with the choices above
+    if chosen is not None:
+        if not chosen.distills and cfg.loss.distill_weight != 0:
+            problems.append(
+                f"loss.name={chosen.name} with loss.distill_weight={cfg.loss.distill_weight}: "
+                f"the no-distillation recipe needs distill_weight 0 (use loss={chosen.name})"
+            )
+        teacher_needs_router = cfg.loss.teacher == "ensemble" and cfg.loss.distill_weight
+        if not chosen.routed and teacher_needs_router:
+            problems.append(
+                f"loss.teacher=ensemble needs a router, and loss={chosen.name} has none"
+            )
+    targets = cfg.adapter.target_modules
     if not (
         targets == "all-linear"
         or (
@@ -521,30 +536,40 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
         )
     ):
         problems.append(
-            f"lora.target_modules={targets!r}: expected 'all-linear' or a non-empty list of module names"
+            f"adapter.target_modules={targets!r}: expected 'all-linear' or a non-empty list of "
+            "module names"
         )
 
-    if check_hardware and cfg.train.device in CHOICES["train.device"]:
-        import torch
-
-        device = resolve_device(cfg.train.device)
-        if device == "cuda" and not torch.cuda.is_available():
-            problems.append(
-                "train.device=cuda: torch sees no CUDA GPU on this machine (train=cpu-smoke runs "
-                "a recipe on the CPU)"
-            )
-        if device == "cpu" or not torch.cuda.is_available():
-            if cfg.train.optimizer in GPU_ONLY_OPTIMIZERS and not cfg.train.optimizer_fallback:
-                problems.append(
-                    f"train.optimizer={cfg.train.optimizer} needs a CUDA GPU (bitsandbytes' 8-bit "
-                    "optimizers); on the CPU use train.optimizer=adamw, train.optimizer_fallback=true "
-                    "(runs it as AdamW), or train=cpu-smoke to smoke-test a GPU recipe"
-                )
-            if cfg.train.precision == "bf16":
-                problems.append(
-                    "train.precision=bf16 is for GPUs; on the CPU use train.precision=fp32, or "
-                    "train=cpu-smoke to smoke-test a GPU recipe"
-                )
-
+    if check_hardware and cfg.train.device in choices()["train.device"]:
+        problems += hardware_problems(cfg)
     if problems:
         raise ModeError("Invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def hardware_problems(cfg: DictConfig) -> list[str]:
+    """What this machine cannot run of the recipe: a CUDA device without a GPU, and options that
+    need one (`train.optimizer`'s 8-bit optimizers, bf16 compute)."""
+    import torch
+
+    from mode_cli.models.loading import resolve_device
+    from mode_cli.train.optim import optimizer_on
+
+    problems = []
+    device = resolve_device(cfg.train.device)
+    if device == "cuda" and not torch.cuda.is_available():
+        problems.append(
+            "train.device=cuda: torch sees no CUDA GPU on this machine (train=cpu-smoke runs "
+            "a recipe on the CPU)"
+        )
+        device = "cpu"
+    if cfg.train.optimizer in choices()["train.optimizer"]:
+        try:
+            optimizer_on(cfg.train.optimizer, device, cfg.train.optimizer_fallback)
+        except ModeError as err:
+            problems.append(str(err))
+    if device == "cpu" and cfg.train.precision == "bf16":
+        problems.append(
+            "train.precision=bf16 is for GPUs; on the CPU use train.precision=fp32, or "
+            "train=cpu-smoke to smoke-test a GPU recipe"
+        )
+    return problems

@@ -1,4 +1,5 @@
-"""Writing folders so that an interrupted write never leaves something that looks complete."""
+"""Files and folders: the files bundled with `mode`, its cache, and writing folders so that an
+interrupted write never leaves something that looks complete."""
 
 from __future__ import annotations
 
@@ -8,6 +9,34 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from mode_cli.errors import ModeError
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+
+
+def resolve_bundled(spec: str) -> Path:
+    """`bundled:arithmetic/train.jsonl` -> the file shipped inside the package."""
+    path = BUNDLED_DIR / spec.removeprefix("bundled:")
+    if not path.exists():
+        available = sorted(p.name for p in BUNDLED_DIR.iterdir()) if BUNDLED_DIR.is_dir() else []
+        raise ModeError(f"No bundled resource '{spec}'. Bundled: {', '.join(available)}")
+    return path
+
+
+def cache_dir() -> Path:
+    """Return the cache folder of `mode`.
+
+    `$MODE_CACHE` if set, else `$XDG_CACHE_HOME/mode`, else `~/.cache/mode`. The folder is not
+    created here.
+    """
+    explicit = os.environ.get("MODE_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "mode"
+    return Path.home() / ".cache" / "mode"
 
 
 def align_permissions(folder: Path) -> None:

@@ -85,18 +85,6 @@ def locate(recipe: str, recipes_dir: Path | None = None) -> tuple[Path, str]:
     )
 
 
-def split_overrides(args: list[str], key: str) -> tuple[str | None, list[str]]:
-    """Pull `key=value` out of the override list (recipe=, checkpoint=, the shorthands of
-    `mode eval`); the last one wins."""
-    value, rest = None, []
-    for arg in args:
-        if arg.startswith(f"{key}="):
-            value = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    return value, rest
-
-
 def compose_recipe(
     recipe: str, overrides: list[str] | None = None, recipes_dir: Path | None = None
 ) -> DictConfig:
@@ -170,7 +158,11 @@ def explain_omegaconf_error(err: Exception) -> str:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         known = known_keys(parent)
         where = f"in '{parent}'" if parent else "at the top level"
-        return f"Unknown config key '{key}'. Keys {where}: {', '.join(known)}"
+        message = f"Unknown config key '{key}'. Keys {where}: {', '.join(known)}"
+        if key == "lora" or key.startswith("lora."):
+            # The adapter's keys were called `lora` before they took the name of their group.
+            message += f" (the adapter's keys are under `adapter`: {'adapter' + key[4:]})"
+        return message
     if "is not a subclass of MergeConfig" in first_line:
         # A recipe file's `merge: false`: the shell shorthand has no YAML counterpart.
         return (

@@ -32,14 +32,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mode_cli.loss import (  # noqa: E402
+from mode_cli.mode.chunked import (  # noqa: E402
     DEFAULT_CHUNK_BUDGET,
-    FINAL_ONLY,
-    LossWeights,
     chunk_size,
     chunked_mode_loss,
-    mode_loss,
 )
+from mode_cli.mode.loss import mode_loss  # noqa: E402
+from mode_cli.mode.terms import FINAL_ONLY, LossWeights  # noqa: E402
 
 LOSSES = {
     "mode": LossWeights(ensemble=1.0, distill=0.1),
@@ -299,7 +298,7 @@ def markdown(records: list[dict], args, seconds: float | None) -> str:
     lines = [
         "# Benchmark: the MoDE loss, chunked against naive",
         "",
-        "Forward + backward of the loss alone (`mode_cli/loss.py`) on random normalised states",
+        "Forward + backward of the loss alone (`mode_cli/mode/chunked.py`) on random normalised states",
         f"(hidden size {args.hidden}, head weight {'bf16' if args.device == 'cuda' else 'fp32'}),",
         "routing weights and labels; `mode` is a_ens = 1, lambda = 0.1, T = 1; `mode-nodistill`",
         "sets lambda = 0; `final-only` is plain cross-entropy on one layer through the same code.",

@@ -29,7 +29,7 @@ def smollm2_conversion(model_cache):
     (cache, folder, log messages of the conversion)."""
     from pathlib import Path
 
-    from mode_cli import smollm2
+    from mode_cli.models import smollm2
 
     cache = Path(model_cache)
     messages: list[str] = []

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -42,3 +47,35 @@ def data_cfg(**values):
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL a process started by `spawned` and everything it started, then reap it."""
+    with suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@contextmanager
+def spawned(args: list[str], **kwargs) -> Iterator[subprocess.Popen]:
+    """Start a process in a session of its own; on leaving the block, its whole process group is
+    killed if anything of it is still running, so no orphan outlives the test."""
+    process = subprocess.Popen(args, start_new_session=True, **kwargs)
+    try:
+        yield process
+    finally:
+        kill_group(process)
+
+
+def run_command(args: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run` with text output captured, in its own session: on timeout the whole
+    process group is killed (not only the child) and TimeoutExpired is raised."""
+    with spawned(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(process)
+            raise
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import zipfile
@@ -16,13 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import run_command
 from omegaconf import OmegaConf
 
 from mode_cli import __version__
-from mode_cli.config import GPU_ONLY_OPTIMIZERS, validate
+from mode_cli.config import validate
 from mode_cli.errors import ModeError
-from mode_cli.model import BUNDLED_DIR
+from mode_cli.files import BUNDLED_DIR
 from mode_cli.recipes import compose_recipe, shipped_recipes_dir
+from mode_cli.train.optim import GPU_ONLY_OPTIMIZERS
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = shipped_recipes_dir()
@@ -218,12 +219,12 @@ def test_unknown_lora_target_is_refused_in_a_dry_run(mode, tmp_path):
     code, _, err = mode(
         "train",
         "recipe=tiny-llama-alpaca",
-        "lora.target_modules=[nope]",
+        "adapter.target_modules=[nope]",
         f"output_dir={tmp_path / 'out'}",
         "--dry-run",
     )
     message = assert_user_error(code, err)
-    assert "lora.target_modules: nope match no module of this model" in message
+    assert "adapter.target_modules: nope match no module of this model" in message
     assert "q_proj" in message and "down_proj" in message
     assert not (tmp_path / "out").exists()
 
@@ -233,12 +234,12 @@ def test_unknown_lora_target_is_refused_in_a_run(mode, tmp_path):
     code, _, err = mode(
         "train",
         "recipe=tiny-llama-alpaca",
-        "lora.target_modules=[q_proj,nope]",
+        "adapter.target_modules=[q_proj,nope]",
         f"output_dir={out}",
         "train.max_steps=1",
     )
     message = assert_user_error(code, err)
-    assert "lora.target_modules: nope match no module of this model" in message
+    assert "adapter.target_modules: nope match no module of this model" in message
     assert "Linear modules: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in (
         message
     )
@@ -249,14 +250,14 @@ def test_unknown_lora_target_is_refused_in_a_run(mode, tmp_path):
 def test_a_run_that_fails_at_setup_can_be_retried_in_the_same_folder(mode, tmp_path):
     out = tmp_path / "out"
     code, _, _ = mode(
-        "train", "recipe=tiny-llama-alpaca", "lora.target_modules=[nope]", f"output_dir={out}"
+        "train", "recipe=tiny-llama-alpaca", "adapter.target_modules=[nope]", f"output_dir={out}"
     )
     assert code == 2
     assert not (out / "config.yaml").exists()
 
 
 def test_validate_reports_every_problem_at_once(mode):
-    overrides = ["lora.r=0", "train.micro_batch_size=0", "loss.name=bogus"]
+    overrides = ["adapter.r=0", "train.micro_batch_size=0", "loss.name=bogus"]
     cfg = compose_recipe("tiny-llama-alpaca", overrides)
     with pytest.raises(ModeError) as err:
         validate(cfg, check_hardware=False)
@@ -264,7 +265,7 @@ def test_validate_reports_every_problem_at_once(mode):
         "Invalid recipe:\n"
         "  - loss.name='bogus': expected one of mode, mode-nodistill, final-only, layerwise, "
         "mode-only\n"
-        "  - lora.r=0: expected a number > 0\n"
+        "  - adapter.r=0: expected a number > 0\n"
         "  - train.micro_batch_size=0: expected a number > 0"
     )
 
@@ -301,8 +302,8 @@ def test_every_shipped_recipe_composes_and_validates(mode, name):
     shown = yaml.safe_load(out)
     assert shown["recipe"] == name
     assert shown["model"]["name_or_path"]
-    # The adapter group fills the `lora` section; every other group its own.
-    assert {"lora" if g == "adapter" else g for g in GROUPS} <= set(shown)
+    # Every group fills the section of its own name.
+    assert set(GROUPS) <= set(shown)
 
 
 def test_show_llama3_recipe(mode):
@@ -314,7 +315,7 @@ def test_show_llama3_recipe(mode):
     assert shown["train"]["optimizer"] == "paged_adamw_8bit"
     assert shown["train"]["precision"] == "bf16"
     assert shown["train"]["device"] == "cuda"
-    assert shown["lora"]["r"] == 16
+    assert shown["adapter"]["r"] == 16
     assert shown["layers"]["k"] == 3
     assert shown["data"]["max_seq_len"] == 2048
 
@@ -337,11 +338,11 @@ def _no_hub(*args, **kwargs):
 
 
 def test_gpu_recipe_is_refused_on_a_cpu_before_any_hub_access(mode, monkeypatch, no_cuda):
-    import mode_cli.train  # noqa: F401  (imported up front: only the refusal is timed)
+    import mode_cli.train.recipe  # noqa: F401  (imported up front: only the refusal is timed)
 
-    monkeypatch.setattr("mode_cli.data.read_hub", _no_hub)
-    monkeypatch.setattr("mode_cli.model.resolve_source", _no_hub)
-    monkeypatch.setattr("mode_cli.model.load_tokenizer", _no_hub)
+    monkeypatch.setattr("mode_cli.data.sources.read_hub", _no_hub)
+    monkeypatch.setattr("mode_cli.train.recipe.resolve_source", _no_hub)
+    monkeypatch.setattr("mode_cli.train.recipe.load_tokenizer", _no_hub)
     start = time.perf_counter()
 
     code, out, err = mode("train", "recipe=llama3-8b-alpaca", "--dry-run")
@@ -375,7 +376,7 @@ def test_gpu_recipe_smoke_trains_on_the_cpu(mode, tmp_path, name):
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(r["loss"] > 0 for r in records)
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] > 0
-    from mode_cli.report import latest_report
+    from mode_cli.eval.report import latest_report
 
     report = json.loads(latest_report(out).read_text())
     assert report
@@ -565,13 +566,8 @@ def test_dry_run_with_output_dir_creates_nothing(mode, tmp_path):
 
 def test_recipes_are_found_from_any_working_directory(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [str(MODE_BIN), "recipes", "show", "tiny-llama-alpaca"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_command(
+        [str(MODE_BIN), "recipes", "show", "tiny-llama-alpaca"], cwd=tmp_path, env=env, timeout=120
     )
     assert result.returncode == 0, result.stderr
     shown = yaml.safe_load(result.stdout)
@@ -590,14 +586,16 @@ def test_the_wheel_ships_the_recipes(tmp_path):
     shutil.copytree(REPO / "mode_cli", source / "mode_cli", ignore=ignore)
     if (REPO / "recipes").is_dir():
         shutil.copytree(REPO / "recipes", source / "recipes", ignore=ignore)
-    subprocess.run(
+    built = run_command(
         [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index"]
         + ["-q", "-w", str(tmp_path / "dist"), str(source)],
-        check=True,
-        capture_output=True,
         timeout=120,
     )
+    assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "mode_cli/bundled/arithmetic/train.jsonl" in names
     assert any(n.endswith("recipes/tiny-llama-alpaca.yaml") for n in names)
+    # Every subpackage ships (pyproject.toml lists them).
+    for init in sorted((REPO / "mode_cli").glob("*/__init__.py")):
+        assert f"mode_cli/{init.parent.name}/__init__.py" in names, init.parent.name

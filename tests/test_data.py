@@ -12,10 +12,15 @@ import pytest
 import torch
 from helpers import data_cfg, write_jsonl
 
-from mode_cli import data
-from mode_cli.data import IGNORE, DataStats, Example
+from mode_cli.data import batching as batching_mod
+from mode_cli.data import formats as formats_mod
+from mode_cli.data import sources as sources_mod
+from mode_cli.data import splits as splits_mod
+from mode_cli.data import tokenizing as tokenizing_mod
+from mode_cli.data.splits import DataStats
+from mode_cli.data.tokenizing import IGNORE, Example
 from mode_cli.errors import ModeError
-from mode_cli.model import BUNDLED_DIR, resolve_bundled
+from mode_cli.files import BUNDLED_DIR, resolve_bundled
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,17 +57,19 @@ def ids(tokenizer, text: str, special: bool) -> list[int]:
 
 
 def test_alpaca_prompt_without_input():
-    assert data.alpaca_prompt({"instruction": "Add 2 and 3.", "output": "5"}) == NO_INPUT_PROMPT
+    assert (
+        formats_mod.alpaca_prompt({"instruction": "Add 2 and 3.", "output": "5"}) == NO_INPUT_PROMPT
+    )
 
 
 def test_alpaca_prompt_with_empty_input_uses_the_no_input_template():
     row = {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
-    assert data.alpaca_prompt(row) == NO_INPUT_PROMPT
+    assert formats_mod.alpaca_prompt(row) == NO_INPUT_PROMPT
 
 
 def test_alpaca_prompt_with_input():
     row = {"instruction": "Solve the problem.", "input": "Tom has 2 apples.", "output": "2"}
-    assert data.alpaca_prompt(row) == WITH_INPUT_PROMPT
+    assert formats_mod.alpaca_prompt(row) == WITH_INPUT_PROMPT
 
 
 # ---------------------------------------------------------------------------- tokenize
@@ -82,7 +89,7 @@ def test_tokenize_masks_the_prompt_and_trains_response_and_eos(tokenizer, row, p
     prompt_ids = ids(tokenizer, prompt, True)
     response_ids = ids(tokenizer, row["output"], False) + [tokenizer.eos_token_id]
 
-    example, cut = data.tokenize(row, tokenizer, max_seq_len=1000)
+    example, cut = tokenizing_mod.tokenize(row, tokenizer, max_seq_len=1000)
 
     assert cut is False
     assert example.input_ids == prompt_ids + response_ids
@@ -100,7 +107,7 @@ def test_truncation_is_counted_and_keeps_what_fits(tokenizer):
     n_prompt = len(ids(tokenizer, NO_INPUT_PROMPT, True))
     stats = DataStats()
 
-    examples = data.build([row], tokenizer, n_prompt + 2, stats)
+    examples = splits_mod.build([row], tokenizer, n_prompt + 2, stats)
 
     assert stats.truncated == 1
     assert stats.dropped_empty == 0
@@ -115,7 +122,7 @@ def test_truncation_is_counted_and_keeps_what_fits(tokenizer):
 
 def test_untruncated_examples_are_not_counted(tokenizer):
     stats = DataStats()
-    data.build(good_rows(3), tokenizer, 1000, stats)
+    splits_mod.build(good_rows(3), tokenizer, 1000, stats)
     assert stats.truncated == 0
     assert stats.dropped_empty == 0
 
@@ -123,15 +130,15 @@ def test_untruncated_examples_are_not_counted(tokenizer):
 def test_example_whose_whole_response_is_cut_is_dropped_and_counted(tokenizer):
     short = {"instruction": "Hi.", "output": "Hello."}
     long = {"instruction": "Hi. " + "This prompt is very much longer. " * 4, "output": "Hello."}
-    n_short = len(data.tokenize(short, tokenizer, 10_000)[0].input_ids)
-    n_long_prompt = len(ids(tokenizer, data.alpaca_prompt(long), True))
+    n_short = len(tokenizing_mod.tokenize(short, tokenizer, 10_000)[0].input_ids)
+    n_long_prompt = len(ids(tokenizer, formats_mod.alpaca_prompt(long), True))
     assert n_long_prompt > n_short  # the cut falls inside the long prompt
     stats = DataStats()
 
-    examples = data.build([short, long], tokenizer, n_short, stats)
+    examples = splits_mod.build([short, long], tokenizer, n_short, stats)
 
     assert len(examples) == 1
-    assert examples[0].input_ids == data.tokenize(short, tokenizer, 10_000)[0].input_ids
+    assert examples[0].input_ids == tokenizing_mod.tokenize(short, tokenizer, 10_000)[0].input_ids
     assert stats.dropped_empty == 1
     assert stats.truncated == 1
 
@@ -141,11 +148,11 @@ def test_response_cut_boundary(tokenizer):
     n_prompt = len(ids(tokenizer, NO_INPUT_PROMPT, True))
 
     stats = DataStats()
-    assert data.build([row], tokenizer, n_prompt, stats) == []
+    assert splits_mod.build([row], tokenizer, n_prompt, stats) == []
     assert (stats.truncated, stats.dropped_empty) == (1, 1)
 
     stats = DataStats()
-    kept = data.build([row], tokenizer, n_prompt + 1, stats)
+    kept = splits_mod.build([row], tokenizer, n_prompt + 1, stats)
     assert len(kept) == 1 and kept[0].trained_tokens == 1
     assert (stats.truncated, stats.dropped_empty) == (1, 0)
 
@@ -155,7 +162,7 @@ def test_split_with_every_response_cut_is_an_error(tokenizer, tmp_path):
     cfg = data_cfg(train=str(train), eval=str(train), max_seq_len=16)
 
     with pytest.raises(ModeError) as err:
-        data.load_splits(cfg, tokenizer)
+        splits_mod.load_splits(cfg, tokenizer)
 
     message = str(err.value)
     assert message.startswith("The train split has no example with a trained token (4 rows, ")
@@ -197,7 +204,7 @@ def test_malformed_row_is_an_error_naming_its_row(tokenizer, tmp_path, bad, prob
     cfg = data_cfg(train=str(train), eval=str(train))
 
     with pytest.raises(ModeError) as err:
-        data.load_splits(cfg, tokenizer)
+        splits_mod.load_splits(cfg, tokenizer)
 
     assert str(err.value) == (
         f"{train}, row 2: {problem} (set data.on_bad_row=skip to drop such rows)"
@@ -212,7 +219,7 @@ def test_malformed_row_is_skipped_and_counted(tokenizer, tmp_path, bad, problem)
     evaluation = write_jsonl(tmp_path / "eval.jsonl", good_rows(2, prefix="e"))
     cfg = data_cfg(train=str(train), eval=str(evaluation), on_bad_row="skip")
 
-    train_set, eval_set = data.load_splits(cfg, tokenizer)
+    train_set, eval_set = splits_mod.load_splits(cfg, tokenizer)
 
     assert train_set.stats.skipped == [f"{train}, row 3: {problem}"]
     assert train_set.stats.rows == 3
@@ -227,7 +234,7 @@ def test_malformed_eval_row_is_reported_against_the_eval_file(tokenizer, tmp_pat
     cfg = data_cfg(train=str(train), eval=str(evaluation))
 
     with pytest.raises(ModeError, match=r"eval\.jsonl, row 2: missing field 'output'"):
-        data.load_splits(cfg, tokenizer)
+        splits_mod.load_splits(cfg, tokenizer)
 
 
 def jsonl_with_bad_line(path: Path) -> Path:
@@ -242,7 +249,7 @@ def test_bad_json_line_is_an_error_naming_the_line(tokenizer, tmp_path):
     cfg = data_cfg(train=str(train), eval=str(train))
 
     with pytest.raises(ModeError) as err:
-        data.load_splits(cfg, tokenizer)
+        splits_mod.load_splits(cfg, tokenizer)
 
     assert str(err.value).startswith(f"{train}, line 3: not valid JSON (")
 
@@ -252,7 +259,7 @@ def test_bad_json_line_is_skipped_with_on_bad_row_skip(tokenizer, tmp_path):
     evaluation = write_jsonl(tmp_path / "eval.jsonl", good_rows(2, prefix="e"))
     cfg = data_cfg(train=str(train), eval=str(evaluation), on_bad_row="skip")
 
-    train_set, _ = data.load_splits(cfg, tokenizer)
+    train_set, _ = splits_mod.load_splits(cfg, tokenizer)
 
     assert len(train_set.examples) == 3
     assert len(train_set.stats.skipped) == 1
@@ -263,14 +270,14 @@ def test_non_list_json_file_is_an_error(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps({"instruction": "a", "output": "b"}), encoding="utf-8")
     with pytest.raises(ModeError, match=r"rows\.json: expected a JSON list of objects"):
-        data.read_rows(str(path))
+        sources_mod.read_rows(str(path))
 
 
 def test_invalid_json_file_is_an_error(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text('[{"instruction": "a", ', encoding="utf-8")
     with pytest.raises(ModeError, match=r"rows\.json: not valid JSON"):
-        data.read_rows(str(path))
+        sources_mod.read_rows(str(path))
 
 
 # ---------------------------------------------------------------------------- loading
@@ -284,11 +291,11 @@ def test_json_list_and_jsonl_load_the_same_rows(tokenizer, tmp_path):
     # Blank lines in JSON lines are ignored.
     as_jsonl.write_text(as_jsonl.read_text(encoding="utf-8") + "\n\n", encoding="utf-8")
 
-    assert data.read_rows(str(as_json)) == rows
-    assert data.read_rows(str(as_jsonl)) == rows
+    assert sources_mod.read_rows(str(as_json)) == rows
+    assert sources_mod.read_rows(str(as_jsonl)) == rows
 
     splits = [
-        data.load_splits(data_cfg(train=str(path), eval=str(path)), tokenizer)
+        splits_mod.load_splits(data_cfg(train=str(path), eval=str(path)), tokenizer)
         for path in (as_json, as_jsonl)
     ]
     assert [e.input_ids for e in splits[0][0].examples] == [
@@ -298,7 +305,7 @@ def test_json_list_and_jsonl_load_the_same_rows(tokenizer, tmp_path):
 
 
 def test_bundled_source_loads():
-    rows = data.read_rows("bundled:arithmetic/eval.jsonl")
+    rows = sources_mod.read_rows("bundled:arithmetic/eval.jsonl")
     assert len(rows) == 200
 
 
@@ -306,21 +313,21 @@ def test_bundled_source_loads():
 def test_missing_file_is_an_error(tokenizer, tmp_path, name):
     missing = tmp_path / name
     with pytest.raises(ModeError, match="Data file not found"):
-        data.read_rows(str(missing))
+        sources_mod.read_rows(str(missing))
     train = write_jsonl(tmp_path / "train.jsonl", good_rows(2))
     with pytest.raises(ModeError, match=f"Data file not found: {missing}"):
-        data.load_splits(data_cfg(train=str(train), eval=str(missing)), tokenizer)
+        splits_mod.load_splits(data_cfg(train=str(train), eval=str(missing)), tokenizer)
 
 
 def test_missing_bundled_resource_is_an_error():
     with pytest.raises(ModeError, match="No bundled resource 'bundled:nope.jsonl'"):
-        data.read_rows("bundled:nope.jsonl")
+        sources_mod.read_rows("bundled:nope.jsonl")
 
 
 def test_max_examples_cap_each_split(tokenizer, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", good_rows(10))
     cfg = data_cfg(train=str(train), eval=str(train), max_train_examples=4, max_eval_examples=3)
-    train_set, eval_set = data.load_splits(cfg, tokenizer)
+    train_set, eval_set = splits_mod.load_splits(cfg, tokenizer)
     assert (len(train_set.examples), len(eval_set.examples)) == (4, 3)
     assert (train_set.stats.rows, eval_set.stats.rows) == (4, 3)
 
@@ -330,7 +337,7 @@ def test_max_examples_cap_each_split(tokenizer, tmp_path):
 
 def held_out(tokenizer, path: Path, seed: int) -> tuple[set, set]:
     cfg = data_cfg(train=str(path), eval=None, eval_fraction=0.25, seed=seed)
-    train_set, eval_set = data.load_splits(cfg, tokenizer)
+    train_set, eval_set = splits_mod.load_splits(cfg, tokenizer)
     return (
         {tuple(e.input_ids) for e in train_set.examples},
         {tuple(e.input_ids) for e in eval_set.examples},
@@ -339,7 +346,7 @@ def held_out(tokenizer, path: Path, seed: int) -> tuple[set, set]:
 
 def test_held_out_eval_is_deterministic_and_disjoint(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", good_rows(20))
-    every = {tuple(data.tokenize(r, tokenizer, 512)[0].input_ids) for r in good_rows(20)}
+    every = {tuple(tokenizing_mod.tokenize(r, tokenizer, 512)[0].input_ids) for r in good_rows(20)}
 
     train_a, eval_a = held_out(tokenizer, path, seed=0)
     train_b, eval_b = held_out(tokenizer, path, seed=0)
@@ -360,7 +367,7 @@ def test_collate_right_pads_and_masks():
     a = Example(input_ids=[11, 12, 13], labels=[IGNORE, 12, 13])
     b = Example(input_ids=[21, 22, 23, 24, 25], labels=[IGNORE, IGNORE, 23, 24, 25])
 
-    batch = data.collate([a, b], pad_id=7)
+    batch = batching_mod.collate([a, b], pad_id=7)
 
     assert batch["input_ids"].tolist() == [[11, 12, 13, 7, 7], [21, 22, 23, 24, 25]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
@@ -369,24 +376,24 @@ def test_collate_right_pads_and_masks():
         [IGNORE, IGNORE, 23, 24, 25],
     ]
     assert all(t.dtype == torch.long for t in batch.values())
-    assert data.target_count(batch) == 5
+    assert batching_mod.target_count(batch) == 5
 
 
 def test_target_count_skips_the_first_position():
     # A label at position 0 is never predicted (nothing precedes it).
-    batch = data.collate([Example(input_ids=[5, 6, 7], labels=[5, 6, IGNORE])], pad_id=0)
-    assert data.target_count(batch) == 1
-    batch = data.collate([Example(input_ids=[5, 6], labels=[IGNORE, IGNORE])], pad_id=0)
-    assert data.target_count(batch) == 0
+    batch = batching_mod.collate([Example(input_ids=[5, 6, 7], labels=[5, 6, IGNORE])], pad_id=0)
+    assert batching_mod.target_count(batch) == 1
+    batch = batching_mod.collate([Example(input_ids=[5, 6], labels=[IGNORE, IGNORE])], pad_id=0)
+    assert batching_mod.target_count(batch) == 0
 
 
 def test_batches_cover_every_example_once_in_a_seeded_order():
     examples = [Example(input_ids=[i], labels=[i]) for i in range(10)]
 
     def order(seed, epoch):
-        return [e.input_ids[0] for b in data.batches(examples, 4, seed, epoch) for e in b]
+        return [e.input_ids[0] for b in batching_mod.batches(examples, 4, seed, epoch) for e in b]
 
-    assert [len(b) for b in data.batches(examples, 4, 0, 0)] == [4, 4, 2]
+    assert [len(b) for b in batching_mod.batches(examples, 4, 0, 0)] == [4, 4, 2]
     assert sorted(order(0, 0)) == list(range(10))
     assert order(0, 0) == order(0, 0)
     assert order(0, 0) != order(0, 1)
@@ -406,7 +413,7 @@ def test_bundled_arithmetic_dataset():
     assert (len(train), len(evaluation)) == (2000, 200)
     for row in train + evaluation:
         assert list(row) == ["instruction", "input", "output", "answer"]
-        assert data.row_problem(row) is None
+        assert formats_mod.row_problem(row) is None
         assert row["answer"].isdigit()
         assert row["output"].endswith(f"The answer is {row['answer']}.")
 

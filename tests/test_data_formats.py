@@ -12,10 +12,15 @@ import pytest
 from helpers import data_cfg, train_tiny, write_jsonl
 from omegaconf import OmegaConf
 
-from mode_cli import data
-from mode_cli.data import CHATML_TEMPLATE, IGNORE, DataStats
+from mode_cli.data import formats as formats_mod
+from mode_cli.data import sources as sources_mod
+from mode_cli.data import splits as splits_mod
+from mode_cli.data import tokenizing as tokenizing_mod
+from mode_cli.data.formats import CHATML_TEMPLATE
+from mode_cli.data.splits import DataStats
+from mode_cli.data.tokenizing import IGNORE
 from mode_cli.errors import ModeError
-from mode_cli.model import BUNDLED_DIR, resolve_bundled
+from mode_cli.files import BUNDLED_DIR, resolve_bundled
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,7 +60,7 @@ def trained_spans(tokenizer, example) -> list[str]:
 
 def test_chat_trains_exactly_the_assistant_turns(tokenizer):
     row = chat(3, turns=2, system=True)
-    example, cut = data.tokenize_chat(row["messages"], tokenizer, 10_000, CHATML_TEMPLATE)
+    example, cut = tokenizing_mod.tokenize_chat(row["messages"], tokenizer, 10_000, CHATML_TEMPLATE)
 
     text = tokenizer.apply_chat_template(
         row["messages"], chat_template=CHATML_TEMPLATE, tokenize=False
@@ -68,7 +73,7 @@ def test_chat_trains_exactly_the_assistant_turns(tokenizer):
 def test_chat_labels_match_a_character_offset_reference(tokenizer):
     """Naive reference: label every token overlapping an assistant turn's characters."""
     messages = chat(7, turns=3, system=True)["messages"]
-    example, _ = data.tokenize_chat(messages, tokenizer, 10_000, CHATML_TEMPLATE)
+    example, _ = tokenizing_mod.tokenize_chat(messages, tokenizer, 10_000, CHATML_TEMPLATE)
 
     def render(msgs, gen):
         return tokenizer.apply_chat_template(
@@ -101,7 +106,7 @@ def test_chat_falls_back_to_offsets_when_tokens_merge_across_the_turn(tokenizer)
     whole = tokenizer("user: Hi\nassistant: There 4.\n", add_special_tokens=False)["input_ids"]
     assert whole[: len(prompt)] != prompt
 
-    example, _ = data.tokenize_chat(messages, tokenizer, 10_000, template)
+    example, _ = tokenizing_mod.tokenize_chat(messages, tokenizer, 10_000, template)
 
     assert trained_spans(tokenizer, example) == [" There 4.\n"]
 
@@ -114,23 +119,28 @@ def test_chat_template_that_refuses_a_conversation_names_the_row(tokenizer, tmp_
     path = write_jsonl(tmp_path / "chat.jsonl", [chat(0), chat(1, system=True)])
     cfg = data_cfg(train=str(path), eval=str(path), format="chat", chat_template=strict)
     with pytest.raises(ModeError) as err:
-        data.load_splits(cfg, tokenizer)
+        splits_mod.load_splits(cfg, tokenizer)
     assert str(err.value) == (
         f"{path}, row 2: the chat template refused this conversation: start with a user turn"
     )
 
 
 def test_chat_template_choice(tokenizer):
-    assert data.chat_template(data_cfg(), tokenizer) == CHATML_TEMPLATE  # the tokenizer has none
-    assert data.chat_template(data_cfg(chat_template="chatml"), tokenizer) == CHATML_TEMPLATE
+    assert (
+        formats_mod.chat_template(data_cfg(), tokenizer) == CHATML_TEMPLATE
+    )  # the tokenizer has none
+    assert formats_mod.chat_template(data_cfg(chat_template="chatml"), tokenizer) == CHATML_TEMPLATE
     own = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    assert data.chat_template(data_cfg(chat_template=own), tokenizer) == own
+    assert formats_mod.chat_template(data_cfg(chat_template=own), tokenizer) == own
 
     class WithTemplate:
         chat_template = "{{ 'x' }}"
 
-    assert data.chat_template(data_cfg(), WithTemplate()) == "{{ 'x' }}"
-    assert data.chat_template(data_cfg(chat_template="chatml"), WithTemplate()) == CHATML_TEMPLATE
+    assert formats_mod.chat_template(data_cfg(), WithTemplate()) == "{{ 'x' }}"
+    assert (
+        formats_mod.chat_template(data_cfg(chat_template="chatml"), WithTemplate())
+        == CHATML_TEMPLATE
+    )
 
 
 def test_chat_field_mapping_reads_sharegpt_files(tokenizer, tmp_path):
@@ -151,13 +161,15 @@ def test_chat_field_mapping_reads_sharegpt_files(tokenizer, tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", renamed)
     fields = {"messages": "conversation", "role": "from", "content": "value"}
 
-    train_a, _ = data.load_splits(data_cfg(train=str(a), eval=str(a), format="chat"), tokenizer)
+    train_a, _ = splits_mod.load_splits(
+        data_cfg(train=str(a), eval=str(a), format="chat"), tokenizer
+    )
     cfg_b = data_cfg(train=str(b), eval=str(b), format="chat", fields=fields)
-    train_b, _ = data.load_splits(cfg_b, tokenizer)
+    train_b, _ = splits_mod.load_splits(cfg_b, tokenizer)
 
     assert [e.input_ids for e in train_a.examples] == [e.input_ids for e in train_b.examples]
     assert [e.labels for e in train_a.examples] == [e.labels for e in train_b.examples]
-    rows = data.eval_rows(cfg_b)
+    rows = sources_mod.eval_rows(cfg_b)
     assert rows[0]["messages"] == plain[0]["messages"] and rows[0]["answer"] == plain[0]["answer"]
 
 
@@ -199,7 +211,9 @@ def test_malformed_chat_row_is_an_error_naming_its_row(tokenizer, tmp_path, bad,
     train = write_jsonl(tmp_path / "train.jsonl", [chat(0), bad, chat(1)])
 
     with pytest.raises(ModeError) as err:
-        data.load_splits(data_cfg(train=str(train), eval=str(train), format="chat"), tokenizer)
+        splits_mod.load_splits(
+            data_cfg(train=str(train), eval=str(train), format="chat"), tokenizer
+        )
 
     assert str(err.value) == (
         f"{train}, row 2: {problem} (set data.on_bad_row=skip to drop such rows)"
@@ -210,7 +224,7 @@ def test_malformed_chat_row_is_skipped_and_counted(tokenizer, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [chat(0), BAD_CHATS[3].values[0], chat(1)])
     cfg = data_cfg(train=str(train), eval=str(train), format="chat", on_bad_row="skip")
 
-    train_set, _ = data.load_splits(cfg, tokenizer)
+    train_set, _ = splits_mod.load_splits(cfg, tokenizer)
 
     assert train_set.stats.skipped == [f"{train}, row 2: no assistant turn (nothing to train on)"]
     assert len(train_set.examples) == 2
@@ -222,7 +236,7 @@ def test_mapped_field_missing_names_the_column_and_the_mapping(tokenizer, tmp_pa
         train=str(train), eval=str(train), fields={"instruction": "question", "output": "answer"}
     )
     with pytest.raises(ModeError, match=r"row 1: missing field 'answer' \(data\.fields\.output\)"):
-        data.load_splits(cfg, tokenizer)
+        splits_mod.load_splits(cfg, tokenizer)
 
 
 def test_alpaca_field_mapping_gives_the_same_examples(tokenizer, tmp_path):
@@ -232,8 +246,10 @@ def test_alpaca_field_mapping_gives_the_same_examples(tokenizer, tmp_path):
     b = write_jsonl(tmp_path / "b.jsonl", renamed)
     fields = {"instruction": "question", "output": "solution"}
 
-    train_a, _ = data.load_splits(data_cfg(train=str(a), eval=str(a)), tokenizer)
-    train_b, _ = data.load_splits(data_cfg(train=str(b), eval=str(b), fields=fields), tokenizer)
+    train_a, _ = splits_mod.load_splits(data_cfg(train=str(a), eval=str(a)), tokenizer)
+    train_b, _ = splits_mod.load_splits(
+        data_cfg(train=str(b), eval=str(b), fields=fields), tokenizer
+    )
 
     assert [e.input_ids for e in train_a.examples] == [e.input_ids for e in train_b.examples]
     assert [e.labels for e in train_a.examples] == [e.labels for e in train_b.examples]
@@ -243,23 +259,23 @@ def test_alpaca_field_mapping_gives_the_same_examples(tokenizer, tmp_path):
 
 
 def test_user_prompt_per_format(tokenizer):
-    assert data.user_prompt("Add 2 and 3.", data_cfg(), tokenizer) == data.ALPACA_NO_INPUT.format(
-        instruction="Add 2 and 3."
-    )
-    assert data.user_prompt("Add.", data_cfg(format="chat"), tokenizer) == (
+    assert formats_mod.user_prompt(
+        "Add 2 and 3.", data_cfg(), tokenizer
+    ) == formats_mod.ALPACA_NO_INPUT.format(instruction="Add 2 and 3.")
+    assert formats_mod.user_prompt("Add.", data_cfg(format="chat"), tokenizer) == (
         "<|im_start|>user\nAdd.<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert data.user_prompt("Once upon", data_cfg(format="text"), tokenizer) == "Once upon"
+    assert formats_mod.user_prompt("Once upon", data_cfg(format="text"), tokenizer) == "Once upon"
 
 
 def test_row_prompt_is_everything_before_the_trained_response(tokenizer, tmp_path):
     rows = [chat(i, turns=2, system=i % 2 == 0) for i in range(3)]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     cfg = data_cfg(train=str(path), eval=str(path), format="chat")
-    _, eval_set = data.load_splits(cfg, tokenizer)
+    _, eval_set = splits_mod.load_splits(cfg, tokenizer)
 
-    for row, example in zip(data.eval_rows(cfg), eval_set.examples, strict=True):
-        prompt = data.row_prompt(row, cfg, tokenizer)
+    for row, example in zip(sources_mod.eval_rows(cfg), eval_set.examples, strict=True):
+        prompt = formats_mod.row_prompt(row, cfg, tokenizer)
         assert prompt.endswith("<|im_start|>assistant\n")
         n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         assert example.input_ids[:n] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -267,9 +283,11 @@ def test_row_prompt_is_everything_before_the_trained_response(tokenizer, tmp_pat
         assert last_reply < n and all(label != IGNORE for label in example.labels[n:])
 
     alpaca = {"instruction": "Add 2 and 3.", "output": "5"}
-    assert data.row_prompt(alpaca, data_cfg(), tokenizer) == data.alpaca_prompt(alpaca)
+    assert formats_mod.row_prompt(alpaca, data_cfg(), tokenizer) == formats_mod.alpaca_prompt(
+        alpaca
+    )
     with pytest.raises(ModeError, match="format=text has no prompt/response split"):
-        data.row_prompt({"text": "x"}, data_cfg(format="text"), tokenizer)
+        formats_mod.row_prompt({"text": "x"}, data_cfg(format="text"), tokenizer)
 
 
 # ---------------------------------------------------------------------------- text
@@ -280,15 +298,15 @@ def test_text_trains_every_token_and_splits_long_documents(tokenizer):
     ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
     assert len(ids) > 40
 
-    chunks = data.tokenize_text(text, tokenizer, 16)
+    chunks = tokenizing_mod.tokenize_text(text, tokenizer, 16)
 
     assert all(len(c.input_ids) <= 16 and c.labels == c.input_ids for c in chunks)
     # Chunks overlap by one token: every token but the very first is predicted exactly once.
     rebuilt = chunks[0].input_ids + [t for c in chunks[1:] for t in c.input_ids[1:]]
     assert rebuilt == ids
-    assert sum(data.predicted(c) for c in chunks) == len(ids) - 1
+    assert sum(tokenizing_mod.predicted(c) for c in chunks) == len(ids) - 1
     assert chunks[-1].input_ids[-1] == tokenizer.eos_token_id
-    assert data.tokenize_text("Hi.", tokenizer, 16)[0].input_ids == (
+    assert tokenizing_mod.tokenize_text("Hi.", tokenizer, 16)[0].input_ids == (
         tokenizer("Hi.")["input_ids"] + [tokenizer.eos_token_id]
     )
 
@@ -299,7 +317,7 @@ def test_text_split_stats(tokenizer, tmp_path):
     cfg = data_cfg(
         train=str(path), eval=str(path), format="text", fields={"text": "body"}, max_seq_len=32
     )
-    train_set, _ = data.load_splits(cfg, tokenizer)
+    train_set, _ = splits_mod.load_splits(cfg, tokenizer)
     stats = train_set.stats
     assert (stats.rows, stats.chunked, stats.truncated, stats.dropped_empty) == (2, 1, 0, 0)
     assert stats.examples == len(train_set.examples) > 2
@@ -322,7 +340,7 @@ def test_chat_split_whose_replies_are_all_cut_is_an_error(tokenizer, tmp_path):
     for fraction in (0.5, 1.0):  # losing every example fails whatever the threshold
         cfg.max_dropped_fraction = fraction
         with pytest.raises(ModeError) as err:
-            data.load_splits(cfg, tokenizer)
+            splits_mod.load_splits(cfg, tokenizer)
         assert str(err.value) == (
             "The train split has no example with a trained token (3 rows, 3 lost their whole "
             "response to truncation at data.max_seq_len=96): raise data.max_seq_len or check "
@@ -337,7 +355,7 @@ def test_dropped_fraction_above_the_threshold_is_an_error(tokenizer, tmp_path):
         train=str(path), eval=str(path), format="chat", max_seq_len=96, max_dropped_fraction=0.4
     )
     with pytest.raises(ModeError) as err:
-        data.load_splits(cfg, tokenizer)
+        splits_mod.load_splits(cfg, tokenizer)
     assert str(err.value).startswith(
         "2 of 4 train examples (50%) lost their whole response to truncation at "
         "data.max_seq_len=96, more than data.max_dropped_fraction=0.4"
@@ -349,7 +367,7 @@ def test_dropped_examples_below_the_threshold_are_counted_and_reported(tokenizer
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     cfg = data_cfg(train=str(path), eval=str(path), format="chat", max_seq_len=96)
 
-    train_set, eval_set = data.load_splits(cfg, tokenizer)
+    train_set, eval_set = splits_mod.load_splits(cfg, tokenizer)
 
     for split in (train_set, eval_set):
         assert (split.stats.rows, split.stats.examples, split.stats.dropped_empty) == (4, 3, 1)
@@ -364,9 +382,9 @@ def test_dropped_examples_below_the_threshold_are_counted_and_reported(tokenizer
 
 
 def test_mix_counts_follow_the_weights():
-    assert data.mix_counts([100, 100], [2.0, 1.0], 200) == [133, 67]
-    assert data.mix_counts([10, 10, 10], [1, 1, 1], 10) == [4, 3, 3]
-    assert sum(data.mix_counts([5, 7], [0.3, 0.7], 11)) == 11
+    assert sources_mod.mix_counts([100, 100], [2.0, 1.0], 200) == [133, 67]
+    assert sources_mod.mix_counts([10, 10, 10], [1, 1, 1], 10) == [4, 3, 3]
+    assert sum(sources_mod.mix_counts([5, 7], [0.3, 0.7], 11)) == 11
 
 
 def mixed_cfg(tmp_path, **values):
@@ -391,18 +409,20 @@ def mixed_cfg(tmp_path, **values):
 def test_mix_draws_by_weight_repeats_small_sources_and_is_seeded(tokenizer, tmp_path):
     cfg, alpaca, chats = mixed_cfg(tmp_path, max_train_examples=16)
 
-    selection = data.select_rows(cfg)
+    selection = sources_mod.select_rows(cfg)
 
     # 10 alpaca rows minus 2 held out, 4 chat rows minus 1: 12 and 4 chat draws of 3 rows.
     assert selection.train_sources == {alpaca: 12, chats: 4}
     assert selection.repeated == 4 + 1
     assert sorted(r.format for r in selection.train) == ["alpaca"] * 12 + ["chat"] * 4
-    again = data.select_rows(cfg)
+    again = sources_mod.select_rows(cfg)
     assert [dict(r) for r in again.train] == [dict(r) for r in selection.train]
     cfg.seed = 1
-    assert [dict(r) for r in data.select_rows(cfg).train] != [dict(r) for r in selection.train]
+    assert [dict(r) for r in sources_mod.select_rows(cfg).train] != [
+        dict(r) for r in selection.train
+    ]
 
-    train_set, eval_set = data.load_splits(data_cfg(**OmegaConf.to_container(cfg)), tokenizer)
+    train_set, eval_set = splits_mod.load_splits(data_cfg(**OmegaConf.to_container(cfg)), tokenizer)
     assert train_set.stats.rows == 16 and len(train_set.examples) == 16
     assert train_set.stats.sources == {alpaca: 12, chats: 4}
     assert "rows per source" in train_set.stats.describe(512)
@@ -410,16 +430,16 @@ def test_mix_draws_by_weight_repeats_small_sources_and_is_seeded(tokenizer, tmp_
 
 def test_mix_default_size_and_eval_split(tokenizer, tmp_path):
     cfg, alpaca, chats = mixed_cfg(tmp_path)
-    selection = data.select_rows(cfg)
+    selection = sources_mod.select_rows(cfg)
     assert len(selection.train) == 8 + 3  # the sources' training rows together
     # Held-out rows of each source, interleaved.
     assert [r.format for r in selection.eval] == ["alpaca", "chat", "alpaca"]
 
-    _, eval_set = data.load_splits(cfg, tokenizer)
-    rows = data.eval_rows(cfg)
+    _, eval_set = splits_mod.load_splits(cfg, tokenizer)
+    rows = sources_mod.eval_rows(cfg)
     assert [r.format for r in rows] == ["alpaca", "chat", "alpaca"]
     for row, example in zip(rows, eval_set.examples, strict=True):
-        prompt = data.row_prompt(row, cfg, tokenizer)
+        prompt = formats_mod.row_prompt(row, cfg, tokenizer)
         prompt_ids = tokenizer(prompt, add_special_tokens=row.format == "alpaca")["input_ids"]
         assert example.input_ids[: len(prompt_ids)] == prompt_ids
         assert row["answer"]
@@ -428,7 +448,7 @@ def test_mix_default_size_and_eval_split(tokenizer, tmp_path):
 def test_mix_with_one_eval_source(tokenizer, tmp_path):
     cfg, alpaca, _ = mixed_cfg(tmp_path)
     cfg.eval = alpaca
-    selection = data.select_rows(cfg)
+    selection = sources_mod.select_rows(cfg)
     assert len(selection.eval) == 10 and {r.format for r in selection.eval} == {"alpaca"}
     assert len(selection.train) == 10 + 4  # nothing held out
 
@@ -495,18 +515,18 @@ def test_bundled_samples_regenerate_and_are_well_formed(tmp_path, capsys, monkey
     for name in ("chat/train.jsonl", "chat/eval.jsonl", "text/train.jsonl", "text/eval.jsonl"):
         assert (tmp_path / name).read_bytes() == (BUNDLED_DIR / name).read_bytes()
     for split, n in (("train", 120), ("eval", 24)):
-        rows = data.read_rows(f"bundled:chat/{split}.jsonl")
-        good, bad = data.check_rows(rows, split, "error", "chat")
+        rows = sources_mod.read_rows(f"bundled:chat/{split}.jsonl")
+        good, bad = sources_mod.check_rows(rows, split, "error", "chat")
         assert len(good) == n and not bad
         assert all(
             r["messages"][-1]["content"].endswith(f"The answer is {r['answer']}.") for r in good
         )
-        texts = data.read_rows(f"bundled:text/{split}.jsonl")
-        assert len(data.check_rows(texts, split, "error", "text")[0]) == n
+        texts = sources_mod.read_rows(f"bundled:text/{split}.jsonl")
+        assert len(sources_mod.check_rows(texts, split, "error", "text")[0]) == n
     questions = {
         m["content"]
         for split in ("train", "eval")
-        for r in data.read_rows(f"bundled:chat/{split}.jsonl")
+        for r in sources_mod.read_rows(f"bundled:chat/{split}.jsonl")
         for m in r["messages"]
         if m["role"] == "user"
     }

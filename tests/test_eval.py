@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from mode_cli.config import ModelConfig
-from mode_cli.report import latest_report
+from mode_cli.eval.report import latest_report
 
 # Few examples and short generations: the tiny random model never stops on its own.
 QUICK = ("examples=4", "eval.max_new_tokens=6")
@@ -79,7 +79,7 @@ def test_a_merged_folder_without_its_head_is_refused(tiny_run, mode, tmp_path):
 
 
 def test_a_plain_model_gets_a_base_only_logit_lens_report(mode, tmp_path, model_cache):
-    from mode_cli.model import resolve_source
+    from mode_cli.models.loading import resolve_source
 
     folder = resolve_source(OmegaConf.structured(ModelConfig(name_or_path="tiny:llama")))
     out = tmp_path / "reports"
@@ -122,8 +122,8 @@ def test_data_swaps_in_another_data_group(tiny_run, mode, tmp_path):
     ("args", "message"),
     [
         (("data=text-sample", "eval.answers=on"), "needs reference answers"),
-        (("examples=many",), "examples=many: expected a whole number"),
-        (("compare=maybe",), "compare=maybe: expected base or none"),
+        (("examples=many",), "examples='many': expected a whole number"),
+        (("compare=maybe",), "compare='maybe': expected base or none"),
         (("data=nope",), "no such data group option. Options: alpaca"),
         (("eval.answer_match=fuzzy",), "eval.answer_match='fuzzy': expected one of"),
         (("eval.max_new_tokens=0",), "eval.max_new_tokens=0: expected a number > 0"),

@@ -18,9 +18,12 @@ from omegaconf import OmegaConf
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from mode_cli import model as model_mod
+from mode_cli import files as files_mod
 from mode_cli.config import TinyModelConfig
-from mode_cli.head import MoDEHead
+from mode_cli.mode.head import MoDEHead
+from mode_cli.models import families as families_mod
+from mode_cli.models import loading as loading_mod
+from mode_cli.models import tiny as tiny_mod
 
 # Family key (config.model_type, FAMILIES) -> recipe name, and the linear layers LoRA targets.
 PROJ = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -39,7 +42,7 @@ SPECIAL = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
 
 
 def test_the_table_covers_every_family_tested_here():
-    assert set(model_mod.FAMILIES) == set(FAMILIES)
+    assert set(families_mod.FAMILIES) == set(FAMILIES)
 
 
 def test_each_family_recipe_is_the_tiny_llama_recipe_with_its_own_model():
@@ -66,7 +69,7 @@ def test_each_family_recipe_is_the_tiny_llama_recipe_with_its_own_model():
 
 def tiny_model(family: str):
     tiny = OmegaConf.structured(TinyModelConfig)
-    config = model_mod.tiny_config(family, tiny, 512, SPECIAL)
+    config = tiny_mod.tiny_config(family, tiny, 512, SPECIAL)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -75,13 +78,13 @@ def tiny_model(family: str):
 def test_hidden_states_give_the_models_own_logits(family):
     model = tiny_model(family)
     config = model.config
-    n = model_mod.num_layers(model)
+    n = families_mod.num_layers(model)
     assert config.model_type == family and n == config.num_hidden_layers == 4
     assert config.pad_token_id < config.vocab_size and config.eos_token_id < config.vocab_size
-    head = model_mod.lm_head(model)
+    head = families_mod.lm_head(model)
     assert head is model.get_output_embeddings()
     assert (head.weight is model.get_input_embeddings().weight) == (family in TIED)
-    norm = model_mod.final_norm(model)
+    norm = families_mod.final_norm(model)
     with torch.no_grad():
         # Random-init logits are tiny; scale the head so soft-capping (cap 30) changes them a lot.
         head.weight.mul_(300)
@@ -94,10 +97,10 @@ def test_hidden_states_give_the_models_own_logits(family):
     mask[1, 30:] = 0  # right padding, as the collator pads
     with torch.no_grad():
         own = model(input_ids=ids, attention_mask=mask).logits
-        states = model_mod.hidden_states(model, ids, mask)
+        states = families_mod.hidden_states(model, ids, mask)
     assert len(states) == n + 1
 
-    fn = model_mod.logit_fn(model)
+    fn = families_mod.logit_fn(model)
     assert (fn is not None) == (family == "gemma2")
     final = head(states[-1])
     torch.testing.assert_close(fn(final) if fn else final, own, rtol=1e-5, atol=1e-4)
@@ -126,10 +129,10 @@ def test_hidden_states_give_the_models_own_logits(family):
         torch.testing.assert_close(mode_head.norms["2"](x), norm(x))
 
     # LoRA's all-linear and the explicit target list agree on the family's linear layers.
-    assert set(model_mod.linear_module_names(model)) == FAMILIES[family][1]
+    assert set(loading_mod.linear_module_names(model)) == FAMILIES[family][1]
     peft_model = get_peft_model(
         model,
-        model_mod.peft_lora_config(
+        loading_mod.peft_config(
             OmegaConf.create({"r": 2, "alpha": 4, "dropout": 0.0, "use_dora": False}), "all-linear"
         ),
     )
@@ -143,12 +146,12 @@ def test_the_training_loss_is_the_models_own_cross_entropy(family, impl):
     """Final-only loss through `batch_loss` equals CE of the CausalLM's logits: soft-capping on."""
     import torch.nn.functional as F
 
-    from mode_cli.loss import LossWeights
-    from mode_cli.train import batch_loss
+    from mode_cli.mode.terms import LossWeights
+    from mode_cli.train.steps import batch_loss
 
     model = tiny_model(family)
     with torch.no_grad():
-        model_mod.lm_head(model).weight.mul_(300)  # logits well past the cap of 30
+        families_mod.lm_head(model).weight.mul_(300)  # logits well past the cap of 30
     ids = torch.randint(1, 512, (2, 24), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, 18:] = 0
@@ -183,7 +186,7 @@ def test_a_qlora_run_per_family(family, mode, tmp_path):
     assert code == 0, err
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps] == [1, 2, 3] and all(r["loss"] > 0 for r in steps)
-    from mode_cli.report import latest_report
+    from mode_cli.eval.report import latest_report
 
     report = json.loads(latest_report(out).read_text())
     assert [row["layer"] for row in report["layers"]] == [1, 2, 3, 4]
@@ -222,7 +225,7 @@ def test_an_unsupported_architecture_is_refused_with_the_supported_list(mode, tm
         eos_token_id=0,
     )
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    for path in model_mod.resolve_bundled("bundled:tiny-tokenizer").iterdir():
+    for path in files_mod.resolve_bundled("bundled:tiny-tokenizer").iterdir():
         shutil.copy(path, folder / path.name)
     code, out, err = mode(
         "train",

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from mode_cli import harness_dir, inference
+from mode_cli import harness_dir
+from mode_cli.decode import ensemble as ensemble_mod
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -39,7 +40,7 @@ def test_tasks_are_built_from_the_bundled_eval_set():
         assert len(set(doc["choices"])) == 4 and doc["gold"] == i % 4
         assert doc["choices"][doc["gold"]] == f"The answer is {row['answer']}."
         assert row["output"].endswith(doc["choices"][doc["gold"]])
-    from mode_cli.data import alpaca_prompt
+    from mode_cli.data.formats import alpaca_prompt
 
     assert all(doc["prompt"] == alpaca_prompt(row) for doc, row in zip(test, rows, strict=True))
 
@@ -98,7 +99,7 @@ def test_ensemble_head_through_the_python_api(tiny_run, task_manager):
         return sample, [resp[0][0] for resp in sample["resps"]]
 
     sample, ensemble = scores()
-    with inference.use_head(model, "final"):
+    with ensemble_mod.use_head(model, "final"):
         _, final = scores()
     doc = sample["doc"]
     expected = [continuation_logprob(model, tokenizer, doc["prompt"], c) for c in doc["choices"]]

@@ -10,8 +10,10 @@ from helpers import RMSNorm
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mode_cli.head import MoDEHead, last_k, router_bias
-from mode_cli.loss import LossWeights, final_only_loss, mode_loss
+from mode_cli.mode.head import MoDEHead, router_bias
+from mode_cli.mode.loss import final_only_loss, mode_loss
+from mode_cli.mode.selection import last_k
+from mode_cli.mode.terms import LossWeights
 
 torch.manual_seed(0)
 

@@ -9,16 +9,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import datasets
+from helpers import run_command
 from omegaconf import OmegaConf
 
-from mode_cli import model as model_mod
+from mode_cli import files as files_mod
 from mode_cli.config import DataConfig, ModelConfig
-from mode_cli.data import load_splits
+from mode_cli.data.splits import load_splits
+from mode_cli.models import loading as loading_mod
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -38,10 +39,10 @@ def fake_download(cache: Path, repo_id: str, files: Path) -> None:
 def test_a_hub_model_id_trains_and_merges(tmp_path):
     tiny = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name_or_path": "tiny:llama"})
     hub_cache = tmp_path / "hub"
-    fake_download(hub_cache, "mode-test/tiny-llama", Path(model_mod.resolve_source(tiny)))
+    fake_download(hub_cache, "mode-test/tiny-llama", Path(loading_mod.resolve_source(tiny)))
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache)}
-    result = subprocess.run(
+    result = run_command(
         [
             sys.executable,
             "-m",
@@ -54,8 +55,6 @@ def test_a_hub_model_id_trains_and_merges(tmp_path):
             "eval.max_examples=4",
         ],
         env=env,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -67,7 +66,7 @@ def test_a_hub_model_id_trains_and_merges(tmp_path):
 
 
 def test_a_hub_dataset_id_goes_through_datasets(monkeypatch):
-    bundled = model_mod.resolve_bundled("bundled:arithmetic/eval.jsonl")
+    bundled = files_mod.resolve_bundled("bundled:arithmetic/eval.jsonl")
     calls = []
     real_load_dataset = datasets.load_dataset
 
@@ -80,8 +79,8 @@ def test_a_hub_dataset_id_goes_through_datasets(monkeypatch):
         OmegaConf.structured(DataConfig),
         {"train": "tatsu-lab/alpaca", "eval": None, "eval_fraction": 0.1, "max_seq_len": 256},
     )
-    tokenizer = model_mod.load_tokenizer(
-        str(model_mod.resolve_bundled("bundled:tiny-tokenizer")),
+    tokenizer = loading_mod.load_tokenizer(
+        str(files_mod.resolve_bundled("bundled:tiny-tokenizer")),
         OmegaConf.structured(ModelConfig),
     )
     train, held_out = load_splits(cfg, tokenizer)

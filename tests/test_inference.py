@@ -10,11 +10,15 @@ import pytest
 import torch
 import transformers
 
-from mode_cli import inference
-from mode_cli import model as model_mod
+from mode_cli import files as files_mod
+from mode_cli import options as options_mod
+from mode_cli.decode import chat as chat_mod
+from mode_cli.decode import ensemble as ensemble_mod
+from mode_cli.decode import generate as generate_mod
 from mode_cli.errors import ModeError
-from mode_cli.head import MoDEHead
-from mode_cli.loss import head_logits
+from mode_cli.mode.head import MoDEHead
+from mode_cli.mode.terms import head_logits
+from mode_cli.models import families as families_mod
 
 VOCAB = 61
 
@@ -49,7 +53,7 @@ def model_and_head(family: str, layers=(2, 3, 4), router: str = "token"):
     """A random-init model and a MoDE head whose norms and router are far from their init."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
-    head = MoDEHead(model_mod.final_norm(model), list(layers), 4, 32, router=router)
+    head = MoDEHead(families_mod.final_norm(model), list(layers), 4, 32, router=router)
     with torch.no_grad():
         for param in head.parameters():
             param.add_(0.5 * torch.randn_like(param))
@@ -58,10 +62,10 @@ def model_and_head(family: str, layers=(2, 3, 4), router: str = "token"):
 
 def reference_logits(model, head, input_ids, attention_mask):
     """The naive ensemble: all hidden states, the head, one head matmul, the model's logit_fn."""
-    states = model_mod.hidden_states(model, input_ids, attention_mask)
+    states = families_mod.hidden_states(model, input_ids, attention_mask)
     normed, weights = head(states)
     return head_logits(
-        model_mod.lm_head(model), head.mix(normed, weights), model_mod.logit_fn(model)
+        families_mod.lm_head(model), head.mix(normed, weights), families_mod.logit_fn(model)
     )
 
 
@@ -75,22 +79,22 @@ def test_ensemble_forward_matches_naive_reference(family):
         own = model(input_ids=ids, attention_mask=mask).logits
         expected = reference_logits(model, head, ids, mask)
         forward_before = model.forward
-        with inference.use_head(model, "ensemble", head):
-            assert isinstance(model_mod.lm_head(model), inference.EnsembleHead)
+        with ensemble_mod.use_head(model, "ensemble", head):
+            assert isinstance(families_mod.lm_head(model), ensemble_mod.EnsembleHead)
             ensemble = model(input_ids=ids, attention_mask=mask).logits
             # The last position only, as generate() asks for it.
             last = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
             # Outside a model forward the replaced head is the plain LM head.
-            states = model_mod.hidden_states(model, ids, mask)
-            plain = model_mod.lm_head(model)(states[-1])
+            states = families_mod.hidden_states(model, ids, mask)
+            plain = families_mod.lm_head(model)(states[-1])
         after = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(ensemble, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(last, expected[:, -1:], atol=1e-5, rtol=1e-5)
     assert (ensemble - own).abs().max() > 1e-2  # the ensemble is not the final layer
-    raw = model_mod.lm_head(model)(states[-1])
+    raw = families_mod.lm_head(model)(states[-1])
     torch.testing.assert_close(plain, raw)
     # Everything put back: the original head, forward and logits.
-    assert not isinstance(model_mod.lm_head(model), inference.EnsembleHead)
+    assert not isinstance(families_mod.lm_head(model), ensemble_mod.EnsembleHead)
     assert "forward" not in model.__dict__ and model.forward == forward_before
     torch.testing.assert_close(after, own, atol=0, rtol=0)
 
@@ -100,11 +104,11 @@ def test_final_head_is_the_model_itself():
     ids = torch.randint(3, VOCAB, (1, 7))
     with torch.no_grad():
         own = model(input_ids=ids).logits
-        inference.attach(model, head, "ensemble")
-        with inference.use_head(model, "final"):
+        ensemble_mod.attach(model, head, "ensemble")
+        with ensemble_mod.use_head(model, "final"):
             final = model(input_ids=ids).logits
         mixed = model(input_ids=ids).logits
-        inference.detach(model)
+        ensemble_mod.detach(model)
     torch.testing.assert_close(final, own, atol=0, rtol=0)
     assert (mixed - own).abs().max() > 1e-2
 
@@ -131,7 +135,7 @@ def test_generate_with_kv_cache_matches_full_recomputation(family):
         max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     expected_tokens, expected_logits = naive_greedy(model, head, prompt[0].tolist(), 8)
-    with inference.use_head(model, "ensemble", head), torch.no_grad():
+    with ensemble_mod.use_head(model, "ensemble", head), torch.no_grad():
         outputs = {
             cache: model.generate(
                 input_ids=prompt,
@@ -169,11 +173,11 @@ def test_generate_texts_batched_equals_one_by_one():
     model, head = model_and_head("llama")
     tokenizer = DigitTokenizer()
     prompts = ["12 + 30", "7", "a longer prompt here"]
-    batched = inference.generate_texts(
+    batched = generate_mod.generate_texts(
         model, head, tokenizer, prompts, max_new_tokens=6, device="cpu", batch_size=3
     )
     single = [
-        inference.generate_texts(model, head, tokenizer, [p], max_new_tokens=6, device="cpu")[0]
+        generate_mod.generate_texts(model, head, tokenizer, [p], max_new_tokens=6, device="cpu")[0]
         for p in prompts
     ]
     assert batched == single
@@ -182,31 +186,31 @@ def test_generate_texts_batched_equals_one_by_one():
         if tokenizer.eos_token_id in tokens:
             tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
         assert text == tokenizer.decode(tokens, skip_special_tokens=True)
-    final = inference.generate_texts(
+    final = generate_mod.generate_texts(
         model, None, tokenizer, prompts, head_kind="final", max_new_tokens=6, device="cpu"
     )
     assert final != batched
-    assert not isinstance(model_mod.lm_head(model), inference.EnsembleHead)
+    assert not isinstance(families_mod.lm_head(model), ensemble_mod.EnsembleHead)
 
 
 def test_generate_texts_refuses_an_ensemble_without_a_head():
     model, _ = model_and_head("llama")
     with pytest.raises(ModeError, match="head=final"):
-        inference.generate_texts(model, None, DigitTokenizer(), ["1"], device="cpu")
+        generate_mod.generate_texts(model, None, DigitTokenizer(), ["1"], device="cpu")
     _, norms_only = model_and_head("llama", router="none")
     with pytest.raises(ModeError, match="no router"):
-        inference.generate_texts(model, norms_only, DigitTokenizer(), ["1"], device="cpu")
+        generate_mod.generate_texts(model, norms_only, DigitTokenizer(), ["1"], device="cpu")
 
 
 def test_decoding_options_report_every_problem():
     with pytest.raises(ModeError) as err:
-        inference.decoding_options(
+        options_mod.decoding_options(
             ["head=middle", "max_new_tokens=x", "temperature=-1", "colour=red"], with_prompt=True
         )
     message = str(err.value)
     for part in ("head='middle'", "max_new_tokens='x'", "unknown option 'colour'", "prompt="):
         assert part in message
-    options = inference.decoding_options(
+    options = options_mod.decoding_options(
         ["prompt=a=b", "head=final", "max_new_tokens=5", "temperature=0.5"], with_prompt=True
     )
     assert (options.prompt, options.head, options.max_new_tokens, options.temperature) == (
@@ -252,7 +256,7 @@ def test_generate_streams_an_answer(mode, tiny_run):
     model, tokenizer = load(tiny_run, device="cpu")
     prompt = format_prompt(model, tokenizer, "What is 12 + 30?")
     assert "### Instruction:\nWhat is 12 + 30?" in prompt
-    expected = inference.generate_texts(
+    expected = generate_mod.generate_texts(
         model, None, tokenizer, [prompt], max_new_tokens=12, device="cpu"
     )[0]
     assert out == expected + "\n"
@@ -261,7 +265,7 @@ def test_generate_streams_an_answer(mode, tiny_run):
         "max_new_tokens=12",
     )  # fmt: skip
     assert code == 0, err
-    expected_final = inference.generate_texts(
+    expected_final = generate_mod.generate_texts(
         model, None, tokenizer, [prompt], head_kind="final", max_new_tokens=12, device="cpu"
     )[0]
     assert expected_final != expected
@@ -310,13 +314,13 @@ def test_chat_keeps_the_conversation(mode, tiny_run, monkeypatch):
         "sys.stdin", io.StringIO("What is 2 + 2?\n\nAnd 3 + 3?\n/exit\nnever read\n")
     )
     seen = []
-    original = inference.chat_prompt
+    original = chat_mod.chat_prompt
 
     def spy(messages, cfg, tokenizer):
         seen.append([dict(m) for m in messages])
         return original(messages, cfg, tokenizer)
 
-    monkeypatch.setattr(inference, "chat_prompt", spy)
+    monkeypatch.setattr(chat_mod, "chat_prompt", spy)
     code, out, err = mode("chat", f"checkpoint={tiny_run}", "max_new_tokens=4")
     assert code == 0, err
     # Each prompt is rendered once to generate (and may be measured before, to fit the context).
@@ -348,9 +352,9 @@ def test_readme_example_runs_as_written(tiny_run, capsys, document, section):
     exec(code.replace(placeholder, repr(str(tiny_run))), namespace)
     printed = capsys.readouterr().out
     model, tokenizer = namespace["model"], namespace["tokenizer"]
-    assert isinstance(model_mod.lm_head(model), inference.EnsembleHead)
+    assert isinstance(families_mod.lm_head(model), ensemble_mod.EnsembleHead)
     prompt = namespace["format_prompt"](model, tokenizer, "What is 12 + 30?")
-    expected = inference.generate_texts(
+    expected = generate_mod.generate_texts(
         model, None, tokenizer, [prompt], max_new_tokens=48, device="cpu"
     )[0]
     assert printed == expected + "\n"
@@ -366,39 +370,39 @@ def test_a_long_chat_drops_its_oldest_exchanges_to_fit_the_context():
         return 10 * len(messages)
 
     messages = list(turns)
-    assert inference.fit_context(messages, length, None) == 0 and messages == turns
-    assert inference.fit_context(messages, length, 50) == 4
+    assert chat_mod.fit_context(messages, length, None) == 0 and messages == turns
+    assert chat_mod.fit_context(messages, length, 50) == 4
     assert messages == turns[4:]  # whole exchanges dropped, oldest first
-    assert inference.fit_context(messages, length, 5) == 4 and messages == turns[-1:]
+    assert chat_mod.fit_context(messages, length, 5) == 4 and messages == turns[-1:]
 
 
 @pytest.mark.parametrize("data", ["chat-sample", "arithmetic-sample", "text-sample"])
 def test_chat_prompt_follows_the_run_format(data):
     from transformers import AutoTokenizer
 
-    from mode_cli import data as data_mod
+    from mode_cli.data import formats as formats_mod
     from mode_cli.recipes import compose_recipe
 
     cfg = compose_recipe("tiny-llama-alpaca", [f"data={data}"])
     tokenizer = AutoTokenizer.from_pretrained(
-        str(model_mod.resolve_bundled("bundled:tiny-tokenizer"))
+        str(files_mod.resolve_bundled("bundled:tiny-tokenizer"))
     )
     messages = [
         {"role": "user", "content": "What is 2 + 2?"},
         {"role": "assistant", "content": "The answer is 4."},
         {"role": "user", "content": "And 3 + 3?"},
     ]
-    prompt = inference.chat_prompt(messages, cfg, tokenizer)
-    first = inference.format_prompt("What is 2 + 2?", cfg, tokenizer)
-    assert first == data_mod.user_prompt("What is 2 + 2?", cfg.data, tokenizer)
+    prompt = chat_mod.chat_prompt(messages, cfg, tokenizer)
+    first = chat_mod.format_prompt("What is 2 + 2?", cfg, tokenizer)
+    assert first == formats_mod.user_prompt("What is 2 + 2?", cfg.data, tokenizer)
     if cfg.data.format == "chat":
-        template = data_mod.chat_template(cfg.data, tokenizer)
-        assert prompt == data_mod.render_chat(messages, template, tokenizer, True)
-        assert first == data_mod.render_chat(messages[:1], template, tokenizer, True)
+        template = formats_mod.chat_template(cfg.data, tokenizer)
+        assert prompt == formats_mod.render_chat(messages, template, tokenizer, True)
+        assert first == formats_mod.render_chat(messages[:1], template, tokenizer, True)
         positions = [prompt.index(m["content"]) for m in messages]
         assert positions == sorted(positions)
     elif cfg.data.format == "alpaca":
-        second = inference.format_prompt("And 3 + 3?", cfg, tokenizer)
+        second = chat_mod.format_prompt("And 3 + 3?", cfg, tokenizer)
         assert prompt == first + "The answer is 4.\n\n" + second
     else:
         assert prompt == "What is 2 + 2?\nThe answer is 4.\nAnd 3 + 3?\n"

@@ -9,15 +9,11 @@ import torch
 from helpers import RMSNorm
 from torch import nn
 
-from mode_cli.head import MoDEHead, last_k
-from mode_cli.loss import (
-    FINAL_ONLY,
-    LossWeights,
-    chunk_size,
-    chunked_mode_loss,
-    final_only_loss,
-    mode_loss,
-)
+from mode_cli.mode.chunked import chunk_size, chunked_mode_loss
+from mode_cli.mode.head import MoDEHead
+from mode_cli.mode.loss import final_only_loss, mode_loss
+from mode_cli.mode.selection import last_k
+from mode_cli.mode.terms import FINAL_ONLY, LossWeights
 
 HIDDEN, VOCAB, N, TOKENS = 16, 37, 5, 13
 

@@ -16,7 +16,6 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from mode_cli import model as model_mod
 from mode_cli.artifacts import (
     HEAD_INFO,
     HEAD_WEIGHTS,
@@ -25,6 +24,7 @@ from mode_cli.artifacts import (
     save_merged,
 )
 from mode_cli.errors import ModeError
+from mode_cli.models import loading as loading_mod
 from mode_cli.recipes import compose_recipe, shipped_recipes_dir
 
 IDS = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(7))
@@ -46,7 +46,7 @@ def merge_copy(run: Path, tmp_path: Path, name: str, **merge) -> Path:
     cfg = load_run_config(out)
     for key, value in merge.items():
         cfg.merge[key] = value
-    return save_merged(cfg, model_mod.resolve_source(cfg.model), out, "cpu")
+    return save_merged(cfg, loading_mod.resolve_source(cfg.model), out, "cpu")
 
 
 @torch.no_grad()
@@ -67,7 +67,7 @@ def test_merged_folder_carries_the_head_and_the_recipe_and_loads_as_plain_transf
 def test_original_base_merge_equals_the_adapter_on_the_unquantized_base(tiny_run, tmp_path):
     merged = merge_copy(tiny_run, tmp_path, "original", base="original")
     cfg = load_run_config(tiny_run)
-    source = model_mod.resolve_source(cfg.model)
+    source = loading_mod.resolve_source(cfg.model)
     original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     base_logits = logits(original)
     expected = logits(PeftModel.from_pretrained(original, str(tiny_run / "adapter")))
@@ -163,7 +163,7 @@ def test_trust_remote_code_reaches_every_from_pretrained_of_a_merge(
     tiny_run, tmp_path, monkeypatch, trust
 ):
     cfg = load_run_config(tiny_run)
-    source = model_mod.resolve_source(cfg.model)  # builds the cached tiny model before spying
+    source = loading_mod.resolve_source(cfg.model)  # builds the cached tiny model before spying
     calls: list[tuple[str, dict]] = []
 
     def spy(cls_name: str, original):

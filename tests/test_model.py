@@ -8,11 +8,13 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from mode_cli import model as model_mod
-from mode_cli.artifacts import dequantized_base, load_run_config
-from mode_cli.config import LoraConfig, ModelConfig
+from mode_cli.artifacts import load_run_config
+from mode_cli.config import AdapterConfig, ModelConfig
 from mode_cli.errors import ModeError
-from mode_cli.loss import final_only_loss
+from mode_cli.mode.loss import final_only_loss
+from mode_cli.models import families as families_mod
+from mode_cli.models import loading as loading_mod
+from mode_cli.models.merging import dequantized_base
 
 
 def tiny_model_cfg(**values):
@@ -24,16 +26,16 @@ def tiny_model_cfg(**values):
 
 def lora_cfg(**values):
     return OmegaConf.merge(
-        OmegaConf.structured(LoraConfig), {"r": 4, "alpha": 8, "dropout": 0.0, **values}
+        OmegaConf.structured(AdapterConfig), {"r": 4, "alpha": 8, "dropout": 0.0, **values}
     )
 
 
 def causal_loss(model, ids):
-    states = model_mod.hidden_states(model, ids, torch.ones_like(ids))
+    states = families_mod.hidden_states(model, ids, torch.ones_like(ids))
     sums = final_only_loss(
         states[-1][:, :-1].reshape(-1, states[-1].shape[-1]),
         ids[:, 1:].reshape(-1),
-        model_mod.lm_head(model),
+        families_mod.lm_head(model),
     )
     return sums.total / sums.tokens
 
@@ -53,11 +55,11 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
 
 def test_lora_gradients_after_an_eval_pass_equal_a_dequantized_fp32_reference():
     cfg = tiny_model_cfg()
-    source = model_mod.resolve_source(cfg)
+    source = loading_mod.resolve_source(cfg)
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
 
-    quantized = model_mod.attach_lora(
-        model_mod.load_base_model(source, cfg, "fp32", "cpu"), lora_cfg(), False
+    quantized = loading_mod.attach_adapter(
+        loading_mod.load_base_model(source, cfg, "fp32", "cpu"), lora_cfg(), False
     )
     randomise_lora(quantized, seed=1)
     # A no-grad forward in eval mode (as in evaluation or generate()) used to repack
@@ -69,8 +71,8 @@ def test_lora_gradients_after_an_eval_pass_equal_a_dequantized_fp32_reference():
     causal_loss(quantized, ids).backward()
     got = lora_grads(quantized)
 
-    base = model_mod.load_base_model(source, cfg, "fp32", "cpu").dequantize()
-    reference = model_mod.attach_lora(base, lora_cfg(), False)
+    base = loading_mod.load_base_model(source, cfg, "fp32", "cpu").dequantize()
+    reference = loading_mod.attach_adapter(base, lora_cfg(), False)
     randomise_lora(reference, seed=1)
     reference.train()
     causal_loss(reference, ids).backward()
@@ -83,17 +85,17 @@ def test_lora_gradients_after_an_eval_pass_equal_a_dequantized_fp32_reference():
 
 def test_quantization_none_loads_plain_weights():
     cfg = tiny_model_cfg(quantization="none")
-    model = model_mod.load_base_model(model_mod.resolve_source(cfg), cfg, "fp32", "cpu")
+    model = loading_mod.load_base_model(loading_mod.resolve_source(cfg), cfg, "fp32", "cpu")
     assert not getattr(model, "is_loaded_in_4bit", False)
     assert all(not p.requires_grad for p in model.parameters())
-    assert model_mod.num_layers(model) == 4
+    assert families_mod.num_layers(model) == 4
 
 
 def test_unknown_lora_target_names_the_modules_that_exist():
     cfg = tiny_model_cfg()
-    model = model_mod.load_base_model(model_mod.resolve_source(cfg), cfg, "fp32", "cpu")
+    model = loading_mod.load_base_model(loading_mod.resolve_source(cfg), cfg, "fp32", "cpu")
     with pytest.raises(ModeError, match="nope") as err:
-        model_mod.attach_lora(model, lora_cfg(target_modules=["q_proj", "nope"]), False)
+        loading_mod.attach_adapter(model, lora_cfg(target_modules=["q_proj", "nope"]), False)
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
         assert name in str(err.value)
     assert "lm_head" not in str(err.value)
@@ -101,9 +103,9 @@ def test_unknown_lora_target_names_the_modules_that_exist():
 
 def test_tiny_models_are_deterministic_and_cached():
     cfg = tiny_model_cfg()
-    first = model_mod.resolve_source(cfg)
-    assert model_mod.resolve_source(cfg) == first
-    other = model_mod.resolve_source(tiny_model_cfg(tiny={"seed": 1}))
+    first = loading_mod.resolve_source(cfg)
+    assert loading_mod.resolve_source(cfg) == first
+    other = loading_mod.resolve_source(tiny_model_cfg(tiny={"seed": 1}))
     assert other != first
     a = AutoModelForCausalLM.from_pretrained(first)
     b = AutoModelForCausalLM.from_pretrained(other)
@@ -112,10 +114,10 @@ def test_tiny_models_are_deterministic_and_cached():
 
 def test_missing_local_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ModeError, match="not found"):
-        model_mod.resolve_source(tiny_model_cfg(name_or_path=str(tmp_path / "nothing-here")))
+        loading_mod.resolve_source(tiny_model_cfg(name_or_path=str(tmp_path / "nothing-here")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModeError, match="no config.json"):
-        model_mod.resolve_source(tiny_model_cfg(name_or_path=str(tmp_path / "empty")))
+        loading_mod.resolve_source(tiny_model_cfg(name_or_path=str(tmp_path / "empty")))
 
 
 def test_merged_model_equals_the_adapter_on_the_dequantized_base(tiny_run):
@@ -139,7 +141,7 @@ def test_merged_dora_equals_the_adapter_on_the_dequantized_base(mode, tmp_path):
 def assert_merged_matches_adapter(tiny_run):
     merged = AutoModelForCausalLM.from_pretrained(tiny_run / "merged", dtype=torch.float32).eval()
     cfg = load_run_config(tiny_run)
-    source = model_mod.resolve_source(cfg.model)
+    source = loading_mod.resolve_source(cfg.model)
     base = dequantized_base(cfg, source, "cpu")
     ids = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

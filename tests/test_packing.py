@@ -12,12 +12,17 @@ import torch
 from helpers import train_tiny
 from omegaconf import OmegaConf
 
-from mode_cli import data
-from mode_cli import model as model_mod
+from mode_cli import files as files_mod
 from mode_cli.config import DataConfig, TinyModelConfig
-from mode_cli.data import IGNORE, Example
-from mode_cli.loss import LossWeights
-from mode_cli.train import batch_loss
+from mode_cli.data import batching as batching_mod
+from mode_cli.data import splits as splits_mod
+from mode_cli.data import tokenizing as tokenizing_mod
+from mode_cli.data.tokenizing import IGNORE, Example
+from mode_cli.mode.terms import LossWeights
+from mode_cli.models import families as families_mod
+from mode_cli.models import loading as loading_mod
+from mode_cli.models import tiny as tiny_mod
+from mode_cli.train.steps import batch_loss
 
 VOCAB = 97
 
@@ -43,7 +48,7 @@ def segments(packed: Example) -> list[tuple[int, int]]:
 
 def test_pack_keeps_every_example_once_within_the_length():
     items = examples(0, [5, 9, 3, 12, 7, 2, 16, 4, 8, 11])
-    packed = data.pack(items, 16, seed=0)
+    packed = batching_mod.pack(items, 16, seed=0)
 
     assert all(len(p.input_ids) <= 16 for p in packed)
     pieces = []
@@ -56,7 +61,7 @@ def test_pack_keeps_every_example_once_within_the_length():
             assert p.labels[start] == IGNORE
     assert sorted(pieces) == sorted(tuple(e.input_ids) for e in items)
     assert len(packed) < len(items)
-    assert data.pack(items, 16, seed=0) == packed  # deterministic
+    assert batching_mod.pack(items, 16, seed=0) == packed  # deterministic
     # Greedy: no sequence could have taken the first example of the next one.
     for a, b in zip(packed, packed[1:], strict=False):
         first = segments(b)[0]
@@ -65,27 +70,29 @@ def test_pack_keeps_every_example_once_within_the_length():
 
 def test_packing_trains_the_same_targets():
     items = examples(1, [6, 10, 4, 14, 9, 3, 7])
-    packed = data.pack(items, 24, seed=3)
-    unpacked = sum(data.target_count(data.collate([e], 0)) for e in items)
-    assert data.target_count(data.collate(packed, 0)) == unpacked
-    assert sum(data.predicted(p) for p in packed) == sum(data.predicted(e) for e in items)
+    packed = batching_mod.pack(items, 24, seed=3)
+    unpacked = sum(batching_mod.target_count(batching_mod.collate([e], 0)) for e in items)
+    assert batching_mod.target_count(batching_mod.collate(packed, 0)) == unpacked
+    assert sum(tokenizing_mod.predicted(p) for p in packed) == sum(
+        tokenizing_mod.predicted(e) for e in items
+    )
 
 
 def test_collate_packed_gives_padding_its_own_positions():
     a = Example([1, 2, 3, 4, 5], [IGNORE, 2, 3, IGNORE, 5], [0, 1, 2, 0, 1])
     b = Example([6, 7, 8], [IGNORE, 7, 8], [0, 1, 2])
-    batch = data.collate([a, b], pad_id=0)
+    batch = batching_mod.collate([a, b], pad_id=0)
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 0, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     assert batch["labels"][1].tolist() == [IGNORE, 7, 8, IGNORE, IGNORE]
-    assert "position_ids" not in data.collate([Example([1, 2], [1, 2])], pad_id=0)
+    assert "position_ids" not in batching_mod.collate([Example([1, 2], [1, 2])], pad_id=0)
 
 
 def test_load_splits_packs_the_train_split_only(tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
-        str(model_mod.resolve_bundled("bundled:tiny-tokenizer"))
+        str(files_mod.resolve_bundled("bundled:tiny-tokenizer"))
     )
     cfg = OmegaConf.merge(
         OmegaConf.structured(DataConfig),
@@ -98,7 +105,7 @@ def test_load_splits_packs_the_train_split_only(tmp_path):
             "max_eval_examples": 5,
         },
     )
-    train_set, eval_set = data.load_splits(cfg, tokenizer)
+    train_set, eval_set = splits_mod.load_splits(cfg, tokenizer)
     assert train_set.stats.examples == 40 and train_set.stats.packed == len(train_set.examples)
     assert len(train_set.examples) < 40 / 3
     assert sum(len(e.input_ids) for e in train_set.examples) == train_set.stats.tokens
@@ -116,7 +123,7 @@ def tiny_model(family: str):
         TinyModelConfig(hidden_size=32, num_layers=2, intermediate_size=64)
     )
     special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
-    config = model_mod.tiny_config(family, shape, VOCAB, special)
+    config = tiny_mod.tiny_config(family, shape, VOCAB, special)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
@@ -130,18 +137,18 @@ def tiny_model(family: str):
 def test_packed_hidden_states_equal_each_example_alone(family):
     model = tiny_model(family)
     items = examples(2, [7, 13, 40, 5, 21, 9, 30])
-    packed = data.pack(items, 64, seed=0)
+    packed = batching_mod.pack(items, 64, seed=0)
     assert any(len(segments(p)) > 1 for p in packed)
-    batch = data.collate(packed, pad_id=0)
+    batch = batching_mod.collate(packed, pad_id=0)
 
     with torch.no_grad():
-        states = model_mod.hidden_states(
+        states = families_mod.hidden_states(
             model, batch["input_ids"], batch["attention_mask"], batch["position_ids"]
         )
         for row, p in enumerate(packed):
             for start, end in segments(p):
                 ids = torch.tensor([p.input_ids[start:end]])
-                alone = model_mod.hidden_states(model, ids, torch.ones_like(ids))
+                alone = families_mod.hidden_states(model, ids, torch.ones_like(ids))
                 for layer, (got, want) in enumerate(zip(states, alone, strict=True)):
                     torch.testing.assert_close(
                         got[row, start:end], want[0], atol=1e-5, rtol=1e-5, msg=f"layer {layer}"
@@ -151,26 +158,26 @@ def test_packed_hidden_states_equal_each_example_alone(family):
 def test_packed_rows_leak_without_position_ids():
     """The check above can fail: the same packed row under a plain causal mask differs."""
     model = tiny_model("llama")
-    packed = data.pack(examples(2, [7, 13, 9]), 64, seed=0)
-    batch = data.collate(packed, pad_id=0)
+    packed = batching_mod.pack(examples(2, [7, 13, 9]), 64, seed=0)
+    batch = batching_mod.collate(packed, pad_id=0)
     with torch.no_grad():
-        isolated = model_mod.hidden_states(
+        isolated = families_mod.hidden_states(
             model, batch["input_ids"], batch["attention_mask"], batch["position_ids"]
         )[-1]
-        leaking = model_mod.hidden_states(model, batch["input_ids"], batch["attention_mask"])[-1]
+        leaking = families_mod.hidden_states(model, batch["input_ids"], batch["attention_mask"])[-1]
     start, end = segments(packed[0])[1]
     assert not torch.allclose(isolated[0, start:end], leaking[0, start:end], atol=1e-3)
 
 
 @pytest.mark.parametrize("loss", ["final-only", "mode"])
 def test_packed_loss_equals_the_sum_over_examples(loss):
-    from mode_cli.head import MoDEHead
+    from mode_cli.mode.head import MoDEHead
 
     model = tiny_model("llama")
     head = None
     if loss == "mode":
         head = MoDEHead(
-            final_norm=model_mod.final_norm(model),
+            final_norm=families_mod.final_norm(model),
             layers=[1, 2],
             num_layers=2,
             hidden_size=32,
@@ -179,10 +186,10 @@ def test_packed_loss_equals_the_sum_over_examples(loss):
         )
     weights = LossWeights(ensemble=1.0, layers=(0.5, 0.5), distill=0.1)
     items = examples(4, [8, 15, 6, 22, 11])
-    packed = data.pack(items, 48, seed=1)
+    packed = batching_mod.pack(items, 48, seed=1)
     with torch.no_grad():
-        together = batch_loss(model, head, data.collate(packed, 0), weights)
-        alone = [batch_loss(model, head, data.collate([e], 0), weights) for e in items]
+        together = batch_loss(model, head, batching_mod.collate(packed, 0), weights)
+        alone = [batch_loss(model, head, batching_mod.collate([e], 0), weights) for e in items]
     torch.testing.assert_close(together.total, sum(a.total for a in alone), atol=1e-4, rtol=1e-5)
 
 
@@ -206,10 +213,10 @@ def test_packed_run_trains(mode, tmp_path):
     assert len(records) == 2
     # Each step trained on two of the packed rows the run's data config gives.
     cfg = OmegaConf.load(out / "config.yaml")
-    tokenizer = model_mod.load_tokenizer(model_mod.resolve_source(cfg.model), cfg.model)
-    train_set, _ = data.load_splits(cfg.data, tokenizer)
+    tokenizer = loading_mod.load_tokenizer(loading_mod.resolve_source(cfg.model), cfg.model)
+    train_set, _ = splits_mod.load_splits(cfg.data, tokenizer)
     packed = train_set.examples
     assert sum(len(segments(p)) for p in packed) == 24 and len(packed) <= 14
-    counts = [data.predicted(p) for p in packed]
+    counts = [tokenizing_mod.predicted(p) for p in packed]
     pairs = {a + b for i, a in enumerate(counts) for b in counts[i + 1 :]}
     assert all(r["target_tokens"] in pairs for r in records)

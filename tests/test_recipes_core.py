@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from mode_cli.config import LossConfig
-from mode_cli.head import MoDEHead, every_n, explicit, fraction_of_depth, last_k
-from mode_cli.weighting import curriculum, layer_scale, loss_weights
+from mode_cli.mode.head import MoDEHead
+from mode_cli.mode.selection import every_n, explicit, fraction_of_depth, last_k
+from mode_cli.mode.weighting import curriculum, layer_scale, loss_weights
 
 # ---------------------------------------------------------------------------- layer selection
 
@@ -156,7 +157,7 @@ def test_loss_recipes_to_weights():
 
 
 def train(mode, out, *overrides):
-    from mode_cli.report import latest_report
+    from mode_cli.eval.report import latest_report
 
     train_tiny(mode, out, "train.max_steps=2", "eval.max_examples=4", *overrides)
     return json.loads(latest_report(out).read_text())

@@ -12,12 +12,15 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mode_cli import answers as answers_mod
-from mode_cli import report as report_mod
 from mode_cli.config import RecipeConfig
-from mode_cli.data import IGNORE, Dataset, DataStats, Example
-from mode_cli.head import MoDEHead
-from mode_cli.plots import layers_figure
+from mode_cli.data.splits import Dataset, DataStats
+from mode_cli.data.tokenizing import IGNORE, Example
+from mode_cli.eval import answers as answers_mod
+from mode_cli.eval import metrics as metrics_mod
+from mode_cli.eval import render as render_mod
+from mode_cli.eval import report as report_mod
+from mode_cli.eval.plots import layers_figure
+from mode_cli.mode.head import MoDEHead
 
 # ---------------------------------------------------------------------------- metrics
 
@@ -97,7 +100,7 @@ def naive_metrics(model, head, dataset):
 @torch.no_grad()
 def test_layer_metrics_match_a_naive_per_example_reference(tiny_llama):
     model, head, dataset = tiny_llama
-    got = report_mod.layer_metrics(model, head, dataset, PadTokenizer(), "cpu", 2, None)
+    got = metrics_mod.layer_metrics(model, head, dataset, PadTokenizer(), "cpu", 2, None)
     layers, ensemble, mean, std = naive_metrics(model, head, dataset)
     assert got["examples"] == 5
     assert got["tokens"] == sum(
@@ -118,8 +121,8 @@ def test_layer_metrics_match_a_naive_per_example_reference(tiny_llama):
 
 def test_layer_metrics_of_some_layers_equal_those_of_the_full_pass(tiny_llama):
     model, head, dataset = tiny_llama
-    full = report_mod.layer_metrics(model, head, dataset, PadTokenizer(), "cpu", 2, None)
-    some = report_mod.layer_metrics(
+    full = metrics_mod.layer_metrics(model, head, dataset, PadTokenizer(), "cpu", 2, None)
+    some = metrics_mod.layer_metrics(
         model, head, dataset, PadTokenizer(), "cpu", 2, None, only_layers=[3]
     )
     assert some["layers"][0] is None and some["layers"][1] is None  # layers 1, 2 not read
@@ -131,12 +134,12 @@ def test_layer_metrics_of_some_layers_equal_those_of_the_full_pass(tiny_llama):
 @torch.no_grad()
 def test_layer_metrics_without_a_head_read_every_layer_through_the_final_norm(tiny_llama):
     model, _, dataset = tiny_llama
-    got = report_mod.layer_metrics(model, None, dataset, PadTokenizer(), "cpu", 8, 3)
+    got = metrics_mod.layer_metrics(model, None, dataset, PadTokenizer(), "cpu", 8, 3)
     assert got["ensemble"] is None and got["router"] == {} and got["examples"] == 3
     ids = torch.tensor([dataset.examples[0].input_ids])
     states = model(ids, output_hidden_states=True).hidden_states
     single = Dataset(dataset.examples[:1], DataStats())
-    one = report_mod.layer_metrics(model, None, single, PadTokenizer(), "cpu", 1, None)
+    one = metrics_mod.layer_metrics(model, None, single, PadTokenizer(), "cpu", 1, None)
     labels = torch.tensor(dataset.examples[0].labels[1:])
     keep = labels != IGNORE
     logits = model.lm_head(model.model.norm(states[2][0, :-1]))[keep]
@@ -295,9 +298,9 @@ def test_a_base_only_report_has_one_curve_and_no_tuned_columns():
     assert report["sides"] == ["base"] and report["ensemble"] is None
     assert report["recipe"] is None and report["model"] == "some/model"
     assert all(row["tuned"] is None for row in report["layers"])
-    assert report_mod.header(report) == ["layer", "loss", "ppl", "top-1"]
+    assert render_mod.header(report) == ["layer", "loss", "ppl", "top-1"]
     assert [line.get_label() for line in layers_figure(report).axes[0].lines] == ["base"]
-    markdown = report_mod.to_markdown(report)
+    markdown = render_mod.to_markdown(report)
     assert "| 5 (final) | 1.0000 | 2.72 | 0.500 |" in markdown
     assert "(model (no run))" in markdown
 

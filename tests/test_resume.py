@@ -15,16 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import records
+from helpers import kill_group, records
 from safetensors.torch import load_file
 
-from mode_cli import checkpoint as checkpoint_mod
+from mode_cli.train import checkpoint as checkpoint_mod
 
 REPO = Path(__file__).resolve().parents[1]
-# lora.dropout > 0 makes every step draw from torch's RNG: exact resume needs its state back.
+# adapter.dropout > 0 makes every step draw from torch's RNG: exact resume needs its state back.
 TINY = [
     "recipe=tiny-llama-alpaca",
-    "lora.dropout=0.1",
+    "adapter.dropout=0.1",
     "merge.enabled=false",
     "eval.compare_base=false",
     "eval.answers=off",
@@ -158,9 +158,9 @@ def test_resume_auto_starts_fresh_and_max_minutes_stops_with_a_checkpoint(mode, 
 
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(mode, tmp_path, monkeypatch):
     """A real SIGTERM to this process while step 2 runs."""
-    from mode_cli import train as train_mod
+    from mode_cli.train import recipe as recipe_mod
 
-    real = train_mod.accumulate_gradients
+    real = recipe_mod.accumulate_gradients
     calls = []
 
     def signalled(*args, **kwargs):
@@ -169,7 +169,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(mode, tmp_p
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "accumulate_gradients", signalled)
+    monkeypatch.setattr(recipe_mod, "accumulate_gradients", signalled)
     previous = signal.getsignal(signal.SIGTERM)
     out = tmp_path / "run"
     code, err = train(mode, out, "train.max_steps=5")
@@ -179,9 +179,27 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_143(mode, tmp_p
     assert signal.getsignal(signal.SIGTERM) is previous  # the handler is put back
 
 
-def spawn(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+@pytest.fixture
+def spawn():
+    """Start a `mode` process in its own session; the test's end kills whatever of it is left."""
+    started = []
+
+    def start(args: list[str], log: Path) -> subprocess.Popen:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        process = subprocess.Popen(
+            args,
+            cwd=REPO,
+            env=env,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        kill_group(process)
 
 
 def wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -196,21 +214,21 @@ def wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None
 # mid-run however fast the machine is.
 SLOW_STEPS = """
 import sys, time
-import mode_cli.train as train
+import mode_cli.train.recipe as recipe
 
-real = train.accumulate_gradients
+real = recipe.accumulate_gradients
 
 def slow(*args, **kwargs):
     time.sleep(0.2)
     return real(*args, **kwargs)
 
-train.accumulate_gradients = slow
+recipe.accumulate_gradients = slow
 from mode_cli.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_on_a_real_process_checkpoints_and_resume_completes(mode, tmp_path):
+def test_ctrl_c_on_a_real_process_checkpoints_and_resume_completes(mode, tmp_path, spawn):
     out, log, script = tmp_path / "run", tmp_path / "log.txt", tmp_path / "slow.py"
     script.write_text(SLOW_STEPS)
     overrides = ["train.max_steps=12", "checkpoint.every_steps=null"]
@@ -235,7 +253,7 @@ def test_ctrl_c_on_a_real_process_checkpoints_and_resume_completes(mode, tmp_pat
 KILLED_MID_WRITE = """
 import sys, time
 from pathlib import Path
-import mode_cli.checkpoint as checkpoint
+import mode_cli.train.checkpoint as checkpoint
 
 real_save_file, calls = checkpoint.save_file, []
 
@@ -254,7 +272,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_a_process_killed_while_writing_a_checkpoint_keeps_the_previous_one(mode, tmp_path):
+def test_a_process_killed_while_writing_a_checkpoint_keeps_the_previous_one(mode, tmp_path, spawn):
     out = tmp_path / "run"
     script, paused = tmp_path / "stall.py", tmp_path / "paused.txt"
     script.write_text(KILLED_MID_WRITE)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mode_cli import smollm2
 from mode_cli.errors import ModeError
+from mode_cli.models import smollm2
 
 
 @pytest.fixture(autouse=True)

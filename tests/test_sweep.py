@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from mode_cli.errors import ModeError
-from mode_cli.report import latest_report
-from mode_cli.sweep import (
+from mode_cli.eval.report import latest_report
+from mode_cli.train.recipe import FinetuneRecipe
+from mode_cli.train.sweep import (
     Sweep,
     SweepRun,
     collect_results,
@@ -20,7 +21,6 @@ from mode_cli.sweep import (
     run_name,
     table_rows,
 )
-from mode_cli.train import FinetuneRecipe
 
 TINY = "recipe=tiny-llama-alpaca"
 # Greedy answer generation is the slow part of a tiny run's report: off unless a test needs it.

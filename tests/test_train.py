@@ -8,7 +8,7 @@ import pytest
 from helpers import records, train_tiny
 from safetensors.torch import load_file
 
-from mode_cli.report import latest_report
+from mode_cli.eval.report import latest_report
 
 
 def first_report(run):

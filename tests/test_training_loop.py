@@ -12,10 +12,12 @@ import pytest
 import torch
 from helpers import records
 
-from mode_cli import checkpoint as checkpoint_mod
-from mode_cli import data as data_mod
-from mode_cli import train as train_mod
+from mode_cli.data import batching as batching_mod
 from mode_cli.recipes import compose_recipe
+from mode_cli.train import checkpoint as checkpoint_mod
+from mode_cli.train import optim as optim_mod
+from mode_cli.train import recipe as recipe_mod
+from mode_cli.train import steps as steps_mod
 
 QUICK = [
     "recipe=tiny-llama-alpaca",
@@ -37,19 +39,19 @@ def train(mode, out: Path, *overrides: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def tiny_recipe():
     """The tiny recipe's model, head and data, loaded once (fp32, NF4 base, no dropout)."""
-    cfg = compose_recipe("tiny-llama-alpaca", ["lora.dropout=0.0", "train.device=cpu"])
-    recipe = train_mod.FinetuneRecipe(cfg)
+    cfg = compose_recipe("tiny-llama-alpaca", ["adapter.dropout=0.0", "train.device=cpu"])
+    recipe = recipe_mod.FinetuneRecipe(cfg)
     recipe.setup_data()
     recipe.setup_model()
     recipe.model.train()
     return recipe
 
 
-def gradients_of(recipe, micro_batches: list[list]) -> tuple[train_mod.StepLoss, dict]:
+def gradients_of(recipe, micro_batches: list[list]) -> tuple[steps_mod.StepLoss, dict]:
     recipe.optimizer.zero_grad(set_to_none=True)
     pad = recipe.tokenizer.pad_token_id
-    micro = [data_mod.collate(examples, pad) for examples in micro_batches]
-    result = train_mod.accumulate_gradients(
+    micro = [batching_mod.collate(examples, pad) for examples in micro_batches]
+    result = steps_mod.accumulate_gradients(
         recipe.model, recipe.head, micro, recipe.step_weights(1), recipe.cfg.loss.impl
     )
     grads = {
@@ -122,7 +124,7 @@ def test_micro_batching_does_not_change_the_training_run(mode, tmp_path):
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_lr_schedules_warm_up_then_decay_to_the_floor_at_the_last_step(schedule):
-    factor = train_mod.lr_lambda(warmup=4, total=20, min_ratio=0.1, schedule=schedule)
+    factor = optim_mod.lr_lambda(warmup=4, total=20, min_ratio=0.1, schedule=schedule)
     values = [factor(step) for step in range(20)]
     assert values[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
     assert values[4] == pytest.approx(1.0)
@@ -154,9 +156,9 @@ def test_8bit_optimizers_on_the_cpu_are_refused_or_fall_back_to_adamw(mode, tmp_
     cfg.train.optimizer = "adamw_8bit"
     model = torch.nn.Linear(3, 2)
     with pytest.raises(Exception, match="needs a CUDA GPU"):
-        train_mod.make_optimizer(cfg, model, None, "cpu")
+        optim_mod.make_optimizer(cfg, model, None, "cpu")
     cfg.train.optimizer_fallback = True
-    optimizer = train_mod.make_optimizer(cfg, model, None, "cpu")
+    optimizer = optim_mod.make_optimizer(cfg, model, None, "cpu")
     assert type(optimizer) is torch.optim.AdamW
 
 
@@ -165,14 +167,14 @@ def test_8bit_optimizers_on_the_cpu_are_refused_or_fall_back_to_adamw(mode, tmp_
 
 def poison_call(monkeypatch, at: int, fault):
     """Make the `at`-th micro-batch loss of the run go wrong (NaN, OOM) through `fault(sums)`."""
-    real, calls = train_mod.batch_loss, []
+    real, calls = steps_mod.batch_loss, []
 
     def batch_loss(*args, **kwargs):
         calls.append(1)
         sums = real(*args, **kwargs)
         return fault(sums) if len(calls) == at else sums
 
-    monkeypatch.setattr(train_mod, "batch_loss", batch_loss)
+    monkeypatch.setattr(steps_mod, "batch_loss", batch_loss)
 
 
 def nan_loss(sums):

@@ -11,8 +11,8 @@ import json
 
 import datasets
 
-from mode_cli.data import alpaca_prompt
-from mode_cli.model import resolve_bundled
+from mode_cli.data.formats import alpaca_prompt
+from mode_cli.files import resolve_bundled
 
 EVAL_FILE = resolve_bundled("bundled:arithmetic/eval.jsonl")
 

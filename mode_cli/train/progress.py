@@ -18,7 +18,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-METRICS = "metrics.jsonl"
+METRICS_FILE = "metrics.jsonl"
+# `logger`: metrics.jsonl always; `tensorboard` also writes TensorBoard events.
+LOGGERS = ("none", "tensorboard")
 
 
 class TrainingProgress:
@@ -124,7 +126,7 @@ class MetricsLog:
     """
 
     def __init__(self, out: Path, logger: str = "none", resume_step: int | None = None) -> None:
-        self.path = out / METRICS
+        self.path = out / METRICS_FILE
         if resume_step is not None:
             truncate_after(self.path, resume_step)
         self.file = self.path.open("a")

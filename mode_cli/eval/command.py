@@ -27,38 +27,33 @@ from __future__ import annotations
 
 import copy
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from rich.console import Console
 
-from mode_cli import data as data_mod
-from mode_cli import model as model_mod
-from mode_cli.answers import answer_rows, evaluate_answers
 from mode_cli.artifacts import (
+    HEAD_INFO,
     MERGED_CONFIG,
-    RUN_CONFIG,
+    Checkpoint,
+    classify,
+    load_head,
     load_merged,
     load_run,
     load_run_config,
 )
-from mode_cli.config import DataConfig, EvalConfig, RecipeConfig, resolve_device, validate
+from mode_cli.config import DataConfig, EvalConfig, RecipeConfig, validate
+from mode_cli.console import console
+from mode_cli.data.splits import load_splits
 from mode_cli.errors import ModeError
-from mode_cli.recipes import explain_omegaconf_error, shipped_recipes_dir, split_overrides
-from mode_cli.report import (
-    EVAL_FOLDER,
-    assemble,
-    data_description,
-    layer_metrics,
-    print_report,
-    run_base_metrics,
-    save_report,
-)
-
-console = Console(stderr=True)
+from mode_cli.eval.answers import answer_rows, evaluate_answers
+from mode_cli.eval.metrics import fresh_head, layer_metrics
+from mode_cli.eval.render import print_report
+from mode_cli.eval.report import EVAL_FOLDER, build_report, data_description, save_report
+from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_device, resolve_source
+from mode_cli.options import TEXT, Option, choice, integer, parse_options
+from mode_cli.recipes import explain_omegaconf_error, shipped_recipes_dir
 
 # A plain model has no recipe: its eval data default to the bundled arithmetic eval split, sized
 # like the demo's report.
@@ -66,36 +61,13 @@ PLAIN_MODEL_DATA = "arithmetic"
 PLAIN_MODEL_EXAMPLES = 32
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """What `checkpoint=` names: kind `run`, `merged` or `model`; `path` is None for a model id."""
-
-    kind: str
-    spec: str
-    path: Path | None
-
-
-def classify(spec: str) -> Checkpoint:
-    """Tell a run folder, a merged folder and a plain model apart; anything else is an error."""
-    if spec.startswith(("tiny:", "package:")):
-        return Checkpoint("model", spec, None)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        if (path / RUN_CONFIG).is_file():
-            return Checkpoint("run", spec, path)
-        if (path / MERGED_CONFIG).is_file():
-            return Checkpoint("merged", spec, path)
-        if (path / "config.json").is_file():
-            return Checkpoint("model", spec, path)
-        raise ModeError(
-            f"{path} is not a mode run folder, merged folder or model folder: it has no "
-            f"{RUN_CONFIG} (a run), {MERGED_CONFIG} (a merged model) or config.json (a model)"
-        )
-    if path.exists():
-        raise ModeError(f"{spec} is a file; checkpoint= takes a folder or a model id")
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise ModeError(f"Checkpoint folder not found: {spec}")
-    return Checkpoint("model", spec, None)  # a hub id, `org/name`
+# `mode eval`'s own options besides recipe keys (see the module docstring).
+EVAL_OPTIONS = {
+    "data": TEXT,
+    "eval": TEXT,
+    "examples": integer(minimum=1),
+    "compare": Option(choice("base", "none").parse, "base or none"),
+}
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -189,30 +161,24 @@ def eval_config(checkpoint: Checkpoint, overrides: list[str]) -> tuple[DictConfi
     """The checkpoint's recipe with the shorthands and `key=value` overrides applied, validated;
     and the recipe's own `model` section (where a merged model's base came from)."""
     cfg, original_model = checkpoint_config(checkpoint)
-    data, overrides = split_overrides(overrides, "data")
-    evaluation, overrides = split_overrides(overrides, "eval")
-    examples, overrides = split_overrides(overrides, "examples")
-    compare, overrides = split_overrides(overrides, "compare")
-    if data is not None:
-        cfg = with_section(cfg, "data", config_group("data", data))
-    if evaluation is not None:
-        settings = config_group("eval", evaluation)
+    options, overrides = parse_options(overrides, EVAL_OPTIONS, rest_allowed=True)
+    if "data" in options:
+        cfg = with_section(cfg, "data", config_group("data", options["data"]))
+    if "eval" in options:
+        settings = config_group("eval", options["eval"])
         # Whether to compare with the base depends on the checkpoint, not on the settings group.
         settings.compare_base = cfg.eval.compare_base
         cfg = with_section(cfg, "eval", settings)
     shorthand = []
-    if examples is not None:
-        if not re.fullmatch(r"[1-9]\d*", examples):
-            raise ModeError(f"examples={examples}: expected a whole number >= 1")
+    if "examples" in options:
+        examples = options["examples"]
         shorthand += [
             f"data.max_eval_examples={examples}",
             f"eval.max_examples={examples}",
             f"eval.answer_examples={examples}",
         ]
-    if compare is not None:
-        if compare not in ("base", "none"):
-            raise ModeError(f"compare={compare}: expected base or none")
-        shorthand.append(f"eval.compare_base={compare == 'base'}")
+    if "compare" in options:
+        shorthand.append(f"eval.compare_base={options['compare'] == 'base'}")
     cfg = apply_overrides(cfg, shorthand + overrides)
     if checkpoint.kind == "model" and cfg.eval.compare_base:
         raise ModeError(
@@ -235,10 +201,33 @@ def report_parent(checkpoint: Checkpoint, cfg: DictConfig) -> Path:
 
 def load_plain(cfg: DictConfig, device: str):
     """(model, tokenizer) of a model folder or id, as `cfg.model` says to load it."""
-    source = model_mod.resolve_source(cfg.model)
-    tokenizer = model_mod.load_tokenizer(source, cfg.model)
-    model = model_mod.load_base_model(source, cfg.model, cfg.train.precision, device)
+    source = resolve_source(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model)
+    model = load_base_model(source, cfg.model, cfg.train.precision, device)
     return model, tokenizer
+
+
+def merged_base_metrics(
+    checkpoint: Checkpoint, cfg: DictConfig, original_model: DictConfig, device: str
+) -> dict:
+    """The base before tuning of a merged model: the original base the recipe names, as training
+    loaded it, with an untrained head shaped like the merged folder's. Loaded, measured and freed
+    before the merged model loads, so one model is in memory at a time."""
+    base_cfg = copy.deepcopy(cfg)
+    base_cfg.model = original_model
+    model, _ = load_plain(base_cfg, device)
+    tokenizer = load_tokenizer(str(checkpoint.path), cfg.model)
+    _, eval_set = load_splits(cfg.data, tokenizer)
+    head = None
+    if (checkpoint.path / HEAD_INFO).is_file():
+        head = fresh_head(load_head(checkpoint.path, model, device), model, device)
+    metrics = layer_metrics(
+        model, head, eval_set, tokenizer, device, cfg.eval.batch_size, cfg.eval.max_examples
+    )
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return metrics
 
 
 def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
@@ -252,10 +241,13 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
     rows = answer_rows(cfg)
     source = {"kind": checkpoint.kind, "checkpoint": checkpoint.spec}
 
+    base = None
     if checkpoint.kind == "run":
         model, head, tokenizer = load_run(checkpoint.path, cfg, device)
         source["model"] = cfg.model.name_or_path
     elif checkpoint.kind == "merged":
+        if cfg.eval.compare_base:
+            base = merged_base_metrics(checkpoint, cfg, original_model, device)
         model, head, tokenizer = load_merged(checkpoint.path, cfg, device)
         source["model"] = str(checkpoint.path)
         source["base"] = original_model.name_or_path
@@ -271,7 +263,7 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
         head = None
         source["model"] = checkpoint.spec
 
-    _, eval_set = data_mod.load_splits(cfg.data, tokenizer)
+    _, eval_set = load_splits(cfg.data, tokenizer)
     console.print(
         f"[bold]mode eval[/bold] {checkpoint.spec} ({checkpoint.kind}): "
         f"{min(len(eval_set.examples), cfg.eval.max_examples or len(eval_set.examples))} eval "
@@ -279,25 +271,9 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
         + (f"; answer accuracy on {len(rows)} rows" if rows else ""),
         soft_wrap=True,
     )
-    metrics = layer_metrics(
-        model, head, eval_set, tokenizer, device, cfg.eval.batch_size, cfg.eval.max_examples
-    )
     answers = evaluate_answers(cfg, model, head, tokenizer, device, rows) if rows else None
-    selected = head.layers if head is not None else []
-    tuned, base = (None, metrics) if checkpoint.kind == "model" else (metrics, None)
-    if cfg.eval.compare_base and checkpoint.kind == "run":
-        base = run_base_metrics(cfg, model, head, eval_set, tokenizer, device)
-    elif cfg.eval.compare_base and checkpoint.kind == "merged":
-        # One model at a time: the merged model is done with before the base loads.
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        base_cfg = copy.deepcopy(cfg)
-        base_cfg.model = original_model
-        base_model, _ = load_plain(base_cfg, device)
-        base = run_base_metrics(cfg, base_model, head, eval_set, tokenizer, device)
-    report = assemble(
-        cfg, tuned=tuned, base=base, selected=selected, source=source, answers=answers
+    report = build_report(
+        cfg, model, head, eval_set, tokenizer, device, source=source, answers=answers, base=base
     )
     folder = save_report(report, report_parent(checkpoint, cfg))
     print_report(report, console)

@@ -1,6 +1,7 @@
 """The MoDE head: per-layer norms and a router that mix late layers into one prediction.
 
-Plain `torch.nn`, no dependency on the CLI or the training loop (METHOD.md 2-4):
+Plain `torch.nn`, no dependency on the CLI or the training loop (`docs/method.md`, "Norms",
+"Router" and "Ensemble"):
 
     head = MoDEHead(final_norm=model.model.norm, layers=[28, 29, 30], num_layers=30, hidden_size=576)
     states = model.model(ids, output_hidden_states=True).hidden_states
@@ -22,7 +23,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-ROUTERS = ("token", "scalar", "fixed", "none")
+# `router.kind` of a recipe; `none` (norms only, no ensemble) is the head of loss=layerwise.
+ROUTERS = ("token", "scalar", "fixed")
+ROUTER_KINDS = (*ROUTERS, "none")
+# `router.init`: layer N starts at `init_final_weight` and the rest share the remainder, or all equal.
+ROUTER_INITS = ("final", "uniform")
+# `router.input`: what the token router reads.
 ROUTER_INPUTS = ("final", "mean")
 
 
@@ -63,8 +69,8 @@ class MoDEHead(nn.Module):
             raise ValueError(f"layers must be ascending and unique, got {layers}")
         if layers[-1] != num_layers or layers[0] < 1:
             raise ValueError(f"layers must lie in 1..{num_layers} and end with {num_layers}")
-        if router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, got {router!r}")
+        if router not in ROUTER_KINDS:
+            raise ValueError(f"router must be one of {ROUTER_KINDS}, got {router!r}")
         if router_input not in ROUTER_INPUTS:
             raise ValueError(f"router_input must be one of {ROUTER_INPUTS}, got {router_input!r}")
         if fixed_weights is not None and len(fixed_weights) != len(layers):
@@ -201,43 +207,3 @@ def router_bias(num_selected: int, init_final_weight: float | None) -> torch.Ten
     bias = torch.full((num_selected,), math.log(rest))
     bias[-1] = math.log(init_final_weight)
     return bias
-
-
-def last_k(num_layers: int, k: int) -> list[int]:
-    """The last k layers, 1-based: last_k(30, 3) == [28, 29, 30]."""
-    if not 1 <= k <= num_layers:
-        raise ValueError(f"k={k} is outside 1..{num_layers} (the model has {num_layers} layers)")
-    return list(range(num_layers - k + 1, num_layers + 1))
-
-
-def every_n(num_layers: int, every: int, of_last: int) -> list[int]:
-    """Every `every`-th of the last `of_last` layers, ending at N: every_n(30, 2, 6) == [26, 28, 30]."""
-    if not 1 <= of_last <= num_layers:
-        raise ValueError(
-            f"of_last={of_last} is outside 1..{num_layers} (the model has {num_layers} layers)"
-        )
-    if every < 1:
-        raise ValueError(f"every={every}: expected at least 1")
-    return sorted(range(num_layers, num_layers - of_last, -every))
-
-
-def fraction_of_depth(num_layers: int, fraction: float) -> list[int]:
-    """The last `fraction` of the layers, rounded up: fraction_of_depth(30, 0.1) == [28, 29, 30]."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction={fraction} is outside (0, 1]")
-    return last_k(num_layers, max(1, math.ceil(fraction * num_layers - 1e-9)))
-
-
-def explicit(num_layers: int, indices: Sequence[int]) -> list[int]:
-    """Explicit layers, 1-based, negative ones from the end (-1 is N); N is always added."""
-    chosen = set()
-    for index in indices:
-        layer = num_layers + 1 + index if index < 0 else index
-        if not 1 <= layer <= num_layers:
-            raise ValueError(
-                f"indices: layer {index} is out of range: the model has {num_layers} layers "
-                f"(use 1..{num_layers}, or -1..-{num_layers} from the end)"
-            )
-        chosen.add(layer)
-    chosen.add(num_layers)
-    return sorted(chosen)

@@ -19,7 +19,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
+from mode_cli.data.formats import row_prompt
+from mode_cli.data.sources import eval_rows
+from mode_cli.decode.generate import generate_texts
 from mode_cli.errors import ModeError
+from mode_cli.eval.report import data_description
+from mode_cli.mode.head import has_ensemble
+
+# `eval.answers`: `auto` scores answers in `mode eval` when the eval rows have them; `on` also at the
+# end of training (and requires them); `off`.
+ANSWER_MODES = ("auto", "on", "off")
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 _MARKED_NUMBER = re.compile(r"(?:answer is|####)\s*\$?\s*(" + _NUMBER + r")", re.IGNORECASE)
@@ -159,12 +168,9 @@ def answer_rows(cfg, *, auto: bool = True) -> list[dict] | None:
     `auto=False` treats `eval.answers=auto` as off: the end-of-training report generates only
     when asked to (`on`), since generation from a 4-bit model on a CPU takes minutes.
     """
-    from mode_cli import data as data_mod
-    from mode_cli.report import data_description
-
     if cfg.eval.answers == "off" or (cfg.eval.answers == "auto" and not auto):
         return None
-    rows = data_mod.eval_rows(cfg.data)
+    rows = eval_rows(cfg.data)
     field = cfg.eval.answer_field
     if cfg.eval.answers == "auto" and not has_answers(rows, field):
         return None
@@ -189,9 +195,6 @@ def answer_accuracy(
 
     The ensemble head exists only with a routed MoDE head; the final head always.
     """
-    from mode_cli.head import has_ensemble
-    from mode_cli.inference import generate_texts
-
     heads = ["ensemble", "final"] if has_ensemble(head) else ["final"]
     outputs = {
         kind: generate_texts(
@@ -213,9 +216,7 @@ def answer_accuracy(
 
 def evaluate_answers(cfg, model, head, tokenizer, device: str, rows: Sequence[dict]) -> dict:
     """Answer accuracy of a model (and head) on `rows` from `answer_rows`, as the report holds it."""
-    from mode_cli import data as data_mod
-
-    prompts = [data_mod.row_prompt(row, cfg.data, tokenizer) for row in rows]
+    prompts = [row_prompt(row, cfg.data, tokenizer) for row in rows]
     return answer_accuracy(
         model,
         head,

@@ -1,0 +1,149 @@
+"""From a row to token ids with the loss on the response only: `Example`s.
+
+- alpaca: prompt (masked) + response + EOS (trained);
+- chat: each assistant turn trains the tokens it adds to the conversation;
+- text: every token trained, with an EOS after each document; a document longer than
+  `data.max_seq_len` is split into chunks that overlap by one token, so every token but the first
+  is predicted exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mode_cli.data.formats import Row, alpaca_prompt, render_chat
+from mode_cli.errors import ModeError
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """One tokenized example: `labels` is -100 where nothing is trained, else the token id.
+
+    `position_ids` is set on packed sequences: it restarts at 0 at every example packed in, which
+    is what keeps attention and positions from crossing between them.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int] | None = None
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE)
+
+
+def prompt_ids(tokenizer, text: str, add_special_tokens: bool | None = None) -> list[int]:
+    """Token ids of a prompt as training made them.
+
+    Alpaca and text prompts get the tokenizer's special tokens (its BOS, if it adds one); a
+    rendered chat template carries its own (`add_special_tokens=False`). None decides from the
+    text: special tokens are added unless it already starts with the BOS token.
+    """
+    if add_special_tokens is None:
+        bos = tokenizer.bos_token
+        add_special_tokens = not (bos and text.startswith(bos))
+    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def tokenize(row: dict, tokenizer, max_seq_len: int) -> tuple[Example, bool]:
+    """An Alpaca row: prompt (masked) + response + EOS (trained), cut at `max_seq_len`;
+    returns (example, cut)."""
+    prompt_ids = tokenizer(alpaca_prompt(row), add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+    response_ids = response_ids + [tokenizer.eos_token_id]
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE] * len(prompt_ids) + response_ids
+    cut = len(input_ids) > max_seq_len
+    return Example(input_ids[:max_seq_len], labels[:max_seq_len]), cut
+
+
+def tokenize_chat(
+    messages: list[dict], tokenizer, max_seq_len: int, template: str
+) -> tuple[Example, bool]:
+    """A conversation with only its assistant turns trained, cut at `max_seq_len`.
+
+    Each assistant turn trains the tokens it adds to the conversation rendered up to it with the
+    generation prompt. Templates are rendered incrementally; when the tokens of a shorter render
+    are not a prefix of the whole conversation's (a merge across the boundary), the span is found
+    by character offsets instead.
+    """
+    text = render_chat(messages, template, tokenizer, False)
+    input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    labels = [IGNORE] * len(input_ids)
+    offsets = None
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render_chat(messages[:i], template, tokenizer, True)
+        after = render_chat(messages[: i + 1], template, tokenizer, False)
+        if not (text.startswith(after) and after.startswith(before)):
+            raise ModeError(
+                "the chat template does not render a conversation as the renders of its "
+                "beginnings followed by the new turns; set data.chat_template"
+            )
+        start = token_prefix_length(tokenizer, before, input_ids)
+        end = token_prefix_length(tokenizer, after, input_ids)
+        if start is None or end is None:
+            # Label the tokens that overlap the turn's characters.
+            offsets = offsets or character_offsets(tokenizer, text)
+            span = [j for j, (a, b) in enumerate(offsets) if a < len(after) and b > len(before)]
+            start, end = (span[0], span[-1] + 1) if span else (0, 0)
+        labels[start:end] = input_ids[start:end]
+    cut = len(input_ids) > max_seq_len
+    return Example(input_ids[:max_seq_len], labels[:max_seq_len]), cut
+
+
+def character_offsets(tokenizer, text: str) -> list[tuple[int, int]]:
+    try:
+        return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ]
+    except NotImplementedError:  # slow (Python) tokenizers have no offsets
+        raise ModeError(
+            "the chat template's turns do not tokenize separately and this tokenizer gives no "
+            "character offsets to find them: use a fast tokenizer or set data.chat_template"
+        ) from None
+
+
+def token_prefix_length(tokenizer, text: str, full_ids: list[int]) -> int | None:
+    """len(ids of `text`) when they are a prefix of `full_ids`, else None."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return len(ids) if full_ids[: len(ids)] == ids else None
+
+
+def tokenize_text(text: str, tokenizer, max_seq_len: int) -> list[Example]:
+    """A document, every token trained, ended by EOS and split into chunks of `max_seq_len`
+    that overlap by one token (the first position of a chunk is never predicted)."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    stride = max(1, max_seq_len - 1)
+    chunks = []
+    start = 0
+    while True:
+        chunk = ids[start : start + max_seq_len]
+        chunks.append(Example(chunk, list(chunk)))
+        if start + max_seq_len >= len(ids):
+            return chunks
+        start += stride
+
+
+def encode(row: dict, tokenizer, max_seq_len: int, template: str) -> tuple[list[Example], bool]:
+    """The examples of one row under its format, and whether truncation cut it."""
+    format = getattr(row, "format", "alpaca")
+    if format == "text":
+        return tokenize_text(row["text"], tokenizer, max_seq_len), False
+    try:
+        if format == "chat":
+            example, cut = tokenize_chat(row["messages"], tokenizer, max_seq_len, template)
+        else:
+            example, cut = tokenize(row, tokenizer, max_seq_len)
+    except ModeError as err:
+        where = f"{row.source}, row {row.number}: " if isinstance(row, Row) else ""
+        raise ModeError(f"{where}{err}") from None
+    return [example], cut
+
+
+def predicted(example: Example) -> int:
+    """Trained tokens that are predicted: the label at position 0 has nothing before it."""
+    return sum(1 for label in example.labels[1:] if label != IGNORE)

@@ -1,0 +1,199 @@
+"""Loading the base model and tokenizer, quantizing it to NF4, and attaching the peft adapter.
+
+Every source ends up as something `from_pretrained` reads: a hub id, a local folder, the packaged
+SmolLM2 (converted once from GGUF into the cache, see `smollm2.py`), or a tiny random-init model
+built from a config with a fixed seed (`tiny.py`, saved once into the same cache).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from mode_cli.errors import ModeError
+from mode_cli.models.families import family_of
+from mode_cli.models.smollm2 import ensure_converted
+from mode_cli.models.tiny import build_tiny_model
+
+log = logging.getLogger(__name__)
+
+# `model.quantization`: the frozen base in NF4 (QLoRA), or in the compute dtype.
+QUANTIZATIONS = ("nf4", "none")
+# `train.precision`: the compute dtype of the 4-bit layers and of the trainable weights.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# `train.device`: `auto` is CUDA when torch sees a GPU, else the CPU.
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` means CUDA when torch sees a GPU, else the CPU."""
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def resolve_source(model_cfg: DictConfig) -> str:
+    """A string `from_pretrained` accepts: a local folder or a hub id."""
+    name = model_cfg.name_or_path
+    if name.startswith("tiny:"):
+        family = name.removeprefix("tiny:").replace("-", "_")
+        return str(build_tiny_model(family, model_cfg.tiny))
+    if name.startswith("package:"):
+        package = name.removeprefix("package:")
+        if package not in ("smollm2", "smollm2-135m-instruct"):
+            raise ModeError(f"Unknown packaged model '{name}'. Packaged: package:smollm2")
+        return str(ensure_converted(log=log.info))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModeError(f"{path} is not a model folder: it has no config.json")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModeError(f"Model folder not found: {name}")
+    return name
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(source: str, model_cfg: DictConfig):
+    """The tokenizer of a model; a pad token is borrowed from EOS when the model has none."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
+    except OSError as err:
+        raise ModeError(f"Could not load the tokenizer of '{source}': {first_line(err)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return PRECISIONS[precision]
+
+
+def load_base_model(
+    source: str, model_cfg: DictConfig, precision: str, device: str
+) -> PreTrainedModel:
+    """Load the frozen base model, in NF4 (QLoRA) or in the compute dtype, on `device`."""
+    dtype = compute_dtype(precision)
+    kwargs: dict = {
+        "revision": model_cfg.revision,
+        "trust_remote_code": model_cfg.trust_remote_code,
+        "dtype": dtype,
+    }
+    if model_cfg.quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=model_cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+        )
+        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise ModeError(f"Could not load the model '{source}': {first_line(err)}") from None
+    if model_cfg.quantization != "nf4":
+        model.to(device)
+    family_of(model)
+    guard_cpu_4bit_gradients(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def guard_cpu_4bit_gradients(model: nn.Module) -> None:
+    """Keep bitsandbytes' CPU 4-bit layers on the path that has a backward.
+
+    On CPUs with avx512_bf16, a Linear4bit called in eval mode with an input that needs no grad
+    repacks its weight for good, and every later call goes through `gemv_4bit`, which has no
+    backward: LoRA gradients come out wrong with only a warning. Turning the repacking off keeps
+    gradients exact after any no-grad forward or `generate()`.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Short names of the linear layers LoRA can target (the LM head excluded)."""
+    import bitsandbytes as bnb
+
+    # The head by identity, whatever a family calls it (GPT-NeoX before transformers 5: embed_out).
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = set()
+    for full_name, module in model.named_modules():
+        if module is head or "lm_head" in full_name:
+            continue
+        if isinstance(module, nn.Linear | bnb.nn.Linear4bit):
+            names.add(full_name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def adapter_targets(model: nn.Module, targets) -> str | list[str]:
+    """`all-linear`, or the requested module names after checking each matches a linear layer."""
+    if targets == "all-linear":
+        return targets
+    targets = list(targets)
+    available = linear_module_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ModeError(
+            f"adapter.target_modules: {', '.join(missing)} match no module of this model. "
+            f"Linear modules: {', '.join(available)} (or use all-linear)"
+        )
+    return targets
+
+
+def peft_config(adapter_cfg: DictConfig, targets: str | list[str]):
+    """peft's config for the recipe's adapter: LoRA, or DoRA with `use_dora`."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=adapter_cfg.r,
+        lora_alpha=adapter_cfg.alpha,
+        lora_dropout=adapter_cfg.dropout,
+        target_modules=targets,
+        use_dora=adapter_cfg.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_adapter(
+    model: PreTrainedModel, adapter_cfg: DictConfig, gradient_checkpointing: bool
+) -> nn.Module:
+    """Wrap the base model with a trainable peft adapter (edits the base in place)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    targets = adapter_targets(model, adapter_cfg.target_modules)
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return get_peft_model(model, peft_config(adapter_cfg, targets))

@@ -1,0 +1,102 @@
+"""The optimizer and the learning-rate schedule: AdamW over the adapter and the MoDE head, each with
+its own learning rate, after a linear warmup.
+
+`train.optimizer`: `adamw` (torch), or bitsandbytes' `adamw_8bit` / `paged_adamw_8bit` (CUDA only:
+8-bit states save ~75% of the optimizer memory; paged ones also survive memory spikes). On the CPU
+an 8-bit optimizer is refused, or run as torch AdamW with `train.optimizer_fallback=true`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from omegaconf import DictConfig
+
+from mode_cli.errors import ModeError
+from mode_cli.mode.head import MoDEHead
+
+log = logging.getLogger(__name__)
+
+# `train.optimizer`; the 8-bit ones are bitsandbytes' and run on CUDA only.
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+GPU_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
+# `train.lr_schedule`, after `train.warmup_steps` of linear warmup.
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def optimizer_on(name: str, device: str, fallback: bool) -> str:
+    """The optimizer that runs on `device` for `train.optimizer=name`: the same one, or AdamW for
+    a GPU-only optimizer on the CPU when `fallback` allows it; a ModeError when it does not."""
+    if name not in GPU_ONLY_OPTIMIZERS or device == "cuda":
+        return name
+    if not fallback:
+        raise ModeError(
+            f"train.optimizer={name} needs a CUDA GPU (bitsandbytes' 8-bit optimizers); on the CPU "
+            "use train.optimizer=adamw, train.optimizer_fallback=true (runs it as AdamW), or "
+            "train=cpu-smoke to smoke-test a GPU recipe"
+        )
+    return "adamw"
+
+
+def make_optimizer(
+    cfg: DictConfig, model, head: MoDEHead | None, device: str = "cpu"
+) -> torch.optim.Optimizer:
+    """AdamW over the adapter and the MoDE head, each with its own learning rate."""
+    groups = [
+        {
+            "params": [p for p in model.parameters() if p.requires_grad],
+            "lr": cfg.train.lr,
+            "weight_decay": cfg.train.weight_decay,
+        }
+    ]
+    if head is not None:
+        groups.append(
+            {
+                "params": list(head.parameters()),
+                "lr": cfg.train.head_lr or cfg.train.lr,
+                "weight_decay": 0.0,
+            }
+        )
+    groups = [group for group in groups if group["params"]]  # mode-only has no adapter
+    name = optimizer_on(cfg.train.optimizer, device, cfg.train.optimizer_fallback)
+    if name != cfg.train.optimizer:
+        log.info(
+            f"note: train.optimizer={cfg.train.optimizer} needs CUDA; using torch AdamW on the {device}"
+        )
+    if name == "adamw":
+        return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+    import bitsandbytes as bnb
+
+    optimizer_class = {
+        "adamw_8bit": bnb.optim.AdamW8bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+    }[name]
+    return optimizer_class(groups, betas=(0.9, 0.999), eps=1e-8)
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float, schedule: str = "cosine"):
+    """The LR factor of scheduler step `step` (0-based): linear warmup to the peak over `warmup`
+    steps, then `cosine` or `linear` decay reaching `min_ratio` at the last step, or `constant`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+        if schedule == "linear":
+            return min_ratio + (1 - min_ratio) * (1 - progress)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer):
+    """The recipe's schedule as a LambdaLR over every parameter group."""
+    train = cfg.train
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lr_lambda(train.warmup_steps, train.max_steps, train.min_lr_ratio, train.lr_schedule),
+    )

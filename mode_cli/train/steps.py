@@ -1,0 +1,108 @@
+"""One optimizer step's work: the micro-batches in their seeded order, the forward through the
+decoder and the loss, and backward with the loss normalised by the step's target tokens.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+from mode_cli.data.batching import at_targets, batches, collate, target_count, target_positions
+from mode_cli.mode.head import MoDEHead
+from mode_cli.mode.loss import IMPLEMENTATIONS, final_only_loss
+from mode_cli.mode.terms import LossSums, LossWeights
+from mode_cli.models import families
+
+
+def batch_loss(
+    model, head: MoDEHead | None, batch: dict, weights: LossWeights, impl: str = "chunked"
+) -> LossSums:
+    """Summed loss of one micro-batch: decoder states, masked positions dropped, then the loss."""
+    states = families.hidden_states(
+        model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
+    )
+    keep, labels = target_positions(batch["labels"])
+    lm_head = families.lm_head(model)
+    logit_fn = families.logit_fn(model)
+    if head is None:
+        return final_only_loss(at_targets(states[-1], keep), labels, lm_head, logit_fn, impl)
+    normed, routing = head({layer: at_targets(states[layer], keep) for layer in head.layers})
+    return IMPLEMENTATIONS[impl](normed, routing, labels, lm_head, weights, logit_fn=logit_fn)
+
+
+@dataclass
+class StepLoss:
+    """One optimizer step's loss, each term, and its token counts."""
+
+    loss: float  # summed over the step's micro-batches, divided by its target tokens
+    parts: dict[str, float]  # each loss term, normalised the same way
+    target_tokens: int
+    tokens: int  # attended tokens, for tokens/s
+
+
+def accumulate_gradients(
+    model,
+    head: MoDEHead | None,
+    micro: list[dict],
+    weights: LossWeights,
+    impl: str = "chunked",
+    autocast=nullcontext,
+) -> StepLoss:
+    """Forward and backward over the micro-batches of one optimizer step.
+
+    Each micro-batch's summed loss is divided by the target tokens of the whole step (not of the
+    micro-batch), so the gradients add up to those of one batch holding every example, however
+    the step is split into micro-batches.
+    """
+    step_tokens = sum(target_count(b) for b in micro)
+    total, parts, tokens = 0.0, {}, 0
+    for batch in micro:
+        with autocast():
+            sums = batch_loss(model, head, batch, weights, impl)
+        (sums.total / step_tokens).backward()
+        total += sums.total.item()
+        for key, value in sums.parts.items():
+            parts[key] = parts.get(key, 0.0) + value
+        tokens += int(batch["attention_mask"].sum())
+    return StepLoss(
+        loss=total / step_tokens,
+        parts={key: value / step_tokens for key, value in parts.items()},
+        target_tokens=step_tokens,
+        tokens=tokens,
+    )
+
+
+class BatchStream:
+    """Collated micro-batches, epoch after epoch, in the order fixed by the seed.
+
+    `position` (epoch, index of the next micro-batch in that epoch) is all a checkpoint needs to
+    restart the stream exactly where it was: each epoch's order is a pure function of the seed.
+    """
+
+    def __init__(
+        self, examples, batch_size: int, seed: int, pad_id: int, epoch: int = 0, index: int = 0
+    ) -> None:
+        self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.epoch, self.index = epoch, index
+        self._order_epoch, self._order = -1, []
+
+    def epoch_batches(self) -> list:
+        if self._order_epoch != self.epoch:
+            self._order = batches(self.examples, self.batch_size, self.seed, self.epoch)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def next(self) -> dict:
+        if self.index >= len(self.epoch_batches()):
+            self.epoch, self.index = self.epoch + 1, 0
+        examples = self.epoch_batches()[self.index]
+        self.index += 1
+        return collate(examples, self.pad_id)
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    @property
+    def epochs_done(self) -> float:
+        return self.epoch + self.index / max(1, len(self.epoch_batches()))
