@@ -98,9 +98,11 @@ def classify(spec: str | Path, *, plain_models: bool = True) -> Checkpoint:
 # ---------------------------------------------------------------------------- the MoDE head
 
 
-def save_head(head: MoDEHead, out: Path) -> None:
-    """The head's weights as safetensors, plus a small json describing it."""
-    state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
+def save_head(head: MoDEHead, out: Path, state: dict | None = None) -> None:
+    """The head's weights as safetensors, plus a small json describing it. `state` is the head's
+    state dict when it was gathered elsewhere (a sharded head's parameters are shards)."""
+    if state is None:
+        state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
     save_file(state, str(out / HEAD_WEIGHTS))
     (out / HEAD_INFO).write_text(json.dumps(head.describe(), indent=2) + "\n")
     (out / HEAD_WEIGHTS).chmod((out / HEAD_INFO).stat().st_mode & 0o777)

@@ -21,8 +21,6 @@ from mode_cli import __version__
 from mode_cli.errors import ModeError
 from mode_cli.options import TEXT, parse_options
 
-EXIT_USER_ERROR = 2
-
 
 def _quiet_libraries() -> None:
     """Keep third-party chatter (progress bars, advisory warnings) out of the terminal."""
@@ -159,9 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     except ModeError as err:
         from rich.text import Text
 
+        # Every rank of a torchrun job reports its own error (rank 0's console alone is not quiet).
+        rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+        where = f"rank {rank}: " if rank else ""
+        quiet, console.quiet = console.quiet, False
         # soft_wrap: a message piped to a log stays on its own lines, not cut at 80 columns.
-        console.print(Text.assemble(("error:", "bold red"), " ", str(err)), soft_wrap=True)
-        return EXIT_USER_ERROR
+        console.print(Text.assemble((f"{where}error:", "bold red"), " ", str(err)), soft_wrap=True)
+        console.quiet = quiet
+        return err.exit_code
     except KeyboardInterrupt as err:
         # Training stops after a step with a checkpoint and says how to resume (TrainingInterrupted:
         # 130 for Ctrl-C, 143 for SIGTERM); anywhere else an interrupt just ends the command.
@@ -171,9 +174,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mode_cli.recipes import compose_recipe
+    from mode_cli.train.distributed import launched_by_torchrun
     from mode_cli.train.recipe import FinetuneRecipe, dry_run
 
     if args.multirun:
+        if launched_by_torchrun():
+            raise ModeError(
+                "a sweep (-m) runs its runs one after another in one process: start it "
+                "without torchrun, and give each run distributed.nproc=N instead"
+            )
         return cmd_sweep(args)
     values, overrides = parse_options(args.overrides, {"recipe": TEXT}, rest_allowed=True)
     recipe = values.get("recipe")
@@ -182,9 +191,73 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = compose_recipe(recipe, overrides, args.recipes_dir)
     if args.dry_run:
         dry_run(cfg)
+    elif launched_by_torchrun():
+        return train_rank(cfg, overrides, args.recipes_dir)
+    elif cfg.distributed.nproc > 1:
+        return launch_ranks(cfg, recipe, overrides, args.recipes_dir)
     else:
         FinetuneRecipe(cfg, overrides, args.recipes_dir).run()
     return 0
+
+
+def train_rank(cfg, overrides: list[str], recipes_dir: Path | None) -> int:
+    """This process is one rank of a torchrun job: join it, train, leave it."""
+    from mode_cli.console import console
+    from mode_cli.models.loading import resolve_device, resolve_source
+    from mode_cli.train.distributed import close_world, init_world
+    from mode_cli.train.recipe import FinetuneRecipe
+
+    # A model built or converted into the cache (tiny:, package:) is written before the process
+    # group exists: inside one, transformers' save_pretrained writes nothing on ranks other
+    # than 0, and each machine needs its own cache. Ranks racing to write it is safe.
+    resolve_source(cfg.model)
+    world = init_world(
+        cfg.distributed.strategy, cfg.distributed.timeout_s, resolve_device(cfg.train.device)
+    )
+    # Rank 0 speaks for the job; the others only report their own errors (see `main`).
+    console.quiet = not world.main
+    try:
+        FinetuneRecipe(cfg, overrides, recipes_dir, world).run()
+    finally:
+        close_world(world)
+    return 0
+
+
+def launch_ranks(cfg, recipe: str, overrides: list[str], recipes_dir: Path | None) -> int:
+    """`distributed.nproc=N`: check the recipe here, then run N ranks of this command under
+    torchrun's engine and wait for them."""
+    from mode_cli.config import validate
+    from mode_cli.console import console
+    from mode_cli.train.distributed import launch
+    from mode_cli.train.recipe import default_output_dir, resume_command
+
+    validate(cfg)
+    # One folder for every rank (and every restart): named here, not by each rank's clock.
+    out = cfg.output_dir or str(default_output_dir(recipe))
+    words = [f"recipe={recipe}", *[o for o in overrides if not o.startswith("output_dir=")]]
+    words.append(f"output_dir={out}")
+    restarts = cfg.distributed.max_restarts
+    if restarts and cfg.resume is None:
+        words.append("resume=auto")  # a restart reruns the command: it must continue the run
+    if recipes_dir is not None:
+        words.append(f"--recipes-dir={recipes_dir}")
+    console.print(
+        f"[bold]mode train[/bold] {recipe}: {cfg.distributed.nproc} processes "
+        f"({cfg.distributed.strategy}) -> {out}"
+    )
+    result = launch(
+        cfg.distributed.nproc,
+        ["train", *words],
+        max_restarts=restarts,
+        grace_s=cfg.distributed.timeout_s,
+    )
+    if result.failure:
+        raise ModeError(
+            f"{result.failure}. The run's checkpoints in {out} stay loadable; continue with: "
+            f"{resume_command(recipe, overrides, Path(out), recipes_dir)}",
+            exit_code=result.exit_code,
+        )
+    return result.exit_code
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

@@ -360,6 +360,27 @@ class MergeConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data-parallel training over several processes (GPUs, or CPU processes on gloo).
+
+    nproc: processes on this machine; above 1, `mode train` starts them through torchrun (under
+    a torchrun you start yourself, torchrun's own options decide, and this key is not read).
+    Each process reads `train.micro_batch_size` examples of every global micro-batch.
+    strategy: `ddp` (every process holds the whole model; gradients averaged) or `fsdp` (FSDP2:
+    the 4-bit weights sharded, one unit per decoder layer; for models too large for one device).
+    timeout_s: how long a process waits in a collective for its peers before giving up (a dead
+    process ends the job at once under torchrun; this bounds every other stall).
+    max_restarts: torchrun restarts the whole job this many times after a failure; each restart
+    continues from the newest checkpoint (`resume=auto`).
+    """
+
+    nproc: int = 1
+    strategy: str = "ddp"
+    timeout_s: float = 600.0
+    max_restarts: int = 0
+
+
+@dataclass
 class RecipeConfig:
     """A whole run. `recipe` is filled in by the CLI; `output_dir` defaults to outputs/<recipe>/<time>."""
 
@@ -375,6 +396,7 @@ class RecipeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # `auto`: continue from the newest complete checkpoint in output_dir (a fresh start when
     # output_dir holds no run yet); or the path of a checkpoint or of a run folder.
     resume: str | None = None
@@ -402,6 +424,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     from mode_cli.mode.weighting import CURRICULA, SCALES
     from mode_cli.models.loading import DEVICES, PRECISIONS, QUANTIZATIONS
     from mode_cli.models.merging import MERGE_BASES, MERGE_DTYPES
+    from mode_cli.train.distributed import STRATEGIES
     from mode_cli.train.optim import OPTIMIZERS, SCHEDULES
     from mode_cli.train.progress import LOGGERS
     from mode_cli.train.stopping import NONFINITE_POLICIES
@@ -424,6 +447,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "train.optimizer": OPTIMIZERS,
         "train.lr_schedule": SCHEDULES,
         "train.on_nonfinite": NONFINITE_POLICIES,
+        "distributed.strategy": STRATEGIES,
         "logger": LOGGERS,
         "merge.base": MERGE_BASES,
         "merge.dtype": ("auto", *MERGE_DTYPES),
@@ -483,6 +507,8 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
         "eval.answer_examples",
         "eval.max_new_tokens",
         "eval.answer_batch_size",
+        "distributed.nproc",
+        "distributed.timeout_s",
     ):
         positive(key)
     for key in (
@@ -492,6 +518,7 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
         "loss.ensemble_weight",
         "loss.layer_weight",
         "loss.distill_weight",
+        "distributed.max_restarts",
     ):
         positive(key, allow_zero=True)
     if not 0.0 <= cfg.adapter.dropout < 1.0:
@@ -562,6 +589,12 @@ def hardware_problems(cfg: DictConfig) -> list[str]:
             "a recipe on the CPU)"
         )
         device = "cpu"
+    nproc = cfg.distributed.nproc
+    if device == "cuda" and nproc > 1 and nproc > torch.cuda.device_count():
+        problems.append(
+            f"distributed.nproc={nproc}: this machine has {torch.cuda.device_count()} GPU(s), "
+            "one per process"
+        )
     if cfg.train.optimizer in choices()["train.optimizer"]:
         try:
             optimizer_on(cfg.train.optimizer, device, cfg.train.optimizer_fallback)

@@ -168,6 +168,8 @@ def implemented(tmp_path: Path):
         "train.optimizer": lambda v: optimizer_on(v, "cuda", False),
         "train.lr_schedule": lambda v: lr_lambda(2, 10, 0.1, v)(5),
         "train.on_nonfinite": lambda v: v in ("stop", "skip"),
+        # Both strategies are trained for real in tests/test_distributed.py.
+        "distributed.strategy": lambda v: v in ("ddp", "fsdp"),
         "logger": logger,
         "merge.base": lambda v: v in ("dequantized", "original"),
         "merge.dtype": lambda v: v == "auto" or MERGE_DTYPES[v],

@@ -52,7 +52,7 @@ def gradients_of(recipe, micro_batches: list[list]) -> tuple[steps_mod.StepLoss,
     pad = recipe.tokenizer.pad_token_id
     micro = [batching_mod.collate(examples, pad) for examples in micro_batches]
     result = steps_mod.accumulate_gradients(
-        recipe.model, recipe.head, micro, recipe.step_weights(1), recipe.cfg.loss.impl
+        recipe.wrapped, micro, recipe.step_weights(1), recipe.cfg.loss.impl
     )
     grads = {
         name: p.grad.clone()

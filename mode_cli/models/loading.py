@@ -105,7 +105,9 @@ def load_base_model(
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=torch.uint8,
         )
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
+        # One device per process: `cuda` is GPU 0, `cuda:N` (a rank of a torchrun job) GPU N.
+        place = torch.device(device)
+        kwargs["device_map"] = {"": place.index or 0} if place.type == "cuda" else {"": "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:

@@ -21,7 +21,7 @@ import json
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,10 @@ RESUMABLE_CHANGES = (
     "train.threads",
     "train.on_nonfinite",
     "train.gradient_checkpointing",  # the same gradients for less memory (what an OOM asks for)
+    # The number of processes and how they share the model: any world that keeps the global
+    # micro-batch (train.micro_batch_size x processes, checked on its own) continues the run.
+    "train.micro_batch_size",
+    "distributed.",
     "data.max_eval_examples",
 )
 
@@ -188,54 +192,60 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------- writing
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """The parameters the optimizer trains (the adapter's), by name."""
-    return {
-        name: param.detach().contiguous().cpu()
-        for name, param in model.named_parameters()
-        if param.requires_grad
-    }
+@dataclass
+class Contents:
+    """What a checkpoint holds besides its config and counters, as plain tensors and dicts.
+
+    Attributes:
+        adapter: the trainable adapter parameters, by their names in the peft model.
+        head: the MoDE head's state dict (None without a head).
+        optimizer: the optimizer's state dict (torch's format, parameters numbered in group order).
+        scheduler: the LR scheduler's state dict.
+        rng: the RNG states of rank 0 (a single process's own).
+        rank_rngs: the other ranks' RNG states, rank 1 first, when several processes trained.
+    """
+
+    adapter: dict[str, torch.Tensor]
+    head: dict[str, torch.Tensor] | None
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+    rank_rngs: list[dict] = field(default_factory=list)
+
+
+def rank_rng_file(rank: int) -> str:
+    return f"rng-rank-{rank}.pt"
 
 
 def save_checkpoint(
-    out: Path,
-    *,
-    model,
-    head,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    rng: dict,
-    state: TrainerState,
-    extra: dict,
-    cfg: DictConfig,
-    keep: int,
+    out: Path, contents: Contents, *, state: TrainerState, extra: dict, cfg: DictConfig, keep: int
 ) -> Path:
     """Write the checkpoint of step `state.step` atomically, then keep only the newest `keep`.
 
-    `rng` is the RNG state at the step boundary the checkpoint stands for (taken by the caller
-    before the next step draws from it); `extra` goes into trainer_state.json beside the counters
-    (max_steps, the data's identity).
+    `contents.rng` is the RNG state at the step boundary the checkpoint stands for (taken by the
+    caller before the next step draws from it); `extra` goes into trainer_state.json beside the
+    counters (max_steps, the data's identity, the global batch).
     """
     target = checkpoint_dir(out, state.step)
     record = {**asdict(state), **extra}
     with staged_folder(target, replace=True) as staging:
-        write_contents(staging, model, head, optimizer, scheduler, rng, record, cfg)
+        write_contents(staging, contents, record, cfg)
     prune(out, keep)
     return target
 
 
-def write_contents(staging: Path, model, head, optimizer, scheduler, rng, state, cfg) -> None:
-    adapter = trainable_state(model)
-    if adapter:
-        save_file(adapter, str(staging / "adapter.safetensors"))
-    if head is not None:
-        head_state = {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()}
-        save_file(head_state, str(staging / "mode_head.safetensors"))
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    torch.save(rng, staging / "rng.pt")
+def write_contents(staging: Path, contents: Contents, record: dict, cfg: DictConfig) -> None:
+    if contents.adapter:
+        save_file(contents.adapter, str(staging / "adapter.safetensors"))
+    if contents.head is not None:
+        save_file(contents.head, str(staging / "mode_head.safetensors"))
+    torch.save(contents.optimizer, staging / "optimizer.pt")
+    torch.save(contents.scheduler, staging / "scheduler.pt")
+    torch.save(contents.rng, staging / "rng.pt")
+    for rank, rng in enumerate(contents.rank_rngs, start=1):
+        torch.save(rng, staging / rank_rng_file(rank))
     (staging / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (staging / STATE).write_text(json.dumps(state, indent=2) + "\n")
+    (staging / STATE).write_text(json.dumps(record, indent=2) + "\n")
     (staging / COMPLETE).write_text("")
 
 
@@ -277,11 +287,19 @@ def flatten(tree: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: tree}
 
 
-def check_compatible(path: Path, cfg: DictConfig) -> None:
-    """Refuse a checkpoint trained with another recipe (model, data, layers, loss, schedule...)."""
+def check_compatible(path: Path, cfg: DictConfig, world_size: int = 1) -> None:
+    """Refuse a checkpoint trained with another recipe (model, data, layers, loss, schedule...),
+    or with another global micro-batch (`train.micro_batch_size` x processes)."""
     # On the schema, with renamed keys migrated: keys added since take their defaults.
     saved = load_run_config(path)
     differences = config_differences(saved, cfg)
+    before = read_state(path).get("global_micro_batch", saved.train.micro_batch_size)
+    now = cfg.train.micro_batch_size * world_size
+    if before != now:
+        differences.append(
+            f"global micro-batch (train.micro_batch_size x processes): {before} -> {now} "
+            f"({cfg.train.micro_batch_size} x {world_size} now)"
+        )
     if differences:
         raise ModeError(
             f"cannot resume from {path}: it was trained with another recipe. Settings that "
@@ -291,16 +309,19 @@ def check_compatible(path: Path, cfg: DictConfig) -> None:
         )
 
 
-def restore_checkpoint(path: Path, *, model, head, optimizer, scheduler) -> tuple[dict, dict]:
-    """Load weights, optimizer and scheduler state in place; return (trainer_state.json's record,
-    RNG state).
+def read_checkpoint(
+    path: Path, *, adapter_shapes: dict[str, tuple[int, ...]], has_head: bool, rank: int = 0
+) -> tuple[Contents, dict]:
+    """A checkpoint's contents, checked against the model about to receive them, and its
+    trainer_state.json record.
 
-    The RNG state is returned rather than applied so that the caller sets it last, after anything
-    else that draws random numbers during setup.
+    `adapter_shapes` are the trainable parameters' names and shapes in this run's model; `rank`
+    picks the RNG states to restore (a rank the checkpoint has none for keeps rank 0's: a
+    different world size cannot continue the other ranks' random streams anyway).
     """
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
     adapter_file = path / "adapter.safetensors"
     adapter = load_file(str(adapter_file)) if adapter_file.is_file() else {}
+    expected = set(adapter_shapes)
     if set(adapter) != expected:
         missing, extra = sorted(expected - set(adapter)), sorted(set(adapter) - expected)
         raise ModeError(
@@ -308,24 +329,23 @@ def restore_checkpoint(path: Path, *, model, head, optimizer, scheduler) -> tupl
             f"({len(missing)} parameters missing, e.g. {missing[:2]}; {len(extra)} unexpected, "
             f"e.g. {extra[:2]})"
         )
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in adapter:
-                if param.shape != adapter[name].shape:
-                    raise ModeError(
-                        f"cannot resume from {path}: {name} has shape "
-                        f"{tuple(adapter[name].shape)} there, {tuple(param.shape)} here"
-                    )
-                param.copy_(adapter[name])
+    for name, shape in adapter_shapes.items():
+        if tuple(adapter[name].shape) != tuple(shape):
+            raise ModeError(
+                f"cannot resume from {path}: {name} has shape "
+                f"{tuple(adapter[name].shape)} there, {tuple(shape)} here"
+            )
     head_file = path / "mode_head.safetensors"
-    if (head is not None) != head_file.is_file():
+    if has_head != head_file.is_file():
         raise ModeError(f"cannot resume from {path}: the MoDE head does not match this recipe")
-    if head is not None:
-        try:
-            head.load_state_dict(load_file(str(head_file)))
-        except RuntimeError as err:
-            raise ModeError(f"cannot resume from {path}: MoDE head mismatch: {err}") from None
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    return read_state(path), rng
+    rng_file = path / rank_rng_file(rank) if rank else path / "rng.pt"
+    if not rng_file.is_file():
+        rng_file = path / "rng.pt"
+    contents = Contents(
+        adapter=adapter,
+        head=load_file(str(head_file)) if has_head else None,
+        optimizer=torch.load(path / "optimizer.pt", weights_only=True),
+        scheduler=torch.load(path / "scheduler.pt", weights_only=True),
+        rng=torch.load(rng_file, weights_only=True),
+    )
+    return contents, read_state(path)

@@ -122,15 +122,20 @@ class MetricsLog:
     """One JSON record per line in metrics.jsonl, mirrored to TensorBoard with `logger=tensorboard`.
 
     A run resumed from the checkpoint of step `resume_step` first drops the records after that
-    step (the steps it is about to redo), in metrics.jsonl and in the TensorBoard events.
+    step (the steps it is about to redo), in metrics.jsonl and in the TensorBoard events. With
+    several processes only rank 0 logs (`enabled` is false elsewhere: nothing is written).
     """
 
-    def __init__(self, out: Path, logger: str = "none", resume_step: int | None = None) -> None:
+    def __init__(
+        self, out: Path, logger: str = "none", resume_step: int | None = None, enabled: bool = True
+    ) -> None:
         self.path = out / METRICS_FILE
+        self.file = self.writer = None
+        if not enabled:
+            return
         if resume_step is not None:
             truncate_after(self.path, resume_step)
         self.file = self.path.open("a")
-        self.writer = None
         if logger == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
 
@@ -138,6 +143,8 @@ class MetricsLog:
             self.writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=purge)
 
     def write(self, record: dict) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -147,7 +154,8 @@ class MetricsLog:
             self.writer.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mode_cli.artifacts import save_head, save_merged
+from mode_cli.artifacts import ADAPTER_DIR, save_head, save_merged
 from mode_cli.config import method, validate
 from mode_cli.console import console
 from mode_cli.data.splits import load_splits
@@ -60,9 +60,18 @@ from mode_cli.models.loading import (
 )
 from mode_cli.train import checkpoint as checkpoint_mod
 from mode_cli.train.checkpoint import TrainerState
+from mode_cli.train.distributed import (
+    World,
+    gathered,
+    load_optimizer_state,
+    load_trainable_state,
+    optimizer_state,
+    trainable_state,
+    wrap,
+)
 from mode_cli.train.optim import make_optimizer, make_scheduler
 from mode_cli.train.progress import METRICS_FILE, MetricsLog, TrainingProgress, print_summary
-from mode_cli.train.steps import BatchStream, accumulate_gradients
+from mode_cli.train.steps import BatchStream, TrainingModule, accumulate_gradients
 from mode_cli.train.stopping import StopSignals, TrainingInterrupted
 
 
@@ -104,21 +113,51 @@ def build_head(cfg: DictConfig, model, device: str) -> MoDEHead | None:
     return head.to(device)
 
 
+def resume_command(
+    recipe: str, overrides: list[str] | None, out: Path, recipes_dir: Path | None = None
+) -> str:
+    """`mode train` with a run's own recipe and overrides, its output_dir and resume=auto."""
+    words = ["mode", "train", f"recipe={recipe}"]
+    if overrides is None:
+        words.append("<this run's overrides>")
+    else:
+        skip = (
+            "recipe=",
+            "output_dir=",
+            "resume=",
+            "train.stop_after_steps=",
+            "train.max_minutes=",
+        )
+        words += [o for o in overrides if not o.startswith(skip)]
+    words += [f"output_dir={out}", "resume=auto"]
+    if recipes_dir is not None:
+        words.append(f"--recipes-dir={recipes_dir}")
+    return " ".join(w if w.startswith("<") else shlex.quote(w) for w in words)
+
+
 class FinetuneRecipe:
     """One `mode train` run; `run()` goes setup -> train -> save -> report -> merge."""
 
     def __init__(
-        self, cfg: DictConfig, overrides: list[str] | None = None, recipes_dir: Path | None = None
+        self,
+        cfg: DictConfig,
+        overrides: list[str] | None = None,
+        recipes_dir: Path | None = None,
+        world: World | None = None,
     ) -> None:
-        """`overrides` and `recipes_dir`, the command line's, only shape the resume hint."""
+        """`overrides` and `recipes_dir`, the command line's, only shape the resume hint; `world`
+        is this process's place in a torchrun job (`distributed.init_world`), None alone."""
         validate(cfg)
         self.cfg = cfg
         self.overrides = overrides
         self.recipes_dir = recipes_dir
+        self.world = world or World(strategy=cfg.distributed.strategy)
         self.finished = False  # train.max_steps reached (not stopped early)
         self.report_folder: Path | None = None  # where the end-of-training report went
-        self.device = resolve_device(cfg.train.device)
-        self.out = Path(cfg.output_dir or default_output_dir(cfg.recipe or "run"))
+        self.device = self.world.device(resolve_device(cfg.train.device))
+        # Every rank writes (through rank 0) into the folder rank 0 named.
+        out = cfg.output_dir or default_output_dir(cfg.recipe or "run")
+        self.out = Path(self.world.broadcast(str(out)))
         # The run's counters, saved in every checkpoint and restored whole by a resume.
         self.state = TrainerState()
         # This invocation's own bookkeeping.
@@ -155,6 +194,10 @@ class FinetuneRecipe:
         else:
             self.model = attach_adapter(base, cfg.adapter, cfg.train.gradient_checkpointing)
         self.head = build_head(cfg, self.model, self.device)
+        # The forward goes through one module, so DDP / FSDP see every trainable parameter.
+        self.module = TrainingModule(self.model, self.head)
+        self.wrapped = wrap(self.module, self.world)
+        # After wrapping: FSDP replaces the parameters with their shards.
         self.optimizer = make_optimizer(cfg, self.model, self.head, self.device)
         self.scheduler = make_scheduler(cfg, self.optimizer)
 
@@ -173,9 +216,13 @@ class FinetuneRecipe:
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    @property
+    def on_cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
+
     def autocast(self):
         if self.cfg.train.precision == "bf16":
-            return torch.autocast(device_type=self.device, dtype=torch.bfloat16)
+            return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16)
         return nullcontext()
 
     def train(self) -> bool:
@@ -191,8 +238,9 @@ class FinetuneRecipe:
         first = self.state.step + 1
         self.started = time.perf_counter()
         stopped_by = None
+        main = self.world.main
         with (
-            MetricsLog(self.out, self.cfg.logger, self.resumed_step) as log,
+            MetricsLog(self.out, self.cfg.logger, self.resumed_step, enabled=main) as log,
             TrainingProgress(cfg.max_steps, console, cfg.log_every, first - 1) as progress,
             StopSignals() as signals,
         ):
@@ -229,7 +277,8 @@ class FinetuneRecipe:
         if self.checkpointed_step != self.state.step:
             self.save_checkpoint(self.state.step)
         print_summary(console, self.summary(first))
-        if self.state.step == cfg.max_steps and signals.received is None:
+        signalled = stopped_by in StopSignals.EXIT_CODES_BY_NAME
+        if self.state.step == cfg.max_steps and not signalled:
             return True
         hint = f"resume with: {self.resume_command()}"
         console.print(
@@ -237,29 +286,14 @@ class FinetuneRecipe:
             f"{self.last_checkpoint}",
             soft_wrap=True,
         )
-        if signals.received is not None:
-            raise TrainingInterrupted(hint, signals.exit_code)
+        if signalled:
+            raise TrainingInterrupted(hint, StopSignals.EXIT_CODES_BY_NAME[stopped_by])
         console.print(hint, soft_wrap=True)
         return False
 
     def resume_command(self) -> str:
         """The command that continues this run: its own overrides, output_dir and resume=auto."""
-        words = ["mode", "train", f"recipe={self.cfg.recipe}"]
-        if self.overrides is None:
-            words.append("<this run's overrides>")
-        else:
-            skip = (
-                "recipe=",
-                "output_dir=",
-                "resume=",
-                "train.stop_after_steps=",
-                "train.max_minutes=",
-            )
-            words += [o for o in self.overrides if not o.startswith(skip)]
-        words += [f"output_dir={self.out}", "resume=auto"]
-        if self.recipes_dir is not None:
-            words.append(f"--recipes-dir={self.recipes_dir}")
-        return " ".join(w if w.startswith("<") else shlex.quote(w) for w in words)
+        return resume_command(self.cfg.recipe, self.overrides, self.out, self.recipes_dir)
 
     def train_step(self, step: int, trainable: list, boundary: dict) -> dict | None:
         """One optimizer step: forward/backward over its micro-batches, clip, update, schedule.
@@ -269,7 +303,12 @@ class FinetuneRecipe:
         self.phase = "forward"
         micro = [self.to_device(self.stream.next()) for _ in range(cfg.grad_accum_steps)]
         result = accumulate_gradients(
-            self.model, self.head, micro, self.step_weights(step), self.cfg.loss.impl, self.autocast
+            self.wrapped,
+            micro,
+            self.step_weights(step),
+            self.cfg.loss.impl,
+            self.autocast,
+            self.world,
         )
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm or math.inf))
         finite = math.isfinite(result.loss) and math.isfinite(grad_norm)
@@ -307,23 +346,34 @@ class FinetuneRecipe:
     def evaluate_now(self) -> dict:
         """Eval-split losses of the final layer, each selected layer and the ensemble, and the
         mean router weights (eval mode: no dropout, so the training RNG is not touched)."""
-        result = training_eval(
-            self.model, self.head, self.eval_set, self.tokenizer, self.device, self.cfg.eval
-        )
+        with gathered(self.module, self.world):
+            result = training_eval(
+                self.model, self.head, self.eval_set, self.tokenizer, self.device, self.cfg.eval
+            )
         score = result["ensemble"] if result["ensemble"] is not None else result["final"]
         if self.state.best_eval_loss is None or score < self.state.best_eval_loss:
             self.state.best_eval_loss = score
         return result
 
     def stop_reason(self, signals: StopSignals, steps_done: int) -> str | None:
+        """Why the run stops after this step, or None; every rank agrees (the reason with the
+        highest priority any rank sees: a signal, then the step budget, then the time budget)."""
         cfg = self.cfg.train
+        reasons = [
+            None,
+            f"train.max_minutes={cfg.max_minutes}",
+            f"train.stop_after_steps={cfg.stop_after_steps}",
+            "SIGTERM",
+            "SIGINT",
+        ]
+        code = 0
         if signals.received is not None:
-            return signal.Signals(signals.received).name
-        if cfg.stop_after_steps and steps_done >= cfg.stop_after_steps:
-            return f"train.stop_after_steps={cfg.stop_after_steps}"
-        if cfg.max_minutes and time.perf_counter() - self.started >= cfg.max_minutes * 60:
-            return f"train.max_minutes={cfg.max_minutes}"
-        return None
+            code = reasons.index(signal.Signals(signals.received).name)
+        elif cfg.stop_after_steps and steps_done >= cfg.stop_after_steps:
+            code = 2
+        elif cfg.max_minutes and time.perf_counter() - self.started >= cfg.max_minutes * 60:
+            code = 1
+        return reasons[self.world.max(code)]
 
     def stop_on_nonfinite(self, step: int, loss: float, grad_norm: float, boundary: dict) -> None:
         """Keep the state before this step as a checkpoint, then stop with a clear message."""
@@ -337,14 +387,18 @@ class FinetuneRecipe:
         )
 
     def out_of_memory(self, step: int, boundary: dict) -> None:
-        """Free what the step held, keep a checkpoint when the state is whole, name the knobs."""
+        """Free what the step held, keep a checkpoint when the state is whole, name the knobs.
+
+        With several processes the others are waiting in a collective for this one: no
+        checkpoint (it would need them), the last one stays."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.device == "cuda":
+        if self.on_cuda:
             torch.cuda.empty_cache()
-        if self.phase == "forward" and step > 1 and self.checkpointed_step != step - 1:
+        alone = not self.world.distributed
+        if alone and self.phase == "forward" and step > 1 and self.checkpointed_step != step - 1:
             # The step died before the optimizer touched anything: the state is step - 1's.
             self.save_checkpoint(step - 1, **boundary)
-        elif self.phase == "done":  # the update went through; the eval after it ran out
+        elif alone and self.phase == "done":  # the update went through; the eval after it ran out
             self.state.step = step
             self.save_checkpoint(step)
         cfg = self.cfg
@@ -358,7 +412,8 @@ class FinetuneRecipe:
         ) from None
 
     def peak_memory_gb(self) -> float | None:
-        return torch.cuda.max_memory_allocated() / 2**30 if self.device == "cuda" else None
+        """This process's peak CUDA memory (each rank has its own GPU)."""
+        return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.on_cuda else None
 
     def elapsed(self) -> float:
         """Training seconds of the whole run, earlier invocations included (`state.elapsed_s` is
@@ -382,21 +437,38 @@ class FinetuneRecipe:
     # ------------------------------------------------------------------ checkpoints and resume
 
     def save_checkpoint(self, step: int, rng: dict | None = None, position: dict | None = None):
-        """The resumable state after `step`; `rng`/`position` default to the current ones."""
+        """The resumable state after `step`; `rng`/`position` default to the current ones.
+
+        Every rank takes part (gathering sharded weights and the ranks' RNG states is collective);
+        rank 0 writes, in the single-process format."""
         position = position or self.stream.position
-        state = replace(self.state, step=step, elapsed_s=self.elapsed(), **position)
-        self.last_checkpoint = checkpoint_mod.save_checkpoint(
-            self.out,
-            model=self.model,
-            head=self.head,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            rng=rng or checkpoint_mod.rng_state(),
-            state=state,
-            extra={"max_steps": self.cfg.train.max_steps, "data": self.data_identity()},
-            cfg=self.cfg,
-            keep=self.cfg.checkpoint.keep,
-        )
+        weights = trainable_state(self.module, self.world)
+        optimizer = optimizer_state(self.module, self.optimizer, self.world)
+        rngs = self.world.gather(rng or checkpoint_mod.rng_state())
+        if self.world.main:
+            adapter, head = weights
+            contents = checkpoint_mod.Contents(
+                adapter=adapter,
+                head=head,
+                optimizer=optimizer,
+                scheduler=self.scheduler.state_dict(),
+                rng=rngs[0],
+                rank_rngs=rngs[1:],
+            )
+            checkpoint_mod.save_checkpoint(
+                self.out,
+                contents,
+                state=replace(self.state, step=step, elapsed_s=self.elapsed(), **position),
+                extra={
+                    "max_steps": self.cfg.train.max_steps,
+                    "data": self.data_identity(),
+                    "global_micro_batch": self.cfg.train.micro_batch_size * self.world.size,
+                    "processes": self.world.size,
+                },
+                cfg=self.cfg,
+                keep=self.cfg.checkpoint.keep,
+            )
+        self.last_checkpoint = checkpoint_mod.checkpoint_dir(self.out, step)
         self.checkpointed_step = step
         self.checkpoints_written += 1
 
@@ -435,7 +507,7 @@ class FinetuneRecipe:
                 f"resume=auto: no run in {self.out} yet, starting a new one", soft_wrap=True
             )
             return None
-        checkpoint_mod.check_compatible(path, self.cfg)
+        checkpoint_mod.check_compatible(path, self.cfg, self.world.size)
         return path
 
     def new_stream(self, epoch: int = 0, index: int = 0) -> BatchStream:
@@ -447,31 +519,43 @@ class FinetuneRecipe:
             self.tokenizer.pad_token_id,
             epoch,
             index,
+            shard=(self.world.rank, self.world.size),
         )
 
     def start_new_run(self) -> None:
         self.stream = self.new_stream()
+        if self.world.rank:
+            # Each rank's own random stream (dropout); rank 0 draws as a single process does.
+            seed_everything(self.cfg.train.seed + self.world.rank)
         # The run folder appears only once everything a user can get wrong has been checked.
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        if self.world.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
 
     def resume_from(self, path: Path) -> None:
         """Weights, optimizer, schedule, counters, data position and, last, the RNG states."""
-        record, rng = checkpoint_mod.restore_checkpoint(
+        contents, record = checkpoint_mod.read_checkpoint(
             path,
-            model=self.model,
-            head=self.head,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
+            adapter_shapes={
+                name: tuple(p.shape) for name, p in self.model.named_parameters() if p.requires_grad
+            },
+            has_head=self.head is not None,
+            rank=self.world.rank,
         )
         if record["data"] != self.data_identity():
             raise ModeError(
                 f"cannot resume from {path}: the training data differ from the checkpoint's "
                 f"({record['data']} there, {self.data_identity()} now)"
             )
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            load_trainable_state(self.module, self.world, contents.adapter, contents.head)
+        except RuntimeError as err:
+            raise ModeError(f"cannot resume from {path}: MoDE head mismatch: {err}") from None
+        load_optimizer_state(self.module, self.optimizer, self.world, contents.optimizer)
+        self.scheduler.load_state_dict(contents.scheduler)
         source = checkpoint_mod.run_folder(path)
-        if not (self.out / "config.yaml").exists():
+        if self.world.main and not (self.out / "config.yaml").exists():
+            self.out.mkdir(parents=True, exist_ok=True)
             # A checkpoint of another run folder, continued here: start from its history.
             (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
             if (source / METRICS_FILE).is_file():
@@ -485,20 +569,31 @@ class FinetuneRecipe:
             soft_wrap=True,
         )
         # Last: nothing may draw random numbers between here and the first resumed step.
-        checkpoint_mod.set_rng_state(rng)
+        checkpoint_mod.set_rng_state(contents.rng)
 
     # ------------------------------------------------------------------ outputs
 
     def save(self) -> None:
-        """The adapter (peft format, with the tokenizer) and the MoDE head (safetensors + json)."""
+        """The adapter (peft format, with the tokenizer) and the MoDE head (safetensors + json),
+        gathered from every rank and written by rank 0."""
+        weights = trainable_state(self.module, self.world)
+        if not self.world.main:
+            return
+        adapter, head = weights
         if method(self.cfg).trains_adapter:
-            self.model.save_pretrained(self.out / "adapter")
-            self.tokenizer.save_pretrained(self.out / "adapter")
+            self.model.save_pretrained(self.out / ADAPTER_DIR, state_dict=adapter)
+            self.tokenizer.save_pretrained(self.out / ADAPTER_DIR)
         if self.head is not None:
-            save_head(self.head, self.out)
+            save_head(self.head, self.out, state=head)
 
-    def report(self) -> dict:
-        """The eval report (per-layer metrics, answer accuracy) into `<out>/eval/<time>/`."""
+    def report(self) -> dict | None:
+        """The eval report (per-layer metrics, answer accuracy) into `<out>/eval/<time>/`.
+
+        Rank 0 measures its own replica; with a sharded model every rank takes part (each layer
+        is gathered in turn) and answer accuracy, which decodes token by token, is left to
+        `mode eval`. Returns the report on rank 0."""
+        if not (self.world.main or self.world.sharded):
+            return None
         answers = None
         try:
             rows = answer_rows(self.cfg, auto=False)
@@ -506,20 +601,28 @@ class FinetuneRecipe:
             # The adapter is saved already: report without answers rather than stop here.
             console.print(f"[yellow]no answer accuracy:[/yellow] {err}")
             rows = None
-        if rows:
+        if rows and self.world.sharded:
+            console.print(
+                "no answer accuracy with distributed.strategy=fsdp: run `mode eval` on the run "
+                "folder for it"
+            )
+        elif rows:
             answers = evaluate_answers(
                 self.cfg, self.model, self.head, self.tokenizer, self.device, rows
             )
-        report = build_report(
-            self.cfg,
-            self.model,
-            self.head,
-            self.eval_set,
-            self.tokenizer,
-            self.device,
-            source={"kind": "run", "checkpoint": str(self.out)},
-            answers=answers,
-        )
+        with gathered(self.module, self.world):
+            report = build_report(
+                self.cfg,
+                self.model,
+                self.head,
+                self.eval_set,
+                self.tokenizer,
+                self.device,
+                source={"kind": "run", "checkpoint": str(self.out)},
+                answers=answers,
+            )
+        if not self.world.main:
+            return None
         parent = Path(self.cfg.eval.output_dir or self.out / EVAL_FOLDER)
         self.report_folder = save_report(report, parent)
         print_report(report, console)
@@ -527,11 +630,13 @@ class FinetuneRecipe:
         return report
 
     def merge(self) -> Path:
-        # Free the training model first: the merge reloads the base (merge.base).
-        del self.model, self.optimizer
-        if self.device == "cuda":
+        """The merged model, by rank 0 alone once every rank is done with its training model (with
+        a sharded model, on the CPU: the whole model may not fit one device)."""
+        del self.wrapped, self.module, self.model, self.optimizer
+        if self.on_cuda:
             torch.cuda.empty_cache()
-        return save_merged(self.cfg, self.source, self.out, self.device)
+        device = "cpu" if self.world.sharded else self.device
+        return save_merged(self.cfg, self.source, self.out, device)
 
     def run(self) -> Path:
         checkpoint = self.find_checkpoint()
@@ -540,6 +645,8 @@ class FinetuneRecipe:
                 f"{self.out} already holds a run; pick another output_dir (nothing was changed), "
                 "or continue it with resume=auto"
             )
+        # Every rank has looked at the folder before rank 0 writes into it.
+        self.world.barrier()
         console.print(f"[bold]mode train[/bold] {self.cfg.recipe} -> {self.out}")
         self.setup_data()
         self.setup_model()
@@ -548,16 +655,25 @@ class FinetuneRecipe:
         else:
             self.resume_from(checkpoint)
         counts = self.trainable_parameters()
+        processes = (
+            f"; {self.world.size} processes ({self.world.strategy})"
+            if self.world.distributed
+            else ""
+        )
         console.print(
             f"{len(self.train_set.examples)} train / {len(self.eval_set.examples)} eval examples; "
             f"trainable parameters: {counts['adapter']:,} adapter + {counts['mode_head']:,} "
-            f"MoDE head; device {self.device}"
+            f"MoDE head; device {self.device}{processes}"
         )
         self.finished = self.train()
         if not self.finished:
             return self.out  # stopped early, with a checkpoint to resume from
         self.save()
         self.report()
+        # From here on rank 0 works alone: the others are done.
+        self.world.barrier()
+        if not self.world.main:
+            return self.out
         if self.cfg.merge.enabled and method(self.cfg).trains_adapter:
             merged = self.merge()
             console.print(f"merged model ({self.cfg.merge.base} base): {merged}")

@@ -5,13 +5,17 @@ decoder and the loss, and backward with the loss normalised by the step's target
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from torch import nn
 
 from mode_cli.data.batching import at_targets, batches, collate, target_count, target_positions
+from mode_cli.data.tokenizing import IGNORE
 from mode_cli.mode.head import MoDEHead
 from mode_cli.mode.loss import IMPLEMENTATIONS, final_only_loss
 from mode_cli.mode.terms import LossSums, LossWeights
 from mode_cli.models import families
+from mode_cli.train.distributed import World, gradient_sync
 
 
 def batch_loss(
@@ -30,6 +34,22 @@ def batch_loss(
     return IMPLEMENTATIONS[impl](normed, routing, labels, lm_head, weights, logit_fn=logit_fn)
 
 
+class TrainingModule(nn.Module):
+    """The model and its MoDE head as one module whose forward returns a micro-batch's loss sums.
+
+    DDP and FSDP see gradients only of what runs inside their wrapper's forward: the decoder, the
+    head and the loss all run here.
+    """
+
+    def __init__(self, model: nn.Module, head: MoDEHead | None) -> None:
+        super().__init__()
+        self.model = model
+        self.head = head
+
+    def forward(self, batch: dict, weights: LossWeights, impl: str = "chunked") -> LossSums:
+        return batch_loss(self.model, self.head, batch, weights, impl)
+
+
 @dataclass
 class StepLoss:
     """One optimizer step's loss, each term, and its token counts."""
@@ -41,34 +61,41 @@ class StepLoss:
 
 
 def accumulate_gradients(
-    model,
-    head: MoDEHead | None,
+    module: nn.Module,
     micro: list[dict],
     weights: LossWeights,
     impl: str = "chunked",
     autocast=nullcontext,
+    world: World | None = None,
 ) -> StepLoss:
     """Forward and backward over the micro-batches of one optimizer step.
 
-    Each micro-batch's summed loss is divided by the target tokens of the whole step (not of the
-    micro-batch), so the gradients add up to those of one batch holding every example, however
-    the step is split into micro-batches.
+    `module` is the training module (`distributed.TrainingModule`, or its DDP / FSDP wrapper):
+    called on a batch, it returns the batch's loss sums. Each micro-batch's summed loss is divided
+    by the target tokens of the whole step on every rank together (not of the micro-batch, nor of
+    the rank), so the gradients add up to those of one batch holding every example, however the
+    step is split into micro-batches and processes. The wrappers average gradients over ranks,
+    hence the factor of the world size.
     """
-    step_tokens = sum(target_count(b) for b in micro)
+    world = world or World()
+    local = [target_count(b) for b in micro]
+    step_tokens = int(world.sum([sum(local)])[0])
     total, parts, tokens = 0.0, {}, 0
-    for batch in micro:
-        with autocast():
-            sums = batch_loss(model, head, batch, weights, impl)
-        (sums.total / step_tokens).backward()
+    for i, batch in enumerate(micro):
+        with gradient_sync(module, world, sync=i == len(micro) - 1), autocast():
+            sums = module(batch, weights, impl)
+            (sums.total * (world.size / step_tokens)).backward()
         total += sums.total.item()
         for key, value in sums.parts.items():
             parts[key] = parts.get(key, 0.0) + value
         tokens += int(batch["attention_mask"].sum())
+    keys = sorted(parts)
+    total, tokens, *values = world.sum([total, tokens, *(parts[key] for key in keys)])
     return StepLoss(
         loss=total / step_tokens,
-        parts={key: value / step_tokens for key, value in parts.items()},
+        parts={key: value / step_tokens for key, value in zip(keys, values, strict=True)},
         target_tokens=step_tokens,
-        tokens=tokens,
+        tokens=int(tokens),
     )
 
 
@@ -77,12 +104,25 @@ class BatchStream:
 
     `position` (epoch, index of the next micro-batch in that epoch) is all a checkpoint needs to
     restart the stream exactly where it was: each epoch's order is a pure function of the seed.
+
+    With several processes, `shard` = (rank, world size): the stream walks global micro-batches of
+    `batch_size` x world size examples, and this rank reads every world-size-th example of each
+    (its shard), so the ranks together see what one process with the global micro-batch would.
     """
 
     def __init__(
-        self, examples, batch_size: int, seed: int, pad_id: int, epoch: int = 0, index: int = 0
+        self,
+        examples,
+        batch_size: int,
+        seed: int,
+        pad_id: int,
+        epoch: int = 0,
+        index: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
-        self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.examples, self.pad_id, self.seed = examples, pad_id, seed
+        self.rank, self.world_size = shard
+        self.batch_size = batch_size * self.world_size  # the global micro-batch
         self.epoch, self.index = epoch, index
         self._order_epoch, self._order = -1, []
 
@@ -97,7 +137,13 @@ class BatchStream:
             self.epoch, self.index = self.epoch + 1, 0
         examples = self.epoch_batches()[self.index]
         self.index += 1
-        return collate(examples, self.pad_id)
+        mine = examples[self.rank :: self.world_size]
+        if not mine:
+            # An epoch's last global micro-batch can hold fewer examples than there are ranks.
+            # This rank still runs the step (its wrapper synchronises gradients) on an example
+            # with nothing trained: it adds no loss and no gradient.
+            mine = [replace(examples[0], labels=[IGNORE] * len(examples[0].labels))]
+        return collate(mine, self.pad_id)
 
     @property
     def position(self) -> dict[str, int]:

@@ -25,6 +25,7 @@ class StopSignals:
     Ctrl-C interrupts at once. The previous handlers come back on exit."""
 
     EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+    EXIT_CODES_BY_NAME = {signum.name: code for signum, code in EXIT_CODES.items()}
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -49,7 +50,3 @@ class StopSignals:
             f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
             "(Ctrl-C again stops at once, without one)"
         )
-
-    @property
-    def exit_code(self) -> int:
-        return self.EXIT_CODES[self.received]

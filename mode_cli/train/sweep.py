@@ -209,6 +209,11 @@ def plan_sweep(
             cfg = compose_recipe(recipe, rest, recipes_dir)
             cfg.output_dir = str(run.out)
             validate(cfg, check_hardware=check_hardware)
+            if cfg.distributed.nproc > 1:
+                raise ModeError(
+                    f"distributed.nproc={cfg.distributed.nproc}: a sweep runs one process per "
+                    "run; start each run with its own `mode train ... distributed.nproc=N`"
+                )
         except ModeError as err:
             problems.setdefault(str(err), []).append(run)
             continue

@@ -1,0 +1,447 @@
+"""Several processes on the CPU (gloo): the same training as one process with the global batch.
+
+Forked ranks (fast: the parent has everything imported) check the losses and gradients of DDP and
+of FSDP2 over 4-bit weights against one process, step by step; real torchrun jobs check the
+command line end to end: per-step losses, a rank killed mid-run, Ctrl-C, and resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import kill_group, records, spawned
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["recipe=tiny-llama-alpaca", "merge=false", "eval.max_examples=4"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- forked ranks
+
+
+def record_steps(recipe, steps: int) -> dict:
+    """Run `steps` optimizer steps; per step the loss and every trainable gradient (whole
+    tensors, gathered from the shards), as the optimizer received them."""
+    losses, grads = [], []
+    named = [(n, p) for n, p in recipe.module.named_parameters() if p.requires_grad]
+    real_step = recipe.optimizer.step
+
+    def step_and_record(*args, **kwargs):
+        full = {}
+        for name, p in named:
+            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            full[name] = grad.detach().clone()
+        grads.append(full)
+        return real_step(*args, **kwargs)
+
+    recipe.optimizer.step = step_and_record
+    recipe.model.train()
+    recipe.started = time.perf_counter()
+    trainable = [p for group in recipe.optimizer.param_groups for p in group["params"]]
+    for step in range(1, steps + 1):
+        record = recipe.train_step(step, trainable, boundary={})
+        losses.append(record["loss"])
+    return {"losses": losses, "grads": grads}
+
+
+def tiny_recipe(out: Path, micro_batch: int, world=None, strategy: str = "ddp"):
+    from mode_cli.recipes import compose_recipe
+    from mode_cli.train.recipe import FinetuneRecipe
+
+    cfg = compose_recipe(
+        "tiny-llama-alpaca",
+        [
+            f"output_dir={out}",
+            f"train.micro_batch_size={micro_batch}",
+            f"distributed.strategy={strategy}",
+            "train.max_steps=3",
+        ],
+    )
+    recipe = FinetuneRecipe(cfg, world=world)
+    recipe.setup_data()
+    recipe.setup_model()
+    recipe.start_new_run()
+    return recipe
+
+
+def rank_main(rank: int, world_size: int, port: int, strategy: str, out: Path) -> None:
+    """A forked rank: its own session (killed as a group by the parent on a timeout), then the
+    same recipe as the single process, with micro-batch 2 per rank."""
+    os.setsid()
+    code = 1
+    try:
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+        )
+        from mode_cli.train.distributed import close_world, init_world
+
+        world = init_world(strategy, timeout_s=60, device="cpu")
+        recipe = tiny_recipe(out, micro_batch=2, world=world, strategy=strategy)
+        result = record_steps(recipe, steps=3)
+        result["layout"] = layout(recipe)
+        if world.main:
+            torch.save(result, out / "steps.pt")
+        close_world(world)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def layout(recipe) -> dict:
+    """How the wrapper holds the model: FSDP's units, or what DDP leaves unsynchronised."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from mode_cli.models import families
+
+    module = recipe.module
+    named = dict(module.named_modules())
+    lm_head = families.lm_head(recipe.model)
+    return {
+        "units": [name for name, m in named.items() if isinstance(m, FSDPModule)],
+        "lm_head": next(name for name, m in named.items() if m is lm_head),
+        "ignored": sorted(getattr(recipe.wrapped, "parameters_to_ignore", ())),
+        "frozen": sorted(n for n, p in module.named_parameters() if not p.requires_grad),
+    }
+
+
+def run_forked(strategy: str, out: Path, world_size: int = 2, timeout: float = 120) -> dict:
+    context = multiprocessing.get_context("fork")
+    port = free_port()
+    ranks = [
+        context.Process(target=rank_main, args=(rank, world_size, port, strategy, out))
+        for rank in range(world_size)
+    ]
+    for process in ranks:
+        process.start()
+    deadline = time.monotonic() + timeout
+    try:
+        for process in ranks:
+            process.join(max(0.1, deadline - time.monotonic()))
+    finally:
+        for process in ranks:
+            if process.is_alive():
+                os.killpg(process.pid, signal.SIGKILL)
+                process.join()
+    assert [process.exitcode for process in ranks] == [0] * world_size
+    return torch.load(out / "steps.pt")
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory, model_cache):
+    """One process with the global micro-batch (4) of two ranks with 2 each."""
+    out = tmp_path_factory.mktemp("single")
+    return record_steps(tiny_recipe(out, micro_batch=4), steps=3)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_train_as_one_process_with_the_global_batch(strategy, single_process, tmp_path):
+    ranks = run_forked(strategy, tmp_path)
+    held = ranks["layout"]
+    if strategy == "fsdp":
+        # One unit per decoder layer and the root; the LM head is in the root unit (the chunked
+        # loss reads its weight directly, which works only while the root is gathered).
+        assert "" in held["units"] and len(held["units"]) == 1 + 4
+        assert not any(held["lm_head"] == unit for unit in held["units"])
+    else:
+        # DDP synchronises only what trains: the frozen 4-bit base is each rank's own.
+        assert held["frozen"] and set(held["frozen"]) <= set(held["ignored"])
+    assert ranks["losses"] == pytest.approx(single_process["losses"], rel=1e-5)
+    for step, (mine, reference) in enumerate(
+        zip(ranks["grads"], single_process["grads"], strict=True)
+    ):
+        assert mine.keys() == reference.keys() and len(mine) > 4
+        assert any(name.startswith("head.") for name in mine)  # the MoDE head's too
+        for name, grad in mine.items():
+            torch.testing.assert_close(
+                grad, reference[name], rtol=1e-5, atol=1e-7, msg=f"step {step + 1}: {name}"
+            )
+
+
+def test_the_forward_must_go_through_the_wrapper(single_process, tmp_path, monkeypatch):
+    """What the test above catches: ranks that call the model directly never synchronise their
+    gradients, and each one's differ from the one process's."""
+    from mode_cli.train import recipe
+
+    monkeypatch.setattr(recipe, "accumulate_gradients", _bypassing_the_wrapper(recipe))
+    ranks = run_forked("ddp", tmp_path)
+    reference = single_process["grads"][0]
+    assert any(
+        not torch.allclose(grad, reference[name], rtol=1e-3, atol=1e-6)
+        for name, grad in ranks["grads"][0].items()
+    )
+
+
+def _bypassing_the_wrapper(recipe):
+    real = recipe.accumulate_gradients
+
+    def accumulate(module, *args, **kwargs):
+        return real(getattr(module, "module", module), *args, **kwargs)
+
+    return accumulate
+
+
+def test_each_rank_reads_its_shard_of_the_global_batch():
+    from mode_cli.data.tokenizing import IGNORE, Example
+    from mode_cli.train.steps import BatchStream
+
+    examples = [Example([i, 100], [i, 100]) for i in range(5)]
+    whole = BatchStream(examples, 4, seed=0, pad_id=0)
+    shards = [BatchStream(examples, 2, seed=0, pad_id=0, shard=(rank, 2)) for rank in range(2)]
+    for _ in range(4):  # past the end of an epoch, whose last global batch holds one example
+        expected = sorted(whole.next()["input_ids"][:, 0].tolist())
+        seen = []
+        for shard in shards:
+            batch = shard.next()
+            trained = (batch["labels"] != IGNORE).any(dim=1)
+            seen += batch["input_ids"][trained, 0].tolist()
+        assert sorted(seen) == expected
+        assert [shard.position for shard in shards] == [whole.position] * 2
+
+
+def test_a_step_is_normalised_by_the_target_tokens_of_every_rank():
+    """Dividing by a rank's own count would weigh its tokens unlike the other rank's."""
+    from mode_cli.train.distributed import World
+    from mode_cli.train.steps import accumulate_gradients
+
+    class OtherRankHasSix(World):
+        """Rank 0 of 2, whose peer's micro-batch holds 6 target tokens."""
+
+        def sum(self, values):
+            return [values[0] + 6] if len(values) == 1 else values
+
+    total = torch.tensor(0.0, requires_grad=True)
+
+    def module(batch, weights, impl):
+        class Sums:
+            parts: dict = {}
+
+        sums = Sums()
+        sums.total = total * 1.0
+        return sums
+
+    batch = {"labels": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3)}
+    result = accumulate_gradients(module, [batch], None, world=OtherRankHasSix(size=2))
+    assert result.target_tokens == 2 + 6
+    # d(loss)/d(sum) on this rank: world size / global tokens (DDP then averages the ranks).
+    assert total.grad.item() == pytest.approx(2 / 8)
+
+
+# ---------------------------------------------------------------------------- real jobs
+
+
+@contextmanager
+def job(command: list[str], log: Path, **kwargs) -> Iterator:
+    """A launcher (torchrun, or `mode train distributed.nproc=N`) in its own session. Its workers
+    run in sessions of their own (torch's agent starts them so): on leaving the block, they are
+    killed by session too, then the launcher's group."""
+    with spawned(
+        command, env=environment(), stdout=log.open("w"), stderr=subprocess.STDOUT, **kwargs
+    ) as launcher:
+        try:
+            yield launcher
+        finally:
+            for pid in children_of(launcher.pid):
+                with suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+            kill_group(launcher)
+
+
+def environment() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run) if "loss" in r}
+
+
+def logged_steps(run: Path) -> int:
+    """Steps in a run's metrics.jsonl so far (a line being written is not counted)."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return sum(1 for line in lines if line.endswith("}"))
+
+
+def test_torchrun_two_ranks_log_the_losses_of_one_process(mode, tmp_path):
+    single, joint = tmp_path / "single", tmp_path / "job"
+    code, _, err = mode(
+        "train", *TINY, "train.micro_batch_size=4", "train.max_steps=5", f"output_dir={single}"
+    )
+    assert code == 0, err
+    log = tmp_path / "log.txt"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "mode_cli",
+        "train",
+        *TINY,
+        "train.micro_batch_size=2",
+        "train.max_steps=5",
+        f"output_dir={joint}",
+    ]
+    with job(command, log, cwd=tmp_path) as launcher:
+        assert launcher.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert sorted(losses(joint)) == [1, 2, 3, 4, 5]
+    for step, loss in losses(single).items():
+        assert losses(joint)[step] == pytest.approx(loss, rel=1e-4)
+    # Rank 0 alone wrote the run; its checkpoint has the single-process format.
+    assert (joint / "adapter" / "adapter_config.json").is_file()
+    assert (joint / "mode_head.json").is_file()
+    state = json.loads((joint / "checkpoints" / "step-000005" / "trainer_state.json").read_text())
+    assert state["global_micro_batch"] == 4 and state["processes"] == 2
+    text = log.read_text()
+    assert text.count("mode train") == 1  # one rank speaks for the job
+
+
+def children_of(pid: int) -> dict[int, dict[str, str]]:
+    """The processes whose parent is `pid`, with their environments."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if parent != pid:
+                continue
+            raw = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        env = dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+        found[int(entry.name)] = env
+    return found
+
+
+def wait_for(predicate, process, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, "the job ended before the test could act"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def launch_command(out: Path, *overrides: str) -> list[str]:
+    return [
+        str(Path(sys.executable).with_name("mode")),
+        "train",
+        *TINY,
+        "distributed.nproc=2",
+        "train.micro_batch_size=2",
+        f"output_dir={out}",
+        *overrides,
+    ]
+
+
+def test_a_killed_rank_ends_the_job_and_resume_completes_it(mode, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    overrides = ["train.max_steps=60", "checkpoint.every_steps=2"]
+    with job(launch_command(out, *overrides), log) as launcher:
+        wait_for(lambda: logged_steps(out) >= 3, launcher)
+        ranks = {env.get("RANK"): pid for pid, env in children_of(launcher.pid).items()}
+        os.kill(ranks["1"], signal.SIGKILL)
+        killed = time.monotonic()
+        code = launcher.wait(timeout=60)
+        assert time.monotonic() - killed < 60
+    text = " ".join(log.read_text().split())
+    assert code != 0 and "rank 1 failed first (killed by SIGKILL)" in text, text[-2000:]
+    assert "resume=auto" in text
+    # Any world that keeps the global micro-batch continues the run: here one process with 4.
+    code, _, err = mode(
+        "train", *TINY, "train.micro_batch_size=4", f"output_dir={out}", *overrides, "resume=auto"
+    )
+    assert code == 0, err
+    assert sorted(losses(out)) == list(range(1, 61))
+
+
+def test_ctrl_c_stops_every_rank_after_the_same_step(mode, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    overrides = ["train.max_steps=60", "checkpoint.every_steps=null"]
+    with job(launch_command(out, *overrides), log) as launcher:
+        wait_for(lambda: logged_steps(out) >= 3, launcher)
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(timeout=120) == 130, log.read_text()[-3000:]
+    (stopped,) = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")]
+    step = int(stopped.split("-")[1])
+    assert sorted(losses(out)) == list(range(1, step + 1))
+    assert "SIGINT" in log.read_text()
+    code, _, err = mode(
+        "train", *TINY, "train.micro_batch_size=4", f"output_dir={out}", *overrides, "resume=auto"
+    )
+    assert code == 0, err
+    assert sorted(losses(out)) == list(range(1, 61))
+
+
+def test_fsdp_over_4bit_weights_end_to_end_and_its_checkpoint_resumes_in_one_process(
+    mode, tmp_path
+):
+    out, log = tmp_path / "fsdp", tmp_path / "log.txt"
+    overrides = ["train.max_steps=4", "checkpoint.every_steps=2", "distributed.strategy=fsdp"]
+    with job(launch_command(out, *overrides, "merge=true"), log) as launcher:
+        assert launcher.wait(timeout=300) == 0, log.read_text()[-3000:]
+    # Gathered from the shards by rank 0: the adapter, the head, a report and the merged model.
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "mode_head.safetensors").is_file()
+    (report,) = (out / "eval").glob("*/report.json")
+    assert json.loads(report.read_text())["sides"] == ["base", "tuned"]
+    assert (out / "merged" / "model.safetensors").is_file()
+    # Its checkpoints are in the single-process format: one process continues from step 2.
+    again = tmp_path / "again"
+    code, _, err = mode(
+        "train",
+        *TINY,
+        "train.micro_batch_size=4",
+        "train.max_steps=4",
+        f"resume={out / 'checkpoints' / 'step-000002'}",
+        f"output_dir={again}",
+    )
+    assert code == 0, err
+    for step in (3, 4):
+        assert losses(again)[step] == pytest.approx(losses(out)[step], rel=1e-5)
+
+
+def test_a_restarted_job_continues_from_its_last_checkpoint(mode, tmp_path):
+    """distributed.max_restarts: torchrun reruns the command, which resumes (resume=auto)."""
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    overrides = ["train.max_steps=40", "checkpoint.every_steps=2", "distributed.max_restarts=1"]
+    with job(launch_command(out, *overrides), log) as launcher:
+        wait_for(lambda: logged_steps(out) >= 3, launcher)
+        ranks = {env.get("RANK"): pid for pid, env in children_of(launcher.pid).items()}
+        os.kill(ranks["1"], signal.SIGKILL)
+        assert launcher.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert "resuming from" in log.read_text()
+    assert sorted(losses(out)) == list(range(1, 41))
+
+
+def test_a_bad_distributed_recipe_is_refused_before_any_process_starts(mode, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = mode(
+        "train", *TINY, "distributed.nproc=2", "distributed.strategy=zero", f"output_dir={out}"
+    )
+    assert code == 2 and "distributed.strategy='zero': expected one of ddp, fsdp" in err
+    code, _, err = mode("train", "-m", *TINY, "loss=mode,final-only", "distributed.nproc=2")
+    assert code == 2 and "a sweep runs one process per run" in err
+    assert not out.exists()
