@@ -190,6 +190,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ModeError("mode train needs recipe=NAME (`mode recipes` lists them)")
     cfg = compose_recipe(recipe, overrides, args.recipes_dir)
     if args.dry_run:
+        if launched_by_torchrun():
+            from mode_cli.console import console
+
+            console.quiet = os.environ.get("RANK", "0") != "0"  # one rank shows the dry run
         dry_run(cfg)
     elif launched_by_torchrun():
         return train_rank(cfg, overrides, args.recipes_dir)

@@ -400,8 +400,12 @@ def test_fsdp_over_4bit_weights_end_to_end_and_its_checkpoint_resumes_in_one_pro
 ):
     out, log = tmp_path / "fsdp", tmp_path / "log.txt"
     overrides = ["train.max_steps=4", "checkpoint.every_steps=2", "distributed.strategy=fsdp"]
-    with job(launch_command(out, *overrides, "merge=true"), log) as launcher:
+    command = launch_command(out, *overrides, "merge=true", "eval.every_steps=2")
+    with job(command, log) as launcher:
         assert launcher.wait(timeout=300) == 0, log.read_text()[-3000:]
+    # Eval during training gathers the sharded model too.
+    evals = [r["eval"] for r in records(out) if "eval" in r]
+    assert len(evals) == 2 and all(e["ensemble"] > 0 for e in evals)
     # Gathered from the shards by rank 0: the adapter, the head, a report and the merged model.
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "mode_head.safetensors").is_file()
