@@ -181,14 +181,15 @@ def first_intact(
     for i, path in enumerate(candidates.paths):
         found = problem(path)
         if found is None:
+            for skipped, why in damaged:
+                log.warning(f"checkpoint {skipped} is damaged, skipped: {why}")
             return ResumeCandidates(candidates.paths[i:], candidates.explicit)
         if candidates.explicit:
             raise ModeError(f"cannot resume from {path}: {found}")
-        log.warning(f"checkpoint {path} is damaged, skipped: {found}")
-        damaged.append(f"{path.name}: {found}")
+        damaged.append((path, found))
     raise ModeError(
         f"no intact checkpoint to resume from in {run_folder(candidates.paths[0])}:\n"
-        + "\n".join(f"  - {line}" for line in damaged)
+        + "\n".join(f"  - {path.name}: {why}" for path, why in damaged)
         + "\nstart again in another output_dir (nothing was changed)"
     )
 
