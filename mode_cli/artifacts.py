@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mode_cli.config import RecipeConfig, method
 from mode_cli.errors import ModeError
-from mode_cli.files import staged_folder
+from mode_cli.files import load_tensors, read_json, read_yaml, staged_folder, tensor_shapes
 from mode_cli.mode.head import MoDEHead
 from mode_cli.models import families
 from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_source
@@ -110,16 +110,47 @@ def save_head(head: MoDEHead, out: Path, state: dict | None = None) -> None:
 
 def load_head(run_dir: Path, model, device: str) -> MoDEHead:
     """Rebuild a saved head around `model` (its final norm is the template of the layer norms)."""
-    info = json.loads((run_dir / HEAD_INFO).read_text())
+    info = read_json(run_dir / HEAD_INFO)
+    required = ("layers", "num_layers", "hidden_size", "router", "init_final_weight")
+    missing = [key for key in required if key not in info] if isinstance(info, dict) else required
+    if missing:
+        raise ModeError(
+            f"{run_dir / HEAD_INFO} does not describe a MoDE head: no {', '.join(missing)}"
+        )
     n = families.num_layers(model)
     if info["num_layers"] != n:
         raise ModeError(
             f"{run_dir / HEAD_INFO} was trained on a {info['num_layers']}-layer model; "
             f"this model has {n} layers"
         )
-    head = MoDEHead.from_description(families.final_norm(model), info)
-    head.load_state_dict(load_file(str(run_dir / HEAD_WEIGHTS)))
+    try:
+        head = MoDEHead.from_description(families.final_norm(model), info)
+    except ValueError as err:  # the head refuses settings it cannot build
+        raise ModeError(f"{run_dir / HEAD_INFO}: {err}") from None
+    expected = {name: tuple(t.shape) for name, t in head.state_dict().items()}
+    saved = tensor_shapes(run_dir / HEAD_WEIGHTS)
+    if saved != expected:
+        raise ModeError(
+            f"{run_dir / HEAD_WEIGHTS} does not hold the head {HEAD_INFO} describes: tensors "
+            f"{describe_shapes(saved)} there, {describe_shapes(expected)} expected"
+        )
+    head.load_state_dict(load_tensors(run_dir / HEAD_WEIGHTS))
     return head.to(device)
+
+
+def describe_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{name} {list(shape)}" for name, shape in sorted(shapes.items())) or "none"
+
+
+def check_saved_files(folder: Path, *, adapter: bool, head: bool) -> None:
+    """Read the headers of what loading a run or merged folder reads, before any weights load: a
+    damaged or truncated file is named at once, not deep inside peft or transformers."""
+    if adapter:
+        read_json(folder / ADAPTER_DIR / "adapter_config.json")
+        tensor_shapes(folder / ADAPTER_DIR / "adapter_model.safetensors")
+    if head:
+        read_json(folder / HEAD_INFO)
+        tensor_shapes(folder / HEAD_WEIGHTS)
 
 
 # ---------------------------------------------------------------------------- run folders
@@ -129,16 +160,12 @@ def load_run_config(run_dir: Path, name: str = RUN_CONFIG) -> DictConfig:
     """A run's resolved recipe (`name`: `config.yaml` in a run folder, `mode_config.yaml` in a
     merged one), merged onto the schema so overrides are type-checked."""
     from omegaconf.errors import OmegaConfBaseException
-    from yaml import YAMLError
 
     path = run_dir / name
     if not path.is_file():
         raise ModeError(f"{run_dir} is not a mode run folder: it has no {name}")
     schema = OmegaConf.structured(RecipeConfig)
-    try:
-        saved = OmegaConf.load(path)
-    except (YAMLError, OmegaConfBaseException) as err:
-        raise ModeError(f"{path} is not a mode recipe: {str(err).splitlines()[0]}") from None
+    saved = read_yaml(path)
     if not isinstance(saved, DictConfig):
         raise ModeError(f"{path} is not a mode recipe: it holds a list, not a mapping of keys")
     if isinstance(saved.get("merge"), bool):
@@ -176,6 +203,7 @@ def load_run(run_dir: Path, cfg: DictConfig, device: str):
         raise ModeError(
             f"{run_dir} was trained with loss={cfg.loss.name} but has no {' or '.join(missing)}"
         )
+    check_saved_files(run_dir, adapter=trained.trains_adapter, head=trained.trains_head)
     source = resolve_source(cfg.model)
     base = load_base_model(source, cfg.model, cfg.train.precision, device)
     if trained.trains_adapter:
@@ -200,6 +228,9 @@ def load_merged(path: Path, cfg: DictConfig, device: str, *, require_head: bool 
             f"(loss={cfg.loss.name}) but {' and '.join(missing)} is missing. Copy {HEAD_INFO} and "
             f"{HEAD_WEIGHTS} from the run folder, or use the run folder itself"
         )
+    check_saved_files(path, adapter=False, head=trains_head and not missing)
+    for weights in sorted(path.glob("*.safetensors")):
+        tensor_shapes(weights)
     model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": str(path), "revision": None})
     model = load_base_model(str(path), model_cfg, cfg.train.precision, device)
     tokenizer = load_tokenizer(str(path), model_cfg)

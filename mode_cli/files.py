@@ -1,14 +1,18 @@
-"""Files and folders: the files bundled with `mode`, its cache, and writing folders so that an
-interrupted write never leaves something that looks complete."""
+"""Files and folders: the files bundled with `mode`, its cache, writing folders so that an
+interrupted write never leaves something that looks complete, and reading the files a user points
+at (text, YAML, JSON, safetensors) so that a bad one is named in one message, never a traceback.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from mode_cli.errors import ModeError
 
@@ -76,3 +80,141 @@ def staged_folder(target: Path, *, replace: bool = False) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- reading a user's files
+
+
+def read_text(path: Path) -> str:
+    """The text of a file a user pointed at, decoded as UTF-8 (a leading byte-order mark dropped).
+
+    A folder, a missing or unreadable file, or bytes that are not UTF-8 are a ModeError naming the
+    file (and, for the encoding, the line of the first bad byte).
+    """
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise ModeError(f"{path} is a folder, not a file") from None
+    except FileNotFoundError:
+        raise ModeError(f"File not found: {path}") from None
+    except OSError as err:
+        raise ModeError(f"{path}: cannot be read ({err.strerror or err})") from None
+    try:
+        # utf-8-sig: files saved by some editors start with a byte-order mark.
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise ModeError(
+                f"{path}: not UTF-8 text (it starts with a UTF-16 byte-order mark); save it as "
+                "UTF-8"
+            ) from None
+        line = data[: err.start].count(b"\n") + 1
+        raise ModeError(
+            f"{path}: not UTF-8 text (line {line}: byte 0x{data[err.start]:02x}); save it as UTF-8"
+        ) from None
+
+
+def yaml_problem(err: Exception) -> str:
+    """Where a YAML parser stopped and why, on one line: `line L, column C: problem (context)`."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + problem + (f" ({context})" if context else "")
+
+
+def read_yaml(path: Path):
+    """A YAML file a user pointed at, as an OmegaConf container (an empty file: an empty mapping).
+
+    Bad text or YAML that does not parse is a ModeError naming the file, with the line and column
+    for a syntax error.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    text = read_text(path)
+    try:
+        return OmegaConf.create(text)
+    except YAMLError as err:
+        raise ModeError(f"{path}, {yaml_problem(err)}") from None
+    except OmegaConfBaseException as err:
+        raise ModeError(f"{path}: {str(err).splitlines()[0]}") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file a user pointed at (a run's `mode_head.json`, an adapter's config), parsed."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ModeError(
+            f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+        ) from None
+    except RecursionError:
+        raise ModeError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensors a safetensors file holds, by name, from its header alone (no data read).
+
+    A missing file, or one whose header does not parse or whose size does not match its header
+    (a truncated file), is a ModeError naming the file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise ModeError(f"{path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names = handle.keys()
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in names}
+    except (SafetensorError, OSError) as err:
+        raise ModeError(f"{path} is damaged: {damage_reason(err)}") from None
+
+
+def load_tensors(path: Path) -> dict:
+    """The tensors of a safetensors file a user pointed at; a damaged file is a ModeError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensor_shapes(path)  # the header first: its message is the clearer one
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ModeError(f"{path} is damaged: {damage_reason(err)}") from None
+
+
+def damage_reason(err: Exception) -> str:
+    """safetensors' reason, in words ("Error while deserializing header: header too small")."""
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "deserializing header" in reason or "MetadataIncompleteBuffer" in reason:
+        return f"truncated or not a safetensors file ({reason})"
+    return reason
+
+
+# ---------------------------------------------------------------------------- folders a run writes
+
+
+def check_writable_folder(folder: Path, key: str) -> None:
+    """Refuse, before anything is written, a folder that `mode` could not create or write into:
+    an existing file, a file on the way to it, or a place where no folder can be made (a
+    read-only or virtual filesystem, no permission).
+
+    Nothing is left behind: the check makes and removes an empty folder beside the target.
+    """
+    existing = folder
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise ModeError(f"{key}={folder}: {folder} is a file, not a folder")
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ModeError(f"{key}={folder}: {existing} is a file, not a folder")
+        probe = existing / f".mode-probe-{os.getpid()}-{secrets.token_hex(4)}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as err:
+        raise ModeError(
+            f"{key}={folder}: cannot create a folder in {existing} ({err.strerror or err})"
+        ) from None

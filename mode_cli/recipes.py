@@ -18,9 +18,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+from yaml import YAMLError
 
 from mode_cli.config import RecipeConfig, register_schema
 from mode_cli.errors import ModeError
+from mode_cli.files import check_writable_folder, read_text, read_yaml, yaml_problem
 
 GROUPS = ("model", "data", "adapter", "layers", "router", "loss", "train", "eval")
 
@@ -42,7 +44,7 @@ def recipe_files(directory: Path) -> dict[str, Path]:
 
 def description(path: Path) -> str:
     """A recipe's one-line description: the first comment line of its file."""
-    for line in path.read_text().splitlines():
+    for line in read_text(path).splitlines():
         stripped = line.strip()
         if stripped.startswith("#") and not stripped.startswith("# @package"):
             return stripped.lstrip("#").strip()
@@ -66,12 +68,16 @@ def locate(recipe: str, recipes_dir: Path | None = None) -> tuple[Path, str]:
         raise ModeError(f"Recipe files must end in .yaml (Hydra reads no other): {recipe}")
     if recipe.endswith(".yaml"):
         path = Path(recipe).expanduser().resolve()
+        if path.is_dir():
+            raise ModeError(f"{recipe} is a folder, not a recipe file")
         if not path.is_file():
             raise ModeError(f"Recipe file not found: {recipe}")
         return path.parent, path.stem
     # A user's folder first, then the shipped recipes (also reachable with --recipes-dir).
     folders = [shipped_recipes_dir().resolve()]
     if recipes_dir is not None:
+        if recipes_dir.exists() and not recipes_dir.is_dir():
+            raise ModeError(f"--recipes-dir {recipes_dir}: {recipes_dir} is a file, not a folder")
         if not recipes_dir.is_dir():
             raise ModeError(f"Recipes folder not found: {recipes_dir}")
         folders.insert(0, recipes_dir.resolve())
@@ -91,6 +97,7 @@ def compose_recipe(
     """Compose a recipe with command-line overrides into a typed, validated-by-schema config."""
     register_schema()
     config_dir, name = locate(recipe, recipes_dir)
+    check_recipe_file(config_dir / f"{name}.yaml")
     overrides = [merge_shorthand(item) for item in overrides or []]
     shipped = shipped_recipes_dir().resolve()
     if config_dir != shipped:
@@ -104,6 +111,16 @@ def compose_recipe(
     except (ValidationError, ConfigAttributeError, ConfigKeyError) as err:
         # Raised while merging the recipe's own files against the schema.
         raise ModeError(f"In recipe '{name}': {explain_omegaconf_error(err)}") from None
+    except YAMLError as err:
+        # A config group file of the recipe's (the recipe itself was checked above).
+        mark = getattr(err, "problem_mark", None)
+        where = mark.name if mark is not None else f"a YAML file under {config_dir}"
+        raise ModeError(f"{where}, {yaml_problem(err)}") from None
+    except UnicodeDecodeError:
+        # Hydra does not say which file: find it among the group files it composed from.
+        for path in sorted(config_dir.glob("*/*.yaml")):
+            read_text(path)
+        raise ModeError(f"a recipe file under {config_dir} is not UTF-8 text") from None
     finally:
         GlobalHydra.instance().clear()
     if "hydra" in cfg:
@@ -117,6 +134,16 @@ def compose_recipe(
     with open_dict(cfg):
         cfg.recipe = name
     return cfg
+
+
+def check_recipe_file(path: Path) -> None:
+    """A recipe file must be UTF-8 YAML holding a mapping: said with its path (and the line and
+    column of a syntax error) before Hydra reads it."""
+    if not isinstance(read_yaml(path), DictConfig):
+        raise ModeError(
+            f"{path} is not a recipe: it holds a list, not a mapping of keys (start from "
+            "`mode recipes cp tiny-llama-alpaca my-recipe.yaml`)"
+        )
 
 
 def merge_shorthand(override: str) -> str:
@@ -194,6 +221,7 @@ def copy_recipe(name: str, destination: str, recipes_dir: Path | None = None) ->
         raise ModeError(f"Destination must be a folder or a .yaml file: {destination}")
     if target.exists():
         raise ModeError(f"Refusing to overwrite {target}: remove it or pick another path")
+    check_writable_folder(target.parent, "destination")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, target)
     return target

@@ -91,6 +91,58 @@ def test_a_stopped_and_resumed_run_matches_an_uninterrupted_one(mode, tmp_path):
     assert [e.step for e in events.Scalars("eval/ensemble")] == [2, 4, 6]
 
 
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(mode, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    common = ["train.max_steps=5", "checkpoint.every_steps=1"]
+    code, err = train(mode, full, *common)
+    assert code == 0, err
+    code, err = train(mode, split, *common, "train.stop_after_steps=3")
+    assert code == 0, err
+    assert checkpoints(split) == ["step-000002", "step-000003"]
+    damaged = split / "checkpoints" / "step-000003" / "adapter.safetensors"
+    with damaged.open("r+b") as handle:
+        handle.truncate(damaged.stat().st_size // 2)
+
+    code, err = train(mode, split, *common, "resume=auto")
+    assert code == 0, err
+    assert f"checkpoint {damaged.parent} is damaged, skipped: {damaged}" in err
+    assert f"resuming from {split / 'checkpoints' / 'step-000002'} (step 2/5)" in err
+    a, b = losses(full), losses(split)
+    assert sorted(b) == [1, 2, 3, 4, 5]
+    for step in range(1, 6):
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+    assert checkpoints(split) == ["step-000004", "step-000005"]
+
+
+def test_a_checkpoint_records_the_checksum_of_each_file(mode, tmp_path):
+    import hashlib
+
+    out = tmp_path / "run"
+    code, err = train(mode, out, "train.max_steps=1")
+    assert code == 0, err
+    folder = out / "checkpoints" / "step-000001"
+    manifest = json.loads((folder / "manifest.json").read_text())["files"]
+    written = {p.name for p in folder.iterdir()} - {"manifest.json", "COMPLETE"}
+    assert set(manifest) == written and "adapter.safetensors" in written
+    for name, record in manifest.items():
+        data = (folder / name).read_bytes()
+        assert record == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_resuming_drops_a_metrics_line_cut_short_by_a_kill(tmp_path):
+    from mode_cli.errors import ModeError
+    from mode_cli.train.progress import truncate_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+    truncate_after(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    path.write_text('{"step": 1}\nnot a record\n{"step": 2}\n')
+    with pytest.raises(ModeError, match="metrics.jsonl, line 2"):
+        truncate_after(path, 2)
+    assert path.read_text() == '{"step": 1}\nnot a record\n{"step": 2}\n'
+
+
 def test_a_checkpoint_holds_safetensors_and_weights_only_state(mode, tmp_path):
     out = tmp_path / "run"
     code, err = train(mode, out, "train.max_steps=2", "checkpoint.every_steps=null")

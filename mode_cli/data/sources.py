@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mode_cli.data.formats import Row, canonical, row_problem
+from mode_cli.data.formats import FORMAT_FIELDS, Row, canonical, row_problem
 from mode_cli.errors import ModeError
-from mode_cli.files import resolve_bundled
+from mode_cli.files import read_text, resolve_bundled
 
 # `data.on_bad_row`: stop at the first malformed row, or drop such rows and count them.
 BAD_ROW_POLICIES = ("error", "skip")
@@ -27,6 +28,8 @@ def read_rows(source: str, split: str = "train") -> list[dict | BadLine]:
     if source.startswith("bundled:"):
         return read_file(resolve_bundled(source))
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise ModeError(f"{source} is a folder, not a data file: name a .json or .jsonl file")
     if path.suffix in (".json", ".jsonl") or path.exists():
         if not path.is_file():
             raise ModeError(f"Data file not found: {source}")
@@ -44,13 +47,14 @@ class BadLine:
 
 def read_file(path: Path) -> list[dict | BadLine]:
     """Rows of a JSON list or a JSON-lines file (a line that is not JSON becomes a BadLine)."""
-    # utf-8-sig: files saved by some editors start with a byte-order mark.
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
     if path.suffix == ".json" or text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
             raise ModeError(f"{path}: not valid JSON ({err})") from None
+        except RecursionError:
+            raise ModeError(f"{path}: not valid JSON (nested too deeply)") from None
         if not isinstance(rows, list):
             raise ModeError(f"{path}: expected a JSON list of objects")
         return rows
@@ -62,6 +66,8 @@ def read_file(path: Path) -> list[dict | BadLine]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
             rows.append(BadLine(number, err.msg))
+        except RecursionError:
+            rows.append(BadLine(number, "nested too deeply"))
     return rows
 
 
@@ -91,7 +97,7 @@ def check_rows(
     for number, row in enumerate(rows, start=1):
         if isinstance(row, BadLine):
             message = f"{source}, line {row.line}: not valid JSON ({row.error})"
-        elif (problem := row_problem(row, format, fields)) is not None:
+        elif problem := row_problem(row, format, fields) or not_text(row, format, fields):
             message = f"{source}, row {number}: {problem}"
         else:
             good.append(Row(canonical(row, format, fields), format, source, number))
@@ -100,6 +106,29 @@ def check_rows(
             raise ModeError(message + " (set data.on_bad_row=skip to drop such rows)")
         bad.append(message)
     return good, bad
+
+
+def not_text(row: dict, format: str, fields: dict) -> str | None:
+    """A string the model reads that is not text: JSON's `\\ud800` escapes decode to unpaired
+    UTF-16 surrogates, which no tokenizer accepts."""
+    values = canonical(row, format, fields)
+    for name in FORMAT_FIELDS[format]:
+        for where, value in strings(values.get(name), f"field '{name}'"):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return f"{where} holds an unpaired surrogate ({value[err.start]!r}), not text"
+    return None
+
+
+def strings(value: object, where: str) -> Iterator[tuple[str, str]]:
+    """Every string in a field, with where it is (`field 'messages'[2]['content']`)."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict | list):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            yield from strings(item, f"{where}[{key!r}]")
 
 
 @dataclass

@@ -51,6 +51,7 @@ from mode_cli.eval.answers import answer_rows, evaluate_answers
 from mode_cli.eval.metrics import fresh_head, layer_metrics
 from mode_cli.eval.render import print_report
 from mode_cli.eval.report import EVAL_FOLDER, build_report, data_description, save_report
+from mode_cli.files import check_writable_folder, read_yaml
 from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_device, resolve_source
 from mode_cli.options import TEXT, Option, choice, integer, parse_options
 from mode_cli.recipes import explain_omegaconf_error, shipped_recipes_dir
@@ -117,7 +118,7 @@ def config_group(group: str, name: str) -> DictConfig:
                 "a .yaml file)"
             )
     try:
-        return OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.load(path))
+        return OmegaConf.merge(OmegaConf.structured(schema), read_yaml(path))
     except OmegaConfBaseException as err:
         raise ModeError(f"{group}={name}: {explain_omegaconf_error(err)}") from None
 
@@ -237,7 +238,9 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
-    # Read the answer rows before any weights: data without answers fails fast.
+    # Where the report goes, and the answer rows, before any weights: a bad one fails fast.
+    parent = report_parent(checkpoint, cfg)
+    check_writable_folder(parent, "eval.output_dir")
     rows = answer_rows(cfg)
     source = {"kind": checkpoint.kind, "checkpoint": checkpoint.spec}
 
@@ -275,7 +278,7 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
     report = build_report(
         cfg, model, head, eval_set, tokenizer, device, source=source, answers=answers, base=base
     )
-    folder = save_report(report, report_parent(checkpoint, cfg))
+    folder = save_report(report, parent)
     print_report(report, console)
     console.print(f"report: {folder / 'report.json'}, report.md, layers.png", soft_wrap=True)
     return report

@@ -9,33 +9,52 @@
   config.yaml            the resolved recipe the checkpoint was trained with
   trainer_state.json     the run's counters (`TrainerState`: step, data position, elapsed time...),
                          max_steps and the identity of the training data
+  manifest.json          the size and sha256 of every file above, written after them
   COMPLETE               written last
 
 A checkpoint is staged in a hidden sibling folder and renamed into place, so a process killed
 mid-write leaves the previous checkpoints untouched and no folder that looks complete.
+
+Before a checkpoint is used it is checked: every file it needs is there and opens, the safetensors
+headers parse, the sizes and checksums match its manifest (checkpoints of releases before the
+manifest have none and skip that check), and, once the model is built, the tensors' names and
+shapes match it. `resume=auto` (or a run folder) names a damaged checkpoint and continues from the
+newest intact one before it; a checkpoint named explicitly is refused with the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import pickle
 import random
 import re
 import shutil
+import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mode_cli.artifacts import load_run_config
+from mode_cli.config import method
 from mode_cli.errors import ModeError
-from mode_cli.files import staged_folder
+from mode_cli.files import load_tensors, read_json, read_yaml, staged_folder, tensor_shapes
+
+log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
+ADAPTER = "adapter.safetensors"
+HEAD = "mode_head.safetensors"
+TORCH_FILES = ("optimizer.pt", "scheduler.pt", "rng.pt")
 _NAME = re.compile(r"^step-(\d+)$")
 
 # Keys that may change between a checkpoint and the run that resumes it: where and how long this
@@ -124,25 +143,154 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_resume(resume: str, out: Path) -> Path | None:
-    """The checkpoint `resume=` names: `auto` (the newest in `out`, None when there is none), a
-    checkpoint folder, or a run folder (its newest checkpoint)."""
+@dataclass(frozen=True)
+class ResumeCandidates:
+    """The checkpoints `resume=` may continue from, newest first. `explicit`: a checkpoint folder
+    named by the user (refused when damaged), not a run's checkpoints (the next one is tried)."""
+
+    paths: list[Path]
+    explicit: bool
+
+
+def resume_candidates(resume: str, out: Path) -> ResumeCandidates:
+    """What `resume=` names: `auto` (the checkpoints in `out`, none for a new run), a checkpoint
+    folder, or a run folder (its checkpoints)."""
     if resume == "auto":
-        return latest_checkpoint(out)
+        return ResumeCandidates(complete_checkpoints(out)[::-1], explicit=False)
     path = Path(resume)
     if is_complete(path):
-        return path
+        return ResumeCandidates([path], explicit=True)
     if (path / CHECKPOINTS).is_dir() or (path / "config.yaml").is_file():
-        latest = latest_checkpoint(path)
-        if latest is None:
+        found = complete_checkpoints(path)[::-1]
+        if not found:
             raise ModeError(f"resume={resume}: {path} holds no complete checkpoint")
-        return latest
+        return ResumeCandidates(found, explicit=False)
     if path.exists():
         raise ModeError(
             f"resume={resume}: {path} is neither a complete checkpoint (no {COMPLETE} marker) nor a "
             "run folder"
         )
     raise ModeError(f"resume={resume}: {path} not found")
+
+
+def first_intact(
+    candidates: ResumeCandidates, problem: Callable[[Path], str | None]
+) -> ResumeCandidates:
+    """The candidates from the newest one `problem` finds nothing wrong with.
+
+    A damaged checkpoint the user named is refused with the reason; a run's damaged checkpoints
+    are named in a warning and skipped; when none is intact, the refusal names each and why.
+    """
+    damaged = []
+    for i, path in enumerate(candidates.paths):
+        found = problem(path)
+        if found is None:
+            for skipped, why in damaged:
+                log.warning(f"checkpoint {skipped} is damaged, skipped: {why}")
+            return ResumeCandidates(candidates.paths[i:], candidates.explicit)
+        if candidates.explicit:
+            raise ModeError(f"cannot resume from {path}: {found}")
+        damaged.append((path, found))
+    raise ModeError(
+        f"no intact checkpoint to resume from in {run_folder(candidates.paths[0])}:\n"
+        + "\n".join(f"  - {path.name}: {why}" for path, why in damaged)
+        + "\nstart again in another output_dir (nothing was changed)"
+    )
+
+
+def file_damage(path: Path, cfg: DictConfig) -> str | None:
+    """What is wrong with a checkpoint's files, or None: the checks that need no model (files
+    present and opening, safetensors headers, sizes and checksums against the manifest)."""
+    trained = method(cfg)
+    needed = [STATE, "config.yaml", *TORCH_FILES]
+    needed += [ADAPTER] if trained.trains_adapter else []
+    needed += [HEAD] if trained.trains_head else []
+    try:
+        for name in needed:
+            if not (path / name).is_file():
+                return f"{path / name} is missing"
+        if (path / MANIFEST).is_file():
+            for name, recorded in manifest_files(path).items():
+                if (problem := checksum_problem(path / name, recorded)) is not None:
+                    return problem
+        state = read_json(path / STATE)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return f"{path / STATE} holds no step count"
+        read_yaml(path / "config.yaml")
+        for name in (ADAPTER, HEAD):
+            if name in needed:
+                tensor_shapes(path / name)
+        for name in TORCH_FILES:
+            # torch saves a zip archive: its directory, at the end, is gone from a truncated file.
+            with zipfile.ZipFile(path / name):
+                pass
+    except zipfile.BadZipFile:
+        return f"{path / name} is damaged: truncated or not a file torch.save wrote"
+    except ModeError as err:
+        return str(err)
+    return None
+
+
+def weights_mismatch(path: Path, model, head) -> str | None:
+    """Whether the checkpoint's tensors have the names and shapes of this model's trainable
+    parameters and this head's; None when they do."""
+    expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    problem = shapes_mismatch(path / ADAPTER, expected) if expected else None
+    if problem is None and head is not None:
+        problem = shapes_mismatch(
+            path / HEAD, {k: tuple(v.shape) for k, v in head.state_dict().items()}
+        )
+    return problem
+
+
+def shapes_mismatch(path: Path, expected: dict[str, tuple]) -> str | None:
+    try:
+        saved = tensor_shapes(path)
+    except ModeError as err:
+        return str(err)
+    missing, extra = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    if missing or extra:
+        return (
+            f"{path} does not match this model ({len(missing)} tensors missing, e.g. "
+            f"{missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]})"
+        )
+    for name, shape in expected.items():
+        if saved[name] != shape:
+            return (
+                f"{path} does not match this model: {name} has shape {saved[name]} there, "
+                f"{shape} here"
+            )
+    return None
+
+
+def manifest_files(path: Path) -> dict[str, dict]:
+    """The manifest's record of each file: {name: {"bytes": size, "sha256": digest}}."""
+    manifest = read_json(path / MANIFEST)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise ModeError(f"{path / MANIFEST} is damaged: it lists no files")
+    return files
+
+
+def checksum_problem(path: Path, recorded: dict) -> str | None:
+    if not path.is_file():
+        return f"{path} is missing"
+    if path.stat().st_size != recorded.get("bytes"):
+        return (
+            f"{path}: {path.stat().st_size:,} bytes, {recorded.get('bytes'):,} when it was "
+            "written (truncated or changed)"
+        )
+    if sha256_of(path) != recorded.get("sha256"):
+        return f"{path}: checksum differs from the one recorded when it was written (damaged)"
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------- RNG states
@@ -236,9 +384,9 @@ def save_checkpoint(
 
 def write_contents(staging: Path, contents: Contents, record: dict, cfg: DictConfig) -> None:
     if contents.adapter:
-        save_file(contents.adapter, str(staging / "adapter.safetensors"))
+        save_file(contents.adapter, str(staging / ADAPTER))
     if contents.head is not None:
-        save_file(contents.head, str(staging / "mode_head.safetensors"))
+        save_file(contents.head, str(staging / HEAD))
     torch.save(contents.optimizer, staging / "optimizer.pt")
     torch.save(contents.scheduler, staging / "scheduler.pt")
     torch.save(contents.rng, staging / "rng.pt")
@@ -246,7 +394,18 @@ def write_contents(staging: Path, contents: Contents, record: dict, cfg: DictCon
         torch.save(rng, staging / rank_rng_file(rank))
     (staging / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (staging / STATE).write_text(json.dumps(record, indent=2) + "\n")
+    write_manifest(staging)
     (staging / COMPLETE).write_text("")
+
+
+def write_manifest(folder: Path) -> None:
+    """The size and sha256 of every file in the folder, to tell a damaged checkpoint later."""
+    files = {
+        path.name: {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+        for path in sorted(folder.iterdir())
+        if path.is_file() and path.name not in (MANIFEST, COMPLETE)
+    }
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
 
 
 def prune(out: Path, keep: int) -> None:
@@ -262,7 +421,17 @@ def prune(out: Path, keep: int) -> None:
 
 
 def read_state(path: Path) -> dict:
-    return json.loads((path / STATE).read_text())
+    return read_json(path / STATE)
+
+
+def load_torch_file(path: Path):
+    """A checkpoint's torch file, tensors and numbers only (weights_only)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
+        # torch reports a damaged archive as a RuntimeError ("PytorchStreamReader failed ...").
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModeError(f"{path} is damaged: {reason}") from None
 
 
 def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
@@ -309,43 +478,26 @@ def check_compatible(path: Path, cfg: DictConfig, world_size: int = 1) -> None:
         )
 
 
-def read_checkpoint(
-    path: Path, *, adapter_shapes: dict[str, tuple[int, ...]], has_head: bool, rank: int = 0
-) -> tuple[Contents, dict]:
-    """A checkpoint's contents, checked against the model about to receive them, and its
-    trainer_state.json record.
+def read_checkpoint(path: Path, *, model, head, rank: int = 0) -> tuple[Contents, dict]:
+    """A checkpoint's contents, checked against the model and head about to receive them
+    (tensor names and shapes), and its trainer_state.json record.
 
-    `adapter_shapes` are the trainable parameters' names and shapes in this run's model; `rank`
-    picks the RNG states to restore (a rank the checkpoint has none for keeps rank 0's: a
-    different world size cannot continue the other ranks' random streams anyway).
+    `rank` picks the RNG states to restore (a rank the checkpoint has none for takes rank 0's:
+    a different world size cannot continue the other ranks' random streams anyway).
     """
-    adapter_file = path / "adapter.safetensors"
-    adapter = load_file(str(adapter_file)) if adapter_file.is_file() else {}
-    expected = set(adapter_shapes)
-    if set(adapter) != expected:
-        missing, extra = sorted(expected - set(adapter)), sorted(set(adapter) - expected)
-        raise ModeError(
-            f"cannot resume from {path}: its adapter does not match this model "
-            f"({len(missing)} parameters missing, e.g. {missing[:2]}; {len(extra)} unexpected, "
-            f"e.g. {extra[:2]})"
-        )
-    for name, shape in adapter_shapes.items():
-        if tuple(adapter[name].shape) != tuple(shape):
-            raise ModeError(
-                f"cannot resume from {path}: {name} has shape "
-                f"{tuple(adapter[name].shape)} there, {tuple(shape)} here"
-            )
-    head_file = path / "mode_head.safetensors"
-    if has_head != head_file.is_file():
+    head_file = path / HEAD
+    if (head is not None) != head_file.is_file():
         raise ModeError(f"cannot resume from {path}: the MoDE head does not match this recipe")
+    if (problem := weights_mismatch(path, model, head)) is not None:
+        raise ModeError(f"cannot resume from {path}: {problem}")
     rng_file = path / rank_rng_file(rank) if rank else path / "rng.pt"
     if not rng_file.is_file():
         rng_file = path / "rng.pt"
     contents = Contents(
-        adapter=adapter,
-        head=load_file(str(head_file)) if has_head else None,
-        optimizer=torch.load(path / "optimizer.pt", weights_only=True),
-        scheduler=torch.load(path / "scheduler.pt", weights_only=True),
-        rng=torch.load(rng_file, weights_only=True),
+        adapter=load_tensors(path / ADAPTER) if (path / ADAPTER).is_file() else {},
+        head=load_tensors(head_file) if head is not None else None,
+        optimizer=load_torch_file(path / "optimizer.pt"),
+        scheduler=load_torch_file(path / "scheduler.pt"),
+        rng=load_torch_file(rng_file),
     )
     return contents, read_state(path)

@@ -18,6 +18,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from mode_cli.errors import ModeError
+from mode_cli.files import read_text
+
 METRICS_FILE = "metrics.jsonl"
 # `logger`: metrics.jsonl always; `tensorboard` also writes TensorBoard events.
 LOGGERS = ("none", "tensorboard")
@@ -184,17 +187,37 @@ def scalars(record: dict) -> list[tuple[str, float]]:
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Keep only the records of steps <= `step` (atomically: a crash leaves the old file)."""
+    """Keep only the records of steps <= `step` (atomically: a crash leaves the old file).
+
+    A last line cut short by a killed process is dropped; any other line that is not a record
+    stops the resume with its line number, the file unchanged.
+    """
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
+    text = read_text(path)
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1] if not is_record(lines[-1]) else lines
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not is_record(line):
+            raise ModeError(
+                f"{path}, line {number}: not a metrics record; fix or remove that line to resume"
+            )
+        if json.loads(line).get("step", 0) <= step:
+            kept.append(line)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     staging.write_text("".join(line + "\n" for line in kept))
     os.replace(staging, path)
+
+
+def is_record(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def print_summary(console: Console, summary: dict) -> None:

@@ -13,7 +13,7 @@ model). The step's work is in `steps.py`, the optimizer and schedule in `optim.p
   adapter's rate).
 - checkpoint.every_steps trades disk writes for lost work: a checkpoint holds everything needed to
   continue bit for bit (weights, optimizer, schedule, RNG states, data position); `resume=auto`
-  continues from the newest one. Ctrl-C / SIGTERM finish the step and checkpoint first.
+  continues from the newest intact one. Ctrl-C / SIGTERM finish the step and checkpoint first.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from mode_cli.eval.answers import answer_rows, evaluate_answers
 from mode_cli.eval.metrics import training_eval
 from mode_cli.eval.render import print_report
 from mode_cli.eval.report import EVAL_FOLDER, build_report, save_report
+from mode_cli.files import check_writable_folder
 from mode_cli.mode.head import MoDEHead
 from mode_cli.mode.selection import select_layers
 from mode_cli.mode.terms import LossWeights
@@ -59,7 +60,7 @@ from mode_cli.models.loading import (
     resolve_source,
 )
 from mode_cli.train import checkpoint as checkpoint_mod
-from mode_cli.train.checkpoint import TrainerState
+from mode_cli.train.checkpoint import ResumeCandidates, TrainerState
 from mode_cli.train.distributed import (
     World,
     gathered,
@@ -167,6 +168,7 @@ class FinetuneRecipe:
         self.checkpoints_written = 0
         self.phase = "done"  # forward | update | done: what an out-of-memory error interrupted
         self._data_identity: dict | None = None
+        self._file_damage: dict[Path, str | None] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -485,18 +487,20 @@ class FinetuneRecipe:
             }
         return self._data_identity
 
-    def find_checkpoint(self) -> Path | None:
-        """The checkpoint `resume=` asks for, checked against this recipe; None: a new run."""
+    def find_checkpoint(self) -> ResumeCandidates | None:
+        """The checkpoints `resume=` asks for, newest first from the newest whose files are intact
+        (damaged ones named and skipped, see checkpoint.py), that one checked against this
+        recipe; None: a new run. Nothing here loads a model: a refusal is quick."""
         resume = self.cfg.resume
         if resume is None:
             return None
         if resume == "auto" and self.cfg.output_dir is None:
             raise ModeError("resume=auto needs output_dir=DIR: the run folder to continue")
-        path = checkpoint_mod.resolve_resume(resume, self.out)
+        candidates = checkpoint_mod.resume_candidates(resume, self.out)
         if resume != "auto" and self.cfg.output_dir is None:
             # resume=PATH alone continues that run in its own folder.
-            self.out = checkpoint_mod.run_folder(path)
-        if path is None:
+            self.out = checkpoint_mod.run_folder(candidates.paths[0])
+        if not candidates.paths:
             if (self.out / "config.yaml").exists():
                 raise ModeError(
                     f"resume=auto: {self.out} holds a run but no complete checkpoint under "
@@ -507,8 +511,28 @@ class FinetuneRecipe:
                 f"resume=auto: no run in {self.out} yet, starting a new one", soft_wrap=True
             )
             return None
-        checkpoint_mod.check_compatible(path, self.cfg, self.world.size)
-        return path
+        candidates = checkpoint_mod.first_intact(candidates, self.file_damage)
+        checkpoint_mod.check_compatible(candidates.paths[0], self.cfg, self.world.size)
+        return candidates
+
+    def file_damage(self, path: Path) -> str | None:
+        """`checkpoint.file_damage`, once per checkpoint (it reads every byte for the checksums)."""
+        if path not in self._file_damage:
+            self._file_damage[path] = checkpoint_mod.file_damage(path, self.cfg)
+        return self._file_damage[path]
+
+    def intact_checkpoint(self, candidates: ResumeCandidates) -> Path:
+        """The newest candidate whose files are intact and whose tensors fit the model built."""
+        chosen = checkpoint_mod.first_intact(
+            candidates,
+            lambda path: (
+                self.file_damage(path)
+                or checkpoint_mod.weights_mismatch(path, self.model, self.head)
+            ),
+        ).paths[0]
+        if chosen != candidates.paths[0]:
+            checkpoint_mod.check_compatible(chosen, self.cfg, self.world.size)
+        return chosen
 
     def new_stream(self, epoch: int = 0, index: int = 0) -> BatchStream:
         cfg = self.cfg.train
@@ -535,24 +559,22 @@ class FinetuneRecipe:
     def resume_from(self, path: Path) -> None:
         """Weights, optimizer, schedule, counters, data position and, last, the RNG states."""
         contents, record = checkpoint_mod.read_checkpoint(
-            path,
-            adapter_shapes={
-                name: tuple(p.shape) for name, p in self.model.named_parameters() if p.requires_grad
-            },
-            has_head=self.head is not None,
-            rank=self.world.rank,
+            path, model=self.model, head=self.head, rank=self.world.rank
         )
         if record["data"] != self.data_identity():
             raise ModeError(
                 f"cannot resume from {path}: the training data differ from the checkpoint's "
                 f"({record['data']} there, {self.data_identity()} now)"
             )
+        load_trainable_state(self.module, self.world, contents.adapter, contents.head)
         try:
-            load_trainable_state(self.module, self.world, contents.adapter, contents.head)
-        except RuntimeError as err:
-            raise ModeError(f"cannot resume from {path}: MoDE head mismatch: {err}") from None
-        load_optimizer_state(self.module, self.optimizer, self.world, contents.optimizer)
-        self.scheduler.load_state_dict(contents.scheduler)
+            load_optimizer_state(self.module, self.optimizer, self.world, contents.optimizer)
+            self.scheduler.load_state_dict(contents.scheduler)
+        except ValueError as err:
+            raise ModeError(
+                f"cannot resume from {path}: its optimizer or schedule state does not match this "
+                f"run ({err})"
+            ) from None
         source = checkpoint_mod.run_folder(path)
         if self.world.main and not (self.out / "config.yaml").exists():
             self.out.mkdir(parents=True, exist_ok=True)
@@ -638,22 +660,33 @@ class FinetuneRecipe:
         device = "cpu" if self.world.sharded else self.device
         return save_merged(self.cfg, self.source, self.out, device)
 
+    def check_output_folders(self) -> None:
+        """The run folder (and a report folder elsewhere) can be created: checked before any
+        work, so a bad path fails at once and leaves nothing behind."""
+        check_writable_folder(self.out, "output_dir")
+        if self.cfg.eval.output_dir:
+            check_writable_folder(Path(self.cfg.eval.output_dir), "eval.output_dir")
+
     def run(self) -> Path:
-        checkpoint = self.find_checkpoint()
-        if checkpoint is None and (self.out / "config.yaml").exists():
+        self.check_output_folders()
+        checked = self.out
+        candidates = self.find_checkpoint()
+        if candidates is None and (self.out / "config.yaml").exists():
             raise ModeError(
                 f"{self.out} already holds a run; pick another output_dir (nothing was changed), "
                 "or continue it with resume=auto"
             )
+        if self.out != checked:  # resume=PATH alone continues in the checkpoint's run folder
+            self.check_output_folders()
         # Every rank has looked at the folder before rank 0 writes into it.
         self.world.barrier()
         console.print(f"[bold]mode train[/bold] {self.cfg.recipe} -> {self.out}")
         self.setup_data()
         self.setup_model()
-        if checkpoint is None:
+        if candidates is None:
             self.start_new_run()
         else:
-            self.resume_from(checkpoint)
+            self.resume_from(self.intact_checkpoint(candidates))
         counts = self.trainable_parameters()
         processes = (
             f"; {self.world.size} processes ({self.world.strategy})"
