@@ -25,6 +25,8 @@ from helpers import kill_group, records, spawned
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["recipe=tiny-llama-alpaca", "merge=false", "eval.max_examples=4"]
+# Forked ranks read 2 examples each of the single process's micro-batch of 4.
+MICRO_PER_RANK = 2
 
 
 def free_port() -> int:
@@ -93,11 +95,12 @@ def rank_main(rank: int, world_size: int, port: int, strategy: str, out: Path) -
             RANK=str(rank),
             LOCAL_RANK=str(rank),
             WORLD_SIZE=str(world_size),
+            TORCHELASTIC_RUN_ID="forked",  # what torchrun gives its workers
         )
         from mode_cli.train.distributed import close_world, init_world
 
         world = init_world(strategy, timeout_s=60, device="cpu")
-        recipe = tiny_recipe(out, micro_batch=2, world=world, strategy=strategy)
+        recipe = tiny_recipe(out, micro_batch=MICRO_PER_RANK, world=world, strategy=strategy)
         result = record_steps(recipe, steps=3)
         result["layout"] = layout(recipe)
         if world.main:
@@ -449,3 +452,11 @@ def test_a_bad_distributed_recipe_is_refused_before_any_process_starts(mode, tmp
     code, _, err = mode("train", "-m", *TINY, "loss=mode,final-only", "distributed.nproc=2")
     assert code == 2 and "a sweep runs one process per run" in err
     assert not out.exists()
+
+
+def test_a_one_rank_fsdp_job_runs_the_sharded_code(single_process, tmp_path, monkeypatch):
+    """torchrun with one process (one GPU) still wraps and shards: the same numbers as alone."""
+    monkeypatch.setattr(sys.modules[__name__], "MICRO_PER_RANK", 4)
+    ranks = run_forked("fsdp", tmp_path, world_size=1)
+    assert len(ranks["layout"]["units"]) == 1 + 4
+    assert ranks["losses"] == pytest.approx(single_process["losses"], rel=1e-5)

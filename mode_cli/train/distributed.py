@@ -38,8 +38,9 @@ WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def launched_by_torchrun() -> bool:
-    """Whether this process is one rank of a torchrun job (several processes)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process is a rank of a torchrun job: several processes, or one that torchrun
+    started (a one-GPU FSDP job still runs the sharded code)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,13 @@ class World:
     size: int = 1
     local_rank: int = 0
     strategy: str = "ddp"
+    joined: bool = False  # a process group exists (torchrun started this process)
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """Whether the collectives and the strategy's wrapper are real (a job of one rank under
+        torchrun included)."""
+        return self.size > 1 or self.joined
 
     @property
     def main(self) -> bool:
@@ -128,7 +132,7 @@ def init_world(strategy: str, timeout_s: float, device: str) -> World:
         dist.init_process_group(
             "nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s)
         )
-    return World(rank=rank, size=size, local_rank=local, strategy=strategy)
+    return World(rank=rank, size=size, local_rank=local, strategy=strategy, joined=True)
 
 
 def close_world(world: World) -> None:
