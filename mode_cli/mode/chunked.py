@@ -22,6 +22,7 @@ from mode_cli.mode.terms import (
     LossSums,
     LossWeights,
     TermPlan,
+    fp32_arithmetic,
     parts_of,
     plan_terms,
     sums_of,
@@ -83,9 +84,10 @@ def chunked_mode_loss(
             stacklevel=2,
         )
     chunk = _chunk_size(plan, weight.shape[0], chunk_budget)
-    total, ce_ens, ce_layers, distill = _ChunkedLoss.apply(
-        normed, weights, labels, weight, bias, plan, logit_fn, chunk, need_grad
-    )
+    with fp32_arithmetic(normed):  # the caller's autocast would run the chunk's math in bf16
+        total, ce_ens, ce_layers, distill = _ChunkedLoss.apply(
+            normed, weights, labels, weight, bias, plan, logit_fn, chunk, need_grad
+        )
     return sums_of(total, num_tokens, parts_of(plan, ce_ens, ce_layers, distill))
 
 
