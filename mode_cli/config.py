@@ -257,7 +257,9 @@ class LossConfig:
 class TrainConfig:
     """The optimisation loop: AdamW, warmup then a decay schedule, gradient accumulation.
 
-    precision: `fp32` or `bf16` (compute dtype of the 4-bit layers and of the trainable weights).
+    precision: `fp32` or `bf16`: the compute dtype of the 4-bit layers, and bf16 autocast around
+    the forward (the loss itself always computes in fp32). bf16 runs on GPUs and CPUs alike; CPUs
+    with bf16 units gain speed, others mostly lose it.
     optimizer: `adamw` (torch), `adamw_8bit` / `paged_adamw_8bit` (bitsandbytes, CUDA only: 8-bit
     states save ~75% of the optimizer memory; paged ones also survive memory spikes).
     optimizer_fallback: on the CPU, run an 8-bit optimizer as torch AdamW (with a note) instead of
@@ -548,7 +550,8 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
 
 def hardware_problems(cfg: DictConfig) -> list[str]:
     """What this machine cannot run of the recipe: a CUDA device without a GPU, and options that
-    need one (`train.optimizer`'s 8-bit optimizers, bf16 compute)."""
+    need one (`train.optimizer`'s 8-bit optimizers, unless `train.optimizer_fallback`). bf16 runs
+    on the CPU too (torch's CPU autocast, bitsandbytes' 4-bit layers computing in bf16)."""
     import torch
 
     from mode_cli.models.loading import resolve_device
@@ -567,9 +570,4 @@ def hardware_problems(cfg: DictConfig) -> list[str]:
             optimizer_on(cfg.train.optimizer, device, cfg.train.optimizer_fallback)
         except ModeError as err:
             problems.append(str(err))
-    if device == "cpu" and cfg.train.precision == "bf16":
-        problems.append(
-            "train.precision=bf16 is for GPUs; on the CPU use train.precision=fp32, or "
-            "train=cpu-smoke to smoke-test a GPU recipe"
-        )
     return problems
