@@ -264,8 +264,9 @@ class TrainConfig:
     states save ~75% of the optimizer memory; paged ones also survive memory spikes).
     optimizer_fallback: on the CPU, run an 8-bit optimizer as torch AdamW (with a note) instead of
     refusing the recipe.
-    lr_schedule: `cosine` (to `min_lr_ratio` x lr), `linear` (likewise) or `constant`, each after
-    `warmup_steps` of linear warmup.
+    lr_schedule: `cosine` (to `min_lr_ratio` x lr, reached just after the last step, so the last
+    step still learns), `linear` (likewise) or `constant`, each after `warmup_steps` of linear
+    warmup.
     head_lr: learning rate of the MoDE head (norms, router); null means `lr`.
     max_grad_norm: clip the global gradient norm (0 turns clipping off).
     stop_after_steps / max_minutes: end this invocation cleanly with a checkpoint after that many

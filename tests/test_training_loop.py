@@ -112,7 +112,7 @@ def test_micro_batching_does_not_change_the_training_run(mode, tmp_path):
         )
         assert code == 0, err
         runs[micro, accum] = [r["loss"] for r in records(out)]
-        assert [r["lr"] for r in records(out)] == pytest.approx([5e-4, 1e-3, 0.0])
+        assert [r["lr"] for r in records(out)] == pytest.approx([5e-4, 1e-3, 5e-4])
     reference = runs[8, 1]
     assert len(reference) == 3 and reference[2] != reference[0]
     for losses in runs.values():
@@ -123,7 +123,9 @@ def test_micro_batching_does_not_change_the_training_run(mode, tmp_path):
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
-def test_lr_schedules_warm_up_then_decay_to_the_floor_at_the_last_step(schedule):
+def test_lr_schedules_warm_up_then_decay_to_the_floor_after_the_last_step(schedule):
+    """20 steps (scheduler steps 0-19): the floor is where step 20 would be, so the last step
+    still learns (a floor at the last step made it a forward/backward that updated nothing)."""
     factor = optim_mod.lr_lambda(warmup=4, total=20, min_ratio=0.1, schedule=schedule)
     values = [factor(step) for step in range(20)]
     assert values[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
@@ -131,9 +133,10 @@ def test_lr_schedules_warm_up_then_decay_to_the_floor_at_the_last_step(schedule)
     if schedule == "constant":
         assert values[4:] == pytest.approx([1.0] * 16)
         return
-    assert values[19] == pytest.approx(0.1)
+    assert factor(20) == pytest.approx(0.1)
+    assert values[19] > 0.1 + 1e-3
     assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
-    middle = 4 + (19 - 4) / 2  # halfway through the decay: both are at the mean of peak and floor
+    middle = 4 + (20 - 4) / 2  # halfway through the decay: both are at the mean of peak and floor
     if schedule == "linear":
         assert factor(middle) == pytest.approx(0.55)
         assert values[5] - values[6] == pytest.approx(values[17] - values[18])
@@ -141,6 +144,13 @@ def test_lr_schedules_warm_up_then_decay_to_the_floor_at_the_last_step(schedule)
         assert factor(middle) == pytest.approx(0.55)
         assert values[5] - values[6] < values[11] - values[12]  # slow, fast, slow
         assert values[17] - values[18] < values[11] - values[12]
+    # The default floor is 0: every step of a run still has a learning rate above it.
+    assert optim_mod.lr_lambda(4, 20, 0.0, schedule)(19) > 0
+
+
+def test_the_last_step_of_a_default_run_learns(tiny_run):
+    """With the default schedule (cosine to min_lr_ratio 0), the last record's lr is above 0."""
+    assert records(tiny_run)[-1]["lr"] > 0
 
 
 def test_8bit_optimizers_on_the_cpu_are_refused_or_fall_back_to_adamw(mode, tmp_path):

@@ -78,14 +78,18 @@ def make_optimizer(
 
 def lr_lambda(warmup: int, total: int, min_ratio: float, schedule: str = "cosine"):
     """The LR factor of scheduler step `step` (0-based): linear warmup to the peak over `warmup`
-    steps, then `cosine` or `linear` decay reaching `min_ratio` at the last step, or `constant`."""
+    steps, then `cosine` or `linear` decay to `min_ratio`, or `constant`.
+
+    The decay reaches its floor at step `total`, one past the last (`total - 1`): with the
+    default floor of 0, a floor at the last step would make it a forward and backward pass that
+    updates nothing."""
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
         if schedule == "linear":
             return min_ratio + (1 - min_ratio) * (1 - progress)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
