@@ -172,6 +172,49 @@ def test_8bit_optimizers_on_the_cpu_are_refused_or_fall_back_to_adamw(mode, tmp_
     assert type(optimizer) is torch.optim.AdamW
 
 
+def test_weight_decay_spares_dora_magnitudes_norms_and_biases(tiny_recipe):
+    """train.weight_decay pulls weights toward 0: right for LoRA's matrices, wrong for DoRA's
+    magnitude vectors (the adapted weights' column norms), norm weights and biases, which get
+    none. The MoDE head (norms and router) has its own group, without decay."""
+    from omegaconf import OmegaConf
+
+    from mode_cli.models.loading import attach_adapter, load_base_model
+
+    cfg = tiny_recipe.cfg.copy()
+    OmegaConf.update(cfg, "train.weight_decay", 0.1)
+    OmegaConf.update(cfg, "adapter.use_dora", True)
+    base = load_base_model(tiny_recipe.source, cfg.model, "fp32", "cpu")
+    model = attach_adapter(base, cfg.adapter, False)
+    # A trainable bias and norm weight, as a recipe training them beside the adapter would have.
+    decoder_layer = model.get_base_model().model.layers[0]
+    decoder_layer.input_layernorm.weight.requires_grad_(True)
+    extra_bias = torch.nn.Parameter(torch.zeros(3))
+    decoder_layer.register_parameter("extra_bias", extra_bias)
+    optimizer = optim_mod.make_optimizer(cfg, model, tiny_recipe.head, "cpu")
+
+    decay_of = {
+        id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]
+    }
+    names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    magnitudes = [i for i, name in names.items() if "lora_magnitude_vector" in name]
+    matrices = [i for i, name in names.items() if "lora_A" in name or "lora_B" in name]
+    assert magnitudes and matrices
+    assert all(decay_of[i] == 0.0 for i in magnitudes)
+    assert all(decay_of[i] == 0.1 for i in matrices)
+    assert decay_of[id(decoder_layer.input_layernorm.weight)] == 0.0
+    assert decay_of[id(extra_bias)] == 0.0
+    assert all(decay_of[id(p)] == 0.0 for p in tiny_recipe.head.parameters())
+    assert len(decay_of) == len(names) + len(list(tiny_recipe.head.parameters()))
+
+
+def test_plain_lora_keeps_two_parameter_groups(tiny_recipe):
+    """LoRA has only matrices: the adapter stays one group, so checkpoints written before the
+    no-decay group existed still resume."""
+    groups = tiny_recipe.optimizer.param_groups
+    assert len(groups) == 2
+    assert [group["initial_lr"] for group in groups] == [tiny_recipe.cfg.train.lr] * 2
+
+
 # ---------------------------------------------------------------------------- faults
 
 
