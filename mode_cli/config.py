@@ -194,6 +194,10 @@ class LayersConfig:
     `fraction` (the last `fraction` of the depth, rounded up). `indices`, when set, overrides the
     rule: explicit layers, negative ones counted from the end (-1 is N). The final layer N is
     always part of the selection.
+    train_final_norm: every selected layer below N reads through its own trainable copy of the
+    final norm; with this on, layer N gets one too (`docs/method.md`, "Norms"), instead of the
+    model's final norm, frozen. The model's own norm stays as it was: `head=final` decodes as the
+    base does.
     """
 
     select: str = "last_k"
@@ -202,6 +206,7 @@ class LayersConfig:
     of_last: int = 8
     fraction: float = 0.1
     indices: list[int] | None = None
+    train_final_norm: bool = False
 
 
 @dataclass

@@ -49,11 +49,20 @@ def tiny_config(family: str):
     return transformers.GPTNeoXConfig(**shape)
 
 
-def model_and_head(family: str, layers=(2, 3, 4), router: str = "token"):
+def model_and_head(
+    family: str, layers=(2, 3, 4), router: str = "token", train_final_norm: bool = False
+):
     """A random-init model and a MoDE head whose norms and router are far from their init."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
-    head = MoDEHead(families_mod.final_norm(model), list(layers), 4, 32, router=router)
+    head = MoDEHead(
+        families_mod.final_norm(model),
+        list(layers),
+        4,
+        32,
+        router=router,
+        train_final_norm=train_final_norm,
+    )
     with torch.no_grad():
         for param in head.parameters():
             param.add_(0.5 * torch.randn_like(param))
@@ -61,17 +70,29 @@ def model_and_head(family: str, layers=(2, 3, 4), router: str = "token"):
 
 
 def reference_logits(model, head, input_ids, attention_mask):
-    """The naive ensemble: all hidden states, the head, one head matmul, the model's logit_fn."""
-    states = families_mod.hidden_states(model, input_ids, attention_mask)
+    """The naive ensemble: all hidden states, the head, one head matmul, the model's logit_fn.
+
+    A head with its own norm for layer N gets N's state before the model's final norm: the last
+    decoder layer's output, kept here by a hook of the test's own."""
+    layers = families_mod.get_attr(model, families_mod.family_of(model).layers)
+    kept = []
+    hook = layers[-1].register_forward_hook(lambda m, args, out: kept.append(out))
+    states = list(families_mod.hidden_states(model, input_ids, attention_mask))
+    hook.remove()
+    if head.train_final_norm:
+        states[-1] = kept[0][0] if isinstance(kept[0], tuple) else kept[0]
     normed, weights = head(states)
     return head_logits(
         families_mod.lm_head(model), head.mix(normed, weights), families_mod.logit_fn(model)
     )
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
-def test_ensemble_forward_matches_naive_reference(family):
-    model, head = model_and_head(family)
+@pytest.mark.parametrize(
+    ("family", "train_final_norm"),
+    [("llama", False), ("gemma2", False), ("gpt_neox", False), ("llama", True), ("gemma2", True)],
+)
+def test_ensemble_forward_matches_naive_reference(family, train_final_norm):
+    model, head = model_and_head(family, train_final_norm=train_final_norm)
     ids = torch.randint(3, VOCAB, (2, 9))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding
@@ -127,9 +148,11 @@ def naive_greedy(
     return ids[len(prompt) :], logits
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_generate_with_kv_cache_matches_full_recomputation(family):
-    model, head = model_and_head(family)
+@pytest.mark.parametrize(
+    ("family", "train_final_norm"), [("llama", False), ("gemma2", False), ("llama", True)]
+)
+def test_generate_with_kv_cache_matches_full_recomputation(family, train_final_norm):
+    model, head = model_and_head(family, train_final_norm=train_final_norm)
     prompt = torch.randint(3, VOCAB, (1, 6))
     config = transformers.GenerationConfig(
         max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0

@@ -100,6 +100,7 @@ def build_head(cfg: DictConfig, model, device: str) -> MoDEHead | None:
             fixed_weights=router.weights,
             router_input=router.input,
             detach_input=router.detach_input,
+            train_final_norm=cfg.layers.train_final_norm,
         )
     except ValueError as err:
         raise ModeError(f"router: {err}") from None
