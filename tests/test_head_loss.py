@@ -211,3 +211,26 @@ def test_untrained_ensemble_is_close_to_the_base_prediction():
     assert math.isfinite(ensemble.item())
     assert torch.allclose(routing[:, -1], torch.tensor(0.8))
     assert abs(ensemble.item() - final.item()) < 0.5 * final.item()
+
+
+def test_after_the_loss_forward_the_graph_holds_no_stacked_copy_of_the_states():
+    """The stacked `[|S|, T, H]` states feed the loss and nothing else keeps them: the router
+    reads the separate states, and the chunked loss keeps only its input gradients."""
+    import gc
+    import weakref
+
+    from mode_cli.mode.chunked import chunked_mode_loss
+
+    for router_input in ("final", "mean"):
+        head, lm_head = make_head()
+        head = MoDEHead(RMSNorm(16), head.layers, head.num_layers, 16, router_input=router_input)
+        raw = {layer: torch.randn(20, 16, requires_grad=True) for layer in head.layers}
+        normed, routing = head(raw)
+        labels = torch.randint(0, 37, (20,))
+        sums = chunked_mode_loss(normed, routing, labels, lm_head, LossWeights())
+        stacked = weakref.ref(normed)
+        del normed
+        gc.collect()
+        assert stacked() is None, router_input
+        sums.total.backward()
+        assert all(raw[layer].grad.abs().max() > 0 for layer in head.layers[:-1])

@@ -334,3 +334,49 @@ def test_bf16_inputs_under_autocast_stay_within_their_rounding_of_fp32(name):
         torch.testing.assert_close(
             grad.float(), ref_rounded[1][key], rtol=BF16_ROUNDING, atol=1e-6, msg=key
         )
+
+
+# ---------------------------------------------------------------------------- chunk sizing
+
+
+def workspace_elements(monkeypatch, loss_weights: LossWeights, num_selected: int, tokens: int):
+    """fp32 elements of the `[c, V]` buffers one chunked call holds (its workspace), forward and
+    backward, at a budget far above the batch (the default's regime on a small batch)."""
+    from mode_cli.mode import chunked as chunked_mod
+
+    held = []
+
+    class Recorded(chunked_mod._Workspace):
+        def __init__(self, device):
+            super().__init__(device)
+            held.append(self)
+
+    monkeypatch.setattr(chunked_mod, "_Workspace", Recorded)
+    torch.manual_seed(0)
+    vocab = 500
+    lm_head = nn.Linear(HIDDEN, vocab, bias=False).requires_grad_(False)
+    normed = torch.randn(num_selected, tokens, HIDDEN, requires_grad=True)
+    routing = None
+    if loss_weights.ensemble > 0:
+        routing = torch.softmax(torch.randn(tokens, num_selected), -1).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,))
+    sums = chunked_mode_loss(normed, routing, labels, lm_head, loss_weights, chunk_budget=2**26)
+    sums.total.backward()
+    return sum(buf.numel() for ws in held for buf in ws.flat.values())
+
+
+def test_a_small_batch_gets_chunks_sized_from_its_tokens(monkeypatch):
+    """The budget is a ceiling, not an allocation: on a batch of a few hundred target tokens MoDE
+    (3 layers, distillation: a block of 3 rows plus 5 working rows) holds no more logits than the
+    plain final-only loss does on the same batch (its one row plus one working row)."""
+    tokens = 280
+    final = workspace_elements(monkeypatch, FINAL_ONLY, 1, tokens)
+    mode = workspace_elements(monkeypatch, LossWeights(), 3, tokens)
+    nodistill = workspace_elements(monkeypatch, LossWeights(distill=0.0), 3, tokens)
+    assert final == 2 * tokens * 500
+    assert mode <= 1.05 * final and nodistill <= 1.05 * final
+    # Sizes: a block's rows share the batch's tokens; the budget still caps a large batch.
+    assert chunk_size(LossWeights(), 3, 49_152, tokens=280) == 70
+    assert chunk_size(FINAL_ONLY, 1, 49_152, has_router=False, tokens=280) == 280
+    assert chunk_size(LossWeights(), 3, 128_256, tokens=8192) == 130
+    assert chunk_size(LossWeights(), 3, 128_256) == 130

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # `router.kind` of a recipe; `none` (norms only, no ensemble) is the head of loss=layerwise.
 ROUTERS = ("token", "scalar", "fixed")
@@ -135,28 +136,38 @@ class MoDEHead(nn.Module):
         selected layers (for instance after dropping masked positions).
         """
         # fp32 from here on: the loss is computed in fp32 whatever the model's compute dtype.
-        out = [self.norms[str(layer)](hidden_states[layer]).float() for layer in self.layers[:-1]]
+        out = [self._norm(layer, hidden_states[layer]).float() for layer in self.layers[:-1]]
         final = hidden_states[self.num_layers]
         if self.train_final_norm:
-            final = self.norms[str(self.num_layers)](final)
+            final = self._norm(self.num_layers, final)
         out.append(final.float())
         return out
 
-    def route(self, normed: torch.Tensor) -> torch.Tensor | None:
-        """Routing weights `[..., |S|]` per token from the stacked normalised states; None when
-        the head has no router.
+    def _norm(self, layer: int, state: torch.Tensor) -> torch.Tensor:
+        norm = self.norms[str(layer)]
+        if not torch.is_grad_enabled():
+            return norm(state)
+        # Recomputed in backward (a few elementwise passes): autograd then keeps only the input,
+        # which is held anyway, instead of the norm's fp32 intermediates, one or two `[T, H]`
+        # tensors per layer.
+        return checkpoint(norm, state, use_reentrant=False)
+
+    def route(self, normed: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """Routing weights `[..., |S|]` per token from the normalised states (stacked
+        `[|S|, ..., H]`, or one `[..., H]` per selected layer); None when the head has no router.
 
         token: `softmax(U . x + b)` with x = `Norm_N(h_N)` (or the mean over layers); scalar:
         `softmax(b)`; fixed: the recipe's weights.
         """
-        shape = (*normed.shape[1:-1], len(self.layers))
+        final = normed[-1]
+        shape = (*final.shape[:-1], len(self.layers))
         if self.router_kind == "none":
             return None
         if self.router_kind == "fixed":
             return self.fixed_weights.expand(shape)
         if self.router_kind == "scalar":
             return torch.softmax(self.router_logits, dim=0).expand(shape)
-        x = normed[-1] if self.router_input == "final" else normed.mean(0)
+        x = final if self.router_input == "final" else sum(normed) / len(normed)
         if self.detach_input:
             x = x.detach()
         return torch.softmax(self.router(x.to(self.router.weight.dtype)), dim=-1)
@@ -165,8 +176,10 @@ class MoDEHead(nn.Module):
         self, hidden_states: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stacked normalised states `[|S|, ..., H]` and routing weights `[..., |S|]` (or None)."""
-        normed = torch.stack(self.normed(hidden_states))
-        return normed, self.route(normed)
+        normed = self.normed(hidden_states)
+        # Routed from the separate states: the router keeps its input for backward, and a view
+        # of the stack would keep the whole `[|S|, T, H]` copy alive until then.
+        return torch.stack(normed), self.route(normed)
 
     @staticmethod
     def mix(normed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
