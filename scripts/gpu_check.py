@@ -95,6 +95,7 @@ SHAPES = {
         "tie_word_embeddings": False,
     },
 }
+SHAPE_TITLES = {"llama3-8b": "Llama-3-8B's", "tiny": "a tiny (rehearsal)"}
 VARIANTS = ("plain", "final-only", "mode")  # plain: transformers + peft, the model's own loss
 RECIPE_VARIANTS = ("final-only", "mode")  # the recipe's own steps, held to the limit
 PYTEST_TIMEOUT_S = 240
@@ -183,6 +184,13 @@ def child_env(extra: dict | None = None) -> dict:
     )
     env.update(extra or {})
     return env
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip() + " (CPU rehearsal)"
+    return platform.machine() + " (CPU rehearsal)"
 
 
 def versions() -> dict[str, str]:
@@ -447,7 +455,8 @@ def measure_shape(
         "model_config": shape,
         "settings": {
             "precision": cfg.train.precision,
-            "optimizer": cfg.train.optimizer,
+            "optimizer": cfg.train.optimizer
+            + ("" if device == "cuda" else " (run as torch AdamW on the CPU)"),
             "gradient_checkpointing": cfg.train.gradient_checkpointing,
             "adapter": {"r": cfg.adapter.r, "target_modules": str(cfg.adapter.target_modules)},
             "layers": cfg.layers.k,
@@ -478,14 +487,14 @@ def ratio_holds(shape: dict) -> bool:
 
 
 def markdown(record: dict) -> str:
+    shape = record.get("shape")
     lines = [
-        "## GPU check: the 24 GB recipe at Llama-3-8B's shape",
+        f"## GPU check: the 24 GB recipe at {SHAPE_TITLES.get(shape['shape'] if shape else '', 'a')} shape",
         "",
         f"`python scripts/gpu_check.py` on {record['machine']}; "
         + ", ".join(f"{k} {v}" for k, v in record["versions"].items())
         + f"; {record['date']}.",
     ]
-    shape = record.get("shape")
     if shape:
         s = shape["settings"]
         lines += [
@@ -533,8 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", action="store_true", help="print what it runs, run nothing")
     parser.add_argument("--wheels", type=Path, help="install the carried wheels in this folder")
     parser.add_argument("--out", type=Path, help="also copy the record and the doc here")
-    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "gpu_check.json")
-    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--json", type=Path, help="default: docs/gpu_check.json on CUDA")
+    parser.add_argument("--doc", type=Path, help="default: docs/benchmarks.md on CUDA")
     parser.add_argument("--from-json", type=Path, help="rewrite the doc's section from a record")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a rehearsal")
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
@@ -544,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", action="append", default=[], choices=["pytest", "e2e", "shape"])
     args = parser.parse_args(argv)
 
+    # A CPU rehearsal's figures are not the GPU's: they go to a temporary folder unless named.
+    rehearsal = Path(tempfile.mkdtemp(prefix="gpu-check-cpu-")) if args.device != "cuda" else None
+    args.json = args.json or (rehearsal or ROOT / "docs") / "gpu_check.json"
+    args.doc = args.doc or (rehearsal / "benchmarks.md" if rehearsal else DOC)
     if args.plan:
         print(plan(args))
         return 0
@@ -562,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     record: dict = {
-        "machine": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
+        "machine": torch.cuda.get_device_name() if args.device == "cuda" else cpu_model(),
         "versions": versions(),
         "date": time.strftime("%Y-%m-%d"),
         "python": platform.python_version(),
