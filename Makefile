@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench bench-memory gpu-check clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,18 @@ test: $(STAMP)
 # Peak memory and time of the MoDE loss, chunked vs naive; writes docs/benchmarks.md.
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_loss.py
+
+# Peak RSS of the demo job with loss=mode against loss=final-only; writes its section of
+# docs/benchmarks.md (a few minutes).
+bench-memory: $(STAMP)
+	$(OFFLINE) $(BIN)/python scripts/bench_memory.py
+
+# The GPU acceptance in one call (CUDA tests, a tiny recipe end to end, the 24 GB recipe at
+# Llama-3-8B's shape); needs a CUDA GPU. `--plan` says what it runs and how to carry the wheels
+# a bare GPU machine lacks (.whl/, then installed by the script itself).
+GPU_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(OFFLINE) $(GPU_PYTHON) scripts/gpu_check.py $(if $(wildcard .whl/*),--wheels .whl)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

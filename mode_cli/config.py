@@ -194,6 +194,10 @@ class LayersConfig:
     `fraction` (the last `fraction` of the depth, rounded up). `indices`, when set, overrides the
     rule: explicit layers, negative ones counted from the end (-1 is N). The final layer N is
     always part of the selection.
+    train_final_norm: every selected layer below N reads through its own trainable copy of the
+    final norm; with this on, layer N gets one too (`docs/method.md`, "Norms"), instead of the
+    model's final norm, frozen. The model's own norm stays as it was: `head=final` decodes as the
+    base does.
     """
 
     select: str = "last_k"
@@ -202,6 +206,7 @@ class LayersConfig:
     of_last: int = 8
     fraction: float = 0.1
     indices: list[int] | None = None
+    train_final_norm: bool = False
 
 
 @dataclass
@@ -257,13 +262,16 @@ class LossConfig:
 class TrainConfig:
     """The optimisation loop: AdamW, warmup then a decay schedule, gradient accumulation.
 
-    precision: `fp32` or `bf16` (compute dtype of the 4-bit layers and of the trainable weights).
+    precision: `fp32` or `bf16`: the compute dtype of the 4-bit layers, and bf16 autocast around
+    the forward (the loss itself always computes in fp32). bf16 runs on GPUs and CPUs alike; CPUs
+    with bf16 units gain speed, others mostly lose it.
     optimizer: `adamw` (torch), `adamw_8bit` / `paged_adamw_8bit` (bitsandbytes, CUDA only: 8-bit
     states save ~75% of the optimizer memory; paged ones also survive memory spikes).
     optimizer_fallback: on the CPU, run an 8-bit optimizer as torch AdamW (with a note) instead of
     refusing the recipe.
-    lr_schedule: `cosine` (to `min_lr_ratio` x lr), `linear` (likewise) or `constant`, each after
-    `warmup_steps` of linear warmup.
+    lr_schedule: `cosine` (to `min_lr_ratio` x lr, reached just after the last step, so the last
+    step still learns), `linear` (likewise) or `constant`, each after `warmup_steps` of linear
+    warmup.
     head_lr: learning rate of the MoDE head (norms, router); null means `lr`.
     max_grad_norm: clip the global gradient norm (0 turns clipping off).
     stop_after_steps / max_minutes: end this invocation cleanly with a checkpoint after that many
@@ -575,7 +583,8 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
 
 def hardware_problems(cfg: DictConfig) -> list[str]:
     """What this machine cannot run of the recipe: a CUDA device without a GPU, and options that
-    need one (`train.optimizer`'s 8-bit optimizers, bf16 compute)."""
+    need one (`train.optimizer`'s 8-bit optimizers, unless `train.optimizer_fallback`). bf16 runs
+    on the CPU too (torch's CPU autocast, bitsandbytes' 4-bit layers computing in bf16)."""
     import torch
 
     from mode_cli.models.loading import resolve_device
@@ -600,9 +609,4 @@ def hardware_problems(cfg: DictConfig) -> list[str]:
             optimizer_on(cfg.train.optimizer, device, cfg.train.optimizer_fallback)
         except ModeError as err:
             problems.append(str(err))
-    if device == "cpu" and cfg.train.precision == "bf16":
-        problems.append(
-            "train.precision=bf16 is for GPUs; on the CPU use train.precision=fp32, or "
-            "train=cpu-smoke to smoke-test a GPU recipe"
-        )
     return problems

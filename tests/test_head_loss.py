@@ -136,6 +136,35 @@ def test_head_starts_from_the_final_norm_and_the_router_prior():
     assert head.describe()["trainable_parameters"] == 2 * 8 + 8 * 3 + 3
 
 
+def test_train_final_norm_gives_layer_n_a_trainable_copy_of_the_final_norm():
+    """Off (the default), layer N reads through the model's frozen final norm (its state arrives
+    normalised); on, through a trainable copy initialised from it (its state arrives before the
+    norm), which starts out identical, learns, is saved, and comes back from the description."""
+    final = RMSNorm(8).requires_grad_(False)
+    raw = {layer: torch.randn(4, 8) for layer in (3, 4, 5)}
+    frozen = MoDEHead(final, [3, 4, 5], 5, 8)
+    head = MoDEHead(final, [3, 4, 5], 5, 8, train_final_norm=True)
+    assert sorted(head.norms) == ["3", "4", "5"] and sorted(frozen.norms) == ["3", "4"]
+    assert head.norms["5"].weight is not final.weight and head.norms["5"].weight.requires_grad
+    normed, _ = head(raw)
+    expected, _ = frozen({**raw, 5: final(raw[5])})
+    torch.testing.assert_close(normed, expected)
+    assert head.describe()["trainable_parameters"] == frozen.describe()["trainable_parameters"] + 8
+
+    normed[-1].sum().backward()
+    assert head.norms["5"].weight.grad.abs().max() > 0 and final.weight.grad is None
+    with torch.no_grad():
+        head.norms["5"].weight.mul_(2.0)
+    info = head.describe()
+    assert info["train_final_norm"] is True and frozen.describe()["train_final_norm"] is False
+    rebuilt = MoDEHead.from_description(final, info)
+    rebuilt.load_state_dict(head.state_dict())
+    torch.testing.assert_close(rebuilt(raw)[0], head(raw)[0])
+    assert (head(raw)[0][-1] - expected[-1]).abs().max() > 0.1  # layer N's norm is the trained one
+    older = {k: v for k, v in frozen.describe().items() if k != "train_final_norm"}
+    assert MoDEHead.from_description(final, older).train_final_norm is False
+
+
 def test_router_bias_and_last_k():
     assert torch.softmax(router_bias(4, 0.7), 0).tolist() == pytest.approx([0.1, 0.1, 0.1, 0.7])
     assert router_bias(1, 0.9).tolist() == [0.0]
@@ -182,3 +211,26 @@ def test_untrained_ensemble_is_close_to_the_base_prediction():
     assert math.isfinite(ensemble.item())
     assert torch.allclose(routing[:, -1], torch.tensor(0.8))
     assert abs(ensemble.item() - final.item()) < 0.5 * final.item()
+
+
+def test_after_the_loss_forward_the_graph_holds_no_stacked_copy_of_the_states():
+    """The stacked `[|S|, T, H]` states feed the loss and nothing else keeps them: the router
+    reads the separate states, and the chunked loss keeps only its input gradients."""
+    import gc
+    import weakref
+
+    from mode_cli.mode.chunked import chunked_mode_loss
+
+    for router_input in ("final", "mean"):
+        head, lm_head = make_head()
+        head = MoDEHead(RMSNorm(16), head.layers, head.num_layers, 16, router_input=router_input)
+        raw = {layer: torch.randn(20, 16, requires_grad=True) for layer in head.layers}
+        normed, routing = head(raw)
+        labels = torch.randint(0, 37, (20,))
+        sums = chunked_mode_loss(normed, routing, labels, lm_head, LossWeights())
+        stacked = weakref.ref(normed)
+        del normed
+        gc.collect()
+        assert stacked() is None, router_input
+        sums.total.backward()
+        assert all(raw[layer].grad.abs().max() > 0 for layer in head.layers[:-1])

@@ -49,11 +49,20 @@ def tiny_config(family: str):
     return transformers.GPTNeoXConfig(**shape)
 
 
-def model_and_head(family: str, layers=(2, 3, 4), router: str = "token"):
+def model_and_head(
+    family: str, layers=(2, 3, 4), router: str = "token", train_final_norm: bool = False
+):
     """A random-init model and a MoDE head whose norms and router are far from their init."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(family)).eval()
-    head = MoDEHead(families_mod.final_norm(model), list(layers), 4, 32, router=router)
+    head = MoDEHead(
+        families_mod.final_norm(model),
+        list(layers),
+        4,
+        32,
+        router=router,
+        train_final_norm=train_final_norm,
+    )
     with torch.no_grad():
         for param in head.parameters():
             param.add_(0.5 * torch.randn_like(param))
@@ -61,17 +70,29 @@ def model_and_head(family: str, layers=(2, 3, 4), router: str = "token"):
 
 
 def reference_logits(model, head, input_ids, attention_mask):
-    """The naive ensemble: all hidden states, the head, one head matmul, the model's logit_fn."""
-    states = families_mod.hidden_states(model, input_ids, attention_mask)
+    """The naive ensemble: all hidden states, the head, one head matmul, the model's logit_fn.
+
+    A head with its own norm for layer N gets N's state before the model's final norm: the last
+    decoder layer's output, kept here by a hook of the test's own."""
+    layers = families_mod.get_attr(model, families_mod.family_of(model).layers)
+    kept = []
+    hook = layers[-1].register_forward_hook(lambda m, args, out: kept.append(out))
+    states = list(families_mod.hidden_states(model, input_ids, attention_mask))
+    hook.remove()
+    if head.train_final_norm:
+        states[-1] = kept[0][0] if isinstance(kept[0], tuple) else kept[0]
     normed, weights = head(states)
     return head_logits(
         families_mod.lm_head(model), head.mix(normed, weights), families_mod.logit_fn(model)
     )
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
-def test_ensemble_forward_matches_naive_reference(family):
-    model, head = model_and_head(family)
+@pytest.mark.parametrize(
+    ("family", "train_final_norm"),
+    [("llama", False), ("gemma2", False), ("gpt_neox", False), ("llama", True), ("gemma2", True)],
+)
+def test_ensemble_forward_matches_naive_reference(family, train_final_norm):
+    model, head = model_and_head(family, train_final_norm=train_final_norm)
     ids = torch.randint(3, VOCAB, (2, 9))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding
@@ -127,9 +148,11 @@ def naive_greedy(
     return ids[len(prompt) :], logits
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_generate_with_kv_cache_matches_full_recomputation(family):
-    model, head = model_and_head(family)
+@pytest.mark.parametrize(
+    ("family", "train_final_norm"), [("llama", False), ("gemma2", False), ("llama", True)]
+)
+def test_generate_with_kv_cache_matches_full_recomputation(family, train_final_norm):
+    model, head = model_and_head(family, train_final_norm=train_final_norm)
     prompt = torch.randint(3, VOCAB, (1, 6))
     config = transformers.GenerationConfig(
         max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
@@ -174,10 +197,19 @@ def test_generate_texts_batched_equals_one_by_one():
     tokenizer = DigitTokenizer()
     prompts = ["12 + 30", "7", "a longer prompt here"]
     batched = generate_mod.generate_texts(
-        model, head, tokenizer, prompts, max_new_tokens=6, device="cpu", batch_size=3
+        model,
+        head,
+        tokenizer,
+        prompts,
+        formats="alpaca",
+        max_new_tokens=6,
+        device="cpu",
+        batch_size=3,
     )
     single = [
-        generate_mod.generate_texts(model, head, tokenizer, [p], max_new_tokens=6, device="cpu")[0]
+        generate_mod.generate_texts(
+            model, head, tokenizer, [p], formats="alpaca", max_new_tokens=6, device="cpu"
+        )[0]
         for p in prompts
     ]
     assert batched == single
@@ -187,7 +219,14 @@ def test_generate_texts_batched_equals_one_by_one():
             tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
         assert text == tokenizer.decode(tokens, skip_special_tokens=True)
     final = generate_mod.generate_texts(
-        model, None, tokenizer, prompts, head_kind="final", max_new_tokens=6, device="cpu"
+        model,
+        None,
+        tokenizer,
+        prompts,
+        formats="alpaca",
+        head_kind="final",
+        max_new_tokens=6,
+        device="cpu",
     )
     assert final != batched
     assert not isinstance(families_mod.lm_head(model), ensemble_mod.EnsembleHead)
@@ -196,10 +235,14 @@ def test_generate_texts_batched_equals_one_by_one():
 def test_generate_texts_refuses_an_ensemble_without_a_head():
     model, _ = model_and_head("llama")
     with pytest.raises(ModeError, match="head=final"):
-        generate_mod.generate_texts(model, None, DigitTokenizer(), ["1"], device="cpu")
+        generate_mod.generate_texts(
+            model, None, DigitTokenizer(), ["1"], formats="alpaca", device="cpu"
+        )
     _, norms_only = model_and_head("llama", router="none")
     with pytest.raises(ModeError, match="no router"):
-        generate_mod.generate_texts(model, norms_only, DigitTokenizer(), ["1"], device="cpu")
+        generate_mod.generate_texts(
+            model, norms_only, DigitTokenizer(), ["1"], formats="alpaca", device="cpu"
+        )
 
 
 def test_decoding_options_report_every_problem():
@@ -257,7 +300,7 @@ def test_generate_streams_an_answer(mode, tiny_run):
     prompt = format_prompt(model, tokenizer, "What is 12 + 30?")
     assert "### Instruction:\nWhat is 12 + 30?" in prompt
     expected = generate_mod.generate_texts(
-        model, None, tokenizer, [prompt], max_new_tokens=12, device="cpu"
+        model, None, tokenizer, [prompt], formats="alpaca", max_new_tokens=12, device="cpu"
     )[0]
     assert out == expected + "\n"
     code, final_out, err = mode(
@@ -266,7 +309,14 @@ def test_generate_streams_an_answer(mode, tiny_run):
     )  # fmt: skip
     assert code == 0, err
     expected_final = generate_mod.generate_texts(
-        model, None, tokenizer, [prompt], head_kind="final", max_new_tokens=12, device="cpu"
+        model,
+        None,
+        tokenizer,
+        [prompt],
+        formats="alpaca",
+        head_kind="final",
+        max_new_tokens=12,
+        device="cpu",
     )[0]
     assert expected_final != expected
     assert final_out == expected_final + "\n"
@@ -355,7 +405,7 @@ def test_readme_example_runs_as_written(tiny_run, capsys, document, section):
     assert isinstance(families_mod.lm_head(model), ensemble_mod.EnsembleHead)
     prompt = namespace["format_prompt"](model, tokenizer, "What is 12 + 30?")
     expected = generate_mod.generate_texts(
-        model, None, tokenizer, [prompt], max_new_tokens=48, device="cpu"
+        model, None, tokenizer, [prompt], formats="alpaca", max_new_tokens=48, device="cpu"
     )[0]
     assert printed == expected + "\n"
 
@@ -406,3 +456,90 @@ def test_chat_prompt_follows_the_run_format(data):
         assert prompt == first + "The answer is 4.\n\n" + second
     else:
         assert prompt == "What is 2 + 2?\nThe answer is 4.\nAnd 3 + 3?\n"
+
+
+# ---------------------------------------------------------------------------- prompt tokens
+
+
+def bos_adding_tokenizer():
+    """The bundled tiny tokenizer made to add a BOS token, with no chat template of its own: chat
+    rows then render in the ChatML fallback, whose text does not start with the BOS token."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(files_mod.resolve_bundled("bundled:tiny-tokenizer"))
+    )
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    assert tokenizer("hi")["input_ids"][0] == tokenizer.bos_token_id
+    assert getattr(tokenizer, "chat_template", None) is None
+    return tokenizer
+
+
+def prompt_recorder(tokenizer, data_format: str):
+    """A tiny model whose `generate()` records the prompt ids it gets and answers EOS at once."""
+    from omegaconf import OmegaConf
+
+    model, _ = model_and_head("llama")
+    model.mode_config = OmegaConf.create({"data": {"format": data_format}})
+    model.prompts = []
+
+    def generate(input_ids, attention_mask, **kwargs):
+        for ids, mask in zip(input_ids, attention_mask, strict=True):
+            model.prompts.append(ids[mask.bool()].tolist())
+        return torch.cat([input_ids, torch.full_like(input_ids[:, :1], tokenizer.eos_token_id)], 1)
+
+    model.generate = generate
+    return model
+
+
+@pytest.mark.parametrize("data_format", ["chat", "alpaca"])
+def test_answers_generate_and_chat_tokenize_prompts_as_training_did(data_format, tmp_path):
+    """One rule for every prompt: a rendered chat template carries its own special tokens, an
+    Alpaca prompt gets the tokenizer's. With a BOS-adding tokenizer and the ChatML fallback, the
+    answer-accuracy prompts once got a BOS that training never saw."""
+    from helpers import data_cfg, write_jsonl
+
+    from mode_cli.data import formats as formats_mod
+    from mode_cli.data.tokenizing import IGNORE, encode
+    from mode_cli.eval.answers import answer_accuracy
+
+    tokenizer = bos_adding_tokenizer()
+    question, reply = "What is 2 + 2?", "The answer is 4."
+    if data_format == "chat":
+        row = {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": reply},
+            ]
+        }
+    else:
+        row = {"instruction": question, "output": reply}
+    data = data_cfg(train=str(write_jsonl(tmp_path / "rows.jsonl", [row])), format=data_format)
+    row = formats_mod.Row(formats_mod.canonical(row, data_format, {}), data_format)
+    template = formats_mod.chat_template(data, tokenizer)
+    [example], _ = encode(row, tokenizer, 512, template)
+    trained_from = next(i for i, label in enumerate(example.labels) if label != IGNORE)
+    training_prompt = example.input_ids[:trained_from]
+
+    # Answer accuracy: the row's prompt, tokenized for generation.
+    model = prompt_recorder(tokenizer, data_format)
+    prompts = [formats_mod.row_prompt(row, data, tokenizer)]
+    answer_accuracy(
+        model, None, tokenizer, [{"answer": "4"}], prompts, formats=[data_format],
+        field="answer", match="number", device="cpu", max_new_tokens=2, batch_size=1,
+    )  # fmt: skip
+    # `mode generate` and `mode chat`: the user's message in the run's format, streamed.
+    options = options_mod.DecodingOptions(prompt=question, head="final", max_new_tokens=2)
+    generate_mod.stream_reply(
+        model, tokenizer, chat_mod.format_prompt(question, model.mode_config, tokenizer), options
+    )
+    messages = [{"role": "user", "content": question}]
+    generate_mod.stream_reply(
+        model, tokenizer, chat_mod.chat_prompt(messages, model.mode_config, tokenizer), options
+    )
+    assert model.prompts == [training_prompt] * 3
+    assert (training_prompt[0] == tokenizer.bos_token_id) is (data_format == "alpaca")

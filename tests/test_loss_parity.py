@@ -260,3 +260,123 @@ def test_routing_weights_that_do_not_sum_to_one():
         sums.total.backward()
         results.append((sums, {"normed": inputs[0].grad, "weights": inputs[1].grad}))
     assert_same(results[1], results[0])
+
+
+# ---------------------------------------------------------------------------- under autocast
+
+# bf16 keeps 8 significant bits: rounding to nearest moves a value by at most 2^-8 of itself
+# (half its machine epsilon, 2^-7).
+BF16_ROUNDING = torch.finfo(torch.bfloat16).eps / 2
+
+
+def loss_inputs(name: str, dtype: torch.dtype = torch.float32):
+    """A recipe's loss inputs as leaves (normed states, routing weights or None), in `dtype`,
+    with its head (fp32, as peft's kbit preparation leaves it), labels, weights and logit_fn."""
+    upstream, lm_head, raw, labels, weights, logit_fn = make_case(name)
+    with torch.no_grad():
+        normed, routing = upstream(raw)
+    inputs = [t.to(dtype).requires_grad_(True) for t in (normed, routing) if t is not None]
+    return inputs, lm_head, labels, weights, logit_fn
+
+
+def loss_alone(loss_fn, inputs, lm_head, labels, weights, logit_fn, autocast: bool, **kwargs):
+    """Loss sums and the gradients of the loss's own inputs, optionally under bf16 autocast."""
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    routing = inputs[1] if len(inputs) > 1 else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        sums = loss_fn(inputs[0], routing, labels, lm_head, weights, logit_fn=logit_fn, **kwargs)
+    sums.total.backward()
+    return sums, {str(i): t.grad for i, t in enumerate(inputs)}
+
+
+@pytest.mark.parametrize("loss_fn", [chunked_mode_loss, mode_loss], ids=["chunked", "naive"])
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_the_loss_computes_in_fp32_under_the_callers_bf16_autocast(name, loss_fn):
+    """train.precision=bf16 runs the step under bf16 autocast; the loss turns it off inside, so on
+    the same inputs it equals the fp32 reference run without autocast, at the fp32 tolerance of
+    the parity tests above (every term, the KL's entropy and cross sums, the input-gradient
+    matmul and the router gradient)."""
+    inputs, lm_head, labels, weights, logit_fn = loss_inputs(name)
+    ref = loss_alone(mode_loss, inputs, lm_head, labels, weights, logit_fn, autocast=False)
+    kwargs = {"chunk_budget": 5 * VOCAB} if loss_fn is chunked_mode_loss else {}
+    ours = loss_alone(loss_fn, inputs, lm_head, labels, weights, logit_fn, autocast=True, **kwargs)
+    assert_same(ours, ref)
+    assert all(grad.dtype == torch.float32 for grad in ours[1].values())
+
+
+@pytest.mark.parametrize("name", ["mode", "mode-nodistill", "final-only", "layerwise", "softcap"])
+def test_bf16_inputs_under_autocast_stay_within_their_rounding_of_fp32(name):
+    """What a bf16 step feeds the loss: states and routing weights rounded to bf16. The loss under
+    autocast on them differs from the fp32 reference on the unrounded inputs by no more than the
+    rounding itself can explain: each input x moves by at most u|x| (u = 2^-8), so to first order
+    |dL| <= u * sum |dL/dx * x| over every input; twice that bounds the second-order rest.
+    And on the rounded inputs themselves it is the fp32 reference to fp32 tolerance."""
+    inputs, lm_head, labels, weights, logit_fn = loss_inputs(name)
+    ref_sums, ref_grads = loss_alone(
+        mode_loss, inputs, lm_head, labels, weights, logit_fn, autocast=False
+    )
+    rounded = [t.detach().to(torch.bfloat16) for t in inputs]
+    ours = loss_alone(
+        chunked_mode_loss, rounded, lm_head, labels, weights, logit_fn, autocast=True,
+        chunk_budget=5 * VOCAB,
+    )  # fmt: skip
+    first_order = sum(
+        (ref_grads[str(i)] * t.detach()).abs().sum() for i, t in enumerate(inputs)
+    ).item()
+    tolerance = 2 * BF16_ROUNDING * first_order
+    assert abs(ours[0].total.item() - ref_sums.total.item()) <= tolerance
+    upcast = [t.float() for t in rounded]
+    ref_rounded = loss_alone(mode_loss, upcast, lm_head, labels, weights, logit_fn, autocast=False)
+    assert ours[0].parts == pytest.approx(ref_rounded[0].parts, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(ours[0].total, ref_rounded[0].total, rtol=1e-5, atol=1e-6)
+    for key, grad in ours[1].items():
+        assert grad.dtype == torch.bfloat16, key  # gradients come back in the inputs' dtype
+        torch.testing.assert_close(
+            grad.float(), ref_rounded[1][key], rtol=BF16_ROUNDING, atol=1e-6, msg=key
+        )
+
+
+# ---------------------------------------------------------------------------- chunk sizing
+
+
+def workspace_elements(monkeypatch, loss_weights: LossWeights, num_selected: int, tokens: int):
+    """fp32 elements of the `[c, V]` buffers one chunked call holds (its workspace), forward and
+    backward, at a budget far above the batch (the default's regime on a small batch)."""
+    from mode_cli.mode import chunked as chunked_mod
+
+    held = []
+
+    class Recorded(chunked_mod._Workspace):
+        def __init__(self, device):
+            super().__init__(device)
+            held.append(self)
+
+    monkeypatch.setattr(chunked_mod, "_Workspace", Recorded)
+    torch.manual_seed(0)
+    vocab = 500
+    lm_head = nn.Linear(HIDDEN, vocab, bias=False).requires_grad_(False)
+    normed = torch.randn(num_selected, tokens, HIDDEN, requires_grad=True)
+    routing = None
+    if loss_weights.ensemble > 0:
+        routing = torch.softmax(torch.randn(tokens, num_selected), -1).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,))
+    sums = chunked_mode_loss(normed, routing, labels, lm_head, loss_weights, chunk_budget=2**26)
+    sums.total.backward()
+    return sum(buf.numel() for ws in held for buf in ws.flat.values())
+
+
+def test_a_small_batch_gets_chunks_sized_from_its_tokens(monkeypatch):
+    """The budget is a ceiling, not an allocation: on a batch of a few hundred target tokens MoDE
+    (3 layers, distillation: a block of 3 rows plus 5 working rows) holds no more logits than the
+    plain final-only loss does on the same batch (its one row plus one working row)."""
+    tokens = 280
+    final = workspace_elements(monkeypatch, FINAL_ONLY, 1, tokens)
+    mode = workspace_elements(monkeypatch, LossWeights(), 3, tokens)
+    nodistill = workspace_elements(monkeypatch, LossWeights(distill=0.0), 3, tokens)
+    assert final == 2 * tokens * 500
+    assert mode <= 1.05 * final and nodistill <= 1.05 * final
+    # Sizes: a block's rows share the batch's tokens; the budget still caps a large batch.
+    assert chunk_size(LossWeights(), 3, 49_152, tokens=280) == 70
+    assert chunk_size(FINAL_ONLY, 1, 49_152, has_router=False, tokens=280) == 280
+    assert chunk_size(LossWeights(), 3, 128_256, tokens=8192) == 130
+    assert chunk_size(LossWeights(), 3, 128_256) == 130

@@ -83,6 +83,35 @@ def test_lora_gradients_after_an_eval_pass_equal_a_dequantized_fp32_reference():
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_bf16_lora_gradients_are_unchanged_by_an_eval_pass():
+    """train.precision=bf16 on the CPU: the 4-bit layers compute in bf16 under CPU autocast, and a
+    no-grad eval forward before training must not move them onto the path without backward (it
+    did without the guard: gradients 125% off)."""
+    cfg = tiny_model_cfg()
+    source = loading_mod.resolve_source(cfg)
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def gradients(eval_pass: bool) -> dict[str, torch.Tensor]:
+        model = loading_mod.attach_adapter(
+            loading_mod.load_base_model(source, cfg, "bf16", "cpu"), lora_cfg(), False
+        )
+        randomise_lora(model, seed=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if eval_pass:
+                model.eval()
+                with torch.no_grad():
+                    model(input_ids=ids)
+            model.train()
+            loss = causal_loss(model, ids)
+        loss.backward()
+        return lora_grads(model)
+
+    expected, got = gradients(eval_pass=False), gradients(eval_pass=True)
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
 def test_quantization_none_loads_plain_weights():
     cfg = tiny_model_cfg(quantization="none")
     model = loading_mod.load_base_model(loading_mod.resolve_source(cfg), cfg, "fp32", "cpu")

@@ -165,3 +165,37 @@ def test_the_packaged_smollm2_trains_in_4_bits(mode, tmp_path, smollm2_conversio
     # The logit lens of a real model: the final layer predicts far better than early layers.
     assert final["base"]["loss"] < report["layers"][20]["base"]["loss"]
     assert final["base"]["top1"] > 0.3
+
+
+def test_train_final_norm_trains_saves_and_decodes_with_layer_ns_own_norm(mode, tmp_path):
+    """layers.train_final_norm=true: layer N's trainable norm learns, is saved with the head, and
+    comes back in `mode eval` (the same ensemble loss as at the end of training) and in `load`,
+    whose ensemble decodes through it; the model's own final norm is untouched."""
+    import torch
+
+    from mode_cli import load
+    from mode_cli.decode.ensemble import ensemble_of
+    from mode_cli.models.families import final_norm
+
+    out = tmp_path / "run"
+    train_tiny(
+        mode, out, "layers.train_final_norm=true", "train.max_steps=3", "train.head_lr=0.05",
+        "eval.compare_base=false", "eval.max_examples=4",
+    )  # fmt: skip
+    assert json.loads((out / "mode_head.json").read_text())["train_final_norm"] is True
+    saved = load_file(str(out / "mode_head.safetensors"))["norms.4.weight"]
+    model, _ = load(out, device="cpu")
+    own = final_norm(model).weight
+    assert (saved - own.float()).abs().max() > 1e-3  # it learned; the model's norm did not
+    torch.testing.assert_close(ensemble_of(model).head.norms["4"].weight, saved)
+
+    before = json.loads(first_report(out).read_text())
+    code, _, err = mode("eval", f"checkpoint={out}", "eval.answers=off", "eval.max_examples=4")
+    assert code == 0, err
+    after = json.loads(latest_report(out).read_text())
+    assert after["ensemble"]["tuned"]["loss"] == pytest.approx(
+        before["ensemble"]["tuned"]["loss"], rel=1e-5
+    )
+    assert after["layers"][-1]["tuned"]["loss"] == pytest.approx(
+        before["layers"][-1]["tuned"]["loss"], rel=1e-5
+    )

@@ -112,7 +112,7 @@ def test_micro_batching_does_not_change_the_training_run(mode, tmp_path):
         )
         assert code == 0, err
         runs[micro, accum] = [r["loss"] for r in records(out)]
-        assert [r["lr"] for r in records(out)] == pytest.approx([5e-4, 1e-3, 0.0])
+        assert [r["lr"] for r in records(out)] == pytest.approx([5e-4, 1e-3, 5e-4])
     reference = runs[8, 1]
     assert len(reference) == 3 and reference[2] != reference[0]
     for losses in runs.values():
@@ -123,7 +123,9 @@ def test_micro_batching_does_not_change_the_training_run(mode, tmp_path):
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
-def test_lr_schedules_warm_up_then_decay_to_the_floor_at_the_last_step(schedule):
+def test_lr_schedules_warm_up_then_decay_to_the_floor_after_the_last_step(schedule):
+    """20 steps (scheduler steps 0-19): the floor is where step 20 would be, so the last step
+    still learns (a floor at the last step made it a forward/backward that updated nothing)."""
     factor = optim_mod.lr_lambda(warmup=4, total=20, min_ratio=0.1, schedule=schedule)
     values = [factor(step) for step in range(20)]
     assert values[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8])
@@ -131,9 +133,10 @@ def test_lr_schedules_warm_up_then_decay_to_the_floor_at_the_last_step(schedule)
     if schedule == "constant":
         assert values[4:] == pytest.approx([1.0] * 16)
         return
-    assert values[19] == pytest.approx(0.1)
+    assert factor(20) == pytest.approx(0.1)
+    assert values[19] > 0.1 + 1e-3
     assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
-    middle = 4 + (19 - 4) / 2  # halfway through the decay: both are at the mean of peak and floor
+    middle = 4 + (20 - 4) / 2  # halfway through the decay: both are at the mean of peak and floor
     if schedule == "linear":
         assert factor(middle) == pytest.approx(0.55)
         assert values[5] - values[6] == pytest.approx(values[17] - values[18])
@@ -141,6 +144,13 @@ def test_lr_schedules_warm_up_then_decay_to_the_floor_at_the_last_step(schedule)
         assert factor(middle) == pytest.approx(0.55)
         assert values[5] - values[6] < values[11] - values[12]  # slow, fast, slow
         assert values[17] - values[18] < values[11] - values[12]
+    # The default floor is 0: every step of a run still has a learning rate above it.
+    assert optim_mod.lr_lambda(4, 20, 0.0, schedule)(19) > 0
+
+
+def test_the_last_step_of_a_default_run_learns(tiny_run):
+    """With the default schedule (cosine to min_lr_ratio 0), the last record's lr is above 0."""
+    assert records(tiny_run)[-1]["lr"] > 0
 
 
 def test_8bit_optimizers_on_the_cpu_are_refused_or_fall_back_to_adamw(mode, tmp_path):
@@ -160,6 +170,49 @@ def test_8bit_optimizers_on_the_cpu_are_refused_or_fall_back_to_adamw(mode, tmp_
     cfg.train.optimizer_fallback = True
     optimizer = optim_mod.make_optimizer(cfg, model, None, "cpu")
     assert type(optimizer) is torch.optim.AdamW
+
+
+def test_weight_decay_spares_dora_magnitudes_norms_and_biases(tiny_recipe):
+    """train.weight_decay pulls weights toward 0: right for LoRA's matrices, wrong for DoRA's
+    magnitude vectors (the adapted weights' column norms), norm weights and biases, which get
+    none. The MoDE head (norms and router) has its own group, without decay."""
+    from omegaconf import OmegaConf
+
+    from mode_cli.models.loading import attach_adapter, load_base_model
+
+    cfg = tiny_recipe.cfg.copy()
+    OmegaConf.update(cfg, "train.weight_decay", 0.1)
+    OmegaConf.update(cfg, "adapter.use_dora", True)
+    base = load_base_model(tiny_recipe.source, cfg.model, "fp32", "cpu")
+    model = attach_adapter(base, cfg.adapter, False)
+    # A trainable bias and norm weight, as a recipe training them beside the adapter would have.
+    decoder_layer = model.get_base_model().model.layers[0]
+    decoder_layer.input_layernorm.weight.requires_grad_(True)
+    extra_bias = torch.nn.Parameter(torch.zeros(3))
+    decoder_layer.register_parameter("extra_bias", extra_bias)
+    optimizer = optim_mod.make_optimizer(cfg, model, tiny_recipe.head, "cpu")
+
+    decay_of = {
+        id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]
+    }
+    names = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    magnitudes = [i for i, name in names.items() if "lora_magnitude_vector" in name]
+    matrices = [i for i, name in names.items() if "lora_A" in name or "lora_B" in name]
+    assert magnitudes and matrices
+    assert all(decay_of[i] == 0.0 for i in magnitudes)
+    assert all(decay_of[i] == 0.1 for i in matrices)
+    assert decay_of[id(decoder_layer.input_layernorm.weight)] == 0.0
+    assert decay_of[id(extra_bias)] == 0.0
+    assert all(decay_of[id(p)] == 0.0 for p in tiny_recipe.head.parameters())
+    assert len(decay_of) == len(names) + len(list(tiny_recipe.head.parameters()))
+
+
+def test_plain_lora_keeps_two_parameter_groups(tiny_recipe):
+    """LoRA has only matrices: the adapter stays one group, so checkpoints written before the
+    no-decay group existed still resume."""
+    groups = tiny_recipe.optimizer.param_groups
+    assert len(groups) == 2
+    assert [group["initial_lr"] for group in groups] == [tiny_recipe.cfg.train.lr] * 2
 
 
 # ---------------------------------------------------------------------------- faults

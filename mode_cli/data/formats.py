@@ -183,10 +183,15 @@ def user_prompt(text: str, data_cfg, tokenizer) -> str:
     return ALPACA_NO_INPUT.format(instruction=text)
 
 
+def row_format(row: dict, data_cfg) -> str:
+    """The format a row is rendered in: its own (a `data.mix` source's), else `data.format`."""
+    return getattr(row, "format", None) or data_cfg.format
+
+
 def row_prompt(row: dict, data_cfg, tokenizer) -> str:
     """Everything the model sees of a row before its response: the Alpaca template, or the chat
     up to its last assistant turn with the generation prompt. Text rows have no prompt."""
-    format = getattr(row, "format", None) or data_cfg.format
+    format = row_format(row, data_cfg)
     if format == "text":
         raise ModeError("data.format=text has no prompt/response split: there is no row prompt")
     if format == "chat":

@@ -34,27 +34,32 @@ class Example:
         return sum(1 for label in self.labels if label != IGNORE)
 
 
-def prompt_ids(tokenizer, text: str, add_special_tokens: bool | None = None) -> list[int]:
-    """Token ids of a prompt as training made them.
+def adds_special_tokens(format: str) -> bool:
+    """The one rule for tokenizing text rendered in a `data.format`, in training and decoding alike.
 
-    Alpaca and text prompts get the tokenizer's special tokens (its BOS, if it adds one); a
-    rendered chat template carries its own (`add_special_tokens=False`). None decides from the
-    text: special tokens are added unless it already starts with the BOS token.
+    A rendered chat template carries its own special tokens (`add_special_tokens=False`); Alpaca
+    prompts and text documents get the tokenizer's (its BOS, if it adds one). Deciding from the
+    text instead (add unless it starts with the BOS token) gives a BOS-adding tokenizer's ChatML
+    prompts a BOS that training never saw.
     """
-    if add_special_tokens is None:
-        bos = tokenizer.bos_token
-        add_special_tokens = not (bos and text.startswith(bos))
-    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    return format != "chat"
+
+
+def prompt_ids(tokenizer, text: str, format: str) -> list[int]:
+    """Token ids of text rendered in `format` (a prompt, a conversation, a document), tokenized
+    as training tokenizes it: training, answer accuracy, `mode generate` and `mode chat` all
+    tokenize through here."""
+    return tokenizer(text, add_special_tokens=adds_special_tokens(format))["input_ids"]
 
 
 def tokenize(row: dict, tokenizer, max_seq_len: int) -> tuple[Example, bool]:
     """An Alpaca row: prompt (masked) + response + EOS (trained), cut at `max_seq_len`;
     returns (example, cut)."""
-    prompt_ids = tokenizer(alpaca_prompt(row), add_special_tokens=True)["input_ids"]
+    prompt = prompt_ids(tokenizer, alpaca_prompt(row), "alpaca")
     response_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
     response_ids = response_ids + [tokenizer.eos_token_id]
-    input_ids = prompt_ids + response_ids
-    labels = [IGNORE] * len(prompt_ids) + response_ids
+    input_ids = prompt + response_ids
+    labels = [IGNORE] * len(prompt) + response_ids
     cut = len(input_ids) > max_seq_len
     return Example(input_ids[:max_seq_len], labels[:max_seq_len]), cut
 
@@ -70,7 +75,7 @@ def tokenize_chat(
     by character offsets instead.
     """
     text = render_chat(messages, template, tokenizer, False)
-    input_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    input_ids = prompt_ids(tokenizer, text, "chat")
     labels = [IGNORE] * len(input_ids)
     offsets = None
     for i, message in enumerate(messages):
@@ -109,14 +114,14 @@ def character_offsets(tokenizer, text: str) -> list[tuple[int, int]]:
 
 def token_prefix_length(tokenizer, text: str, full_ids: list[int]) -> int | None:
     """len(ids of `text`) when they are a prefix of `full_ids`, else None."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = prompt_ids(tokenizer, text, "chat")
     return len(ids) if full_ids[: len(ids)] == ids else None
 
 
 def tokenize_text(text: str, tokenizer, max_seq_len: int) -> list[Example]:
     """A document, every token trained, ended by EOS and split into chunks of `max_seq_len`
     that overlap by one token (the first position of a chunk is never predicted)."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt_ids(tokenizer, text, "text") + [tokenizer.eos_token_id]
     stride = max(1, max_seq_len - 1)
     chunks = []
     start = 0

@@ -64,11 +64,10 @@ def chat_loop(model, tokenizer, options: DecodingOptions) -> int:
     interactive = sys.stdin.isatty()
     console.print("[dim]/exit (or Ctrl-D) ends the chat, /reset forgets it[/dim]")
     messages: list[dict] = []
-    chat = model.mode_config.data.format == "chat"
 
     def length(turns: list[dict]) -> int:
         prompt = chat_prompt(turns, model.mode_config, tokenizer)
-        return len(prompt_ids(tokenizer, prompt, add_special_tokens=not chat))
+        return len(prompt_ids(tokenizer, prompt, model.mode_config.data.format))
 
     while True:
         try:

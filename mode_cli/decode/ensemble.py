@@ -65,12 +65,19 @@ class EnsembleHead(nn.Module):
         # captured states the same way so every layer lines up token by token.
         states = {
             layer: slice_logits_to_keep(self.captured.pop(layer), self.logits_to_keep)
-            for layer in self.head.layers[:-1]
+            for layer in captured_layers(self.head)
         }
-        states[self.head.num_layers] = final_state
+        if not self.head.train_final_norm:
+            states[self.head.num_layers] = final_state
         normed, weights = self.head(states)
         mixed = MoDEHead.mix(normed, weights)
         return self.lm_head(mixed.to(self.lm_head.weight.dtype))
+
+
+def captured_layers(head: MoDEHead) -> list[int]:
+    """The layers whose outputs the hooks keep: those below N, and N itself when the head has its
+    own norm for it (the LM head only sees N's state after the model's final norm)."""
+    return head.layers if head.train_final_norm else head.layers[:-1]
 
 
 def ensemble_of(model: nn.Module) -> EnsembleHead | None:
@@ -132,7 +139,7 @@ def attach(model: nn.Module, head: MoDEHead, kind: str = "ensemble") -> Ensemble
         return hook
 
     ensemble.hooks = [
-        layers[layer - 1].register_forward_hook(keep(layer)) for layer in head.layers[:-1]
+        layers[layer - 1].register_forward_hook(keep(layer)) for layer in captured_layers(head)
     ]
 
     # Wrap the CausalLM's forward on the instance: peft calls `model.forward(...)` directly,

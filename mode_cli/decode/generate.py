@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -76,39 +76,38 @@ def generate_texts(
     tokenizer,
     prompts: list[str],
     *,
+    formats: str | Sequence[str],
     head_kind: str = "ensemble",
     max_new_tokens: int = 64,
     device: str,
     batch_size: int = 8,
-    add_special_tokens: bool | None = None,
 ) -> list[str]:
     """Greedy completions of already formatted prompts, decoded with `head_kind`.
 
     Batched with left padding and the KV cache; stops each sequence at EOS and returns only the
-    new text. Prompts are tokenized as in training (see `add_special_tokens`).
+    new text. Prompts are tokenized as training tokenized them (`tokenizing.prompt_ids`).
 
     Args:
         model: what `artifacts.load_run` returns (a peft model or the base) or a merged model.
         head: the run's MoDE head, or None (then only `final` is valid).
         tokenizer: the run's tokenizer.
         prompts: the full prompt texts (template already applied).
+        formats: the `data.format` each prompt was rendered in (one for all, or one per prompt):
+            it decides whether tokenizing adds the tokenizer's special tokens.
         head_kind: `ensemble` (the MoDE head's mix) or `final` (the model's own last layer).
         max_new_tokens: the most tokens generated per prompt.
         device: where the model's inputs go.
         batch_size: prompts decoded together.
-        add_special_tokens: whether tokenizing adds the tokenizer's special tokens: True for
-            Alpaca and text prompts, False for rendered chat templates; None decides per prompt
-            (added unless the prompt starts with the BOS token).
     """
     if max_new_tokens < 1:
         raise ModeError(f"max_new_tokens={max_new_tokens}: expected at least 1")
+    formats = [formats] * len(prompts) if isinstance(formats, str) else formats
+    ids = [prompt_ids(tokenizer, p, f) for p, f in zip(prompts, formats, strict=True)]
     config = generation_config(tokenizer, max_new_tokens)
     texts: list[str] = []
     with use_head(model, head_kind, head), eval_mode(model):
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            ids = [prompt_ids(tokenizer, p, add_special_tokens) for p in chunk]
-            batch = left_padded(ids, config.pad_token_id, device)
+            batch = left_padded(ids[start : start + batch_size], config.pad_token_id, device)
             out = model.generate(**batch, generation_config=config)
             width = batch["input_ids"].shape[1]
             texts += [new_text(tokenizer, row[width:].tolist()) for row in out]
@@ -120,8 +119,7 @@ def stream_reply(model, tokenizer, prompt: str, options: DecodingOptions) -> str
     from transformers import TextStreamer
 
     device = next(model.parameters()).device
-    chat = model.mode_config.data.format == "chat"
-    ids = prompt_ids(tokenizer, prompt, add_special_tokens=not chat)
+    ids = prompt_ids(tokenizer, prompt, model.mode_config.data.format)
     inputs = left_padded([ids], tokenizer.pad_token_id, device)
     config = generation_config(tokenizer, options.max_new_tokens, options.temperature)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from mode_cli.data.formats import row_prompt
+from mode_cli.data.formats import row_format, row_prompt
 from mode_cli.data.sources import eval_rows
 from mode_cli.decode.generate import generate_texts
 from mode_cli.errors import ModeError
@@ -185,6 +185,7 @@ def answer_accuracy(
     rows: Sequence[dict],
     prompts: Sequence[str],
     *,
+    formats: Sequence[str],
     field: str,
     match: str,
     device: str,
@@ -193,7 +194,8 @@ def answer_accuracy(
 ) -> dict:
     """Generate greedily with each head the model has and score the answers.
 
-    The ensemble head exists only with a routed MoDE head; the final head always.
+    The ensemble head exists only with a routed MoDE head; the final head always. `formats`: the
+    format each prompt was rendered in, so it is tokenized as training tokenized it.
     """
     heads = ["ensemble", "final"] if has_ensemble(head) else ["final"]
     outputs = {
@@ -202,6 +204,7 @@ def answer_accuracy(
             head,
             tokenizer,
             list(prompts),
+            formats=formats,
             head_kind=kind,
             max_new_tokens=max_new_tokens,
             device=device,
@@ -223,6 +226,7 @@ def evaluate_answers(cfg, model, head, tokenizer, device: str, rows: Sequence[di
         tokenizer,
         rows,
         prompts,
+        formats=[row_format(row, cfg.data) for row in rows],
         field=cfg.eval.answer_field,
         match=cfg.eval.answer_match,
         device=device,

@@ -84,9 +84,14 @@ def layer_metrics(
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        states = families.hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        # A head with its own norm for layer N reads N's state before the model's final norm.
+        pre_norm = head is not None and head.train_final_norm
+        states = families.hidden_states(
+            model, batch["input_ids"], batch["attention_mask"], final_norm_input=pre_norm
+        )
         keep, labels = target_positions(batch["labels"])
         kept = {layer: at_targets(states[layer], keep) for layer in needed}
+        final = final_norm(kept[n]) if pre_norm else kept[n]  # what the model itself predicts from
         for layer in sorted(wanted - {n}):
             norm = (
                 head.norms[str(layer)]
@@ -94,7 +99,7 @@ def layer_metrics(
                 else final_norm
             )
             layers[layer - 1].add(logits(norm(kept[layer])), labels)
-        layers[n - 1].add(logits(kept[n]), labels)
+        layers[n - 1].add(logits(final), labels)
         if routed:
             normed, weights = head(kept)
             ensemble.add(logits(MoDEHead.mix(normed, weights)), labels)

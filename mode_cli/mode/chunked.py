@@ -22,16 +22,19 @@ from mode_cli.mode.terms import (
     LossSums,
     LossWeights,
     TermPlan,
+    fp32_arithmetic,
     parts_of,
     plan_terms,
     sums_of,
 )
 
-# Elements of one chunk's fp32 logits block `[rows, chunk, V]` (256 MiB). Large enough that each
-# chunk's head matmul is an efficient GEMM (about 130 tokens x 4 rows at Llama-3's 128,256 vocab,
-# 520 at 32k) and per-chunk overheads vanish, small enough to be noise next to a QLoRA step of an
-# 8B model. The chunked loss holds about two budgets at its peak, whatever the token count.
-# (On a 2-core CPU, budgets of 2^22 and 2^20 made the loss 2-6x slower: small GEMMs.)
+# The most elements of one chunk's fp32 logits block `[rows, chunk, V]` (256 MiB). Large enough
+# that each chunk's head matmul is an efficient GEMM (about 130 tokens x 4 rows at Llama-3's
+# 128,256 vocab, 520 at 32k) and per-chunk overheads vanish, small enough to be noise next to a
+# QLoRA step of an 8B model. The chunked loss holds about two blocks at its peak, whatever the
+# token count. (On a 2-core CPU, budgets of 2^22 and 2^20 made long batches' loss 2-6x slower:
+# small GEMMs.) A ceiling, not an allocation: a small batch's block holds at most its own
+# `[tokens, V]` logits (`chunk_size`).
 DEFAULT_CHUNK_BUDGET = 2**26
 
 
@@ -46,16 +49,19 @@ def chunked_mode_loss(
 ) -> LossSums:
     """The MoDE objective of `mode_loss`, computed chunk by chunk over the tokens.
 
-    Memory (`docs/method.md`, "Implementation"; `docs/benchmarks.md`): tokens are walked in chunks sized so that one chunk's fp32 logits
-    block `[rows, chunk, V]` holds at most `chunk_budget` elements (rows: |S| when a per-layer
-    term has weight, plus 1 for the ensemble), and only one chunk's block is alive at a time. The
-    gradient with respect to `normed` and `weights` is computed chunk by chunk during the forward
-    pass, analytically from the softmaxes (`d CE / dz = p - onehot(y)`, `d T^2 KL / dz_l =
-    T (q_l - p_teacher)`), and kept: it is the size of the inputs, tiny next to the logits.
-    Backward only scales it by the incoming gradient, so the head matmul is paid once forward and
-    once for the input gradient, never recomputed (recomputing the chunk in backward would pay the
-    forward matmul twice for the same memory). Gradients then flow on to whatever produced
-    `normed` and `weights` (LoRA, per-layer norms, router).
+    Memory (`docs/method.md`, "Implementation"; `docs/benchmarks.md`): tokens are walked in
+    chunks sized so that one chunk's fp32 logits block `[rows, chunk, V]` holds at most
+    `chunk_budget` elements (rows: |S| when a per-layer term has weight, plus 1 for the
+    ensemble), and at most the `T x V` logits of the batch itself: a batch of a few hundred
+    tokens splits into `rows` chunks, so MoDE holds no more logits than the final-only baseline
+    on the same batch, instead of a budget sized for long batches. Only one chunk's block is
+    alive at a time. The gradient with respect to `normed` and `weights` is computed chunk by
+    chunk during the forward pass, analytically from the softmaxes (`d CE / dz = p - onehot(y)`,
+    `d T^2 KL / dz_l = T (q_l - p_teacher)`), and kept: it is the size of the inputs, tiny next
+    to the logits. Backward only scales it by the incoming gradient, so the head matmul is paid
+    once forward and once for the input gradient, never recomputed (recomputing the chunk in
+    backward would pay the forward matmul twice for the same memory). Gradients then flow on to
+    whatever produced `normed` and `weights` (LoRA, per-layer norms, router).
 
     Cost: when per-layer logits are computed anyway, the ensemble's raw logits are mixed from them
     (`sum_l w_l z_l`, equal to `W . sum_l w_l x_l` for a linear head) instead of a fourth head
@@ -69,7 +75,8 @@ def chunked_mode_loss(
     The gradient is stored for one backward pass (no double backward).
 
     Args: as `mode_loss`, plus
-        chunk_budget: elements of one chunk's fp32 logits block (default `DEFAULT_CHUNK_BUDGET`).
+        chunk_budget: the most elements of one chunk's fp32 logits block (default
+            `DEFAULT_CHUNK_BUDGET`).
     """
     num_selected, num_tokens, _ = normed.shape
     plan = plan_terms(num_selected, weights is not None, loss_weights)
@@ -82,10 +89,11 @@ def chunked_mode_loss(
             "chunked_mode_loss gives the LM head no gradient; freeze it, or use mode_loss",
             stacklevel=2,
         )
-    chunk = _chunk_size(plan, weight.shape[0], chunk_budget)
-    total, ce_ens, ce_layers, distill = _ChunkedLoss.apply(
-        normed, weights, labels, weight, bias, plan, logit_fn, chunk, need_grad
-    )
+    chunk = _chunk_size(plan, weight.shape[0], chunk_budget, num_tokens)
+    with fp32_arithmetic(normed):  # the caller's autocast would run the chunk's math in bf16
+        total, ce_ens, ce_layers, distill = _ChunkedLoss.apply(
+            normed, weights, labels, weight, bias, plan, logit_fn, chunk, need_grad
+        )
     return sums_of(total, num_tokens, parts_of(plan, ce_ens, ce_layers, distill))
 
 
@@ -95,13 +103,23 @@ def chunk_size(
     vocab: int,
     has_router: bool = True,
     chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+    tokens: int | None = None,
 ) -> int:
-    """Tokens per chunk of `chunked_mode_loss`: the most whose `[rows, chunk, V]` block fits."""
-    return _chunk_size(plan_terms(num_selected, has_router, loss_weights), vocab, chunk_budget)
+    """Tokens per chunk of `chunked_mode_loss` on `tokens` target tokens (None: no cap from the
+    batch): the most whose `[rows, chunk, V]` block fits the budget and holds no more than the
+    batch's own `tokens x V` logits."""
+    plan = plan_terms(num_selected, has_router, loss_weights)
+    return _chunk_size(plan, vocab, chunk_budget, tokens)
 
 
-def _chunk_size(plan: TermPlan, vocab: int, chunk_budget: int) -> int:
-    return max(1, chunk_budget // (max(1, plan.logit_rows) * vocab))
+def _chunk_size(plan: TermPlan, vocab: int, chunk_budget: int, tokens: int | None = None) -> int:
+    rows = max(1, plan.logit_rows)
+    chunk = max(1, chunk_budget // (rows * vocab))
+    if tokens is not None:
+        # The budget is a ceiling: the rows of a small batch's block share its tokens, so the
+        # block is the size of the final-only loss's one row on the same batch.
+        chunk = min(chunk, max(1, -(-tokens // rows)))
+    return chunk
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -150,10 +168,11 @@ class _ChunkedLoss(torch.autograd.Function):
         if grad_normed is None:
             raise RuntimeError("chunked_mode_loss ran without gradients (no_grad or no inputs)")
         ctx.grads = (None, None)  # free them with the graph; stored for one backward only
-        out_normed = (grad_normed * grad_total).to(ctx.dtypes[0])
+        # Scaled in place: no second input-sized copy at the backward's peak.
+        out_normed = grad_normed.mul_(grad_total).to(ctx.dtypes[0])
         out_weights = None
         if grad_weights is not None:
-            out_weights = (grad_weights * grad_total).to(ctx.dtypes[1])
+            out_weights = grad_weights.mul_(grad_total).to(ctx.dtypes[1])
         return out_normed, out_weights, None, None, None, None, None, None, None
 
 
@@ -309,8 +328,10 @@ def _chunk(x, w, labels, weight, bias, plan: TermPlan, logit_fn, need_grad, ws: 
         # Ensemble only: one head matmul on the mixed states; its gradient goes back through the
         # mix: dL/dx_l = w_l dL/dm, dL/dw_l = <dL/dm, x_l>.
         mixed = torch.einsum("sch,cs->ch", x, w)
-        z, to_raw = _softcapped(head(mixed[None])[0], logit_fn, need_grad)
-        ce_ens, _, grad_z = _row_loss(z, labels, plan.a_ens, None, plan, need_grad, ws)
+        raw = head(mixed[None])[0]
+        z, to_raw = _softcapped(raw, logit_fn, need_grad)
+        # The gradient overwrites the block's row (z itself without a logit_fn): one fewer row.
+        ce_ens, _, grad_z = _row_loss(z, labels, plan.a_ens, None, plan, need_grad, ws, out=raw)
         del z
         if need_grad:
             grad_m = back(to_raw(grad_z))

@@ -8,10 +8,13 @@ Plain `torch.nn`, no dependency on the CLI or the training loop (`docs/method.md
     normed, weights = head(states)                 # [|S|, ..., H], [..., |S|]
     logits = lm_head(head.mix(normed, weights))    # the ensemble: one head matmul
 
-Layers are numbered 1..N as in `hidden_states[l]` (0 is the embedding output). Layer N uses the
-model's own final norm, frozen; every other selected layer gets a trainable copy of it,
-initialised from its weights. The router's weights start at `init_final_weight` on layer N and
-share the rest equally, so the untrained ensemble stays close to the base model's prediction.
+Layers are numbered 1..N as in `hidden_states[l]` (0 is the embedding output). Every selected
+layer below N gets a trainable copy of the model's final norm, initialised from its weights. Layer
+N uses the model's own final norm, frozen (its state arrives already normalised), or with
+`train_final_norm` a trainable copy of its own (its state then arrives before the final norm:
+`families.hidden_states(..., final_norm_input=True)`). The router's weights start at
+`init_final_weight` on layer N and share the rest equally, so the untrained ensemble stays close to
+the base model's prediction.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # `router.kind` of a recipe; `none` (norms only, no ensemble) is the head of loss=layerwise.
 ROUTERS = ("token", "scalar", "fixed")
@@ -49,6 +53,9 @@ class MoDEHead(nn.Module):
         router_input: what the token router reads: `final` (`Norm_N(h_N)`) or `mean` (the mean
             of the selected layers' normalised states).
         detach_input: stop the router's gradient at its input.
+        train_final_norm: give layer N a trainable copy of the final norm too (the model's own
+            stays frozen for decoding with the final head); `normed` then expects layer N's state
+            before the final norm.
     """
 
     def __init__(
@@ -62,6 +69,7 @@ class MoDEHead(nn.Module):
         fixed_weights: Sequence[float] | None = None,
         router_input: str = "final",
         detach_input: bool = False,
+        train_final_norm: bool = False,
     ) -> None:
         super().__init__()
         layers = [int(layer) for layer in layers]
@@ -84,8 +92,9 @@ class MoDEHead(nn.Module):
         self.init_final_weight = init_final_weight
         self.router_input = router_input
         self.detach_input = detach_input
+        self.train_final_norm = train_final_norm
         self.norms = nn.ModuleDict()
-        for layer in layers[:-1]:
+        for layer in layers if train_final_norm else layers[:-1]:
             norm = copy.deepcopy(final_norm)
             for param in norm.parameters():
                 param.data = param.data.float()
@@ -120,31 +129,45 @@ class MoDEHead(nn.Module):
                 self.router_logits.copy_(prior)
 
     def normed(self, hidden_states: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """`Norm_l(h_l)` for each selected layer; layer N's state arrives already normalised.
+        """`Norm_l(h_l)` for each selected layer. Layer N's state arrives already normalised by
+        the model's final norm, or, with `train_final_norm`, before it (its own norm applies).
 
         `hidden_states` is indexed by layer number: the model's tuple, or a dict holding only the
         selected layers (for instance after dropping masked positions).
         """
         # fp32 from here on: the loss is computed in fp32 whatever the model's compute dtype.
-        out = [self.norms[str(layer)](hidden_states[layer]).float() for layer in self.layers[:-1]]
-        out.append(hidden_states[self.num_layers].float())
+        out = [self._norm(layer, hidden_states[layer]).float() for layer in self.layers[:-1]]
+        final = hidden_states[self.num_layers]
+        if self.train_final_norm:
+            final = self._norm(self.num_layers, final)
+        out.append(final.float())
         return out
 
-    def route(self, normed: torch.Tensor) -> torch.Tensor | None:
-        """Routing weights `[..., |S|]` per token from the stacked normalised states; None when
-        the head has no router.
+    def _norm(self, layer: int, state: torch.Tensor) -> torch.Tensor:
+        norm = self.norms[str(layer)]
+        if not torch.is_grad_enabled():
+            return norm(state)
+        # Recomputed in backward (a few elementwise passes): autograd then keeps only the input,
+        # which is held anyway, instead of the norm's fp32 intermediates, one or two `[T, H]`
+        # tensors per layer.
+        return checkpoint(norm, state, use_reentrant=False)
+
+    def route(self, normed: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """Routing weights `[..., |S|]` per token from the normalised states (stacked
+        `[|S|, ..., H]`, or one `[..., H]` per selected layer); None when the head has no router.
 
         token: `softmax(U . x + b)` with x = `Norm_N(h_N)` (or the mean over layers); scalar:
         `softmax(b)`; fixed: the recipe's weights.
         """
-        shape = (*normed.shape[1:-1], len(self.layers))
+        final = normed[-1]
+        shape = (*final.shape[:-1], len(self.layers))
         if self.router_kind == "none":
             return None
         if self.router_kind == "fixed":
             return self.fixed_weights.expand(shape)
         if self.router_kind == "scalar":
             return torch.softmax(self.router_logits, dim=0).expand(shape)
-        x = normed[-1] if self.router_input == "final" else normed.mean(0)
+        x = final if self.router_input == "final" else sum(normed) / len(normed)
         if self.detach_input:
             x = x.detach()
         return torch.softmax(self.router(x.to(self.router.weight.dtype)), dim=-1)
@@ -153,8 +176,10 @@ class MoDEHead(nn.Module):
         self, hidden_states: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stacked normalised states `[|S|, ..., H]` and routing weights `[..., |S|]` (or None)."""
-        normed = torch.stack(self.normed(hidden_states))
-        return normed, self.route(normed)
+        normed = self.normed(hidden_states)
+        # Routed from the separate states: the router keeps its input for backward, and a view
+        # of the stack would keep the whole `[|S|, T, H]` copy alive until then.
+        return torch.stack(normed), self.route(normed)
 
     @staticmethod
     def mix(normed: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -174,6 +199,7 @@ class MoDEHead(nn.Module):
             fixed_weights=info.get("fixed_weights"),
             router_input=info.get("router_input", "final"),
             detach_input=info.get("detach_input", False),
+            train_final_norm=info.get("train_final_norm", False),
         )
 
     def describe(self) -> dict:
@@ -189,6 +215,7 @@ class MoDEHead(nn.Module):
             "fixed_weights": self.fixed_weights.tolist() if self.router_kind == "fixed" else None,
             "router_input": self.router_input,
             "detach_input": self.detach_input,
+            "train_final_norm": self.train_final_norm,
             "trainable_parameters": sum(p.numel() for p in self.parameters()),
         }
 

@@ -11,7 +11,8 @@ tensor; for the ensemble it acts after the mix (our documented choice). The teac
 `docs/method.md`, "Loss".
 
 Inputs hold only target positions: masked ones (label -100) are dropped by the caller before any
-head matmul. Every term is computed in fp32. Per-layer logits are only computed when a per-layer
+head matmul. Every term is computed in fp32, also under the caller's autocast (turned off inside;
+a lower-precision LM head still projects in its own dtype, into fp32 logits). Per-layer logits are only computed when a per-layer
 term has weight. Returning sums, not means, lets gradient accumulation divide by the number of
 target tokens of the whole optimizer step, so every token weighs the same however the step is split.
 
@@ -33,6 +34,7 @@ from mode_cli.mode.terms import (
     LogitFn,
     LossSums,
     LossWeights,
+    fp32_arithmetic,
     head_logits,
     parts_of,
     plan_terms,
@@ -62,6 +64,11 @@ def mode_loss(
         loss_weights: the coefficients of the terms.
         logit_fn: elementwise function applied to every logits tensor after the head.
     """
+    with fp32_arithmetic(normed):
+        return _mode_loss(normed, weights, labels, lm_head, loss_weights, logit_fn)
+
+
+def _mode_loss(normed, weights, labels, lm_head, loss_weights, logit_fn) -> LossSums:
     plan = plan_terms(normed.shape[0], weights is not None, loss_weights)
     normed = normed.float()
     zero = normed.new_zeros(())

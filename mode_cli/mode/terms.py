@@ -10,6 +10,7 @@ Shared by the two implementations of the loss (`loss.mode_loss`, the naive refer
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -130,6 +131,16 @@ def sums_of(total: torch.Tensor, tokens: int, parts: dict) -> LossSums:
     # One host sync for all the logged parts.
     values = torch.stack([p.detach().float() for p in parts.values()]).tolist() if parts else []
     return LossSums(total=total, tokens=tokens, parts=dict(zip(parts, values, strict=True)))
+
+
+def fp32_arithmetic(tensor: torch.Tensor) -> AbstractContextManager:
+    """Autocast off on `tensor`'s device: the loss computes in fp32 whatever the caller's autocast.
+
+    A bf16 step (`train.precision=bf16`) runs under autocast, which would otherwise run the head
+    matmuls, the KL's entropy and cross sums and the gradient matmuls in bf16: the KL is a
+    difference of two sums of size ~log V, and bf16 rounding of each cancels most of its digits.
+    """
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def head_logits(

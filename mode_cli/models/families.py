@@ -138,6 +138,7 @@ def hidden_states(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor | None = None,
+    final_norm_input: bool = False,
 ):
     """Run the decoder alone (no full-vocabulary logits) and return all N+1 hidden states.
 
@@ -149,16 +150,30 @@ def hidden_states(
     hidden_states[0] is the embedding output (Gemma's already scaled by sqrt(hidden)),
     hidden_states[l] the output of layer l before the final norm, and the last one has the final
     norm applied: `lm_head(hidden_states[-1])` (through `logit_fn`) is the model's own logits.
+    `final_norm_input=True` returns layer N's state before the final norm there instead (what a
+    MoDE head with its own trainable norm for layer N reads).
     """
     base = base_of(model)
-    decoder = get_attr(base, family_of(base).decoder)
-    out = decoder(
-        input_ids=input_ids,
-        attention_mask=attention_mask if position_ids is None else None,
-        position_ids=position_ids,
-        output_hidden_states=True,
-        use_cache=False,
-    )
+    family = family_of(base)
+    decoder = get_attr(base, family.decoder)
+    captured: list[torch.Tensor] = []
+    hook = None
+    if final_norm_input:
+        norm = get_attr(base, family.final_norm)
+        hook = norm.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        out = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask if position_ids is None else None,
+            position_ids=position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    if final_norm_input:
+        return (*out.hidden_states[:-1], captured[0])
     # transformers 5 already puts the final-normed state last (the same tensor as
     # last_hidden_state) for every family here; taking last_hidden_state keeps that contract
     # even for a decoder or config (`tie_last_hidden_states=False`) that would not.

@@ -40,16 +40,37 @@ def optimizer_on(name: str, device: str, fallback: bool) -> str:
     return "adamw"
 
 
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether weight decay applies to a trainable parameter: matrices yes; vectors no.
+
+    Decay pulls a weight toward 0. For a LoRA matrix that is the regularisation it is meant to
+    be; for a bias, a norm's scale or DoRA's magnitude vector (`lora_magnitude_vector`: the
+    adapted weight's column norms) it drags the layer toward an output of 0 instead.
+    """
+    return param.ndim >= 2 and "lora_magnitude_vector" not in name
+
+
 def make_optimizer(
     cfg: DictConfig, model, head: MoDEHead | None, device: str = "cpu"
 ) -> torch.optim.Optimizer:
-    """AdamW over the adapter and the MoDE head, each with its own learning rate."""
+    """AdamW over the adapter and the MoDE head, each with its own learning rate.
+
+    Groups, in this order (empty ones left out, so plain LoRA keeps the two groups checkpoints
+    expect): the adapter's matrices with `train.weight_decay`; its vectors (DoRA magnitudes,
+    biases, norm weights) without; the MoDE head at `train.head_lr`, without.
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
         {
-            "params": [p for p in model.parameters() if p.requires_grad],
+            "params": [p for n, p in trainable if decays(n, p)],
             "lr": cfg.train.lr,
             "weight_decay": cfg.train.weight_decay,
-        }
+        },
+        {
+            "params": [p for n, p in trainable if not decays(n, p)],
+            "lr": cfg.train.lr,
+            "weight_decay": 0.0,
+        },
     ]
     if head is not None:
         groups.append(
@@ -78,14 +99,18 @@ def make_optimizer(
 
 def lr_lambda(warmup: int, total: int, min_ratio: float, schedule: str = "cosine"):
     """The LR factor of scheduler step `step` (0-based): linear warmup to the peak over `warmup`
-    steps, then `cosine` or `linear` decay reaching `min_ratio` at the last step, or `constant`."""
+    steps, then `cosine` or `linear` decay to `min_ratio`, or `constant`.
+
+    The decay reaches its floor at step `total`, one past the last (`total - 1`): with the
+    default floor of 0, a floor at the last step would make it a forward and backward pass that
+    updates nothing."""
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
         if schedule == "linear":
             return min_ratio + (1 - min_ratio) * (1 - progress)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -8,7 +8,9 @@ model). The step's work is in `steps.py`, the optimizer and schedule in `optim.p
 - train.micro_batch_size x train.grad_accum_steps is the optimizer batch. Memory follows the
   micro-batch; the loss is normalised by the target tokens of the whole optimizer step.
 - train.gradient_checkpointing recomputes decoder activations in backward: less memory, ~30% slower.
-- train.precision=bf16 (GPU) halves activation memory; fp32 is exact and is what the CPU runs.
+- train.precision=bf16 runs the forward under bf16 autocast with 4-bit layers computing in bf16:
+  half the activation memory and the GPU's fast matmuls; the loss still computes in fp32. It runs
+  on the CPU too (torch's CPU autocast); fp32 is exact.
 - train.head_lr gives the MoDE head its own learning rate (norms and router move slowly at the
   adapter's rate).
 - checkpoint.every_steps trades disk writes for lost work: a checkpoint holds everything needed to
@@ -108,6 +110,7 @@ def build_head(cfg: DictConfig, model, device: str) -> MoDEHead | None:
             fixed_weights=router.weights,
             router_input=router.input,
             detach_input=router.detach_input,
+            train_final_norm=cfg.layers.train_final_norm,
         )
     except ValueError as err:
         raise ModeError(f"router: {err}") from None

@@ -23,7 +23,11 @@ def batch_loss(
 ) -> LossSums:
     """Summed loss of one micro-batch: decoder states, masked positions dropped, then the loss."""
     states = families.hidden_states(
-        model, batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch.get("position_ids"),
+        final_norm_input=head is not None and head.train_final_norm,
     )
     keep, labels = target_positions(batch["labels"])
     lm_head = families.lm_head(model)

@@ -1,0 +1,620 @@
+"""The GPU acceptance of `mode` in one call: CUDA tests, a tiny recipe end to end on CUDA, and the
+24 GB recipe's memory and speed at Llama-3-8B's shape.
+
+    python scripts/gpu_check.py --plan      # anywhere: what it runs, and how to carry the wheels
+    python scripts/gpu_check.py             # on a machine with a CUDA GPU (or: make gpu-check)
+    python3 scripts/gpu_check.py --wheels .whl --out "$OUT"   # a bare GPU machine, wheels carried
+
+Parts, each timed; a part that fails is recorded and the next one still runs:
+
+a. `pytest -m gpu`: bitsandbytes' CUDA 4-bit kernels, bf16, paged 8-bit AdamW state through a
+   checkpoint and resume, the CUDA RNG restored, a real CUDA out-of-memory message.
+b. A tiny recipe end to end on CUDA in bf16 with paged 8-bit AdamW: train (stopped after 2 steps),
+   resume (to the end, merging), eval and generate from the run and from its merged folder; each
+   the real CLI in a process of its own.
+c. A Llama-3-8B-shaped random-init model (speed and memory do not depend on weight values) at the
+   settings of `train=gpu-24gb` (NF4 double-quant, bf16, LoRA r16 all-linear, gradient
+   checkpointing, paged 8-bit AdamW), a batch of 4 x 2,048 tokens: peak CUDA memory and tokens/s
+   of `loss=final-only`, `loss=mode` and a plain transformers + peft step with the model's own
+   loss, on the same batch, in the same process.
+
+It writes a JSON record (`--json`, also copied into `--out`) and its table into docs/benchmarks.md
+(also copied into `--out`: on a lent machine only `$OUT` comes back), and exits 1 when a part fails,
+a recipe step's peak exceeds 24 GB (10^9 bytes; the peak reserved by PyTorch's allocator, the
+CUDA context comes on top), or MoDE's peak exceeds 1.05x final-only's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent
+for path in (ROOT, SCRIPTS):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from benchdoc import DOC, write_section  # noqa: E402
+
+LIMIT_BYTES = 24 * 10**9
+PEAK_RATIO = 1.05  # MoDE's peak over final-only's on the same batch
+GIB = 2**30
+# The GPU machine lacks these (ENVIRONMENT.md, "GPU machine"); they travel as wheels, built for its
+# Python 3.12, with the tested transformers and peft (its own are older; pure Python). Its CUDA
+# torch stays. antlr4-python3-runtime exists only as an sdist (pure Python). About 60 MB in all:
+# with the repository, under the 64 MiB a device call carries.
+WHEELS = [
+    "bitsandbytes==0.50.2",
+    "transformers==5.24.0",
+    "peft==0.21.2",
+    "hydra-core==1.3.8",
+    "omegaconf==2.3.1",
+    "datasets==5.2.0",
+    "dill==0.4.1",
+    "multiprocess==0.70.19",
+]
+SDISTS = ["antlr4-python3-runtime==4.9.3"]
+PLATFORMS = ["manylinux_2_24_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+SITE = "/tmp/site"
+
+# Llama-3-8B's shape (meta-llama/Meta-Llama-3-8B config.json).
+SHAPES = {
+    "llama3-8b": {
+        "vocab_size": 128_256,
+        "hidden_size": 4096,
+        "intermediate_size": 14_336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 8192,
+        "rope_theta": 500_000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+    "tiny": {
+        "vocab_size": 1000,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+    },
+}
+SHAPE_TITLES = {"llama3-8b": "Llama-3-8B's", "tiny": "a tiny (rehearsal)"}
+VARIANTS = ("plain", "final-only", "mode")  # plain: transformers + peft, the model's own loss
+RECIPE_VARIANTS = ("final-only", "mode")  # the recipe's own steps, held to the limit
+PYTEST_TIMEOUT_S = 240
+E2E_TIMEOUT_S = 180
+
+
+def download_command() -> str:
+    """The commands that fetch the wheels (into `.whl/`, to be named in the run's `carry`)."""
+    common = "python3 -m pip download --no-deps -d .whl"
+    platforms = " ".join(f"--platform {p}" for p in PLATFORMS)
+    binary = f"{common} --only-binary=:all: --python-version 3.12 --implementation cp {platforms}"
+    return "\n".join(
+        [
+            'echo /.whl/ >> "$(git rev-parse --git-common-dir)/info/exclude"',
+            f"{binary} {' '.join(WHEELS)}",
+            f"{common} --no-binary=:all: {' '.join(SDISTS)}",
+        ]
+    )
+
+
+def plan(args) -> str:
+    """What a run does, and how to run it on a lent GPU machine."""
+    shape = SHAPES[args.shape]
+    return f"""\
+scripts/gpu_check.py: the GPU acceptance of mode in one call (about 5 minutes on one large GPU).
+
+a. pytest -m gpu (tests/test_gpu.py): CUDA 4-bit kernels, bf16, paged 8-bit AdamW state through
+   checkpoint and resume, CUDA RNG restore, a real CUDA out-of-memory message.
+   {" ".join(pytest_command())}
+b. tiny-llama-alpaca end to end on CUDA, bf16, paged 8-bit AdamW (each its own process):
+{chr(10).join("   python -m mode_cli " + shlex.join(c) for c in e2e_commands(Path("RUN")))}
+c. {args.shape}-shaped random-init model ({shape["num_hidden_layers"]} layers, hidden \
+{shape["hidden_size"]}, vocab {shape["vocab_size"]:,}) at train=gpu-24gb's settings,
+   batch {args.micro_batch or "train.micro_batch_size"} x {args.seq_len or "data.max_seq_len"}: \
+{", ".join(VARIANTS)}; {args.steps} timed steps each after a warm-up.
+   Fails if final-only's or mode's peak reserved CUDA memory exceeds {LIMIT_BYTES / 1e9:.0f} GB,
+   or mode's peak exceeds {PEAK_RATIO}x final-only's.
+Writes: {args.json} and its section of {args.doc}; with --out DIR, copies of both into DIR.
+
+On a lent GPU machine (bitsandbytes, hydra-core, omegaconf, antlr4 and datasets are not there;
+its transformers and peft are older than the tested ones, which travel too):
+1. here, in the repository root, fetch the wheels (about 60 MB; the repository adds about 4):
+{download_command()}
+2. one device call, carrying them (the command installs them into {SITE} first):
+   run(command='python3 scripts/gpu_check.py --wheels .whl --out "$OUT"', carry=[".whl"],
+       timeout_s=600)
+3. copy $OUT's gpu_check.json to docs/ and its benchmarks.md section into docs/benchmarks.md
+   (or: python scripts/gpu_check.py --from-json FILE), and commit the figures.
+"""
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def install_wheels(folder: Path) -> None:
+    """Install carried wheels and sdists into SITE (no index, no dependencies), then run this
+    script again with SITE on the path."""
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps"]
+    pip += ["--no-cache-dir", "--upgrade", "--target", SITE]
+    wheels = sorted(str(p) for p in folder.glob("*.whl"))
+    sdists = sorted(str(p) for p in folder.glob("*.tar.gz"))
+    if wheels:
+        subprocess.run([*pip, "--no-compile", *wheels], check=True)
+    if sdists:
+        subprocess.run([*pip, "--no-build-isolation", *sdists], check=True)
+    argv = [a for a in sys.argv[1:] if a != "--wheels" and a != str(folder)]
+    argv = [a for a in argv if not a.startswith("--wheels=")]
+    env = child_env({"PYTHONPATH": os.pathsep.join([SITE, str(ROOT)])})
+    os.execve(sys.executable, [sys.executable, __file__, *argv], env)
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment of the processes this script starts: offline, the repository importable."""
+    env = dict(os.environ)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(ROOT) not in paths:
+        paths.append(str(ROOT))
+    env.update(
+        {
+            "PYTHONPATH": os.pathsep.join(paths),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip() + " (CPU rehearsal)"
+    return platform.machine() + " (CPU rehearsal)"
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "hydra-core"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def run_process(cmd: list[str], timeout: float, env: dict, cwd: Path = ROOT) -> dict:
+    """A command in its own session (its whole group killed on timeout): exit code, seconds and
+    the tail of its output."""
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        code = process.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        output, _ = process.communicate()
+        code = "timeout"
+    return {
+        "command": shlex.join(cmd),
+        "exit": code,
+        "seconds": round(time.perf_counter() - start, 1),
+        "tail": output[-2000:],
+    }
+
+
+# ---------------------------------------------------------------------------- a. pytest -m gpu
+
+
+def pytest_command() -> list[str]:
+    # The CUDA-only tests live in one file: collecting the whole suite would import what a bare
+    # GPU machine lacks (lm-eval, for one).
+    return [
+        sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+        "tests/test_gpu.py",
+    ]  # fmt: skip
+
+
+def run_pytest(cache: Path) -> dict:
+    result = run_process(pytest_command(), PYTEST_TIMEOUT_S, child_env({"MODE_CACHE": str(cache)}))
+    summary = re.findall(r"(\d+) (passed|failed|skipped|error)", result["tail"])
+    result["counts"] = {kind: int(n) for n, kind in summary}
+    result["ok"] = result["exit"] == 0 and result["counts"].get("passed", 0) > 0
+    return result
+
+
+# ---------------------------------------------------------------------------- b. end to end
+
+
+def e2e_commands(run: Path) -> list[list[str]]:
+    """`mode` invocations of a tiny recipe on CUDA: train, resume, eval and generate."""
+    train = [
+        "train",
+        "recipe=tiny-llama-alpaca",
+        "train.device=cuda",
+        "train.precision=bf16",
+        "train.optimizer=paged_adamw_8bit",
+        "train.max_steps=4",
+        "checkpoint.every_steps=1",
+        "eval.max_examples=4",
+        f"output_dir={run}",
+    ]
+    decode = ["eval.answer_examples=4", "eval.max_new_tokens=8", "eval.max_examples=4"]
+    return [
+        [*train, "train.stop_after_steps=2"],
+        [*train, "resume=auto"],
+        ["eval", f"checkpoint={run}", *decode],
+        ["eval", f"checkpoint={run / 'merged'}", *decode],
+        ["generate", f"checkpoint={run}", "prompt=What is 2 + 3?", "max_new_tokens=8"],
+        ["generate", f"checkpoint={run / 'merged'}", "prompt=What is 2 + 3?", "max_new_tokens=8"],
+    ]
+
+
+def run_e2e(work: Path, cache: Path) -> dict:
+    env = child_env({"MODE_CACHE": str(cache)})
+    steps = []
+    for args in e2e_commands(work / "run"):
+        result = run_process([sys.executable, "-m", "mode_cli", *args], E2E_TIMEOUT_S, env)
+        steps.append(result)
+        if result["exit"] != 0:
+            break
+    metrics = work / "run" / "metrics.jsonl"
+    logged = (
+        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    )
+    losses = [r["loss"] for r in logged if "loss" in r]
+    ok = len(steps) == len(e2e_commands(work / "run")) and all(s["exit"] == 0 for s in steps)
+    ok = ok and len(losses) == 4 and (work / "run" / "merged").is_dir()
+    return {"ok": ok, "steps": steps, "losses": losses}
+
+
+# ---------------------------------------------------------------------------- c. the 8B shape
+
+
+def recipe_config(variant: str, device: str, overrides: list[str]):
+    """llama3-8b-alpaca (train=gpu-24gb) with the variant's loss, on `device`."""
+    from mode_cli.config import validate
+    from mode_cli.recipes import compose_recipe
+
+    loss = "final-only" if variant == "plain" else variant
+    cfg = compose_recipe("llama3-8b-alpaca", [f"loss={loss}", f"train.device={device}", *overrides])
+    validate(cfg)
+    return cfg
+
+
+def build_model(cfg, shape: dict, device: str, folder: Path):
+    """A random-init model of `shape`, saved, then loaded as the recipe loads a base (NF4, the
+    compute dtype) with its LoRA adapter attached."""
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from mode_cli.models.loading import attach_adapter, compute_dtype, load_base_model
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        dtype = compute_dtype(cfg.train.precision)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=dtype)
+    model.save_pretrained(folder)
+    del model
+    free_memory(device)
+    model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": str(folder), "revision": None})
+    base = load_base_model(str(folder), model_cfg, cfg.train.precision, device)
+    return attach_adapter(base, cfg.adapter, cfg.train.gradient_checkpointing)
+
+
+def free_memory(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def read_vmhwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure_variant(variant: str, model, batch: dict, device: str, steps: int, overrides) -> dict:
+    """Peak memory and speed of `steps` optimizer steps (after one warm-up step) of a variant."""
+    import torch
+
+    from mode_cli.mode.weighting import loss_weights
+    from mode_cli.train.optim import make_optimizer
+    from mode_cli.train.recipe import build_head
+    from mode_cli.train.steps import accumulate_gradients
+
+    cfg = recipe_config(variant, device, overrides)
+    bf16 = cfg.train.precision == "bf16"
+
+    def autocast():
+        return torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    free_memory(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS
+        before = read_vmhwm()
+    head = None if variant == "plain" else build_head(cfg, model, device)
+    optimizer = make_optimizer(cfg, model, head, device)
+    weights = None
+    if variant != "plain":
+        weights = loss_weights(cfg.loss, head.layers if head else [], 1, cfg.train.max_steps)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    tokens = int(batch["attention_mask"].sum())
+    times, losses = [], []
+    model.train()
+    for step in range(steps + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        if variant == "plain":
+            with autocast():
+                out = model(**batch)
+            out.loss.backward()
+            loss = out.loss.item()
+        else:
+            loss = accumulate_gradients(model, head, [batch], weights, cfg.loss.impl, autocast).loss
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step > 0:  # step 0 warms up kernels and allocates the optimizer state
+            times.append(time.perf_counter() - start)
+            losses.append(loss)
+    record = {
+        "variant": variant,
+        "steps": steps,
+        "tokens_per_step": tokens,
+        "seconds_per_step": sum(times) / len(times),
+        "tokens_per_s": tokens * len(times) / sum(times),
+        "losses": losses,
+    }
+    if device == "cuda":
+        record["model_bytes"] = before
+        record["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        record["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    else:
+        record["model_bytes"] = before
+        record["peak_allocated_bytes"] = record["peak_reserved_bytes"] = read_vmhwm()
+    del optimizer, head
+    model.zero_grad(set_to_none=True)
+    free_memory(device)
+    return record
+
+
+def measure_shape(
+    shape_name: str,
+    device: str,
+    steps: int = 3,
+    seq_len: int | None = None,
+    micro_batch: int | None = None,
+    overrides: list[str] | None = None,
+    work: Path | None = None,
+) -> dict:
+    """Part c: build the model once, then measure every variant on the same batch."""
+    import torch
+
+    from mode_cli.data.batching import target_count
+
+    overrides = list(overrides or [])
+    if device != "cuda":
+        overrides.append("train.optimizer_fallback=true")  # 8-bit AdamW runs on CUDA only
+    cfg = recipe_config("mode", device, overrides)
+    seq_len = seq_len or cfg.data.max_seq_len
+    micro_batch = micro_batch or cfg.train.micro_batch_size
+    shape = SHAPES[shape_name]
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        model = build_model(cfg, shape, device, Path(tmp) / "model")
+    built = time.perf_counter() - started
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, shape["vocab_size"], (micro_batch, seq_len), generator=generator)
+    batch = {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "labels": ids.clone().to(device),  # every position a target: the loss's largest share
+    }
+    records = {v: measure_variant(v, model, batch, device, steps, overrides) for v in VARIANTS}
+    mode, final = records["mode"], records["final-only"]
+    return {
+        "shape": shape_name,
+        "device": device,
+        "model_config": shape,
+        "settings": {
+            "precision": cfg.train.precision,
+            "optimizer": cfg.train.optimizer
+            + ("" if device == "cuda" else " (run as torch AdamW on the CPU)"),
+            "gradient_checkpointing": cfg.train.gradient_checkpointing,
+            "adapter": {"r": cfg.adapter.r, "target_modules": str(cfg.adapter.target_modules)},
+            "layers": cfg.layers.k,
+            "micro_batch": micro_batch,
+            "seq_len": seq_len,
+            "target_tokens": target_count(batch),
+        },
+        "build_seconds": built,
+        "variants": records,
+        "ratios": {
+            "peak_mode_over_final_only": mode["peak_allocated_bytes"]
+            / final["peak_allocated_bytes"],
+            "time_mode_over_final_only": mode["seconds_per_step"] / final["seconds_per_step"],
+        },
+        "limit_bytes": LIMIT_BYTES,
+        "within_limit": all(
+            records[v]["peak_reserved_bytes"] <= LIMIT_BYTES for v in RECIPE_VARIANTS
+        ),
+        "peak_ratio_target": PEAK_RATIO,
+    }
+
+
+# ---------------------------------------------------------------------------- the record
+
+
+def ratio_holds(shape: dict) -> bool:
+    return shape["ratios"]["peak_mode_over_final_only"] <= PEAK_RATIO
+
+
+def markdown(record: dict) -> str:
+    shape = record.get("shape")
+    lines = [
+        f"## GPU check: the 24 GB recipe at {SHAPE_TITLES.get(shape['shape'] if shape else '', 'a')} shape",
+        "",
+        f"`python scripts/gpu_check.py` on {record['machine']}; "
+        + ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+        + f"; {record['date']}.",
+    ]
+    if shape:
+        s = shape["settings"]
+        lines += [
+            "",
+            f"Random-init {shape['shape']} ({shape['model_config']['num_hidden_layers']} layers, "
+            f"hidden {shape['model_config']['hidden_size']}, vocab "
+            f"{shape['model_config']['vocab_size']:,}), NF4 double-quant, {s['precision']}, LoRA "
+            f"r{s['adapter']['r']} {s['adapter']['target_modules']}, gradient checkpointing "
+            f"{s['gradient_checkpointing']}, {s['optimizer']}, a batch of {s['micro_batch']} x "
+            f"{s['seq_len']} tokens (every position a target), the same batch for each; "
+            f"{shape['variants']['mode']['steps']} timed steps after a warm-up. `plain` is "
+            "transformers + peft with the model's own loss (full logits). Peaks are PyTorch's "
+            "allocator's; the paged optimizer's 8-bit states (about 2 bytes a LoRA weight) live "
+            "outside it.",
+            "",
+            "| step | peak allocated GiB | peak reserved GiB | tokens/s | s / step |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, v in shape["variants"].items():
+            lines.append(
+                f"| {name} | {v['peak_allocated_bytes'] / GIB:.2f} "
+                f"| {v['peak_reserved_bytes'] / GIB:.2f} | {v['tokens_per_s']:,.0f} "
+                f"| {v['seconds_per_step']:.2f} |"
+            )
+        r = shape["ratios"]
+        verdict = "within" if shape["within_limit"] else "**over**"
+        ratio_verdict = "holds" if ratio_holds(shape) else "**misses**"
+        lines += [
+            "",
+            f"MoDE / final-only: peak {r['peak_mode_over_final_only']:.3f} (target <= "
+            f"{PEAK_RATIO}: {ratio_verdict}), step time {r['time_mode_over_final_only']:.2f}. "
+            f"Recipe peaks {verdict} {LIMIT_BYTES / 1e9:.0f} GB (reserved).",
+        ]
+    for part, title in (("pytest", "pytest -m gpu"), ("e2e", "tiny recipe end to end")):
+        if part in record:
+            done = record[part]
+            detail = done.get("counts") or f"{len(done.get('steps', []))} commands"
+            lines.append(f"- {title}: {'passed' if done['ok'] else '**failed**'} ({detail})")
+    lines.append(f"\nOverall: {'passed' if record['passed'] else '**failed**'}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", action="store_true", help="print what it runs, run nothing")
+    parser.add_argument("--wheels", type=Path, help="install the carried wheels in this folder")
+    parser.add_argument("--out", type=Path, help="also copy the record and the doc here")
+    parser.add_argument("--json", type=Path, help="default: docs/gpu_check.json on CUDA")
+    parser.add_argument("--doc", type=Path, help="default: docs/benchmarks.md on CUDA")
+    parser.add_argument("--from-json", type=Path, help="rewrite the doc's section from a record")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a rehearsal")
+    parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    parser.add_argument("--seq-len", type=int, help="default: the recipe's data.max_seq_len")
+    parser.add_argument("--micro-batch", type=int, help="default: train.micro_batch_size")
+    parser.add_argument("--skip", action="append", default=[], choices=["pytest", "e2e", "shape"])
+    args = parser.parse_args(argv)
+
+    # A CPU rehearsal's figures are not the GPU's: they go to a temporary folder unless named.
+    rehearsal = Path(tempfile.mkdtemp(prefix="gpu-check-cpu-")) if args.device != "cuda" else None
+    args.json = args.json or (rehearsal or ROOT / "docs") / "gpu_check.json"
+    args.doc = args.doc or (rehearsal / "benchmarks.md" if rehearsal else DOC)
+    if args.plan:
+        print(plan(args))
+        return 0
+    if args.from_json:
+        write_section("gpu_check", markdown(json.loads(args.from_json.read_text())), args.doc)
+        return 0
+    if args.wheels:
+        install_wheels(args.wheels)  # runs this script again, without --wheels
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "gpu_check: torch sees no CUDA GPU. `--plan` says what it would run; "
+            "`--device cpu --shape tiny --skip pytest --skip e2e` rehearses part c on the CPU.",
+            file=sys.stderr,
+        )
+        return 2
+    record: dict = {
+        "machine": torch.cuda.get_device_name() if args.device == "cuda" else cpu_model(),
+        "versions": versions(),
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+    }
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    cache = work / "cache"
+    try:
+        if "pytest" not in args.skip:
+            record["pytest"] = run_pytest(cache)
+            print(f"a. pytest -m gpu: {record['pytest']['counts']}", file=sys.stderr)
+        if "e2e" not in args.skip:
+            record["e2e"] = run_e2e(work, cache)
+            print(f"b. end to end: ok={record['e2e']['ok']}", file=sys.stderr)
+        if "shape" not in args.skip:
+            record["shape"] = measure_shape(
+                args.shape, args.device, args.steps, args.seq_len, args.micro_batch, work=work
+            )
+            for v in record["shape"]["variants"].values():
+                print(
+                    f"c. {v['variant']:10} peak {v['peak_allocated_bytes'] / GIB:6.2f} GiB "
+                    f"allocated, {v['peak_reserved_bytes'] / GIB:6.2f} reserved, "
+                    f"{v['tokens_per_s']:8.0f} tokens/s",
+                    file=sys.stderr,
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    parts = [record[p]["ok"] for p in ("pytest", "e2e") if p in record]
+    if "shape" in record:
+        parts += [record["shape"]["within_limit"], ratio_holds(record["shape"])]
+    record["passed"] = all(parts)
+    args.json.write_text(json.dumps(record, indent=1) + "\n")
+    write_section("gpu_check", markdown(record), args.doc)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.json, args.out / "gpu_check.json")
+        shutil.copyfile(args.doc, args.out / "benchmarks.md")
+    print(markdown(record))
+    return 0 if record["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
