@@ -17,6 +17,9 @@ c. A Llama-3-8B-shaped random-init model (speed and memory do not depend on weig
    checkpointing, paged 8-bit AdamW), a batch of 4 x 2,048 tokens: peak CUDA memory and tokens/s
    of `loss=final-only`, `loss=mode` and a plain transformers + peft step with the model's own
    loss, on the same batch, in the same process.
+d. FSDP2 under torchrun on every GPU of the machine (one GPU still runs the sharded code): a tiny
+   recipe in bf16 over NCCL, its tokens/s and peak CUDA memory per GPU (rank 0's), and a
+   checkpoint written from the shards that one process then resumes.
 
 It writes a JSON record (`--json`, also copied into `--out`) and its table into docs/benchmarks.md
 (also copied into `--out`: on a lent machine only `$OUT` comes back), and exits 1 when a part fails,
@@ -133,6 +136,8 @@ c. {args.shape}-shaped random-init model ({shape["num_hidden_layers"]} layers, h
 {", ".join(VARIANTS)}; {args.steps} timed steps each after a warm-up.
    Fails if final-only's or mode's peak reserved CUDA memory exceeds {LIMIT_BYTES / 1e9:.0f} GB,
    or mode's peak exceeds {PEAK_RATIO}x final-only's.
+d. FSDP2 under torchrun on every GPU (one still runs the sharded code), then one process resuming:
+{chr(10).join("   " + shlex.join(c) for c in fsdp_commands(Path("RUN"), 1))}
 Writes: {args.json} and its section of {args.doc}; with --out DIR, copies of both into DIR.
 
 On a lent GPU machine (bitsandbytes, hydra-core, omegaconf, antlr4 and datasets are not there;
@@ -275,6 +280,71 @@ def e2e_commands(run: Path) -> list[list[str]]:
     ]
 
 
+def fsdp_commands(run: Path, gpus: int) -> list[list[str]]:
+    """FSDP2 on `gpus` GPUs under torchrun (stopped after 4 steps with a checkpoint), then one
+    process resuming from that checkpoint to the end."""
+    train = [
+        "recipe=tiny-llama-alpaca",
+        "train.device=cuda",
+        "train.precision=bf16",
+        "train.max_steps=8",
+        "train.micro_batch_size=2",
+        "eval.max_examples=4",
+        "merge=false",
+        f"output_dir={run}",
+    ]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [
+        [
+            *torchrun,
+            f"--nproc_per_node={gpus}",
+            "-m",
+            "mode_cli",
+            "train",
+            *train,
+            "distributed.strategy=fsdp",
+            "train.stop_after_steps=4",
+        ],
+        # The global micro-batch stays 2 x gpus; the checkpoint's format is one process's.
+        [
+            sys.executable,
+            "-m",
+            "mode_cli",
+            "train",
+            *[a for a in train if not a.startswith("train.micro_batch_size")],
+            f"train.micro_batch_size={2 * gpus}",
+            "resume=auto",
+        ],
+    ]
+
+
+def run_fsdp(work: Path, cache: Path) -> dict:
+    import torch
+
+    gpus = torch.cuda.device_count()
+    run = work / "fsdp"
+    env = child_env({"MODE_CACHE": str(cache)})
+    steps = []
+    for cmd in fsdp_commands(run, gpus):
+        steps.append(run_process(cmd, E2E_TIMEOUT_S, env))
+        if steps[-1]["exit"] != 0:
+            break
+    metrics = run / "metrics.jsonl"
+    logged = (
+        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    )
+    sharded = [r for r in logged if "loss" in r and r["step"] <= 4]
+    ok = all(s["exit"] == 0 for s in steps) and len(steps) == 2
+    ok = ok and sorted(r["step"] for r in logged if "loss" in r) == list(range(1, 9))
+    return {
+        "ok": ok,
+        "gpus": gpus,
+        "steps": steps,
+        "tokens_per_s": sharded[-1]["tokens_per_s"] if sharded else None,
+        "peak_memory_gb": sharded[-1].get("peak_memory_gb") if sharded else None,
+    }
+
+
 def run_e2e(work: Path, cache: Path) -> dict:
     env = child_env({"MODE_CACHE": str(cache)})
     steps = []
@@ -351,7 +421,7 @@ def measure_variant(variant: str, model, batch: dict, device: str, steps: int, o
     from mode_cli.mode.weighting import loss_weights
     from mode_cli.train.optim import make_optimizer
     from mode_cli.train.recipe import build_head
-    from mode_cli.train.steps import accumulate_gradients
+    from mode_cli.train.steps import TrainingModule, accumulate_gradients
 
     cfg = recipe_config(variant, device, overrides)
     bf16 = cfg.train.precision == "bf16"
@@ -385,7 +455,8 @@ def measure_variant(variant: str, model, batch: dict, device: str, steps: int, o
             out.loss.backward()
             loss = out.loss.item()
         else:
-            loss = accumulate_gradients(model, head, [batch], weights, cfg.loss.impl, autocast).loss
+            module = TrainingModule(model, head)
+            loss = accumulate_gradients(module, [batch], weights, cfg.loss.impl, autocast).loss
         torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -528,10 +599,19 @@ def markdown(record: dict) -> str:
             f"{PEAK_RATIO}: {ratio_verdict}), step time {r['time_mode_over_final_only']:.2f}. "
             f"Recipe peaks {verdict} {LIMIT_BYTES / 1e9:.0f} GB (reserved).",
         ]
-    for part, title in (("pytest", "pytest -m gpu"), ("e2e", "tiny recipe end to end")):
+    for part, title in (
+        ("pytest", "pytest -m gpu"),
+        ("e2e", "tiny recipe end to end"),
+        ("fsdp", "FSDP2 under torchrun, then resumed by one process"),
+    ):
         if part in record:
             done = record[part]
             detail = done.get("counts") or f"{len(done.get('steps', []))} commands"
+            if part == "fsdp" and done.get("tokens_per_s"):
+                detail += (
+                    f"; {done['gpus']} GPU(s), {done['tokens_per_s']:,.0f} tokens/s, peak "
+                    f"{done['peak_memory_gb']:.2f} GB per GPU"
+                )
             lines.append(f"- {title}: {'passed' if done['ok'] else '**failed**'} ({detail})")
     lines.append(f"\nOverall: {'passed' if record['passed'] else '**failed**'}.")
     return "\n".join(lines)
@@ -550,7 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--seq-len", type=int, help="default: the recipe's data.max_seq_len")
     parser.add_argument("--micro-batch", type=int, help="default: train.micro_batch_size")
-    parser.add_argument("--skip", action="append", default=[], choices=["pytest", "e2e", "shape"])
+    parser.add_argument(
+        "--skip", action="append", default=[], choices=["pytest", "e2e", "shape", "fsdp"]
+    )
     args = parser.parse_args(argv)
 
     # A CPU rehearsal's figures are not the GPU's: they go to a temporary folder unless named.
@@ -589,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
         if "e2e" not in args.skip:
             record["e2e"] = run_e2e(work, cache)
             print(f"b. end to end: ok={record['e2e']['ok']}", file=sys.stderr)
+        if "fsdp" not in args.skip and args.device == "cuda":
+            record["fsdp"] = run_fsdp(work, cache)
+            print(f"d. fsdp: ok={record['fsdp']['ok']}", file=sys.stderr)
         if "shape" not in args.skip:
             record["shape"] = measure_shape(
                 args.shape, args.device, args.steps, args.seq_len, args.micro_batch, work=work
@@ -602,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    parts = [record[p]["ok"] for p in ("pytest", "e2e") if p in record]
+    parts = [record[p]["ok"] for p in ("pytest", "e2e", "fsdp") if p in record]
     if "shape" in record:
         parts += [record["shape"]["within_limit"], ratio_holds(record["shape"])]
     record["passed"] = all(parts)

@@ -15,6 +15,15 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
+def library_messages():
+    """The `mode_cli` logger's notes and warnings on stderr, as the command line shows them, in
+    every test (not only after the first CLI call; pytest's own log capture would take them)."""
+    from mode_cli.console import show_library_messages
+
+    show_library_messages()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
     """Tiny models are built once per session into this cache (the SmolLM2 conversion too,
     unless MODE_CACHE already points at a warm cache)."""

@@ -346,6 +346,7 @@ class FinetuneRecipe:
             "target_tokens": result.target_tokens,
             "tokens_per_s": self.state.seen_tokens / max(elapsed, 1e-9),
             "elapsed_s": elapsed,
+            **({"peak_memory_gb": self.peak_memory_gb()} if self.on_cuda else {}),
         }
 
     def evaluate_now(self) -> dict:
