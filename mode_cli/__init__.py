@@ -6,7 +6,7 @@
 
 __version__ = "0.1.0"
 
-_API = ("load", "use_head", "format_prompt", "harness_dir")
+_API = ("load", "use_head", "format_prompt", "prompt_inputs", "harness_dir")
 __all__ = ["__version__", *_API]
 
 

@@ -27,6 +27,7 @@ from mode_cli.artifacts import (
     load_run,
     load_run_config,
 )
+from mode_cli.data.tokenizing import adds_special_tokens
 from mode_cli.decode import ensemble
 from mode_cli.decode.chat import format_prompt as run_prompt
 from mode_cli.errors import ModeError
@@ -104,13 +105,31 @@ def use_head(model: nn.Module, kind: str):
 
 
 def format_prompt(model: nn.Module, tokenizer, text: str) -> str:
-    """`text` as one user turn in the run's prompt format (Alpaca template, chat template, ...)."""
+    """`text` as one user turn in the run's prompt format (Alpaca template, chat template, ...).
+    To tokenize it as training did, use `prompt_inputs`."""
     cfg = getattr(model, "mode_config", None)
     if cfg is None:
         raise ModeError(
             "format_prompt needs a model from mode_cli.load (it reads the run's recipe)"
         )
     return run_prompt(text, cfg, tokenizer)
+
+
+def prompt_inputs(model: nn.Module, tokenizer, text: str):
+    """`text` as one user turn in the run's prompt format, tokenized as training tokenized its
+    prompts (a chat template's own special tokens, the tokenizer's for an Alpaca prompt), as
+    tensors on the model's device: ready for `model.generate(**inputs)`."""
+    cfg = getattr(model, "mode_config", None)
+    if cfg is None:
+        raise ModeError(
+            "prompt_inputs needs a model from mode_cli.load (it reads the run's recipe)"
+        )
+    inputs = tokenizer(
+        run_prompt(text, cfg, tokenizer),
+        add_special_tokens=adds_special_tokens(cfg.data.format),
+        return_tensors="pt",
+    )
+    return inputs.to(model.device)
 
 
 def harness_dir() -> Path:

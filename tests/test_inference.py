@@ -403,7 +403,9 @@ def test_readme_example_runs_as_written(tiny_run, capsys, document, section):
     printed = capsys.readouterr().out
     model, tokenizer = namespace["model"], namespace["tokenizer"]
     assert isinstance(families_mod.lm_head(model), ensemble_mod.EnsembleHead)
-    prompt = namespace["format_prompt"](model, tokenizer, "What is 12 + 30?")
+    from mode_cli.api import format_prompt
+
+    prompt = format_prompt(model, tokenizer, "What is 12 + 30?")
     expected = generate_mod.generate_texts(
         model, None, tokenizer, [prompt], formats="alpaca", max_new_tokens=48, device="cpu"
     )[0]
@@ -543,3 +545,7 @@ def test_answers_generate_and_chat_tokenize_prompts_as_training_did(data_format,
     )
     assert model.prompts == [training_prompt] * 3
     assert (training_prompt[0] == tokenizer.bos_token_id) is (data_format == "alpaca")
+    # From Python: `prompt_inputs` of the same message.
+    from mode_cli.api import prompt_inputs
+
+    assert prompt_inputs(model, tokenizer, question)["input_ids"][0].tolist() == training_prompt
