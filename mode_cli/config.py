@@ -317,9 +317,11 @@ class EvalConfig:
     output_dir: the folder that receives `<time>/report.json, report.md, layers.png`; null is
     `<run>/eval` (`outputs/eval/<model>` for a plain model).
     answers: exact-match accuracy of greedy generations decoded with the ensemble and the final
-    head: `auto` (in `mode eval`, when the eval rows have `answer_field`; not at the end of
-    training), `on` (also at the end of training; an error when the rows have no answers), `off`.
-    Generation is slow on a CPU: `answer_examples` rows, `max_new_tokens` each.
+    head, and with the base before tuning (with `compare_base`): `auto` (when the eval rows have
+    `answer_field`; at the end of training only for a base of at most `answers_auto_max_params`
+    parameters), `on` (always; an error when the rows have no answers), `off`. Generation is the
+    slow part: `answer_examples` rows, `max_new_tokens` each; on the CPU a 4-bit model decodes
+    from a dequantized fp32 copy (4 bytes per parameter of extra memory while it runs).
     answer_match: how a generation and a reference are compared: `number` (the number after "The
     answer is" or "####", else the last number), `exact` (whitespace, case and a final period
     ignored), `choice` (a letter A-J).
@@ -338,6 +340,9 @@ class EvalConfig:
     answer_examples: int = 32
     max_new_tokens: int = 64
     answer_batch_size: int = 16
+    # `answers: auto` at the end of training: on for a base model of at most this many parameters
+    # (SmolLM2-135M: minutes on a CPU), off above (an 8B model: `answers: "on"` or `mode eval`).
+    answers_auto_max_params: int = 500_000_000
 
 
 @dataclass
@@ -483,6 +488,7 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
         "eval.answer_examples",
         "eval.max_new_tokens",
         "eval.answer_batch_size",
+        "eval.answers_auto_max_params",
     ):
         positive(key)
     for key in (

@@ -40,7 +40,7 @@ from mode_cli.console import console
 from mode_cli.data.splits import load_splits
 from mode_cli.data.tokenizing import IGNORE, Example
 from mode_cli.errors import ModeError
-from mode_cli.eval.answers import answer_rows, evaluate_answers
+from mode_cli.eval.answers import answer_rows, answers_by_default, evaluate_answers
 from mode_cli.eval.metrics import training_eval
 from mode_cli.eval.render import print_report
 from mode_cli.eval.report import EVAL_FOLDER, build_report, save_report
@@ -501,14 +501,24 @@ class FinetuneRecipe:
         """The eval report (per-layer metrics, answer accuracy) into `<out>/eval/<time>/`."""
         answers = None
         try:
-            rows = answer_rows(self.cfg, auto=False)
+            rows = answer_rows(self.cfg, auto=answers_by_default(self.cfg, self.model))
         except ModeError as err:
             # The adapter is saved already: report without answers rather than stop here.
             console.print(f"[yellow]no answer accuracy:[/yellow] {err}")
             rows = None
         if rows:
+            console.print(f"answer accuracy: greedy answers to {len(rows)} eval rows")
+            trained_adapter = method(self.cfg).trains_adapter
             answers = evaluate_answers(
-                self.cfg, self.model, self.head, self.tokenizer, self.device, rows
+                self.cfg,
+                self.model,
+                self.head,
+                self.tokenizer,
+                self.device,
+                rows,
+                source=self.source,
+                adapter=self.out / "adapter" if trained_adapter else None,
+                base=self.cfg.eval.compare_base,
             )
         report = build_report(
             self.cfg,
