@@ -365,6 +365,22 @@ class MergeConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Where a `logger=wandb` run goes in Weights & Biases (the optional `wandb` package).
+
+    project: the W&B project. entity: the team or user (null: your default). group: runs shown
+    together (null; a sweep sets its folder). name: the run's name (null: the run folder's name).
+    tags: labels for filtering. Online or offline is wandb's `WANDB_MODE`.
+    """
+
+    project: str = "mode"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RecipeConfig:
     """A whole run. `recipe` is filled in by the CLI; `output_dir` defaults to outputs/<recipe>/<time>."""
 
@@ -383,8 +399,10 @@ class RecipeConfig:
     # `auto`: continue from the newest complete checkpoint in output_dir (a fresh start when
     # output_dir holds no run yet); or the path of a checkpoint or of a run folder.
     resume: str | None = None
-    # `tensorboard` also writes TensorBoard events to <output_dir>/tensorboard/.
+    # `tensorboard` also writes TensorBoard events to <output_dir>/tensorboard/; `wandb` logs to
+    # Weights & Biases (`pip install "mode-cli[wandb]"`), as the `wandb` section says.
     logger: str = "none"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 def register_schema() -> None:
@@ -546,6 +564,9 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
             "module names"
         )
 
+    from mode_cli.train.progress import logger_problems
+
+    problems += logger_problems(cfg.logger)
     if check_hardware and cfg.train.device in choices()["train.device"]:
         problems += hardware_problems(cfg)
     if problems:

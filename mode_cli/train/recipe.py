@@ -61,7 +61,13 @@ from mode_cli.models.loading import (
 from mode_cli.train import checkpoint as checkpoint_mod
 from mode_cli.train.checkpoint import TrainerState
 from mode_cli.train.optim import make_optimizer, make_scheduler
-from mode_cli.train.progress import METRICS_FILE, MetricsLog, TrainingProgress, print_summary
+from mode_cli.train.progress import (
+    METRICS_FILE,
+    MetricsLog,
+    TrainingProgress,
+    WandbRun,
+    print_summary,
+)
 from mode_cli.train.steps import BatchStream, accumulate_gradients
 from mode_cli.train.stopping import StopSignals, TrainingInterrupted
 
@@ -128,6 +134,7 @@ class FinetuneRecipe:
         self.checkpoints_written = 0
         self.phase = "done"  # forward | update | done: what an out-of-memory error interrupted
         self._data_identity: dict | None = None
+        self.tracker: WandbRun | None = None  # logger=wandb: open from training to the report
 
     # ------------------------------------------------------------------ setup
 
@@ -191,8 +198,10 @@ class FinetuneRecipe:
         first = self.state.step + 1
         self.started = time.perf_counter()
         stopped_by = None
+        if self.cfg.logger == "wandb":
+            self.tracker = WandbRun(self.cfg, self.out, self.resumed_step)
         with (
-            MetricsLog(self.out, self.cfg.logger, self.resumed_step) as log,
+            MetricsLog(self.out, self.cfg.logger, self.resumed_step, self.tracker) as log,
             TrainingProgress(cfg.max_steps, console, cfg.log_every, first - 1) as progress,
             StopSignals() as signals,
         ):
@@ -532,6 +541,8 @@ class FinetuneRecipe:
         )
         parent = Path(self.cfg.eval.output_dir or self.out / EVAL_FOLDER)
         self.report_folder = save_report(report, parent)
+        if self.tracker is not None:
+            self.tracker.log_report(report, self.report_folder)
         print_report(report, console)
         console.print(f"report: {self.report_folder}")
         return report
@@ -544,6 +555,18 @@ class FinetuneRecipe:
         return save_merged(self.cfg, self.source, self.out, self.device)
 
     def run(self) -> Path:
+        """Setup, train, save, report, merge; a W&B run it opened is finished whatever happens."""
+        try:
+            out = self.run_stages()
+        except BaseException:
+            if self.tracker is not None:
+                self.tracker.finish(failed=True)
+            raise
+        if self.tracker is not None:
+            self.tracker.finish()
+        return out
+
+    def run_stages(self) -> Path:
         checkpoint = self.find_checkpoint()
         if checkpoint is None and (self.out / "config.yaml").exists():
             raise ModeError(

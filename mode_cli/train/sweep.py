@@ -227,6 +227,9 @@ def plan_sweep(
         try:
             cfg = compose_recipe(recipe, rest, recipes_dir)
             cfg.output_dir = str(run.out)
+            if cfg.wandb.group is None:
+                # logger=wandb shows a sweep's runs together, named by their folders.
+                cfg.wandb.group = str(directory)
             validate(cfg, check_hardware=check_hardware)
         except ModeError as err:
             problems.setdefault(str(err), []).append(run)
