@@ -216,8 +216,9 @@ class WandbRun:
     ID_FILE = "wandb-run-id"
 
     def __init__(self, cfg, out: Path, resume_step: int | None = None) -> None:
-        import wandb
         from omegaconf import OmegaConf
+
+        import wandb
 
         self.wandb = wandb
         settings = cfg.wandb
@@ -232,7 +233,9 @@ class WandbRun:
             name=settings.name or out.name,
             tags=list(settings.tags) or None,
             config=OmegaConf.to_container(cfg, resolve=True),
-            dir=None if os.environ.get("WANDB_DIR") else str(out),
+            # Read here, not by wandb: its settings are read once per process, and a sweep or a
+            # notebook may change WANDB_DIR between runs.
+            dir=os.environ.get("WANDB_DIR") or str(out),
             id=run_id,
             resume="allow" if run_id else None,
             # mode draws its own progress line; wandb's console capture would wrap it.
