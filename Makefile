@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench study clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ test: $(STAMP)
 # Peak memory and time of the MoDE loss, chunked vs naive; writes docs/benchmarks.md.
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_loss.py
+
+# Does MoDE help on the default model? Five methods x three seeds on SmolLM2-135M, from scratch into
+# outputs/study/; writes docs/study.md and docs/study/*.png (hours on 2 CPU cores: the page says).
+study: $(STAMP)
+	$(OFFLINE) $(BIN)/python scripts/study.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
