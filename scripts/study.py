@@ -14,9 +14,9 @@ arithmetic word problems (2,000 train, 200 eval rows). Five methods, three seeds
     dora + mode      DoRA r16 + MoDE
 
 They run as two `mode train -m` sweeps (LoRA: three losses; DoRA: two), so each sweep folder also
-holds the sweep's own seed-paired comparisons (sweep.md). Before them, one final-only run of twice
-as many steps logs its eval loss every `CURVE_EVERY` steps: the curve that shows the baseline has
-flattened by `STEPS`. After them, `mode eval ... compare=base` on one run measures the base
+holds the sweep's own seed-paired comparisons (sweep.md). Before them, one final-only run of half
+as many steps again (`CURVE_STEPS`) logs its eval loss every `CURVE_EVERY` steps on the rows the
+reports read: the curve, and at its end what the baseline gains from 50% more steps. After them, `mode eval ... compare=base` on one run measures the base
 before tuning (per-layer losses and answers), the same for every method.
 
 Every run scores greedy answers to all 200 eval rows at the end of training (on by default for
@@ -58,13 +58,15 @@ from mode_cli.train.progress import METRICS_FILE  # noqa: E402
 from mode_cli.train.sweep import eval_losses, exact_match, train_records  # noqa: E402
 
 RECIPE = "smollm2-arithmetic"
-STEPS = 120
+STEPS = 200
 SEEDS = (0, 1, 2)
-CURVE_STEPS = 2 * STEPS
+CURVE_STEPS = 3 * STEPS // 2
 CURVE_EVERY = 20
-CURVE_EXAMPLES = 64
 EVAL_ROWS = 200  # exact match on every eval row
 LAYER_ROWS = 100  # the per-layer losses (logit lens over 30 layers) on the first 100
+# The curve's evals read the same rows as the runs' reports, so its last point and the baseline
+# runs' eval loss compare directly.
+CURVE_EXAMPLES = LAYER_ROWS
 TRAIN_ROWS = 2000
 MAX_NEW_TOKENS = 64  # eval.max_new_tokens, the default
 THREADS = 2
@@ -372,7 +374,8 @@ def verdict(data: dict) -> list[str]:
 
 
 def curve_figure(data: dict) -> Figure:
-    """The baseline's eval loss (and train loss) by step over twice the study's steps."""
+    """The baseline's eval loss (and train loss) by step over 1.5 times the study's steps, and
+    the baseline runs' final eval loss on the same rows."""
     records = data["curve"]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval" in r]
@@ -383,6 +386,11 @@ def curve_figure(data: dict) -> Figure:
     ax.plot([r["step"] for r in evals], [r["eval"]["final"] for r in evals], marker="o",
             color="tab:blue", label=f"eval loss ({CURVE_EXAMPLES} eval rows)")  # fmt: skip
     ax.axvline(STEPS, color="tab:orange", linestyle="--", label=f"the study's runs end: {STEPS}")
+    finals = list(values(data, BASELINE, "eval_final").values())
+    if finals:
+        mean, std = mean_std(finals)
+        ax.errorbar([STEPS], [mean], yerr=[std or 0.0], fmt="s", color="tab:red", capsize=4,
+                    label=f"final-only runs of {STEPS} steps (mean ± std of {len(finals)} seeds)")  # fmt: skip
     ax.set_xlabel("optimizer step (4 examples each)")
     ax.set_ylabel("loss (nats / token)")
     ax.set_ylim(bottom=0)
@@ -524,8 +532,22 @@ def markdown(data: dict) -> str:
             base_em = f"{100 * score['accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
     curve = [r for r in data["curve"] if "eval" in r]
     at = {r["step"]: r["eval"]["final"] for r in curve}
+    finals = list(values(data, BASELINE, "eval_final").values())
+    flat_line = ""
+    if finals and CURVE_STEPS in at:
+        mean, std = mean_std(finals)
+        gain = (mean - at[CURVE_STEPS]) / mean
+        flat_line = (
+            f" On the same rows, the three {STEPS}-step baseline runs end at {mean:.4f}"
+            + (f" ± {std:.4f}" if std is not None else "")
+            + f"; the {CURVE_STEPS}-step run ends at {at[CURVE_STEPS]:.4f}: 50% more steps lower "
+            f"the baseline's eval loss by {gain:.1%}"
+            + (f" ({(mean - at[CURVE_STEPS]) / std:.1f} seed standard deviations)." if std else ".")
+        )
     curve_line = ", ".join(
-        f"step {s}: {at[s]:.4f}" for s in sorted(at) if s % (2 * CURVE_EVERY) == 0 or s == STEPS
+        f"step {s}: {at[s]:.4f}"
+        for s in sorted(at)
+        if s % (2 * CURVE_EVERY) == 0 or s in (STEPS, CURVE_STEPS)
     )
     lines = [
         "# Does MoDE help on the default model? A seed-paired study",
@@ -595,9 +617,9 @@ def markdown(data: dict) -> str:
         "",
         "## Has the baseline flattened?",
         "",
-        f"One more final-only run (seed 0) of {CURVE_STEPS} steps, twice the study's budget, with "
-        f"its own cosine schedule, logged its eval loss on {CURVE_EXAMPLES} eval rows every "
-        f"{CURVE_EVERY} steps: {curve_line}.",
+        f"One more final-only run (seed 0) of {CURVE_STEPS} steps, 1.5 times the study's budget, "
+        f"with its own cosine schedule, logged its eval loss on the {CURVE_EXAMPLES} eval rows the "
+        f"reports read, every {CURVE_EVERY} steps: {curve_line}.{flat_line}",
         "",
         "![eval loss by step](study/curve.png)",
         "",
