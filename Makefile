@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test lint format bench bench-memory gpu-check clean
+.PHONY: setup demo test lint format bench bench-memory gpu-check study clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ bench-memory: $(STAMP)
 GPU_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-check:
 	$(OFFLINE) $(GPU_PYTHON) scripts/gpu_check.py $(if $(wildcard .whl/*),--wheels .whl)
+
+# Does MoDE help on the default model? Five methods x three seeds on SmolLM2-135M, from scratch into
+# outputs/study/; writes docs/study.md and docs/study/*.png (hours on 2 CPU cores: the page says).
+study: $(STAMP)
+	$(OFFLINE) $(BIN)/python scripts/study.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -325,9 +325,11 @@ class EvalConfig:
     output_dir: the folder that receives `<time>/report.json, report.md, layers.png`; null is
     `<run>/eval` (`outputs/eval/<model>` for a plain model).
     answers: exact-match accuracy of greedy generations decoded with the ensemble and the final
-    head: `auto` (in `mode eval`, when the eval rows have `answer_field`; not at the end of
-    training), `on` (also at the end of training; an error when the rows have no answers), `off`.
-    Generation is slow on a CPU: `answer_examples` rows, `max_new_tokens` each.
+    head, and with the base before tuning (with `compare_base`): `auto` (when the eval rows have
+    `answer_field`; at the end of training only for a base of at most `answers_auto_max_params`
+    parameters), `on` (always; an error when the rows have no answers), `off`. Generation is the
+    slow part: `answer_examples` rows, `max_new_tokens` each; on the CPU a 4-bit model decodes
+    from a dequantized fp32 copy (4 bytes per parameter of extra memory while it runs).
     answer_match: how a generation and a reference are compared: `number` (the number after "The
     answer is" or "####", else the last number), `exact` (whitespace, case and a final period
     ignored), `choice` (a letter A-J).
@@ -346,6 +348,9 @@ class EvalConfig:
     answer_examples: int = 32
     max_new_tokens: int = 64
     answer_batch_size: int = 16
+    # `answers: auto` at the end of training: on for a base model of at most this many parameters
+    # (SmolLM2-135M: minutes on a CPU), off above (an 8B model: `answers: "on"` or `mode eval`).
+    answers_auto_max_params: int = 500_000_000
 
 
 @dataclass
@@ -389,6 +394,22 @@ class DistributedConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Where a `logger=wandb` run goes in Weights & Biases (the optional `wandb` package).
+
+    project: the W&B project. entity: the team or user (null: your default). group: runs shown
+    together (null; a sweep sets its folder). name: the run's name (null: the run folder's name).
+    tags: labels for filtering. Online or offline is wandb's `WANDB_MODE`.
+    """
+
+    project: str = "mode"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RecipeConfig:
     """A whole run. `recipe` is filled in by the CLI; `output_dir` defaults to outputs/<recipe>/<time>."""
 
@@ -408,8 +429,10 @@ class RecipeConfig:
     # `auto`: continue from the newest complete checkpoint in output_dir (a fresh start when
     # output_dir holds no run yet); or the path of a checkpoint or of a run folder.
     resume: str | None = None
-    # `tensorboard` also writes TensorBoard events to <output_dir>/tensorboard/.
+    # `tensorboard` also writes TensorBoard events to <output_dir>/tensorboard/; `wandb` logs to
+    # Weights & Biases (`pip install "mode-cli[wandb]"`), as the `wandb` section says.
     logger: str = "none"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 def register_schema() -> None:
@@ -517,6 +540,7 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
         "eval.answer_batch_size",
         "distributed.nproc",
         "distributed.timeout_s",
+        "eval.answers_auto_max_params",
     ):
         positive(key)
     for key in (
@@ -575,6 +599,9 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
             "module names"
         )
 
+    from mode_cli.train.progress import logger_problems
+
+    problems += logger_problems(cfg.logger)
     if check_hardware and cfg.train.device in choices()["train.device"]:
         problems += hardware_problems(cfg)
     if problems:

@@ -1,4 +1,5 @@
-"""Shared fixtures: offline, one thread, a session-wide model cache, the CLI run in-process."""
+"""Shared fixtures: offline (the hub and wandb), one thread, a session-wide model cache, the CLI
+run in-process."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# logger=wandb writes runs locally and quietly, and never reports errors to wandb's servers.
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ["WANDB_ERROR_REPORTING"] = "false"
 torch.set_num_threads(1)
 
 

@@ -504,10 +504,11 @@ def test_answers_generate_and_chat_tokenize_prompts_as_training_did(data_format,
     Alpaca prompt gets the tokenizer's. With a BOS-adding tokenizer and the ChatML fallback, the
     answer-accuracy prompts once got a BOS that training never saw."""
     from helpers import data_cfg, write_jsonl
+    from omegaconf import OmegaConf
 
     from mode_cli.data import formats as formats_mod
     from mode_cli.data.tokenizing import IGNORE, encode
-    from mode_cli.eval.answers import answer_accuracy
+    from mode_cli.eval import answers as answers_mod
 
     tokenizer = bos_adding_tokenizer()
     question, reply = "What is 2 + 2?", "The answer is 4."
@@ -529,11 +530,9 @@ def test_answers_generate_and_chat_tokenize_prompts_as_training_did(data_format,
 
     # Answer accuracy: the row's prompt, tokenized for generation.
     model = prompt_recorder(tokenizer, data_format)
-    prompts = [formats_mod.row_prompt(row, data, tokenizer)]
-    answer_accuracy(
-        model, None, tokenizer, [{"answer": "4"}], prompts, formats=[data_format],
-        field="answer", match="number", device="cpu", max_new_tokens=2, batch_size=1,
-    )  # fmt: skip
+    cfg = OmegaConf.create({"data": data, "eval": {"max_new_tokens": 2, "answer_batch_size": 1}})
+    prompts = answers_mod.answer_prompts(cfg, [row], tokenizer)
+    answers_mod.decode_answers(cfg, model, None, tokenizer, "cpu", prompts, ["final"])
     # `mode generate` and `mode chat`: the user's message in the run's format, streamed.
     options = options_mod.DecodingOptions(prompt=question, head="final", max_new_tokens=2)
     generate_mod.stream_reply(

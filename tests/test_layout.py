@@ -121,7 +121,7 @@ def implemented(tmp_path: Path):
     from mode_cli.models.loading import compute_dtype, resolve_device
     from mode_cli.models.merging import MERGE_DTYPES
     from mode_cli.train.optim import lr_lambda, optimizer_on
-    from mode_cli.train.progress import MetricsLog
+    from mode_cli.train.progress import MetricsLog, WandbRun
 
     class Layers:
         select, k, every, of_last, fraction, indices = "last_k", 2, 2, 4, 0.5, None
@@ -135,8 +135,19 @@ def implemented(tmp_path: Path):
         assert select_layers(layers, 4)[-1] == 4
 
     def logger(kind):
-        (tmp_path / kind).mkdir()
-        MetricsLog(tmp_path / kind, kind).close()
+        from omegaconf import OmegaConf
+
+        from mode_cli.config import RecipeConfig
+
+        out = tmp_path / kind
+        out.mkdir()
+        tracker = WandbRun(OmegaConf.structured(RecipeConfig), out) if kind == "wandb" else None
+        log = MetricsLog(out, kind, tracker=tracker)
+        log.write({"step": 1, "loss": 1.0})
+        log.close()
+        if tracker is not None:
+            tracker.finish()
+            assert list(out.glob("wandb/offline-run-*/run-*.wandb"))
 
     def answers(mode):
         from omegaconf import OmegaConf

@@ -261,7 +261,7 @@ def sample_report(answers: dict | None = None) -> dict:
 
 def test_the_report_keeps_the_documented_keys():
     report = sample_report()
-    assert report["schema"] == {"name": "mode-report", "version": 2}
+    assert report["schema"] == {"name": "mode-report", "version": 3}
     assert report["sides"] == ["base", "tuned"]
     assert [row["layer"] for row in report["layers"]] == [1, 2, 3, 4, 5]
     assert [row["selected"] for row in report["layers"]] == [False, False, False, True, True]
@@ -333,7 +333,8 @@ def test_report_files_go_into_new_folders_and_never_overwrite(tmp_path, monkeypa
     assert report_mod.latest_report(tmp_path / "nothing") is None
 
     markdown = (second / "report.md").read_text()
-    assert "| ensemble | 1 / 2 | 0.500 |" in markdown and "| final | 1 / 2 | 0.500 |" in markdown
+    assert "| tuned | final | 1 / 2 | 0.500 | 0.095-0.905 |" in markdown
+    assert "| tuned | ensemble | 1 / 2 | 0.500 | 0.095-0.905 |" in markdown
     assert "| ensemble right, final wrong | 1 |" in markdown
     assert "### Final right, ensemble wrong" in markdown and "What is 2+3?" in markdown
     assert "| 4 * | 2.0000 | 1.0000 |" in markdown and "| ensemble | 0.9000 | 0.4500 |" in markdown

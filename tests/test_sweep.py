@@ -4,6 +4,8 @@ run, running them in turn, the comparison table, failures and Ctrl-C."""
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -11,14 +13,17 @@ import pytest
 from mode_cli.errors import ModeError
 from mode_cli.eval.report import latest_report
 from mode_cli.train.recipe import FinetuneRecipe
+from mode_cli.train.seeds import comparisons, group_runs
 from mode_cli.train.sweep import (
     Sweep,
     SweepRun,
     collect_results,
     expand,
     final_train_loss,
+    group_rows,
     plan_sweep,
     run_name,
+    sweep_figure,
     table_rows,
 )
 
@@ -248,3 +253,208 @@ def test_the_sweep_folder_defaults_to_outputs_recipe_time(tmp_path, monkeypatch)
     assert sweep.directory.parent == Path("outputs") / "tiny-llama-alpaca"
     assert sweep.directory.name.endswith("-sweep")
     assert all(run.out.parent == sweep.directory for run in sweep.runs)
+
+
+# ---------------------------------------------------------------------------- seeds
+
+
+def test_seeds_are_grouped_and_compared_as_a_hand_computation_says(mode, tmp_path):
+    """The acceptance sweep (with a short eval): two loss recipes, two seeds each."""
+    out = tmp_path / "sweep"
+    code, stdout, err = mode(
+        "train", "-m", TINY, "loss=mode,final-only", "train.seed=0,1", "train.max_steps=5",
+        "merge=false", "eval.max_examples=8", "eval.compare_base=false",
+        "eval.answer_examples=6", "eval.max_new_tokens=8", f"output_dir={out}",
+    )  # fmt: skip
+    assert code == 0, err
+    runs = sorted(p for p in out.iterdir() if p.is_dir())
+    assert [p.name for p in runs] == [
+        "0-loss-mode_train.seed-0",
+        "1-loss-mode_train.seed-1",
+        "2-loss-final-only_train.seed-0",
+        "3-loss-final-only_train.seed-1",
+    ]
+
+    def own_metrics(run: Path) -> dict:
+        """What the run's own files say, read without the sweep's code."""
+        steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        report = json.loads(latest_report(run).read_text())
+        values = {
+            "train_loss": [r for r in steps if "loss" in r][-1]["loss"],
+            "eval_final": report["layers"][-1]["tuned"]["loss"],
+            "em_final": report["answers"]["heads"]["final"]["correct"] / 6,
+        }
+        if report["ensemble"]:
+            values["eval_ensemble"] = report["ensemble"]["tuned"]["loss"]
+            values["em_ensemble"] = report["answers"]["heads"]["ensemble"]["correct"] / 6
+            for row in report["layers"][1:3]:
+                values[f"eval_L{row['layer']}"] = row["tuned"]["loss"]
+        return values
+
+    mode_runs = [own_metrics(run) for run in runs[:2]]
+    final_runs = [own_metrics(run) for run in runs[2:]]
+    assert mode_runs[0]["train_loss"] != mode_runs[1]["train_loss"]  # the seed matters
+
+    seeds = json.loads((out / "sweep.json").read_text())["seeds"]
+    assert seeds["key"] == "train.seed"
+    groups = {g["settings"]["loss"]: g for g in seeds["groups"]}
+    assert list(groups) == ["mode", "final-only"]
+    assert groups["mode"]["runs"] == [0, 1] and groups["mode"]["seeds"] == [0, 1]
+    table = (out / "sweep.md").read_text()
+    for name, own in (("mode", mode_runs), ("final-only", final_runs)):
+        for key in own[0]:
+            values = [run[key] for run in own]
+            got = groups[name]["metrics"][key]
+            assert got["n"] == 2 and got["values"] == {"0": values[0], "1": values[1]}
+            assert got["mean"] == pytest.approx(statistics.mean(values), abs=1e-12)
+            assert got["std"] == pytest.approx(statistics.stdev(values), abs=1e-12)
+        line = next(row for row in table.splitlines() if row.startswith(f"| loss={name} |"))
+        values = [run["eval_final"] for run in own]
+        spread = f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+        assert f"| {spread} |" in line
+    assert groups["final-only"]["metrics"]["eval_ensemble"] is None
+
+    (comparison,) = seeds["comparisons"]
+    assert comparison["key"] == "loss"
+    assert comparison["first"] == {"loss": "mode"} and comparison["second"] == {
+        "loss": "final-only"
+    }
+    for key in ("train_loss", "eval_final", "em_final"):
+        diffs = [m[key] - f[key] for m, f in zip(mode_runs, final_runs, strict=True)]
+        mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+        half = 12.7062 * sd / math.sqrt(2)  # t(0.975, 1 degree of freedom)
+        got = comparison["metrics"][key]
+        assert got["n"] == 2 and got["seeds"] == [0, 1]
+        assert got["mean"] == pytest.approx(mean, abs=1e-12)
+        assert (got["low"], got["high"]) == pytest.approx((mean - half, mean + half), abs=1e-4)
+        assert got["excludes_zero"] == (mean - half > 0 or mean + half < 0)
+    assert comparison["metrics"]["eval_ensemble"] is None  # final-only has no ensemble
+    got = comparison["metrics"]["eval_final"]
+    row = f"| loss: mode - final-only | - | eval final | 2 | {got['mean']:+.4f} | "
+    row += f"[{got['low']:+.4f}, {got['high']:+.4f}] |"
+    assert row in table
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    flat = " ".join(stdout.split())
+    assert "mean ± std over seeds" in flat and "paired by seed" in flat
+
+
+def fake_run(index: int, swept: dict, train_loss: float, final: float, em: float | None = None):
+    run = SweepRun(index, "tiny", [], swept, Path(f"/runs/{index}"), status="ok")
+    run.train_loss = train_loss
+    run.eval_loss = {"final": final, "ensemble": None, "layers": {}}
+    run.answers = {} if em is None else {"final": em}
+    return run
+
+
+def test_groups_compare_only_when_they_differ_in_one_setting_and_plot_each_seed():
+    runs = []
+    for loss, lr, shift in (("mode", "1", 0.0), ("mode", "2", 0.5), ("final-only", "1", 1.0)):
+        for seed in (0, 1, 2):
+            swept = {"loss": loss, "train.lr": lr, "train.seed": str(seed)}
+            runs.append(fake_run(len(runs), swept, 2.0 + shift + 0.1 * seed, 3.0 - shift, 0.5))
+    runs[-1].status = "failed"  # seed 2 of final-only: not counted
+    sweep = Sweep(Path("/sweep"), [], ["loss", "train.lr", "train.seed"], runs)
+    groups = group_runs(runs, sweep.swept_keys)
+    assert [g.label() for g in groups] == [
+        "loss=mode train.lr=1",
+        "loss=mode train.lr=2",
+        "loss=final-only train.lr=1",
+    ]
+    found = comparisons(groups)
+    # mode/1 vs mode/2 (train.lr) and mode/1 vs final-only/1 (loss); mode/2 vs final-only/1
+    # differ in both and are not compared.
+    assert [(c.label(), c.shared()) for c in found] == [
+        ("train.lr: 1 - 2", "loss=mode"),
+        ("loss: mode - final-only", "train.lr=1"),
+    ]
+    lr_diff = found[0].difference("train_loss")
+    assert lr_diff["mean"] == pytest.approx(-0.5) and lr_diff["std"] == pytest.approx(0.0)
+    assert lr_diff["excludes_zero"]  # no spread at all: the interval is the point -0.5
+    loss_diff = found[1].difference("eval_final")
+    assert loss_diff["seeds"] == [0, 1] and loss_diff["mean"] == pytest.approx(1.0)
+    assert found[1].difference("em_final")["mean"] == pytest.approx(0.0)
+    assert not found[1].difference("em_final")["excludes_zero"]
+    header, rows = group_rows(sweep)
+    assert header == ["group", "seeds", "train loss", "eval final", "EM final"]
+    assert rows[2][:4] == [
+        "loss=final-only train.lr=1",
+        "0, 1",
+        "3.0500 ± 0.0707",
+        "2.0000 ± 0.0000",
+    ]
+
+    figure = sweep_figure(sweep)
+    train_ax = figure.axes[0]
+    assert train_ax.get_title() == "train loss"
+    dots = [c.get_offsets().tolist() for c in train_ax.collections if c.get_label() == "seeds"]
+    assert [[x for x, _ in group] for group in dots] == [[0, 0, 0], [1, 1, 1], [2, 2]]
+    assert [[y for _, y in group] for group in dots] == [
+        pytest.approx([2.0, 2.1, 2.2]),
+        pytest.approx([2.5, 2.6, 2.7]),
+        pytest.approx([3.0, 3.1]),
+    ]
+    assert [t.get_text() for t in train_ax.get_xticklabels()] == [g.label() for g in groups]
+
+
+def test_a_continued_sweep_keeps_finished_runs_and_resumes_the_rest(mode, tmp_path, monkeypatch):
+    """`resume=auto` on a sweep folder: a run that finished (its end-of-training report is of
+    train.max_steps) is kept as it is, with its wall time; the one Ctrl-C stopped runs again."""
+    out = tmp_path / "sweep"
+    args = ("train", "-m", TINY, "loss=mode,final-only", *QUICK, f"output_dir={out}")
+    real_run = FinetuneRecipe.run
+
+    def stopped_on_final_only(self):
+        if self.cfg.loss.name == "final-only":
+            raise KeyboardInterrupt
+        return real_run(self)
+
+    monkeypatch.setattr(FinetuneRecipe, "run", stopped_on_final_only)
+    code, _, _ = mode(*args)
+    assert code == 130
+    first = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [r["status"] for r in first] == ["ok", "interrupted"]
+    kept = Path(first[0]["dir"])
+    metrics = (kept / "metrics.jsonl").read_text()
+
+    ran = []
+
+    def spied(self):
+        ran.append(self.cfg.loss.name)
+        return real_run(self)
+
+    monkeypatch.setattr(FinetuneRecipe, "run", spied)
+    code, out_text, _ = mode(*args, "resume=auto")
+    assert code == 0, out_text
+    assert ran == ["final-only"]
+    rows = json.loads((out / "sweep.json").read_text())["runs"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["wall_s"] == first[0]["wall_s"]
+    assert rows[0]["eval_loss"] == first[0]["eval_loss"]
+    assert rows[0]["final_train_loss"] == first[0]["final_train_loss"]
+    assert (kept / "metrics.jsonl").read_text() == metrics
+    assert rows[1]["eval_loss"]["final"] is not None
+
+
+def test_a_report_of_fewer_steps_does_not_count_as_finished(tmp_path):
+    """Only the end-of-training report of train.max_steps marks a run done: a report `mode eval`
+    wrote, or one of a shorter budget, leaves the run to resume."""
+    from mode_cli.train.sweep import finished_earlier
+
+    sweep = plan_sweep([TINY, "train.max_steps=4", f"output_dir={tmp_path}", "resume=auto"])
+    run = sweep.runs[0]
+    report = run.out / "eval" / "20260101-000000" / "report.json"
+    assert not finished_earlier(run)
+    report.parent.mkdir(parents=True)
+    for source, done in (
+        ({"kind": "run", "checkpoint": str(run.out), "step": 4}, True),
+        ({"kind": "run", "checkpoint": str(run.out), "step": 2}, False),
+        ({"kind": "run", "checkpoint": str(run.out)}, False),
+        ({"kind": "merged", "checkpoint": str(run.out)}, False),
+    ):
+        report.write_text(json.dumps({"source": source}))
+        assert finished_earlier(run) is (done and not run.cfg.merge.enabled), source
+    (run.out / "merged").mkdir()
+    report.write_text(json.dumps({"source": {"kind": "run", "step": 4}}))
+    assert finished_earlier(run)
+    without_resume = plan_sweep([TINY, "train.max_steps=4", f"output_dir={tmp_path}"]).runs[0]
+    assert not finished_earlier(without_resume)

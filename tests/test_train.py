@@ -54,7 +54,7 @@ def test_a_run_writes_every_output(tiny_run):
 
 def test_the_report_has_one_entry_per_layer_plus_the_ensemble(tiny_run):
     report = json.loads(first_report(tiny_run).read_text())
-    assert report["schema"] == {"name": "mode-report", "version": 2}
+    assert report["schema"] == {"name": "mode-report", "version": 3}
     assert [row["layer"] for row in report["layers"]] == [1, 2, 3, 4]
     assert [row["selected"] for row in report["layers"]] == [False, True, True, True]
     for row in report["layers"]:
@@ -157,10 +157,16 @@ def test_the_packaged_smollm2_trains_in_4_bits(mode, tmp_path, smollm2_conversio
         "train.micro_batch_size=2",
         "merge=false",
         "data.max_eval_examples=4",
+        "eval.max_new_tokens=8",
     )
     assert code == 0, err
     report = json.loads(latest_report(out).read_text())
     assert report["num_layers"] == 30 and report["selected_layers"] == [28, 29, 30]
+    # A 135M base is below eval.answers_auto_max_params: answers are on by default, decoded from
+    # a dequantized copy, for the base and both tuned heads.
+    answers = report["answers"]
+    assert answers["examples"] == 4 and answers["decoded_from"] == "dequantized"
+    assert set(answers["heads"]) == {"final", "ensemble"} and set(answers["base"]) == {"final"}
     final = report["layers"][-1]
     # The logit lens of a real model: the final layer predicts far better than early layers.
     assert final["base"]["loss"] < report["layers"][20]["base"]["loss"]

@@ -1,5 +1,11 @@
-"""Answer accuracy: greedy generations decoded with the ensemble and with the final head, scored
-by exact match against a dataset's reference answers.
+"""Answer accuracy: greedy generations decoded with the ensemble and with the final head of the
+tuned model, and with the base model before tuning, scored by exact match against a dataset's
+reference answers; each rate with its 95% Wilson interval (`stats.py`).
+
+On the CPU a 4-bit model decodes from a dequantized fp32 copy (the base dequantized, the adapter
+merged in: the weights the adapter was trained against), since bitsandbytes' 4-bit kernels are
+many times slower there than fp32 matmuls. That is what makes answer accuracy affordable at the
+end of training for small models (`eval.answers_auto_max_params`).
 
 The comparison is made after a normalisation (`eval.answer_match`):
 
@@ -16,18 +22,25 @@ A normalisation that finds nothing (no number in a generation, say) never matche
 
 from __future__ import annotations
 
+import gc
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 from mode_cli.data.formats import row_format, row_prompt
 from mode_cli.data.sources import eval_rows
 from mode_cli.decode.generate import generate_texts
 from mode_cli.errors import ModeError
 from mode_cli.eval.report import data_description
+from mode_cli.eval.stats import CONFIDENCE, wilson_interval
 from mode_cli.mode.head import has_ensemble
+from mode_cli.models import families
+from mode_cli.models.merging import dequantized_base, merge_into
 
-# `eval.answers`: `auto` scores answers in `mode eval` when the eval rows have them; `on` also at the
-# end of training (and requires them); `off`.
+# `eval.answers`: `auto` scores answers when the eval rows have them (at the end of training only for
+# a base of at most `eval.answers_auto_max_params` parameters); `on` always (and requires them); `off`.
 ANSWER_MODES = ("auto", "on", "off")
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
@@ -117,29 +130,50 @@ def check_answers_available(rows: Sequence[dict], field: str, source: str) -> No
     )
 
 
+def rate(hits: Sequence[bool]) -> dict:
+    """`{correct, accuracy, interval}` of a list of right/wrong answers; the interval is the 95%
+    Wilson score interval of the rate, `[low, high]` (null without examples)."""
+    n = len(hits)
+    correct = sum(hits)
+    interval = wilson_interval(correct, n)
+    return {
+        "correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "interval": list(interval) if interval else None,
+    }
+
+
 def score(
     references: Sequence[str],
     prompts: Sequence[str],
     outputs: dict[str, Sequence[str]],
     match: str,
     examples_per_kind: int = 3,
+    base: Sequence[str] | None = None,
 ) -> dict:
     """Accuracy per head, the (ensemble, final) agreement counts and a few disagreements.
 
-    `outputs` maps a head (`ensemble`, `final`) to its generations, one per reference. With
-    both heads, `agreement` counts both right / ensemble only / final only / both wrong, and
-    `disagreements` holds up to `examples_per_kind` examples of each one-sided kind.
+    `outputs` maps a head (`ensemble`, `final`) to its generations, one per reference; `base`,
+    when given, holds the base model's generations (before tuning, final head). Each rate comes
+    with its 95% Wilson interval. With both heads, `agreement` counts both right / ensemble only /
+    final only / both wrong, and `disagreements` holds up to `examples_per_kind` examples of each
+    one-sided kind.
     """
     n = len(references)
-    correct = {
-        head: [is_correct(text, ref, match) for text, ref in zip(texts, references, strict=True)]
-        for head, texts in outputs.items()
+
+    def hits(texts: Sequence[str]) -> list[bool]:
+        return [is_correct(text, ref, match) for text, ref in zip(texts, references, strict=True)]
+
+    correct = {head: hits(texts) for head, texts in outputs.items()}
+    result: dict = {
+        "examples": n,
+        "confidence": CONFIDENCE,
+        "interval": "wilson",
+        "heads": {head: rate(right) for head, right in correct.items()},
+        "base": None if base is None else {"final": rate(hits(base))},
+        "agreement": None,
+        "disagreements": None,
     }
-    heads = {
-        head: {"correct": sum(hits), "accuracy": sum(hits) / n if n else 0.0}
-        for head, hits in correct.items()
-    }
-    result: dict = {"examples": n, "heads": heads, "agreement": None, "disagreements": None}
     if "ensemble" in correct and "final" in correct:
         agreement = dict.fromkeys(OUTCOMES, 0)
         disagreements: dict[str, list[dict]] = {kind: [] for kind in DISAGREEMENTS}
@@ -165,8 +199,8 @@ def answer_rows(cfg, *, auto: bool = True) -> list[dict] | None:
     """The eval rows answer accuracy scores (`eval.answer_examples` of them), or None when it is
     off. Read before any model is loaded, so `eval.answers=on` on data without answers fails fast.
 
-    `auto=False` treats `eval.answers=auto` as off: the end-of-training report generates only
-    when asked to (`on`), since generation from a 4-bit model on a CPU takes minutes.
+    `auto=False` treats `eval.answers=auto` as off: the end-of-training report generates by
+    default only for small models (`answers_by_default`).
     """
     if cfg.eval.answers == "off" or (cfg.eval.answers == "auto" and not auto):
         return None
@@ -178,58 +212,152 @@ def answer_rows(cfg, *, auto: bool = True) -> list[dict] | None:
     return list(rows[: cfg.eval.answer_examples])
 
 
-def answer_accuracy(
-    model,
-    head,
-    tokenizer,
-    rows: Sequence[dict],
-    prompts: Sequence[str],
-    *,
-    formats: Sequence[str],
-    field: str,
-    match: str,
-    device: str,
-    max_new_tokens: int,
-    batch_size: int,
-) -> dict:
-    """Generate greedily with each head the model has and score the answers.
+def base_parameters(model) -> int:
+    """The base model's parameter count: a 4-bit weight counts as its unpacked size, and the
+    weights of an adapter (peft's `lora_*`, injected into the base) do not count."""
+    base = families.base_of(model)
+    adapter = sum(p.numel() for name, p in base.named_parameters() if "lora_" in name)
+    return base.num_parameters() - adapter
 
-    The ensemble head exists only with a routed MoDE head; the final head always. `formats`: the
-    format each prompt was rendered in, so it is tokenized as training tokenized it.
+
+def answers_by_default(cfg, model) -> bool:
+    """Whether `eval.answers=auto` scores answers at the end of training: for a base of at most
+    `eval.answers_auto_max_params` parameters, where decoding a dequantized copy takes minutes."""
+    return base_parameters(model) <= cfg.eval.answers_auto_max_params
+
+
+def decodes_dequantized(model, device: str) -> bool:
+    """Whether answers decode from a dequantized fp32 copy: a 4-bit model on the CPU, where
+    bitsandbytes' 4-bit kernels are many times slower than plain fp32 matmuls."""
+    return device == "cpu" and quantized_4bit(model)
+
+
+def quantized_4bit(model) -> bool:
+    """Whether any layer of the model is a bitsandbytes 4-bit layer."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return False
+    return any(isinstance(module, Linear4bit) for module in model.modules())
+
+
+@contextmanager
+def decoding_model(
+    cfg, model, device: str, *, source: str | None, adapter: Path | None, tuned: bool = True
+) -> Iterator:
+    """The model answers decode from, tuned (adapter on) or the base (adapter off).
+
+    On the CPU a 4-bit model is replaced by a dequantized copy: the base reloaded from `source`
+    in 4 bits and dequantized, with the adapter saved in `adapter` merged in for the tuned side:
+    the weights the adapter was trained against, as `merge.base=dequantized` saves them. Elsewhere
+    the model itself, its adapter switched off for the base side.
     """
-    heads = ["ensemble", "final"] if has_ensemble(head) else ["final"]
-    outputs = {
+    if not decodes_dequantized(model, device):
+        if tuned or not hasattr(model, "disable_adapter"):
+            yield model
+        else:
+            with model.disable_adapter():
+                yield model
+        return
+    if source is None:
+        raise ValueError("decoding a 4-bit model on the CPU needs its source to dequantize")
+    copy = dequantized_base(cfg, source, device)
+    if tuned and adapter is not None:
+        copy = merge_into(copy, adapter)
+    try:
+        yield copy
+    finally:
+        del copy
+        gc.collect()
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """The answer rows' prompts, rendered, and the format each was rendered in: it decides how the
+    prompt is tokenized, as training tokenized it (`tokenizing.prompt_ids`)."""
+
+    texts: list[str]
+    formats: list[str]
+
+
+def answer_prompts(cfg, rows: Sequence[dict], tokenizer) -> Prompts:
+    """The prompts of the answer rows, in the run's prompt format."""
+    return Prompts(
+        [row_prompt(row, cfg.data, tokenizer) for row in rows],
+        [row_format(row, cfg.data) for row in rows],
+    )
+
+
+def decode_answers(
+    cfg, model, head, tokenizer, device: str, prompts: Prompts, kinds: Sequence[str]
+) -> dict[str, list[str]]:
+    """Greedy generations of `model` (what `decoding_model` gives) per head kind."""
+    return {
         kind: generate_texts(
             model,
             head,
             tokenizer,
-            list(prompts),
-            formats=formats,
+            prompts.texts,
+            formats=prompts.formats,
             head_kind=kind,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=cfg.eval.max_new_tokens,
             device=device,
-            batch_size=batch_size,
+            batch_size=cfg.eval.answer_batch_size,
         )
-        for kind in heads
+        for kind in kinds
     }
-    result = score([str(row[field]) for row in rows], prompts, outputs, match)
-    result.update({"field": field, "match": match, "max_new_tokens": max_new_tokens})
-    return result
 
 
-def evaluate_answers(cfg, model, head, tokenizer, device: str, rows: Sequence[dict]) -> dict:
-    """Answer accuracy of a model (and head) on `rows` from `answer_rows`, as the report holds it."""
-    prompts = [row_prompt(row, cfg.data, tokenizer) for row in rows]
-    return answer_accuracy(
-        model,
-        head,
-        tokenizer,
-        rows,
-        prompts,
-        formats=[row_format(row, cfg.data) for row in rows],
-        field=cfg.eval.answer_field,
-        match=cfg.eval.answer_match,
-        device=device,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        batch_size=cfg.eval.answer_batch_size,
+def base_answers(
+    cfg, model, tokenizer, device: str, prompts: Prompts, *, source: str | None, adapter=None
+) -> list[str]:
+    """The base model's answers before tuning: adapter off, final head."""
+    with decoding_model(cfg, model, device, source=source, adapter=adapter, tuned=False) as base:
+        return decode_answers(cfg, base, None, tokenizer, device, prompts, ["final"])["final"]
+
+
+def evaluate_answers(
+    cfg,
+    model,
+    head,
+    tokenizer,
+    device: str,
+    rows: Sequence[dict],
+    *,
+    source: str | None = None,
+    adapter: Path | None = None,
+    base: bool | list[str] = False,
+) -> dict:
+    """Answer accuracy as the report holds it: the tuned model's heads (the ensemble with a routed
+    MoDE head, and the final layer) and, with `base`, the base before tuning (adapter off, final
+    head; a list is the base's generations already made).
+
+    `source` and `adapter` (the trained adapter's folder, None without one) rebuild a 4-bit model
+    as a dequantized copy on the CPU (`decoding_model`).
+    """
+    prompts = answer_prompts(cfg, rows, tokenizer)
+    base_texts = base if isinstance(base, list) else None
+    if base is True:
+        base_texts = base_answers(
+            cfg, model, tokenizer, device, prompts, source=source, adapter=adapter
+        )
+    kinds = ["ensemble", "final"] if has_ensemble(head) else ["final"]
+    with decoding_model(cfg, model, device, source=source, adapter=adapter) as tuned:
+        outputs = decode_answers(cfg, tuned, head, tokenizer, device, prompts, kinds)
+    field = cfg.eval.answer_field
+    result = score(
+        [str(row[field]) for row in rows],
+        prompts.texts,
+        outputs,
+        cfg.eval.answer_match,
+        base=base_texts,
     )
+    result.update(
+        {
+            "field": field,
+            "match": cfg.eval.answer_match,
+            "max_new_tokens": cfg.eval.max_new_tokens,
+            "decoded_from": "dequantized" if decodes_dequantized(model, device) else "loaded",
+        }
+    )
+    return result

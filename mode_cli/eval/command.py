@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mode_cli.artifacts import (
+    ADAPTER_DIR,
     HEAD_INFO,
     MERGED_CONFIG,
     Checkpoint,
@@ -43,11 +44,11 @@ from mode_cli.artifacts import (
     load_run,
     load_run_config,
 )
-from mode_cli.config import DataConfig, EvalConfig, RecipeConfig, validate
+from mode_cli.config import DataConfig, EvalConfig, RecipeConfig, method, validate
 from mode_cli.console import console
 from mode_cli.data.splits import load_splits
 from mode_cli.errors import ModeError
-from mode_cli.eval.answers import answer_rows, evaluate_answers
+from mode_cli.eval.answers import answer_prompts, answer_rows, base_answers, evaluate_answers
 from mode_cli.eval.metrics import fresh_head, layer_metrics
 from mode_cli.eval.render import print_report
 from mode_cli.eval.report import EVAL_FOLDER, build_report, data_description, save_report
@@ -209,11 +210,16 @@ def load_plain(cfg: DictConfig, device: str):
 
 
 def merged_base_metrics(
-    checkpoint: Checkpoint, cfg: DictConfig, original_model: DictConfig, device: str
-) -> dict:
+    checkpoint: Checkpoint,
+    cfg: DictConfig,
+    original_model: DictConfig,
+    device: str,
+    rows: list[dict] | None,
+) -> tuple[dict, list[str] | None]:
     """The base before tuning of a merged model: the original base the recipe names, as training
-    loaded it, with an untrained head shaped like the merged folder's. Loaded, measured and freed
-    before the merged model loads, so one model is in memory at a time."""
+    loaded it, with an untrained head shaped like the merged folder's; its per-layer metrics, and
+    its answers to `rows` (final head) when there are rows. Loaded, measured and freed before the
+    merged model loads, so one model is in memory at a time."""
     base_cfg = copy.deepcopy(cfg)
     base_cfg.model = original_model
     model, _ = load_plain(base_cfg, device)
@@ -225,10 +231,15 @@ def merged_base_metrics(
     metrics = layer_metrics(
         model, head, eval_set, tokenizer, device, cfg.eval.batch_size, cfg.eval.max_examples
     )
+    texts = None
+    if rows:
+        prompts = answer_prompts(cfg, rows, tokenizer)
+        source = resolve_source(original_model)
+        texts = base_answers(base_cfg, model, tokenizer, device, prompts, source=source)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    return metrics
+    return metrics, texts
 
 
 def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
@@ -245,15 +256,26 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
     source = {"kind": checkpoint.kind, "checkpoint": checkpoint.spec}
 
     base = None
+    # What the answers decode from: a 4-bit model on the CPU is rebuilt dequantized from these.
+    decoding = {"source": None, "adapter": None, "base": False}
     if checkpoint.kind == "run":
         model, head, tokenizer = load_run(checkpoint.path, cfg, device)
         source["model"] = cfg.model.name_or_path
+        adapter = checkpoint.path / ADAPTER_DIR
+        decoding = {
+            "source": resolve_source(cfg.model),
+            "adapter": adapter if method(cfg).trains_adapter else None,
+            "base": cfg.eval.compare_base,
+        }
     elif checkpoint.kind == "merged":
         if cfg.eval.compare_base:
-            base = merged_base_metrics(checkpoint, cfg, original_model, device)
+            base, decoding["base"] = merged_base_metrics(
+                checkpoint, cfg, original_model, device, rows
+            )
         model, head, tokenizer = load_merged(checkpoint.path, cfg, device)
         source["model"] = str(checkpoint.path)
         source["base"] = original_model.name_or_path
+        decoding["source"] = str(checkpoint.path)
     else:
         try:
             model, tokenizer = load_plain(cfg, device)
@@ -265,6 +287,7 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
             raise
         head = None
         source["model"] = checkpoint.spec
+        decoding["source"] = resolve_source(cfg.model)
 
     _, eval_set = load_splits(cfg.data, tokenizer)
     console.print(
@@ -274,7 +297,9 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
         + (f"; answer accuracy on {len(rows)} rows" if rows else ""),
         soft_wrap=True,
     )
-    answers = evaluate_answers(cfg, model, head, tokenizer, device, rows) if rows else None
+    answers = None
+    if rows:
+        answers = evaluate_answers(cfg, model, head, tokenizer, device, rows, **decoding)
     report = build_report(
         cfg, model, head, eval_set, tokenizer, device, source=source, answers=answers, base=base
     )

@@ -1,10 +1,12 @@
 """A report for people: the per-layer table in Markdown (`report.md`) and in the terminal, and the
-answer-accuracy tables."""
+answer-accuracy tables (base, tuned final head, tuned ensemble, each with its 95% interval)."""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+
+from mode_cli.eval.stats import wilson_interval
 
 # The per-layer metrics, by key in the report and by column name in the tables.
 METRIC_COLUMNS = (("loss", "loss"), ("perplexity", "ppl"), ("top1", "top-1"))
@@ -74,13 +76,43 @@ def summary_line(report: dict) -> str:
     return line
 
 
-def answers_rows(answers: dict) -> list[list[str]]:
-    """Rows of the answer-accuracy table: one per head."""
+def answer_scores(answers: dict, model: str = "tuned") -> list[tuple[str, str, dict]]:
+    """(model, head, score) for each rate the answers hold: the base before tuning, then the
+    evaluated model's heads (`model` names them: `tuned`, or `model` for a plain model).
+
+    A report written before intervals were kept (schema version 2) gets its Wilson interval
+    computed from the counts here.
+    """
     n = answers["examples"]
-    return [
-        [head, f"{result['correct']} / {n}", f"{result['accuracy']:.3f}"]
-        for head, result in answers["heads"].items()
-    ]
+    scores = [("base", head, result) for head, result in (answers.get("base") or {}).items()]
+    heads = sorted(answers["heads"].items(), key=lambda item: HEAD_ORDER.index(item[0]))
+    scores += [(model, head, result) for head, result in heads]
+    filled = []
+    for side, head, result in scores:
+        if result.get("interval") is None and n:
+            result = {**result, "interval": list(wilson_interval(result["correct"], n))}
+        filled.append((side, head, result))
+    return filled
+
+
+def answers_rows(answers: dict, model: str = "tuned") -> list[list[str]]:
+    """Rows of the answer-accuracy table: model, head, correct, exact match, 95% interval."""
+    n = answers["examples"]
+    rows = []
+    for side, head, result in answer_scores(answers, model):
+        interval = result.get("interval")
+        span = f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else "-"
+        rows.append([side, head, f"{result['correct']} / {n}", f"{result['accuracy']:.3f}", span])
+    return rows
+
+
+ANSWER_COLUMNS = ("model", "head", "correct", "exact match", "95% interval")
+HEAD_ORDER = ("final", "ensemble")
+
+
+def answers_model(report: dict) -> str:
+    """What the answers' `heads` belong to: the tuned model, or a plain model itself."""
+    return "model" if report["source"]["kind"] == "model" else "tuned"
 
 
 AGREEMENT_NAMES = {
@@ -95,18 +127,28 @@ def _fenced(text: str) -> str:
     return "```text\n" + text.replace("```", "'''").rstrip() + "\n```"
 
 
-def answers_markdown(answers: dict) -> list[str]:
+DECODED_FROM = {
+    "dequantized": "a dequantized fp32 copy of the 4-bit model (the adapter merged in)",
+    "loaded": "the model as loaded",
+}
+
+
+def answers_markdown(answers: dict, model: str = "tuned") -> list[str]:
+    decoded = DECODED_FROM.get(answers.get("decoded_from", ""), "")
     lines = [
         "## Answer accuracy",
         "",
         f"Greedy generation (up to {answers['max_new_tokens']} new tokens) on the first "
         f"{answers['examples']} eval rows, compared with their `{answers['field']}` field after "
-        f"`{answers['match']}` normalisation.",
+        f"`{answers['match']}` normalisation"
+        + (f", decoded from {decoded}" if decoded else "")
+        + ". Base: the model before tuning (adapter off, final layer). Interval: the 95% Wilson "
+        "score interval of the rate.",
         "",
-        "| head | correct | exact match |",
-        "|---|---|---|",
+        "| " + " | ".join(ANSWER_COLUMNS) + " |",
+        "|" + "---|" * len(ANSWER_COLUMNS),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in answers_rows(answers)]
+    lines += ["| " + " | ".join(row) + " |" for row in answers_rows(answers, model)]
     if answers["agreement"]:
         lines += ["", "| ensemble vs final | examples |", "|---|---|"]
         lines += [
@@ -177,7 +219,7 @@ def to_markdown(report: dict) -> str:
         "standard deviation across tokens. Plot: `layers.png`.",
     ]
     if report.get("answers"):
-        lines += ["", *answers_markdown(report["answers"])]
+        lines += ["", *answers_markdown(report["answers"], answers_model(report))]
     return "\n".join(lines) + "\n"
 
 
@@ -202,8 +244,8 @@ def print_report(report: dict, console: Console) -> None:
             f"`{answers['match']}` match on `{answers['field']}`",
             soft_wrap=True,
         )
-        table = Table("head", "correct", "exact match")
-        for row in answers_rows(answers):
+        table = Table(*ANSWER_COLUMNS)
+        for row in answers_rows(answers, answers_model(report)):
             table.add_row(*row)
         console.print(table)
         if answers["agreement"]:

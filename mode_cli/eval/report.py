@@ -4,8 +4,8 @@ For every decoder layer (logit lens: the layer's state through a norm and the sh
 trained norm for layers in the MoDE selection, the final norm elsewhere), for the ensemble, and for
 the base model before tuning (adapter off, untrained head): loss, perplexity and next-token top-1
 accuracy on the eval split's response tokens, plus the router's weight per selected layer; for data
-with reference answers, exact-match accuracy of greedy generations with the ensemble and the final
-head (`answers.py`). The numbers come from `metrics.py`; `render.py` turns a report into tables.
+with reference answers, exact-match accuracy of greedy generations with the base before tuning, the
+tuned final head and the tuned ensemble, each with a 95% interval (`answers.py`). The numbers come from `metrics.py`; `render.py` turns a report into tables.
 
 Each report is a folder `<time>/` (under `<run>/eval/` by default) holding:
 
@@ -13,7 +13,7 @@ Each report is a folder `<time>/` (under `<run>/eval/` by default) holding:
 - `report.md`: the same as tables a person reads;
 - `layers.png`: loss and top-1 by depth, base vs tuned (`plots.py`).
 
-`report.json`, schema `{"name": "mode-report", "version": 2}`:
+`report.json`, schema `{"name": "mode-report", "version": 3}`:
 
     created          ISO 8601 time (UTC) the report was made
     source           {kind: run | merged | model, checkpoint: the folder or model id evaluated}
@@ -28,14 +28,16 @@ Each report is a folder `<time>/` (under `<run>/eval/` by default) holding:
                      and tuned are {loss, perplexity, top1} or null; router_weight is {mean, std}
                      over tokens for a selected layer of a routed head, else null
     ensemble         {base, tuned} (each {loss, perplexity, top1} or null), or null without a router
-    answers          null, or {field, match, examples, max_new_tokens, heads: {ensemble?, final:
-                     {correct, accuracy}}, agreement: {both_right, ensemble_only, final_only,
-                     both_wrong} | null, disagreements: {ensemble_only: [...], final_only: [...]}
-                     | null}; a disagreement is {index, prompt, reference, ensemble, final}
+    answers          null, or {field, match, examples, max_new_tokens, decoded_from, confidence,
+                     interval, heads: {ensemble?, final: SCORE}, base: {final: SCORE} | null,
+                     agreement: {both_right, ensemble_only, final_only, both_wrong} | null,
+                     disagreements: {ensemble_only: [...], final_only: [...]} | null}; a SCORE is
+                     {correct, accuracy, interval: [low, high]} (95% Wilson); a disagreement is
+                     {index, prompt, reference, ensemble, final}
 
 A plain model (no run) is reported as its own base: `sides` is ["base"] and every `tuned` is null.
-Version 2 added source, sides, data, answers and the report folder; version 1 readers that use
-`layers[i].{layer, selected, tuned, base, router_weight}` and `ensemble.{tuned, base}` still work.
+Version 3 added the base's answers and the intervals; version 2 added source, sides, data, answers
+and the report folder. Each version only adds keys: a reader of an older version still works.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from mode_cli.eval.plots import save_layers_plot
 from mode_cli.eval.render import to_markdown
 from mode_cli.mode.head import MoDEHead
 
-SCHEMA = {"name": "mode-report", "version": 2}
+SCHEMA = {"name": "mode-report", "version": 3}
 EVAL_FOLDER = "eval"
 
 
@@ -76,7 +78,7 @@ def assemble(
     source: dict | None = None,
     answers: dict | None = None,
 ) -> dict:
-    """The report (schema version 2) from the metrics of each side."""
+    """The report (schema version 3) from the metrics of each side."""
     if tuned is None and base is None:
         raise ValueError("a report needs the metrics of at least one side")
     source = source or {"kind": "run", "checkpoint": cfg.output_dir}

@@ -69,10 +69,13 @@ def merge_base(cfg: DictConfig, source: str, device: str):
     return dequantized_base(cfg, source, device)
 
 
-def merge_adapter(cfg: DictConfig, source: str, adapter_dir: Path, device: str):
-    """The base `merge.base` names with the adapter in `adapter_dir` merged in, in `merge.dtype`."""
+def merge_into(base, adapter_dir: Path):
+    """`base` with the adapter saved in `adapter_dir` folded into its weights (edits `base`)."""
     from peft import PeftModel
 
-    base = merge_base(cfg, source, device)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    return merged.to(merge_dtype(cfg))
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def merge_adapter(cfg: DictConfig, source: str, adapter_dir: Path, device: str):
+    """The base `merge.base` names with the adapter in `adapter_dir` merged in, in `merge.dtype`."""
+    return merge_into(merge_base(cfg, source, device), adapter_dir).to(merge_dtype(cfg))

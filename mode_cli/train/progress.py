@@ -1,5 +1,6 @@
 """What a training run shows and records: the live progress line, metrics.jsonl (and TensorBoard
-events with `logger=tensorboard`), and the summary table at the end."""
+events with `logger=tensorboard`, a Weights & Biases run with `logger=wandb`), and the summary
+table at the end."""
 
 from __future__ import annotations
 
@@ -22,8 +23,21 @@ from mode_cli.errors import ModeError
 from mode_cli.files import read_text
 
 METRICS_FILE = "metrics.jsonl"
-# `logger`: metrics.jsonl always; `tensorboard` also writes TensorBoard events.
-LOGGERS = ("none", "tensorboard")
+# `logger`: metrics.jsonl always; `tensorboard` also writes TensorBoard events; `wandb` also logs to
+# Weights & Biases (the optional `wandb` package).
+LOGGERS = ("none", "tensorboard", "wandb")
+WANDB_INSTALL = 'pip install "mode-cli[wandb]"'
+
+
+def logger_problems(logger: str) -> list[str]:
+    """What stops `logger` from working here: the wandb package missing for `logger=wandb`."""
+    if logger != "wandb":
+        return []
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        return [f"logger=wandb needs the wandb package, which is not installed: {WANDB_INSTALL}"]
+    return []
 
 
 class TrainingProgress:
@@ -130,10 +144,19 @@ class MetricsLog:
     """
 
     def __init__(
-        self, out: Path, logger: str = "none", resume_step: int | None = None, enabled: bool = True
+        self,
+        out: Path,
+        logger: str = "none",
+        resume_step: int | None = None,
+        tracker: WandbRun | None = None,
+        enabled: bool = True,
     ) -> None:
+        """`tracker`: the run's Weights & Biases run (`logger=wandb`), which outlives this log:
+        the report after training goes to it too. `enabled=False` (a rank other than 0 of a
+        distributed job): nothing is written."""
         self.path = out / METRICS_FILE
         self.file = self.writer = None
+        self.tracker = tracker if enabled else None
         if not enabled:
             return
         if resume_step is not None:
@@ -155,6 +178,8 @@ class MetricsLog:
             for tag, value in scalars(record):
                 self.writer.add_scalar(tag, value, step)
             self.writer.flush()
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def close(self) -> None:
         if self.file is not None:
@@ -184,6 +209,85 @@ def scalars(record: dict) -> list[tuple[str, float]]:
         for key, value in record.items()
         if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
     ]
+
+
+class WandbRun:
+    """The run in Weights & Biases (`logger=wandb`): the resolved config, every metrics record
+    (`train/*`, `eval/*`, `router/*` by step, as in TensorBoard), and the eval report: its
+    per-layer table, answer accuracy and `layers.png`. The summary keeps each key's last value,
+    so `train/loss` is the last step's loss.
+
+    Where runs go is wandb's own business: `WANDB_MODE=offline` writes them locally (`wandb sync`
+    uploads them later), `WANDB_DIR` sets the folder (default: the run folder, `<out>/wandb/`).
+    `wandb.project`, `wandb.entity`, `wandb.group`, `wandb.name` and `wandb.tags` come from the
+    recipe; a sweep groups its runs under the sweep folder. A resumed run continues the W&B run
+    recorded in `<out>/wandb-run-id`.
+    """
+
+    ID_FILE = "wandb-run-id"
+
+    def __init__(self, cfg, out: Path, resume_step: int | None = None) -> None:
+        import wandb
+        from omegaconf import OmegaConf
+
+        self.wandb = wandb
+        settings = cfg.wandb
+        id_file = out / self.ID_FILE
+        run_id = (
+            id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
+        )
+        self.run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            group=settings.group,
+            name=settings.name or out.name,
+            tags=list(settings.tags) or None,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            # Read here, not by wandb: its settings are read once per process, and a sweep or a
+            # notebook may change WANDB_DIR between runs.
+            dir=os.environ.get("WANDB_DIR") or str(out),
+            id=run_id,
+            resume="allow" if run_id else None,
+            # mode draws its own progress line; wandb's console capture would wrap it.
+            settings=wandb.Settings(console="off"),
+        )
+        id_file.write_text(self.run.id + "\n")
+        self.step = resume_step or 0
+
+    def log(self, record: dict) -> None:
+        self.step = max(self.step, record["step"])
+        self.run.log(dict(scalars(record)), step=record["step"])
+
+    def log_report(self, report: dict, folder: Path) -> None:
+        """The eval report: the per-layer table, answer accuracy, and `layers.png`."""
+        from mode_cli.eval.render import (
+            ANSWER_COLUMNS,
+            answer_scores,
+            answers_model,
+            answers_rows,
+            header,
+        )
+        from mode_cli.eval.render import table_rows as layer_rows
+
+        wandb = self.wandb
+        logged = {
+            "report/layers": wandb.Table(columns=header(report), data=layer_rows(report)),
+            "report/layers_png": wandb.Image(str(folder / "layers.png")),
+        }
+        summary = {"report/final_loss": report["layers"][-1]["tuned"]["loss"]}
+        if report["ensemble"]:
+            summary["report/ensemble_loss"] = report["ensemble"]["tuned"]["loss"]
+        answers = report.get("answers")
+        if answers:
+            rows = answers_rows(answers, answers_model(report))
+            logged["report/answers"] = wandb.Table(columns=list(ANSWER_COLUMNS), data=rows)
+            for side, head, score in answer_scores(answers, answers_model(report)):
+                summary[f"report/exact_match/{side}_{head}"] = score["accuracy"]
+        self.run.log(logged, step=self.step)
+        self.run.summary.update(summary)
+
+    def finish(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -42,7 +42,7 @@ from mode_cli.console import console
 from mode_cli.data.splits import load_splits
 from mode_cli.data.tokenizing import IGNORE, Example
 from mode_cli.errors import ModeError
-from mode_cli.eval.answers import answer_rows, evaluate_answers
+from mode_cli.eval.answers import answer_rows, answers_by_default, evaluate_answers
 from mode_cli.eval.metrics import training_eval
 from mode_cli.eval.render import print_report
 from mode_cli.eval.report import EVAL_FOLDER, build_report, save_report
@@ -73,7 +73,13 @@ from mode_cli.train.distributed import (
     wrap,
 )
 from mode_cli.train.optim import make_optimizer, make_scheduler
-from mode_cli.train.progress import METRICS_FILE, MetricsLog, TrainingProgress, print_summary
+from mode_cli.train.progress import (
+    METRICS_FILE,
+    MetricsLog,
+    TrainingProgress,
+    WandbRun,
+    print_summary,
+)
 from mode_cli.train.steps import BatchStream, TrainingModule, accumulate_gradients
 from mode_cli.train.stopping import StopSignals, TrainingInterrupted
 
@@ -172,6 +178,9 @@ class FinetuneRecipe:
         self.phase = "done"  # forward | update | done: what an out-of-memory error interrupted
         self._data_identity: dict | None = None
         self._file_damage: dict[Path, str | None] = {}
+        self.tracker: WandbRun | None = (
+            None  # logger=wandb, rank 0: open from training to the report
+        )
 
     # ------------------------------------------------------------------ setup
 
@@ -244,8 +253,12 @@ class FinetuneRecipe:
         self.started = time.perf_counter()
         stopped_by = None
         main = self.world.main
+        if self.cfg.logger == "wandb" and main:
+            self.tracker = WandbRun(self.cfg, self.out, self.resumed_step)
         with (
-            MetricsLog(self.out, self.cfg.logger, self.resumed_step, enabled=main) as log,
+            MetricsLog(
+                self.out, self.cfg.logger, self.resumed_step, self.tracker, enabled=main
+            ) as log,
             TrainingProgress(cfg.max_steps, console, cfg.log_every, first - 1) as progress,
             StopSignals() as signals,
         ):
@@ -622,7 +635,7 @@ class FinetuneRecipe:
             return None
         answers = None
         try:
-            rows = answer_rows(self.cfg, auto=False)
+            rows = answer_rows(self.cfg, auto=answers_by_default(self.cfg, self.model))
         except ModeError as err:
             # The adapter is saved already: report without answers rather than stop here.
             console.print(f"[yellow]no answer accuracy:[/yellow] {err}")
@@ -633,8 +646,18 @@ class FinetuneRecipe:
                 "folder for it"
             )
         elif rows:
+            console.print(f"answer accuracy: greedy answers to {len(rows)} eval rows")
+            trained_adapter = method(self.cfg).trains_adapter
             answers = evaluate_answers(
-                self.cfg, self.model, self.head, self.tokenizer, self.device, rows
+                self.cfg,
+                self.model,
+                self.head,
+                self.tokenizer,
+                self.device,
+                rows,
+                source=self.source,
+                adapter=self.out / ADAPTER_DIR if trained_adapter else None,
+                base=self.cfg.eval.compare_base,
             )
         with gathered(self.module, self.world):
             report = build_report(
@@ -644,13 +667,15 @@ class FinetuneRecipe:
                 self.eval_set,
                 self.tokenizer,
                 self.device,
-                source={"kind": "run", "checkpoint": str(self.out)},
+                source={"kind": "run", "checkpoint": str(self.out), "step": self.state.step},
                 answers=answers,
             )
         if not self.world.main:
             return None
         parent = Path(self.cfg.eval.output_dir or self.out / EVAL_FOLDER)
         self.report_folder = save_report(report, parent)
+        if self.tracker is not None:
+            self.tracker.log_report(report, self.report_folder)
         print_report(report, console)
         console.print(f"report: {self.report_folder}")
         return report
@@ -672,6 +697,18 @@ class FinetuneRecipe:
             check_writable_folder(Path(self.cfg.eval.output_dir), "eval.output_dir")
 
     def run(self) -> Path:
+        """Setup, train, save, report, merge; a W&B run it opened is finished whatever happens."""
+        try:
+            out = self.run_stages()
+        except BaseException:
+            if self.tracker is not None:
+                self.tracker.finish(failed=True)
+            raise
+        if self.tracker is not None:
+            self.tracker.finish()
+        return out
+
+    def run_stages(self) -> Path:
         self.check_output_folders()
         checked = self.out
         candidates = self.find_checkpoint()
@@ -707,8 +744,9 @@ class FinetuneRecipe:
             return self.out  # stopped early, with a checkpoint to resume from
         self.save()
         self.report()
-        # From here on rank 0 works alone: the others are done.
-        self.world.barrier()
+        # From here on rank 0 works alone: the others are done. They do not wait for it in a
+        # collective: under DDP rank 0 has just measured the report (answers included) alone, and
+        # a long report would outlast distributed.timeout_s.
         if not self.world.main:
             return self.out
         if self.cfg.merge.enabled and method(self.cfg).trains_adapter:

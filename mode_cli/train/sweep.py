@@ -10,11 +10,21 @@ fails at once. The runs go one after another in this process, each in its own fo
 `<sweep_dir>/<index>-<swept values>/`, where sweep_dir is `output_dir` when given, else
 `outputs/<recipe>/<time>-sweep/`.
 
+The same command with `resume=auto` continues a stopped sweep in its folder: a run that finished
+(its end-of-training report is of train.max_steps) is kept, with its wall time, and the others
+resume from their checkpoints or start.
+
 A run that stops on a user error (ModeError) is recorded as failed and the sweep goes on; the
 command exits non-zero at the end if any run failed. Ctrl-C stops the sweep. After each run the
 sweep folder's `sweep.json` and `sweep.md` are rewritten, so a stopped sweep keeps the results
 it has: per run the overrides, the final train loss, the eval loss of each head (final layer,
-ensemble, each other selected layer), the wall time and the status.
+ensemble, each other selected layer), the exact-match answer accuracy of the final head and the
+ensemble (when the report has it), the wall time and the status.
+
+With `train.seed` swept (`train.seed=0,1,2`), runs that differ only in seed form a group: the
+summary adds each group's mean ± standard deviation per metric and, for groups that differ in one
+setting, the difference paired by seed with its 95% t-interval (`seeds.py`). `sweep.png` shows
+each metric per group, one dot per seed.
 """
 
 from __future__ import annotations
@@ -36,16 +46,27 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from mode_cli.config import validate
+from mode_cli.artifacts import MERGED_DIR
+from mode_cli.config import method, validate
 from mode_cli.errors import ModeError
 from mode_cli.eval.report import latest_report
 from mode_cli.recipes import compose_recipe, recipe_files, shipped_recipes_dir
 from mode_cli.train.progress import METRICS_FILE
 from mode_cli.train.recipe import FinetuneRecipe
+from mode_cli.train.seeds import (
+    SEED_KEY,
+    Metric,
+    comparisons,
+    group_runs,
+    metrics_of,
+    seed_of,
+    summary_json,
+)
 
-SCHEMA = {"name": "mode-sweep", "version": 1}
+SCHEMA = {"name": "mode-sweep", "version": 2}
 SUMMARY_JSON = "sweep.json"
 SUMMARY_MD = "sweep.md"
+SUMMARY_PNG = "sweep.png"
 # Run folder names stay within characters that need no quoting in a shell or a Hydra override.
 _UNSAFE = re.compile(r"[^A-Za-z0-9.+-]+")
 MAX_NAME = 80
@@ -66,6 +87,8 @@ class SweepRun:
     wall_s: float | None = None
     train_loss: float | None = None
     eval_loss: dict = field(default_factory=dict)
+    # Exact-match accuracy by head: `final`, `ensemble` (tuned) and `base`, when the report has it.
+    answers: dict = field(default_factory=dict)
     report: Path | None = None  # the report.json this sweep's run wrote
 
     def label(self) -> str:
@@ -83,6 +106,7 @@ class SweepRun:
             "wall_s": self.wall_s,
             "final_train_loss": self.train_loss,
             "eval_loss": self.eval_loss,
+            "exact_match": self.answers,
         }
 
 
@@ -208,6 +232,9 @@ def plan_sweep(
         try:
             cfg = compose_recipe(recipe, rest, recipes_dir)
             cfg.output_dir = str(run.out)
+            if cfg.wandb.group is None:
+                # logger=wandb shows a sweep's runs together, named by their folders.
+                cfg.wandb.group = str(directory)
             validate(cfg, check_hardware=check_hardware)
             if cfg.distributed.nproc > 1:
                 raise ModeError(
@@ -251,9 +278,21 @@ def run_sweep(sweep: Sweep, console: Console, out: Console) -> int:
     also when the sweep is interrupted.
     """
     sweep.directory.mkdir(parents=True, exist_ok=True)
+    earlier = earlier_wall_times(sweep.directory)
     write_summary(sweep)
     try:
         for run in sweep.runs:
+            if finished_earlier(run):
+                # A continued sweep (resume=auto) keeps what a run finished before.
+                run.status, run.wall_s = "ok", earlier.get(str(run.out))
+                run.report = latest_report(run.out)
+                collect_results(run)
+                write_summary(sweep)
+                console.print(
+                    f"[bold]sweep run {run.index + 1}/{len(sweep.runs)}[/bold] {run.label()}: "
+                    f"finished before, kept ({run.out})"
+                )
+                continue
             console.print(
                 f"[bold]sweep run {run.index + 1}/{len(sweep.runs)}[/bold] {run.label()} "
                 f"-> {run.out}"
@@ -288,6 +327,38 @@ def run_sweep(sweep: Sweep, console: Console, out: Console) -> int:
         print_table(sweep, out)
         console.print(f"sweep: {sweep.directory / SUMMARY_MD}, {sweep.directory / SUMMARY_JSON}")
     return sum(run.status in ("failed", "crashed") for run in sweep.runs)
+
+
+def finished_earlier(run: SweepRun) -> bool:
+    """Whether a continued run (resume=auto) has nothing left to do: its folder holds the
+    end-of-training report of step train.max_steps (written after the last checkpoint and the
+    adapter) and, when the run merges, the merged model (written last)."""
+    if OmegaConf.select(run.cfg, "resume") != "auto":
+        return False
+    path = latest_report(run.out)
+    if path is None:
+        return False
+    try:
+        source = json.loads(path.read_text()).get("source") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+    if source.get("kind") != "run" or source.get("step") != run.cfg.train.max_steps:
+        return False
+    return not (
+        run.cfg.merge.enabled
+        and method(run.cfg).trains_adapter
+        and not (run.out / MERGED_DIR).is_dir()
+    )
+
+
+def earlier_wall_times(directory: Path) -> dict[str, float]:
+    """The wall time of each run (by folder) an earlier invocation of this sweep recorded."""
+    path = directory / SUMMARY_JSON
+    try:
+        runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+        return {run["dir"]: run["wall_s"] for run in runs if run.get("wall_s") is not None}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return {}
 
 
 def free_cuda_cache() -> None:
@@ -339,16 +410,31 @@ def eval_losses(report: dict) -> dict:
     }
 
 
+def exact_match(report: dict) -> dict:
+    """Answer accuracy by head (`final`, `ensemble`, and `base` for the base before tuning); {}
+    when the report scored no answers."""
+    answers = report.get("answers")
+    if not answers:
+        return {}
+    scores = {head: score["accuracy"] for head, score in answers["heads"].items()}
+    base = (answers.get("base") or {}).get("final")
+    if base is not None:
+        scores["base"] = base["accuracy"]
+    return scores
+
+
 def collect_results(run: SweepRun) -> None:
-    """Fill in a run's train loss and eval losses from what its folder holds."""
+    """Fill in a run's train loss, eval losses and answer accuracy from what its folder holds."""
     run.train_loss = final_train_loss(run.out)
     path = run.report or latest_report(run.out)
     if path is None:
         return
     try:
-        run.eval_loss = eval_losses(json.loads(path.read_text()))
+        report = json.loads(path.read_text())
+        run.eval_loss = eval_losses(report)
+        run.answers = exact_match(report)
     except (json.JSONDecodeError, KeyError, TypeError, IndexError) as err:
-        run.eval_loss = {}
+        run.eval_loss, run.answers = {}, {}
         run.error = run.error or f"unreadable report {path}: {err}"
 
 
@@ -370,8 +456,10 @@ def _number(value: float | None, digits: int = 4) -> str:
 def table_rows(sweep: Sweep) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the comparison table; `-` where a value does not apply or is missing."""
     layers = layer_columns(sweep)
+    heads = [h for h in ("final", "ensemble") if any(h in run.answers for run in sweep.runs)]
     header = ["#", "run", "overrides", "train loss", "eval final", "eval ensemble"]
-    header += [f"eval L{layer}" for layer in layers] + ["wall s", "status"]
+    header += [f"eval L{layer}" for layer in layers] + [f"EM {head}" for head in heads]
+    header += ["wall s", "status"]
     rows = []
     for run in sweep.runs:
         evals = run.eval_loss
@@ -384,6 +472,7 @@ def table_rows(sweep: Sweep) -> tuple[list[str], list[list[str]]]:
                 _number(evals.get("final")),
                 _number(evals.get("ensemble")),
                 *(_number(evals.get("layers", {}).get(layer)) for layer in layers),
+                *(_number(run.answers.get(head), 3) for head in heads),
                 _number(run.wall_s, 1),
                 run.status,
             ]
@@ -391,19 +480,110 @@ def table_rows(sweep: Sweep) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def seeds_swept(sweep: Sweep) -> bool:
+    return SEED_KEY in sweep.swept_keys
+
+
+def _spread(summary: dict | None, digits: int) -> str:
+    """`mean ± std` of a group's metric (`mean` alone for one run, `-` for none)."""
+    if summary is None:
+        return "-"
+    if summary["std"] is None:
+        return _number(summary["mean"], digits)
+    return f"{_number(summary['mean'], digits)} ± {_number(summary['std'], digits)}"
+
+
+def _digits(metric: Metric) -> int:
+    return 3 if metric.higher_is_better else 4
+
+
+def group_rows(sweep: Sweep) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-group table: mean ± sample std over the seeds, per metric."""
+    metrics = metrics_of(sweep.runs)
+    header = ["group", "seeds", *(m.label for m in metrics)]
+    rows = []
+    for group in group_runs(sweep.runs, sweep.swept_keys):
+        finished = sorted(seed_of(run) for run in group.runs if run.status == "ok")
+        rows.append(
+            [
+                group.label(),
+                ", ".join(map(str, finished)) or "-",
+                *(_spread(group.summary(m.key), _digits(m)) for m in metrics),
+            ]
+        )
+    return header, rows
+
+
+def comparison_rows(sweep: Sweep) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the paired differences: one row per comparison and metric."""
+    header = ["comparison", "same", "metric", "seeds", "difference", "95% interval", "excludes 0"]
+    rows = []
+    metrics = metrics_of(sweep.runs)
+    for comparison in comparisons(group_runs(sweep.runs, sweep.swept_keys)):
+        for metric in metrics:
+            diff = comparison.difference(metric.key)
+            if diff is None:
+                continue
+            digits = _digits(metric)
+            interval = (
+                f"[{diff['low']:+.{digits}f}, {diff['high']:+.{digits}f}]"
+                if diff["low"] is not None
+                else "-"
+            )
+            rows.append(
+                [
+                    comparison.label(),
+                    comparison.shared() or "-",
+                    metric.label,
+                    str(diff["n"]),
+                    f"{diff['mean']:+.{digits}f}",
+                    interval,
+                    "yes *" if diff["excludes_zero"] else "no",
+                ]
+            )
+    return header, rows
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return lines
+
+
 def to_markdown(sweep: Sweep) -> str:
-    header, rows = table_rows(sweep)
     lines = [
         f"# Sweep in {sweep.directory}",
         "",
         f"`mode train -m {' '.join(sweep.overrides)}`",
         "",
-        "Train loss: the last logged step. Eval loss: the newest report of each run, per head.",
+        "Train loss: the last logged step. Eval loss: the newest report of each run, per head. "
+        "EM: exact-match answer accuracy of the tuned final head and ensemble.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
+        *_markdown_table(*table_rows(sweep)),
     ]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    if seeds_swept(sweep):
+        lines += [
+            "",
+            "## Per group, over seeds",
+            "",
+            "Runs that differ only in `train.seed`: mean ± sample standard deviation (n - 1) of "
+            "each metric over the finished runs. Plot: `sweep.png`, one dot per seed.",
+            "",
+            *_markdown_table(*group_rows(sweep)),
+        ]
+        header, rows = comparison_rows(sweep)
+        if rows:
+            lines += [
+                "",
+                "## Paired differences",
+                "",
+                "Groups that differ in one setting, `first - second` per metric, paired by seed "
+                "(the two runs with the same seed), averaged over the seeds both finished: mean "
+                "and 95% t-interval (mean ± t(n-1) · s / √n). `yes *`: the interval excludes 0. "
+                "For losses a negative difference favours the first; for EM a positive one.",
+                "",
+                *_markdown_table(header, rows),
+            ]
     errors = [
         f"- run {run.index}: " + " ".join(line.strip() for line in run.error.splitlines())
         for run in sweep.runs
@@ -423,9 +603,59 @@ def write_summary(sweep: Sweep) -> None:
         "overrides": sweep.overrides,
         "swept": sweep.swept_keys,
         "runs": [run.to_json() for run in sweep.runs],
+        "seeds": summary_json(sweep.runs, sweep.swept_keys) if seeds_swept(sweep) else None,
     }
     (sweep.directory / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     (sweep.directory / SUMMARY_MD).write_text(to_markdown(sweep))
+    if metrics_of(sweep.runs):
+        sweep_figure(sweep).savefig(sweep.directory / SUMMARY_PNG, dpi=100)
+
+
+def sweep_figure(sweep: Sweep):
+    """`sweep.png`: one panel per metric, one column per group, one dot per seed (labelled with
+    the seed), the group's mean as a bar across its dots."""
+    # A bare Figure draws with Agg when saved: no display, no pyplot state.
+    from matplotlib.figure import Figure
+
+    metrics = metrics_of(sweep.runs)
+    groups = group_runs(sweep.runs, sweep.swept_keys)
+    columns = min(3, len(metrics))
+    rows = -(-len(metrics) // columns)
+    figure = Figure(figsize=(4.2 * columns, 0.6 + 2.9 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax, metric in zip(axes, metrics, strict=False):
+        for x, group in enumerate(groups):
+            values = group.by_seed(metric.key)
+            if not values:
+                continue
+            seeds = sorted(values)
+            ax.scatter(
+                [x] * len(seeds),
+                [values[s] for s in seeds],
+                s=22,
+                color="tab:blue",
+                label="seeds",
+            )
+            for seed in seeds:
+                ax.annotate(
+                    str(seed),
+                    (x, values[seed]),
+                    xytext=(4, 0),
+                    textcoords="offset points",
+                    fontsize="x-small",
+                    va="center",
+                )
+            mean = sum(values.values()) / len(values)
+            ax.hlines(mean, x - 0.25, x + 0.25, color="tab:orange", linewidth=2)
+        ax.set_title(metric.label, fontsize="medium")
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([g.label() for g in groups], rotation=20, ha="right", fontsize="small")
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    figure.suptitle("per group: one dot per seed (labelled), mean as a bar", fontsize="medium")
+    return figure
 
 
 def print_table(sweep: Sweep, out: Console) -> None:
@@ -438,6 +668,19 @@ def print_table(sweep: Sweep, out: Console) -> None:
         style = None if row[-1] == "ok" else "red"
         table.add_row(*row, style=style)
     out.print(table)
+    if not seeds_swept(sweep):
+        return
+    for title, (header, rows) in (
+        ("per group: mean ± std over seeds", group_rows(sweep)),
+        ("paired by seed: first - second, 95% t-interval", comparison_rows(sweep)),
+    ):
+        if rows:
+            table = Table(title=title)
+            for name in header:
+                table.add_column(name, overflow="fold")
+            for row in rows:
+                table.add_row(*row, style="bold" if row[-1].startswith("yes") else None)
+            out.print(table)
 
 
 def print_plan(sweep: Sweep, out: Console) -> None:

@@ -1,0 +1,738 @@
+"""The study in docs/study.md: does MoDE help on the default model and task, by more than noise?
+
+    make study                                   # = python scripts/study.py
+    python scripts/study.py --continue           # go on with a stopped study in outputs/study
+    python scripts/study.py --render-only        # rewrite docs/study.md from outputs/study
+
+SmolLM2-135M-Instruct in NF4 (`package:smollm2`, recipe `smollm2-arithmetic`) on the bundled
+arithmetic word problems (2,000 train, 200 eval rows). Five methods, three seeds each, every run
+`STEPS` optimizer steps of 4 examples:
+
+    final-only       LoRA r16, plain cross-entropy on the last layer (the baseline)
+    mode             LoRA r16 + MoDE over the last 3 layers, with distillation
+    mode-nodistill   LoRA r16 + MoDE, no distillation
+    dora             DoRA r16, final-only
+    dora + mode      DoRA r16 + MoDE
+
+They run as two `mode train -m` sweeps (LoRA: three losses; DoRA: two), so each sweep folder also
+holds the sweep's own seed-paired comparisons (sweep.md). After them, `mode eval ... compare=base`
+on one run measures the base before tuning (per-layer losses and answers), the same for every
+method. Last, one final-only run of half as many steps again (`CURVE_STEPS`) logs its eval loss
+every `CURVE_EVERY` steps on the rows the reports read: the curve, and at its end what the
+baseline gains from 50% more steps.
+
+Every run scores greedy answers to all 200 eval rows at the end of training (on by default for
+a model this size) from a dequantized fp32 copy. The script then writes docs/study.md and its
+figures under docs/study/: the table (mean ± std over seeds), paired differences against the
+baseline with 95% t-intervals, the curve, per-layer loss before and after (seed 0 of each
+method), trainable parameters, time per step, and a verdict derived from the intervals. Runs go
+to outputs/study/ (about 1 GB). A plain `make study` starts from nothing; `--continue` keeps the
+steps a stopped study finished and resumes its runs from their checkpoints (every 50 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from mode_cli.eval.report import latest_report  # noqa: E402
+from mode_cli.eval.stats import mean_std, t_interval  # noqa: E402
+from mode_cli.train.checkpoint import complete_checkpoints  # noqa: E402
+from mode_cli.train.progress import METRICS_FILE  # noqa: E402
+from mode_cli.train.sweep import eval_losses, exact_match, train_records  # noqa: E402
+
+RECIPE = "smollm2-arithmetic"
+STEPS = 200
+SEEDS = (0, 1, 2)
+CURVE_STEPS = 3 * STEPS // 2
+CURVE_EVERY = 20
+EVAL_ROWS = 200  # exact match on every eval row
+LAYER_ROWS = 100  # the per-layer losses (logit lens over 30 layers) on the first 100
+# The curve's evals read the same rows as the runs' reports, so its last point and the baseline
+# runs' eval loss compare directly.
+CURVE_EXAMPLES = LAYER_ROWS
+TRAIN_ROWS = 2000
+MAX_NEW_TOKENS = 64  # eval.max_new_tokens, the default
+THREADS = 2
+# What every study run shares, beyond the recipe: the step budget, the whole eval split for the
+# answers and half of it for the per-layer report (reading 30 layers through a 49k-word head is
+# the report's slow part), no merged model (the runs are read, not shipped), a checkpoint every
+# 50 steps (what a continued study resumes from). The base is measured once (the `base` step), not in every run.
+COMMON = [
+    f"train.max_steps={STEPS}",
+    "train.warmup_steps=10",
+    f"train.threads={THREADS}",
+    f"data.max_eval_examples={EVAL_ROWS}",
+    f"eval.max_examples={LAYER_ROWS}",
+    f"eval.answer_examples={EVAL_ROWS}",
+    "eval.compare_base=false",
+    "merge=false",
+    "checkpoint.every_steps=50",
+]
+SWEEPS = {
+    "lora": ["adapter=lora", "loss=final-only,mode,mode-nodistill"],
+    "dora": ["adapter=dora", "loss=final-only,mode"],
+}
+OUT = ROOT / "outputs" / "study"
+DOC = ROOT / "docs" / "study.md"
+FIGURES = ROOT / "docs" / "study"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    sweep: str
+    loss: str
+    routed: bool  # decodes with the ensemble
+
+    @property
+    def head(self) -> str:
+        """The head the method's runs decode with: the ensemble with a router, else the final."""
+        return "ensemble" if self.routed else "final"
+
+
+METHODS = (
+    Method("final-only", "lora", "final-only", False),
+    Method("mode", "lora", "mode", True),
+    Method("mode-nodistill", "lora", "mode-nodistill", True),
+    Method("dora", "dora", "final-only", False),
+    Method("dora + mode", "dora", "mode", True),
+)
+BASELINE = METHODS[0]
+
+
+def mode_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mode_cli", *args]
+
+
+def shown(command: list[str]) -> str:
+    """A command as a person would type it."""
+    words = ["mode", *command[3:]] if command[1:3] == ["-m", "mode_cli"] else command
+    # Paths inside the repository as a person in its root would write them.
+    return " ".join(shlex.quote(w.replace(f"{ROOT}/", "")) for w in words)
+
+
+# ---------------------------------------------------------------------------- running
+
+
+class StudyRecord:
+    """`<out>/study.json`: what ran, for how long, and how loaded the machine was, rewritten every
+    30 s while the study runs, so a study stopped part-way (`--continue` goes on) keeps its time.
+
+    wall_s counts every invocation, the work an interruption lost included; load_mean is the
+    machine's 1-minute load average over the samples (how much else ran)."""
+
+    def __init__(self, out: Path, *, continued: bool) -> None:
+        self.path = out / "study.json"
+        if continued and self.path.is_file():
+            self.data = json.loads(self.path.read_text())
+        else:
+            self.data = {
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "wall_s": 0.0,
+                "cpus": os.cpu_count(),
+                "invocations": 0,
+                "load_mean": None,
+                "load_samples": 0,
+                "steps": {},
+            }
+        self.data["invocations"] += 1
+        self.before = self.data["wall_s"]
+        self.begin = time.perf_counter()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def sample(self) -> None:
+        while not self.stop.wait(30):
+            with self.lock:
+                n, mean = self.data["load_samples"], self.data["load_mean"] or 0.0
+                self.data["load_mean"] = (mean * n + os.getloadavg()[0]) / (n + 1)
+                self.data["load_samples"] = n + 1
+            self.save()
+
+    def save(self) -> None:
+        with self.lock:
+            self.data["wall_s"] = self.before + time.perf_counter() - self.begin
+            staging = self.path.with_suffix(".json.tmp")
+            staging.write_text(json.dumps(self.data, indent=2) + "\n")
+            os.replace(staging, self.path)
+
+    def step_done(self, name: str, step: dict) -> None:
+        with self.lock:
+            earlier = self.data["steps"].get(name)
+            if earlier is not None:  # a continued step: its time adds up
+                step["seconds"] += earlier["seconds"]
+            self.data["steps"][name] = step
+        self.save()
+
+    def __enter__(self) -> StudyRecord:
+        self.save()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.save()
+
+
+def run_step(name: str, command: list[str], log_dir: Path, *, shown_as: list[str]) -> dict:
+    """Run one command with its output appended to `log_dir/<name>.log`; its wall time and exit
+    code (`shown_as`: the command as the page names it)."""
+    log = log_dir / f"{name}.log"
+    print(f"[{datetime.now():%H:%M:%S}] {name}: {shown(command)}", flush=True)
+    start = time.perf_counter()
+    with log.open("a") as handle:
+        code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    seconds = time.perf_counter() - start
+    print(
+        f"[{datetime.now():%H:%M:%S}] {name}: exit {code} after {seconds / 60:.1f} min", flush=True
+    )
+    return {"command": shown(shown_as), "exit": code, "seconds": seconds, "log": str(log)}
+
+
+def study_steps(out: Path) -> dict[str, Callable[[], list[str]]]:
+    """The study's commands by name, in the order they run: the sweeps first (the table), then
+    the base before tuning (read through a finished baseline run), then the baseline's longer
+    curve. Each is made when its turn comes."""
+    steps = {
+        sweep: lambda swept=swept, sweep=sweep: mode_command(
+            "train", "-m", f"recipe={RECIPE}", *swept,
+            "train.seed=" + ",".join(map(str, SEEDS)), *COMMON, f"output_dir={out / sweep}",
+        )
+        for sweep, swept in SWEEPS.items()
+    }  # fmt: skip
+    steps["base"] = lambda: mode_command(
+        "eval", f"checkpoint={run_dir(out, BASELINE, SEEDS[0])}", "compare=base",
+        f"examples={EVAL_ROWS}", f"eval.max_examples={LAYER_ROWS}",
+        f"eval.output_dir={out / 'base' / 'eval'}", f"train.threads={THREADS}",
+    )  # fmt: skip
+    steps["curve"] = lambda: mode_command(
+        "train", f"recipe={RECIPE}", "loss=final-only", f"output_dir={out / 'curve'}",
+        *COMMON, f"train.max_steps={CURVE_STEPS}", f"eval.every_steps={CURVE_EVERY}",
+        f"eval.max_examples={CURVE_EXAMPLES}", "eval.answers=off",
+    )  # fmt: skip
+    return steps
+
+
+def partial_runs(folder: Path) -> list[Path]:
+    """Run folders under `folder` a stop left with nothing to continue from: a run started, no
+    checkpoint written yet."""
+    candidates = [folder] if (folder / "config.yaml").is_file() else []
+    candidates += [p for p in folder.glob("*/") if (p / "config.yaml").is_file()]
+    return [p for p in candidates if not complete_checkpoints(p)]
+
+
+def run_study(out: Path, *, continued: bool = False) -> dict:
+    """Every run of the study into `out`: from scratch, or (`continued`) going on from where a
+    stopped study left off: finished steps are kept, sweeps and the curve resume from their runs'
+    checkpoints (runs with none start again). What ran, for how long."""
+    if not continued and out.exists():
+        shutil.rmtree(out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with StudyRecord(out, continued=continued) as record:
+        for name, make_command in study_steps(out).items():
+            earlier = record.data["steps"].get(name)
+            if earlier is not None and earlier["exit"] == 0:
+                continue
+            resumed = []
+            if (out / name).exists() and name != "base":
+                for partial in partial_runs(out / name):
+                    print(f"{partial}: stopped before its first checkpoint, starts again")
+                    shutil.rmtree(partial)
+                resumed = ["resume=auto"]
+            command = make_command()
+            step = run_step(name, command + resumed, logs, shown_as=command)
+            record.step_done(name, step)
+    return record.data
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def run_dir(out: Path, method: Method, seed: int) -> Path:
+    """The folder of one run: `<out>/<sweep>/<index>-loss-<loss>_train.seed-<seed>`."""
+    suffix = f"-loss-{method.loss}_train.seed-{seed}"
+    found = [p for p in (out / method.sweep).glob(f"*{suffix}") if p.is_dir()]
+    if len(found) != 1:
+        raise FileNotFoundError(f"no single run folder *{suffix} in {out / method.sweep}")
+    return found[0]
+
+
+def trainable_parameters(run: Path) -> dict[str, int]:
+    """The trained weights a run saved, counted: the adapter's and the MoDE head's."""
+    counts = {}
+    for name, path in (
+        ("adapter", run / "adapter" / "adapter_model.safetensors"),
+        ("head", run / "mode_head.safetensors"),
+    ):
+        total = 0
+        if path.is_file():
+            with safe_open(str(path), "pt") as weights:
+                for key in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    total += math.prod(weights.get_slice(key).get_shape())
+        counts[name] = total
+    return counts
+
+
+def seconds_per_step(run: Path) -> float | None:
+    """Training seconds per optimizer step, from the logged elapsed time after the first step
+    (which also pays one-time costs)."""
+    steps = train_records(run)
+    if len(steps) < 2:
+        return None
+    first, last = steps[0], steps[-1]
+    return (last["elapsed_s"] - first["elapsed_s"]) / (last["step"] - first["step"])
+
+
+def read_run(run: Path) -> dict | None:
+    """What the study reads of one run: losses, answers, parameters, speed and its report."""
+    path = latest_report(run)
+    if path is None:
+        return None
+    report = json.loads(path.read_text())
+    losses = eval_losses(report)
+    steps = train_records(run)
+    return {
+        "train_loss": steps[-1]["loss"] if steps else None,
+        "eval_final": losses["final"],
+        "eval_ensemble": losses["ensemble"],
+        "em": exact_match(report),
+        "examples": (report.get("answers") or {}).get("examples"),
+        "params": trainable_parameters(run),
+        "s_per_step": seconds_per_step(run),
+        "report": report,
+    }
+
+
+def read_study(out: Path) -> dict:
+    """Every run's results, the base's report, the curve run's records and the study record."""
+    runs = {}
+    for method in METHODS:
+        for seed in SEEDS:
+            try:
+                runs[(method.name, seed)] = read_run(run_dir(out, method, seed))
+            except FileNotFoundError:
+                runs[(method.name, seed)] = None
+    base = latest_report(out / "base")
+    curve_log = out / "curve" / METRICS_FILE
+    curve = [json.loads(line) for line in curve_log.read_text().splitlines()]
+    return {
+        "runs": runs,
+        "base": json.loads(base.read_text()) if base else None,
+        "curve": curve,
+        "record": json.loads((out / "study.json").read_text()),
+    }
+
+
+# ---------------------------------------------------------------------------- numbers
+
+
+def values(data: dict, method: Method, key: str) -> dict[int, float]:
+    """One number per seed of a method: a key of `read_run`, or `eval_decode` / `em_decode` (the
+    method's own decoding head), `em_final` / `em_ensemble`."""
+    found = {}
+    for seed in SEEDS:
+        run = data["runs"][(method.name, seed)]
+        if run is None:
+            continue
+        if key == "eval_decode":
+            value = run[f"eval_{method.head}"]
+        elif key.startswith("em_"):
+            head = method.head if key == "em_decode" else key.removeprefix("em_")
+            value = run["em"].get(head)
+        else:
+            value = run[key]
+        if value is not None:
+            found[seed] = value
+    return found
+
+
+def spread(found: dict[int, float], digits: int, scale: float = 1.0) -> str:
+    """`mean ± std` over seeds (std: sample, n - 1)."""
+    if not found:
+        return "-"
+    mean, std = mean_std([v * scale for v in found.values()])
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def paired(data: dict, first: Method, second: Method, key: str) -> dict | None:
+    """first - second, paired by seed, with its 95% t-interval."""
+    a, b = values(data, first, key), values(data, second, key)
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    result = t_interval([a[s] - b[s] for s in seeds])
+    return {"n": result.n, "mean": result.mean, "low": result.low, "high": result.high,
+            "excludes_zero": result.excludes_zero}  # fmt: skip
+
+
+COMPARISONS = (
+    # (first, second, why)
+    *((m, BASELINE) for m in METHODS[1:]),
+    (METHODS[4], METHODS[3]),
+)
+COMPARED = (
+    ("eval_decode", "eval loss, decoding head", 4, 1.0),
+    ("em_decode", "exact match, decoding head (points)", 1, 100.0),
+    ("eval_final", "eval loss, final layer", 4, 1.0),
+    ("em_final", "exact match, final layer (points)", 1, 100.0),
+)
+
+
+def verdict(data: dict) -> list[str]:
+    """Plain words from the paired intervals: better, worse, or not told apart from seed noise."""
+    lines = []
+    for first, second in COMPARISONS:
+        parts = []
+        for key, label, digits, scale in COMPARED[:2]:
+            diff = paired(data, first, second, key)
+            if diff is None:
+                parts.append(f"{label}: not enough finished seeds")
+                continue
+            lower_is_better = key.startswith("eval")
+            better = (diff["high"] < 0) if lower_is_better else (diff["low"] > 0)
+            worse = (diff["low"] > 0) if lower_is_better else (diff["high"] < 0)
+            word = "better" if better else "worse" if worse else "no difference told apart"
+            parts.append(
+                f"{label} {word} ({diff['mean'] * scale:+.{digits}f}, 95% interval "
+                f"[{diff['low'] * scale:+.{digits}f}, {diff['high'] * scale:+.{digits}f}])"
+            )
+        lines.append(f"- **{first.name}** against **{second.name}**: " + "; ".join(parts) + ".")
+    return lines
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def curve_figure(data: dict) -> Figure:
+    """The baseline's eval loss (and train loss) by step over 1.5 times the study's steps, and
+    the baseline runs' final eval loss on the same rows."""
+    records = data["curve"]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval" in r]
+    figure = Figure(figsize=(7.5, 4), layout="constrained")
+    ax = figure.subplots()
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], color="tab:gray",
+            linewidth=0.8, alpha=0.6, label="train loss (per step)")  # fmt: skip
+    ax.plot([r["step"] for r in evals], [r["eval"]["final"] for r in evals], marker="o",
+            color="tab:blue", label=f"eval loss ({CURVE_EXAMPLES} eval rows)")  # fmt: skip
+    ax.axvline(STEPS, color="tab:orange", linestyle="--", label=f"the study's runs end: {STEPS}")
+    finals = list(values(data, BASELINE, "eval_final").values())
+    if finals:
+        mean, std = mean_std(finals)
+        ax.errorbar([STEPS], [mean], yerr=[std or 0.0], fmt="s", color="tab:red", capsize=4,
+                    label=f"final-only runs of {STEPS} steps (mean ± std of {len(finals)} seeds)")  # fmt: skip
+    ax.set_xlabel("optimizer step (4 examples each)")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"final-only, seed 0, cosine schedule over {CURVE_STEPS} steps", fontsize="medium")
+    return figure
+
+
+def layers_figure(data: dict) -> Figure:
+    """Eval loss and top-1 by depth: the base, and each method after tuning (seed 0)."""
+    figure = Figure(figsize=(8, 6.5), layout="constrained")
+    axes = figure.subplots(2, 1, sharex=True)
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    base = data["base"]
+    for ax, key, label in zip(
+        axes, ("loss", "top1"), ("loss (nats / token)", "top-1"), strict=True
+    ):
+        if base is not None:
+            layers = [row["layer"] for row in base["layers"]]
+            ax.plot(layers, [row["base"][key] for row in base["layers"]], color="black",
+                    marker=".", label="base (before tuning)")  # fmt: skip
+        for method, colour in zip(METHODS, colours, strict=True):
+            run = data["runs"][(method.name, SEEDS[0])]
+            if run is None:
+                continue
+            rows = run["report"]["layers"]
+            ax.plot([r["layer"] for r in rows], [r["tuned"][key] for r in rows], color=colour,
+                    marker=".", linewidth=1, label=method.name)  # fmt: skip
+            ensemble = run["report"]["ensemble"]
+            if ensemble:
+                ax.scatter([len(rows) + 0.6], [ensemble["tuned"][key]], color=colour, marker="*",
+                           s=60)  # fmt: skip
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if key == "loss":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize="small")
+    axes[1].set_xlabel("layer (logit lens; stars right of layer 30: the ensemble)")
+    figure.suptitle(
+        f"Per-layer eval on {LAYER_ROWS} eval rows, seed 0 of each method", fontsize="medium"
+    )
+    return figure
+
+
+def seeds_figure(data: dict) -> Figure:
+    """The main numbers per method, one dot per seed."""
+    panels = (
+        ("eval_decode", "eval loss, decoding head", 1.0),
+        ("em_decode", "exact match %, decoding head", 100.0),
+        ("em_final", "exact match %, final layer", 100.0),
+    )
+    figure = Figure(figsize=(11, 3.8), layout="constrained")
+    axes = figure.subplots(1, len(panels))
+    for ax, (key, title, scale) in zip(axes, panels, strict=True):
+        for x, method in enumerate(METHODS):
+            found = values(data, method, key)
+            ax.scatter(
+                [x] * len(found), [v * scale for v in found.values()], color="tab:blue", s=20
+            )
+            if found:
+                mean = sum(found.values()) / len(found) * scale
+                ax.hlines(mean, x - 0.25, x + 0.25, color="tab:orange", linewidth=2)
+        ax.set_title(title, fontsize="medium")
+        ax.set_xticks(range(len(METHODS)))
+        ax.set_xticklabels([m.name for m in METHODS], rotation=25, ha="right", fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+    figure.suptitle("one dot per seed, the mean as a bar", fontsize="medium")
+    return figure
+
+
+# ---------------------------------------------------------------------------- the document
+
+
+def duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def markdown(data: dict) -> str:
+    record = data["record"]
+    steps = record["steps"]
+    load = record.get("load_mean")
+    rows = []
+    for method in METHODS:
+        params = [data["runs"][(method.name, s)] for s in SEEDS]
+        counts = next((r["params"] for r in params if r is not None), None)
+        trainable = f"{counts['adapter'] + counts['head']:,}" if counts else "-"
+        if counts and counts["head"]:
+            trainable += f" ({counts['head']:,} head)"
+        rows.append(
+            [
+                f"**{method.name}**",
+                str(len(values(data, method, "train_loss"))),
+                trainable,
+                spread(values(data, method, "s_per_step"), 2),
+                spread(values(data, method, "train_loss"), 3),
+                spread(values(data, method, "eval_final"), 4),
+                spread(values(data, method, "eval_ensemble"), 4),
+                spread(values(data, method, "em_final"), 1, 100),
+                spread(values(data, method, "em_ensemble"), 1, 100),
+            ]
+        )
+    main = table(
+        ["method", "seeds", "trainable parameters", "s / step", "train loss", "eval loss final",
+         "eval loss ensemble", "EM final %", "EM ensemble %"],
+        rows,
+    )  # fmt: skip
+    diff_rows = []
+    for first, second in COMPARISONS:
+        for key, label, digits, scale in COMPARED:
+            diff = paired(data, first, second, key)
+            if diff is None:
+                continue
+            diff_rows.append(
+                [
+                    f"{first.name} - {second.name}",
+                    label,
+                    str(diff["n"]),
+                    f"{diff['mean'] * scale:+.{digits}f}",
+                    f"[{diff['low'] * scale:+.{digits}f}, {diff['high'] * scale:+.{digits}f}]",
+                    "yes *" if diff["excludes_zero"] else "no",
+                ]
+            )
+    diffs = table(["comparison", "metric", "seeds", "difference", "95% interval", "excludes 0"],
+                  diff_rows)  # fmt: skip
+    base = data["base"]
+    base_em = base_loss = "-"
+    if base is not None:
+        base_loss = f"{base['layers'][-1]['base']['loss']:.4f}"
+        score = (base.get("answers") or {}).get("base", {}).get("final")
+        if score:
+            low, high = score["interval"]
+            base_em = f"{100 * score['accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+    curve = [r for r in data["curve"] if "eval" in r]
+    at = {r["step"]: r["eval"]["final"] for r in curve}
+    finals = list(values(data, BASELINE, "eval_final").values())
+    flat_line = ""
+    if finals and CURVE_STEPS in at:
+        mean, std = mean_std(finals)
+        gain = (mean - at[CURVE_STEPS]) / mean
+        flat_line = (
+            f" On the same rows, the three {STEPS}-step baseline runs end at {mean:.4f}"
+            + (f" ± {std:.4f}" if std is not None else "")
+            + f"; the {CURVE_STEPS}-step run ends at {at[CURVE_STEPS]:.4f}: 50% more steps lower "
+            f"the baseline's eval loss by {gain:.1%}"
+            + (f" ({(mean - at[CURVE_STEPS]) / std:.1f} seed standard deviations)." if std else ".")
+        )
+    curve_line = ", ".join(
+        f"step {s}: {at[s]:.4f}"
+        for s in sorted(at)
+        if s % (2 * CURVE_EVERY) == 0 or s in (STEPS, CURVE_STEPS)
+    )
+    lines = [
+        "# Does MoDE help on the default model? A seed-paired study",
+        "",
+        "Generated by `make study` (`python scripts/study.py`; `--render-only` rewrites this page "
+        "from `outputs/study/`). Do not edit by hand.",
+        "",
+        f"**Wall time: {duration(record['wall_s'])}** on {record['cpus']} CPU cores "
+        f"(started {record['started']}"
+        + (
+            f"; in {record['invocations']} sittings, `--continue` resuming the runs, time lost to "
+            "the interruptions included"
+            if record.get("invocations", 1) > 1
+            else ""
+        )
+        + (
+            f"; the machine's 1-minute load averaged {load:.1f}, other jobs shared it"
+            if load
+            else ""
+        )
+        + ").",
+        "",
+        "## Setup",
+        "",
+        f"- Model: SmolLM2-135M-Instruct in NF4 (`package:smollm2`, 30 layers), recipe "
+        f"`{RECIPE}`: LoRA or DoRA r16 (alpha 32, no dropout) on every linear layer, MoDE over "
+        "layers 28-30 with a token router.",
+        f"- Data: the bundled arithmetic word problems, {TRAIN_ROWS:,} train rows; exact match "
+        f"on all {EVAL_ROWS} eval rows (greedy answers, up to {MAX_NEW_TOKENS} new tokens, the "
+        f'number after "The answer is"), the per-layer eval losses on the first {LAYER_ROWS}.',
+        f"- Training: {STEPS} optimizer steps of 4 examples ({STEPS * 4:,} examples, "
+        f"{STEPS * 4 / TRAIN_ROWS:.0%} of an epoch), AdamW lr 1e-3, 10 warmup steps then cosine, "
+        f"fp32 compute, {THREADS} threads. Seeds {', '.join(map(str, SEEDS))} (the seed sets the "
+        "adapter's initialisation and the data order).",
+        "- Methods: `final-only` (the baseline: plain QLoRA), `mode` (ensemble cross-entropy + "
+        "distillation, weight 0.1), `mode-nodistill`, `dora` (DoRA, final-only), `dora + mode`. "
+        "A MoDE run decodes with its ensemble; the others with the final layer.",
+        "",
+        "The commands `make study` ran:",
+        "",
+        "```bash",
+        *(steps[name]["command"] for name in ("curve", *SWEEPS, "base")),
+        "```",
+        "",
+        "## Results",
+        "",
+        "Mean ± standard deviation over the seeds (sample, n - 1). Eval losses in nats per "
+        f"response token on {LAYER_ROWS} eval rows; EM: exact-match accuracy of greedy answers "
+        f"on all {EVAL_ROWS}. s / step: training seconds per optimizer step (from the runs' own "
+        "logs; other jobs on the machine slow some runs more than others).",
+        "",
+        *main,
+        "",
+        f"The base before tuning (adapter off, the same for every method): final-layer eval loss "
+        f"{base_loss}, exact match {base_em} (95% Wilson interval).",
+        "",
+        "![one dot per seed](study/seeds.png)",
+        "",
+        "### Paired differences",
+        "",
+        "The difference of two methods' runs with the same seed, averaged over the seeds, with a "
+        "95% t-interval (t with n - 1 degrees of freedom). Negative is better for a loss, "
+        "positive for exact match. `yes *`: the interval excludes 0.",
+        "",
+        *diffs,
+        "",
+        "## Verdict",
+        "",
+        *verdict(data),
+        "",
+        'Derived from the intervals above: "no difference told apart" means three seeds cannot '
+        "separate the methods from run-to-run noise, not that they are equal.",
+        "",
+        "## Has the baseline flattened?",
+        "",
+        f"One more final-only run (seed 0) of {CURVE_STEPS} steps, 1.5 times the study's budget, "
+        f"with its own cosine schedule, logged its eval loss on the {CURVE_EXAMPLES} eval rows the "
+        f"reports read, every {CURVE_EVERY} steps: {curve_line}.{flat_line}",
+        "",
+        "![eval loss by step](study/curve.png)",
+        "",
+        "## Where in the network",
+        "",
+        "Per-layer eval loss (logit lens) before tuning and after, seed 0 of each method; for a "
+        "MoDE run the selected layers 28 and 29 are read through their trained norms, and the "
+        "star is the ensemble.",
+        "",
+        "![per-layer loss and top-1](study/layers.png)",
+        "",
+        "## Reproducing",
+        "",
+        "`make study` reruns everything into `outputs/study/` (each sweep folder also has its own "
+        "`sweep.md` with seed-paired comparisons) and rewrites this page and `docs/study/*.png`. "
+        "Its parts took: "
+        + ", ".join(f"{name} {duration(step['seconds'])}" for name, step in steps.items())
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render(out: Path) -> None:
+    data = read_study(out)
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    curve_figure(data).savefig(FIGURES / "curve.png", dpi=100)
+    layers_figure(data).savefig(FIGURES / "layers.png", dpi=100)
+    seeds_figure(data).savefig(FIGURES / "seeds.png", dpi=100)
+    DOC.write_text(markdown(data))
+    print(f"wrote {DOC} and {FIGURES}/*.png", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT, help="where the runs go")
+    parser.add_argument(
+        "--render-only", action="store_true", help="rewrite the page from the runs in --out"
+    )
+    parser.add_argument(
+        "--continue", dest="continued", action="store_true",
+        help="go on with a stopped study in --out: finished steps kept, runs resumed",
+    )  # fmt: skip
+    args = parser.parse_args()
+    if not args.render_only:
+        record = run_study(args.out, continued=args.continued)
+        failed = [name for name, step in record["steps"].items() if step["exit"] != 0]
+        if failed:
+            print(f"failed: {', '.join(failed)} (see {args.out / 'logs'})", flush=True)
+            return 1
+    render(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The published study (docs/study.md, `make study`): the page is there and whole, and the verdict
+it prints follows from the paired intervals."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study", REPO / "scripts" / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study"] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["study"]
+
+
+def fake_runs(study, eval_loss: dict, exact: dict) -> dict:
+    """Runs with these eval losses and exact-match rates per (method name, seed)."""
+    runs = {}
+    for method in study.METHODS:
+        for seed in study.SEEDS:
+            loss = eval_loss[method.name][seed]
+            runs[(method.name, seed)] = {
+                "train_loss": 0.1,
+                "eval_final": loss,
+                "eval_ensemble": loss - 0.01 if method.routed else None,
+                "em": {"final": exact[method.name][seed]}
+                | ({"ensemble": exact[method.name][seed]} if method.routed else {}),
+            }
+    return {"runs": runs}
+
+
+def test_the_verdict_follows_the_paired_intervals(study):
+    seeds = study.SEEDS
+    baseline = [0.050, 0.060, 0.055]
+    eval_loss = {m.name: dict(zip(seeds, baseline, strict=True)) for m in study.METHODS}
+    # mode: its ensemble 0.01 lower on every seed (its final layer 0.005 lower): better.
+    eval_loss["mode"] = {s: v - 0.005 for s, v in eval_loss["final-only"].items()}
+    # mode-nodistill: higher on one seed, lower on two: no difference told apart.
+    eval_loss["mode-nodistill"] = dict(zip(seeds, [0.060, 0.050, 0.050], strict=True))
+    exact = {m.name: dict(zip(seeds, [0.5, 0.6, 0.7], strict=True)) for m in study.METHODS}
+    exact["dora"] = dict(zip(seeds, [0.3, 0.41, 0.5], strict=True))  # ~0.2 lower each seed
+    data = fake_runs(study, eval_loss, exact)
+
+    diff = study.paired(data, study.METHODS[1], study.BASELINE, "eval_decode")
+    assert diff["mean"] == pytest.approx(-0.015) and diff["excludes_zero"]
+    diffs = [0.060 - 0.050, 0.050 - 0.060, 0.050 - 0.055]
+    half = 4.302653 * statistics.stdev(diffs) / math.sqrt(3)
+    got = study.paired(data, study.METHODS[2], study.BASELINE, "eval_decode")
+    assert (got["low"], got["high"]) == pytest.approx(
+        (statistics.mean(diffs) - 0.01 - half, statistics.mean(diffs) - 0.01 + half), abs=1e-6
+    )  # its ensemble is 0.01 below its final layer
+
+    lines = "\n".join(study.verdict(data))
+    assert "**mode** against **final-only**: eval loss, decoding head better (-0.0150" in lines
+    nodistill = next(
+        line for line in study.verdict(data) if line.startswith("- **mode-nodistill**")
+    )
+    assert "exact match, decoding head (points) no difference told apart (+0.0" in nodistill
+    dora = next(line for line in study.verdict(data) if line.startswith("- **dora** against"))
+    assert "exact match, decoding head (points) worse (-19.7" in dora
+
+
+def test_a_continued_study_keeps_finished_steps_and_resumes_the_rest(study, tmp_path, monkeypatch):
+    """`--continue` after a stop: the steps that finished are not run again, a stopped sweep goes
+    on with resume=auto (a run with no checkpoint yet starts again), and the time adds up."""
+    calls = []
+    outcome = {"lora": 0, "dora": 1, "base": 0, "curve": 0}
+
+    def fake_step(name, command, log_dir, *, shown_as):
+        calls.append((name, command))
+        return {"command": study.shown(shown_as), "exit": outcome[name], "seconds": 10.0}
+
+    monkeypatch.setattr(study, "run_step", fake_step)
+    monkeypatch.setattr(study, "run_dir", lambda out, method, seed: out / "lora" / "0-run")
+    out = tmp_path / "study"
+    first = study.run_study(out)
+    assert [name for name, _ in calls] == ["lora", "dora", "base", "curve"]
+    assert first["steps"]["dora"]["exit"] == 1 and first["invocations"] == 1
+    assert not any("resume=auto" in command for _, command in calls)
+
+    # The dora sweep had one run with a checkpoint and one stopped before its first.
+    resumable, partial = out / "dora" / "0-a", out / "dora" / "1-b"
+    for run in (resumable, partial):
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "config.yaml").write_text("{}\n")
+    step = resumable / "checkpoints" / "step-000050"
+    step.mkdir()
+    (step / "COMPLETE").write_text("")
+    (step / "trainer_state.json").write_text("{}")
+    calls.clear()
+    outcome["dora"] = 0
+    second = study.run_study(out, continued=True)
+    assert [name for name, _ in calls] == ["dora"]
+    assert calls[0][1][-1] == "resume=auto"
+    assert "resume=auto" not in second["steps"]["dora"]["command"]
+    assert resumable.is_dir() and not partial.exists()
+    assert second["steps"]["dora"] | {"seconds": 20.0} == second["steps"]["dora"]
+    assert second["invocations"] == 2 and second["started"] == first["started"]
+    assert json.loads((out / "study.json").read_text())["steps"]["dora"]["exit"] == 0
