@@ -42,8 +42,9 @@ gpu-check:
 
 # Does MoDE help on the default model? Five methods x three seeds on SmolLM2-135M, from scratch into
 # outputs/study/; writes docs/study.md and docs/study/*.png (hours on 2 CPU cores: the page says).
+# `make study STUDY=--continue` goes on with a stopped study; `STUDY=--render-only` rewrites the page.
 study: $(STAMP)
-	$(OFFLINE) $(BIN)/python scripts/study.py
+	$(OFFLINE) $(BIN)/python scripts/study.py $(STUDY)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
