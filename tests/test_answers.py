@@ -66,6 +66,39 @@ def test_the_dequantized_copy_gives_the_4bit_models_logits_and_greedy_answers(ti
     assert base != quantized["final"]  # the adapter changed some answer: the sides differ
 
 
+@torch.no_grad()
+def test_base_and_tuned_answers_decode_from_one_dequantized_copy(tiny_run, loaded_run, monkeypatch):
+    """With the base compared, the copy is dequantized once: the base decodes from it, then the
+    adapter is merged into it. The answers equal each side decoded from its own copy."""
+    cfg, model, head, tokenizer, prompts = loaded_run
+    source, adapter = resolve_source(cfg.model), tiny_run / "adapter"
+    rows = answers_mod.answer_rows(cfg)[:6]
+    base = answers_mod.base_answers(
+        cfg, model, tokenizer, "cpu", prompts, source=source, adapter=adapter
+    )
+    with answers_mod.decoding_model(cfg, model, "cpu", source=source, adapter=adapter) as copy:
+        tuned = answers_mod.decode_answers(
+            cfg, copy, head, tokenizer, "cpu", prompts, ["ensemble", "final"]
+        )
+    built, decoded = [], []
+    dequantize, decode = answers_mod.dequantized_base, answers_mod.decode_answers
+    monkeypatch.setattr(
+        answers_mod, "dequantized_base", lambda *a: built.append(a) or dequantize(*a)
+    )
+    monkeypatch.setattr(
+        answers_mod, "decode_answers", lambda *a: decoded.append(decode(*a)) or decoded[-1]
+    )
+    answers_mod.evaluate_answers(
+        cfg, model, head, tokenizer, "cpu", rows, source=source, adapter=adapter, base=True
+    )
+    assert len(built) == 1
+    assert decoded == [{"final": base}, tuned]
+    with pytest.raises(ValueError, match="base before tuned"):
+        next(answers_mod.decoding_sides(
+            cfg, model, "cpu", ["tuned", "base"], source=source, adapter=adapter
+        ))  # fmt: skip
+
+
 def test_the_end_of_training_report_scores_base_final_and_ensemble(tiny_run):
     """A tiny base is far below eval.answers_auto_max_params: answers are on by default."""
     answers = end_of_training_report(tiny_run)["answers"]

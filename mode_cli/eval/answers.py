@@ -25,7 +25,7 @@ from __future__ import annotations
 import gc
 import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,34 +241,54 @@ def quantized_4bit(model) -> bool:
     return any(isinstance(module, Linear4bit) for module in model.modules())
 
 
-@contextmanager
-def decoding_model(
-    cfg, model, device: str, *, source: str | None, adapter: Path | None, tuned: bool = True
-) -> Iterator:
-    """The model answers decode from, tuned (adapter on) or the base (adapter off).
+def decoding_sides(
+    cfg, model, device: str, sides: Sequence[str], *, source: str | None, adapter: Path | None
+) -> Iterator[tuple[str, object]]:
+    """Each side of `sides`, in order, with the model it decodes from: "base" (the base before
+    tuning: adapter off) and then "tuned" (adapter on). A side's model is valid until the next
+    side is drawn.
 
-    On the CPU a 4-bit model is replaced by a dequantized copy: the base reloaded from `source`
-    in 4 bits and dequantized, with the adapter saved in `adapter` merged in for the tuned side:
-    the weights the adapter was trained against, as `merge.base=dequantized` saves them. Elsewhere
-    the model itself, its adapter switched off for the base side.
+    On the CPU a 4-bit model is replaced by a dequantized copy, built once: the base reloaded from
+    `source` in 4 bits and dequantized; for the tuned side the adapter saved in `adapter` is merged
+    into that copy, giving the weights the adapter was trained against, as
+    `merge.base=dequantized` saves them. Elsewhere the model itself, its adapter switched off for
+    the base side.
     """
+    if list(sides) != [side for side in ("base", "tuned") if side in sides]:
+        raise ValueError(f"sides decode base before tuned, each once: {list(sides)}")
     if not decodes_dequantized(model, device):
-        if tuned or not hasattr(model, "disable_adapter"):
-            yield model
-        else:
-            with model.disable_adapter():
-                yield model
+        for side in sides:
+            if side == "tuned" or not hasattr(model, "disable_adapter"):
+                yield side, model
+            else:
+                with model.disable_adapter():
+                    yield side, model
         return
     if source is None:
         raise ValueError("decoding a 4-bit model on the CPU needs its source to dequantize")
     copy = dequantized_base(cfg, source, device)
-    if tuned and adapter is not None:
-        copy = merge_into(copy, adapter)
     try:
-        yield copy
+        for side in sides:
+            if side == "tuned" and adapter is not None:
+                copy = merge_into(copy, adapter)
+            yield side, copy
     finally:
         del copy
         gc.collect()
+
+
+@contextmanager
+def decoding_model(
+    cfg, model, device: str, *, source: str | None, adapter: Path | None, tuned: bool = True
+) -> Iterator:
+    """The model one side's answers decode from: tuned (adapter on) or the base (adapter off);
+    see `decoding_sides`."""
+    with closing(
+        decoding_sides(
+            cfg, model, device, ["tuned" if tuned else "base"], source=source, adapter=adapter
+        )
+    ) as sides:
+        yield next(sides)[1]
 
 
 @dataclass(frozen=True)
@@ -333,17 +353,22 @@ def evaluate_answers(
     head; a list is the base's generations already made).
 
     `source` and `adapter` (the trained adapter's folder, None without one) rebuild a 4-bit model
-    as a dequantized copy on the CPU (`decoding_model`).
+    as a dequantized copy on the CPU, once for both sides (`decoding_sides`).
     """
     prompts = answer_prompts(cfg, rows, tokenizer)
     base_texts = base if isinstance(base, list) else None
-    if base is True:
-        base_texts = base_answers(
-            cfg, model, tokenizer, device, prompts, source=source, adapter=adapter
-        )
     kinds = ["ensemble", "final"] if has_ensemble(head) else ["final"]
-    with decoding_model(cfg, model, device, source=source, adapter=adapter) as tuned:
-        outputs = decode_answers(cfg, tuned, head, tokenizer, device, prompts, kinds)
+    sides = ["base", "tuned"] if base is True else ["tuned"]
+    with closing(
+        decoding_sides(cfg, model, device, sides, source=source, adapter=adapter)
+    ) as decoders:
+        for side, decoder in decoders:
+            if side == "base":
+                base_texts = decode_answers(
+                    cfg, decoder, None, tokenizer, device, prompts, ["final"]
+                )["final"]
+            else:
+                outputs = decode_answers(cfg, decoder, head, tokenizer, device, prompts, kinds)
     field = cfg.eval.answer_field
     result = score(
         [str(row[field]) for row in rows],
