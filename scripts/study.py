@@ -14,12 +14,12 @@ arithmetic word problems (2,000 train, 200 eval rows). Five methods, three seeds
     dora             DoRA r16, final-only
     dora + mode      DoRA r16 + MoDE
 
-They run as two `mode train -m` sweeps (LoRA: three losses; DoRA: two), so each sweep folder also
-holds the sweep's own seed-paired comparisons (sweep.md). After them, `mode eval ... compare=base`
-on one run measures the base before tuning (per-layer losses and answers), the same for every
-method. Last, one final-only run of half as many steps again (`CURVE_STEPS`) logs its eval loss
-every `CURVE_EVERY` steps on the rows the reports read: the curve, and at its end what the
-baseline gains from 50% more steps.
+First, one final-only run of half as many steps again (`CURVE_STEPS`) logs its eval loss every
+`CURVE_EVERY` steps on the rows the reports read: the curve, and at its end what the baseline
+gains from 50% more steps, known before the hours of sweeps. The methods run as two
+`mode train -m` sweeps (LoRA: three losses; DoRA: two), so each sweep folder also holds the
+sweep's own seed-paired comparisons (sweep.md). Last, `mode eval ... compare=base` on one run
+measures the base before tuning (per-layer losses and answers), the same for every method.
 
 Every run scores greedy answers to all 200 eval rows at the end of training (on by default for
 a model this size) from a dequantized fp32 copy. The script then writes docs/study.md and its
@@ -67,6 +67,7 @@ STEPS = 200
 SEEDS = (0, 1, 2)
 CURVE_STEPS = 3 * STEPS // 2
 CURVE_EVERY = 20
+FLAT = 0.05  # the longer run has flattened when its last fifth moves its eval loss less than this
 EVAL_ROWS = 200  # exact match on every eval row
 LAYER_ROWS = 100  # the per-layer losses (logit lens over 30 layers) on the first 100
 # The curve's evals read the same rows as the runs' reports, so its last point and the baseline
@@ -124,6 +125,22 @@ BASELINE = METHODS[0]
 
 def mode_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "mode_cli", *args]
+
+
+def overridden(common: list[str], *overrides: str) -> list[str]:
+    """`common` with each `key=value` of `overrides` in place of the same key's, or added."""
+    keys = {o.split("=", 1)[0]: o for o in overrides}
+    kept = [keys.pop(c.split("=", 1)[0], c) for c in common]
+    return kept + list(keys.values())
+
+
+def effective(command: str) -> str:
+    """A shown command with each repeated `key=value` once, where it first stands, with the value
+    that counts (the last, as Hydra reads it)."""
+    words: dict[str, str] = {}
+    for word in shlex.split(command):
+        words[word.split("=", 1)[0]] = word
+    return shlex.join(words.values())
 
 
 def shown(command: list[str]) -> str:
@@ -214,10 +231,17 @@ def run_step(name: str, command: list[str], log_dir: Path, *, shown_as: list[str
 
 
 def study_steps(out: Path) -> dict[str, Callable[[], list[str]]]:
-    """The study's commands by name, in the order they run: the sweeps first (the table), then
-    the base before tuning (read through a finished baseline run), then the baseline's longer
-    curve. Each is made when its turn comes."""
-    steps = {
+    """The study's commands by name, in the order they run: first the baseline's longer curve
+    (whether the study's budget reaches the baseline's floor is known before the hours of
+    sweeps), then the sweeps (the table), then the base before tuning (read through a finished
+    baseline run). Each is made when its turn comes."""
+    steps: dict[str, Callable[[], list[str]]] = {}
+    steps["curve"] = lambda: mode_command(
+        "train", f"recipe={RECIPE}", "loss=final-only", f"output_dir={out / 'curve'}",
+        *overridden(COMMON, f"train.max_steps={CURVE_STEPS}", f"eval.every_steps={CURVE_EVERY}",
+                    f"eval.max_examples={CURVE_EXAMPLES}", "eval.answers=off"),
+    )  # fmt: skip
+    steps |= {
         sweep: lambda swept=swept, sweep=sweep: mode_command(
             "train", "-m", f"recipe={RECIPE}", *swept,
             "train.seed=" + ",".join(map(str, SEEDS)), *COMMON, f"output_dir={out / sweep}",
@@ -228,11 +252,6 @@ def study_steps(out: Path) -> dict[str, Callable[[], list[str]]]:
         "eval", f"checkpoint={run_dir(out, BASELINE, SEEDS[0])}", "compare=base",
         f"examples={EVAL_ROWS}", f"eval.max_examples={LAYER_ROWS}",
         f"eval.output_dir={out / 'base' / 'eval'}", f"train.threads={THREADS}",
-    )  # fmt: skip
-    steps["curve"] = lambda: mode_command(
-        "train", f"recipe={RECIPE}", "loss=final-only", f"output_dir={out / 'curve'}",
-        *COMMON, f"train.max_steps={CURVE_STEPS}", f"eval.every_steps={CURVE_EVERY}",
-        f"eval.max_examples={CURVE_EXAMPLES}", "eval.answers=off",
     )  # fmt: skip
     return steps
 
@@ -403,6 +422,14 @@ COMPARED = (
 )
 
 
+def judged(diff: dict, key: str) -> str:
+    """`better`, `worse` or `no difference told apart`: where a paired interval lies."""
+    lower_is_better = key.startswith("eval")
+    better = (diff["high"] < 0) if lower_is_better else (diff["low"] > 0)
+    worse = (diff["low"] > 0) if lower_is_better else (diff["high"] < 0)
+    return "better" if better else "worse" if worse else "no difference told apart"
+
+
 def verdict(data: dict) -> list[str]:
     """Plain words from the paired intervals: better, worse, or not told apart from seed noise."""
     lines = []
@@ -413,16 +440,51 @@ def verdict(data: dict) -> list[str]:
             if diff is None:
                 parts.append(f"{label}: not enough finished seeds")
                 continue
-            lower_is_better = key.startswith("eval")
-            better = (diff["high"] < 0) if lower_is_better else (diff["low"] > 0)
-            worse = (diff["low"] > 0) if lower_is_better else (diff["high"] < 0)
-            word = "better" if better else "worse" if worse else "no difference told apart"
             parts.append(
-                f"{label} {word} ({diff['mean'] * scale:+.{digits}f}, 95% interval "
+                f"{label} {judged(diff, key)} ({diff['mean'] * scale:+.{digits}f}, 95% interval "
                 f"[{diff['low'] * scale:+.{digits}f}, {diff['high'] * scale:+.{digits}f}])"
             )
         lines.append(f"- **{first.name}** against **{second.name}**: " + "; ".join(parts) + ".")
     return lines
+
+
+def summary(data: dict) -> str:
+    """The verdict in one sentence: what MoDE (the comparisons of a routed method with one that
+    is not) did to the eval loss and exact match of the head each method decodes with."""
+    found: dict[str, list[str]] = {"better": [], "worse": []}
+    measured = 0
+    for first, second in COMPARISONS:
+        if not first.routed or second.routed:
+            continue
+        for key, label, _, _ in COMPARED[:2]:
+            diff = paired(data, first, second, key)
+            if diff is None:
+                continue
+            measured += 1
+            word = judged(diff, key)
+            if word in found:
+                found[word].append(f"{first.name} against {second.name} on {label.split(',')[0]}")
+    better, worse = found["better"], found["worse"]
+    if not measured:
+        return "Not enough finished seeds to compare MoDE with its baselines."
+    if better and worse:
+        return (
+            f"Mixed: MoDE came out better on {len(better)} of {measured} measures "
+            f"({'; '.join(better)}) and worse on {len(worse)} ({'; '.join(worse)})."
+        )
+    if better:
+        return (
+            f"MoDE helped here: better on {len(better)} of {measured} measures "
+            f"({'; '.join(better)}), worse on none."
+        )
+    if worse:
+        return (
+            "MoDE did not help here: no MoDE method beat its baseline on the eval loss or the "
+            "exact match of the head it decodes with, and "
+            f"{len(worse)} of those {measured} measures came out worse beyond seed noise "
+            f"({'; '.join(worse)}); the rest were not told apart."
+        )
+    return f"MoDE made no difference three seeds can tell apart on any of {measured} measures."
 
 
 # ---------------------------------------------------------------------------- figures
@@ -599,6 +661,25 @@ def markdown(data: dict) -> str:
             f"the baseline's eval loss by {gain:.1%}"
             + (f" ({(mean - at[CURVE_STEPS]) / std:.1f} seed standard deviations)." if std else ".")
         )
+        late = max(s for s in at if s <= CURVE_STEPS * 4 // 5)
+        drift = (at[late] - at[CURVE_STEPS]) / at[late]
+        if drift < FLAT:
+            flat_line += (
+                f" The longer run itself flattens: from step {late} to {CURVE_STEPS} its eval "
+                f"loss moved {drift:.1%}."
+            )
+        if std and mean - at[CURVE_STEPS] > std:
+            flat_line += (
+                f" So the baseline had not flattened at the study's {STEPS} steps: more training "
+                "still lowers its eval loss by more than the seeds scatter. The comparisons above "
+                f"are made at {STEPS} steps, short of the baseline's floor; whether the gaps "
+                "between methods change with a longer budget is not measured here."
+            )
+        else:
+            flat_line += (
+                f" At {STEPS} steps the baseline is within its seed scatter of where longer "
+                "training takes it."
+            )
     curve_line = ", ".join(
         f"step {s}: {at[s]:.4f}"
         for s in sorted(at)
@@ -619,7 +700,12 @@ def markdown(data: dict) -> str:
             else ""
         )
         + (
-            f"; the machine's 1-minute load averaged {load:.1f}, other jobs shared it"
+            f"; the machine's 1-minute load averaged {load:.1f}"
+            + (
+                ", other jobs shared it"
+                if load > THREADS + 0.5
+                else f", the study's {THREADS} threads"
+            )
             if load
             else ""
         )
@@ -644,7 +730,7 @@ def markdown(data: dict) -> str:
         "The commands `make study` ran:",
         "",
         "```bash",
-        *(steps[name]["command"] for name in ("curve", *SWEEPS, "base")),
+        *(effective(steps[name]["command"]) for name in ("curve", *SWEEPS, "base")),
         "```",
         "",
         "## Results",
@@ -670,6 +756,8 @@ def markdown(data: dict) -> str:
         *diffs,
         "",
         "## Verdict",
+        "",
+        f"**{summary(data)}**",
         "",
         *verdict(data),
         "",

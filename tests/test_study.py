@@ -70,6 +70,36 @@ def test_the_verdict_follows_the_paired_intervals(study):
     assert "exact match, decoding head (points) no difference told apart (+0.0" in nodistill
     dora = next(line for line in study.verdict(data) if line.startswith("- **dora** against"))
     assert "exact match, decoding head (points) worse (-19.7" in dora
+    # In one sentence, over the MoDE comparisons only (dora against final-only is not one): mode
+    # and dora + mode (whose ensemble is 0.01 below its final layer) better on eval loss, and
+    # dora + mode better than dora's low exact match.
+    assert study.summary(data) == (
+        "MoDE helped here: better on 4 of 8 measures (mode against final-only on eval loss; "
+        "dora + mode against final-only on eval loss; dora + mode against dora on eval loss; "
+        "dora + mode against dora on exact match), worse on none."
+    )
+    for method in ("mode", "mode-nodistill", "dora + mode"):
+        eval_loss[method] = {s: v + 0.02 for s, v in eval_loss["final-only"].items()}
+    exact["mode"] = dict(zip(seeds, [0.45, 0.55, 0.66], strict=True))
+    mixed = study.summary(fake_runs(study, eval_loss, exact))
+    assert mixed.startswith("Mixed: MoDE came out better on 1 of 8 measures (dora + mode against")
+    assert "and worse on 5 (" in mixed
+    exact["dora"] = exact["final-only"]
+    worse = study.summary(fake_runs(study, eval_loss, exact))
+    assert worse.startswith("MoDE did not help here: no MoDE method beat its baseline")
+    assert "5 of those 8 measures came out worse" in worse
+    assert "mode against final-only on exact match" in worse
+
+
+def test_the_pages_commands_say_each_setting_once(study, tmp_path):
+    """The curve run overrides settings every run shares: its command says each key once, with the
+    value it runs with, and a command recorded with a key twice is shown with the one that counts."""
+    curve = study.study_steps(tmp_path)["curve"]()
+    keys = [word.split("=", 1)[0] for word in curve if "=" in word]
+    assert len(keys) == len(set(keys))
+    assert f"train.max_steps={study.CURVE_STEPS}" in curve
+    assert f"eval.max_examples={study.CURVE_EXAMPLES}" in curve
+    assert study.effective("mode train a=1 b=2 a=3 -m c='x y'") == "mode train a=3 b=2 -m 'c=x y'"
 
 
 def test_a_continued_study_keeps_finished_steps_and_resumes_the_rest(study, tmp_path, monkeypatch):
@@ -86,7 +116,7 @@ def test_a_continued_study_keeps_finished_steps_and_resumes_the_rest(study, tmp_
     monkeypatch.setattr(study, "run_dir", lambda out, method, seed: out / "lora" / "0-run")
     out = tmp_path / "study"
     first = study.run_study(out)
-    assert [name for name, _ in calls] == ["lora", "dora", "base", "curve"]
+    assert [name for name, _ in calls] == ["curve", "lora", "dora", "base"]
     assert first["steps"]["dora"]["exit"] == 1 and first["invocations"] == 1
     assert not any("resume=auto" in command for _, command in calls)
 
