@@ -530,13 +530,15 @@ def layers_figure(data: dict) -> Figure:
             layers = [row["layer"] for row in base["layers"]]
             ax.plot(layers, [row["base"][key] for row in base["layers"]], color="black",
                     marker=".", label="base (before tuning)")  # fmt: skip
-        for method, colour in zip(METHODS, colours, strict=True):
+        for method, colour, marker in zip(METHODS, colours, "os^Dv", strict=True):
             run = data["runs"][(method.name, SEEDS[0])]
             if run is None:
                 continue
             rows = run["report"]["layers"]
+            # DoRA dashed over LoRA solid: a DoRA method's curve lies close to its LoRA twin's.
             ax.plot([r["layer"] for r in rows], [r["tuned"][key] for r in rows], color=colour,
-                    marker=".", linewidth=1, label=method.name)  # fmt: skip
+                    marker=marker, markersize=3, linewidth=1,
+                    linestyle="--" if method.sweep == "dora" else "-", label=method.name)  # fmt: skip
             ensemble = run["report"]["ensemble"]
             if ensemble:
                 ax.scatter([len(rows) + 0.6], [ensemble["tuned"][key]], color=colour, marker="*",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -139,3 +140,19 @@ def test_a_continued_study_keeps_finished_steps_and_resumes_the_rest(study, tmp_
     assert second["steps"]["dora"] | {"seconds": 20.0} == second["steps"]["dora"]
     assert second["invocations"] == 2 and second["started"] == first["started"]
     assert json.loads((out / "study.json").read_text())["steps"]["dora"]["exit"] == 0
+
+
+def test_the_published_study_names_its_command_and_has_every_method_with_three_seeds(study):
+    page = (REPO / "docs" / "study.md").read_text()
+    assert "make study" in page and "scripts/study.py" in page
+    assert re.search(r"\*\*Wall time: (\d+ h \d+ min|\d+ min)\*\* on 2 CPU cores", page)
+    rows = {
+        cells[1].strip("* "): cells[2].strip()
+        for cells in (line.split("|") for line in page.splitlines() if line.startswith("| **"))
+    }
+    assert rows == {method.name: "3" for method in study.METHODS}
+    for command in ("mode train -m recipe=smollm2-arithmetic", "mode eval checkpoint="):
+        assert command in page
+    for figure in ("curve.png", "layers.png", "seeds.png"):
+        assert f"(study/{figure})" in page
+        assert (REPO / "docs" / "study" / figure).read_bytes()[:4] == b"\x89PNG"
