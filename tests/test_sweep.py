@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -398,13 +399,15 @@ def test_groups_compare_only_when_they_differ_in_one_setting_and_plot_each_seed(
 
 def test_a_continued_sweep_keeps_finished_runs_and_resumes_the_rest(mode, tmp_path, monkeypatch):
     """`resume=auto` on a sweep folder: a run that finished (its end-of-training report is of
-    train.max_steps) is kept as it is, with its wall time; the one Ctrl-C stopped runs again."""
+    train.max_steps) is kept as it is, with its wall time; the one Ctrl-C stopped runs again, and
+    its wall time counts both sittings."""
     out = tmp_path / "sweep"
     args = ("train", "-m", TINY, "loss=mode,final-only", *QUICK, f"output_dir={out}")
     real_run = FinetuneRecipe.run
 
     def stopped_on_final_only(self):
         if self.cfg.loss.name == "final-only":
+            time.sleep(1.0)  # a first sitting longer than setting a run up
             raise KeyboardInterrupt
         return real_run(self)
 
@@ -416,11 +419,15 @@ def test_a_continued_sweep_keeps_finished_runs_and_resumes_the_rest(mode, tmp_pa
     kept = Path(first[0]["dir"])
     metrics = (kept / "metrics.jsonl").read_text()
 
-    ran = []
+    ran, second_sitting = [], []
 
     def spied(self):
         ran.append(self.cfg.loss.name)
-        return real_run(self)
+        start = time.perf_counter()
+        try:
+            return real_run(self)
+        finally:
+            second_sitting.append(time.perf_counter() - start)
 
     monkeypatch.setattr(FinetuneRecipe, "run", spied)
     code, out_text, _ = mode(*args, "resume=auto")
@@ -433,6 +440,7 @@ def test_a_continued_sweep_keeps_finished_runs_and_resumes_the_rest(mode, tmp_pa
     assert rows[0]["final_train_loss"] == first[0]["final_train_loss"]
     assert (kept / "metrics.jsonl").read_text() == metrics
     assert rows[1]["eval_loss"]["final"] is not None
+    assert rows[1]["wall_s"] >= first[1]["wall_s"] + second_sitting[0]
 
 
 def test_a_report_of_fewer_steps_does_not_count_as_finished(tmp_path):

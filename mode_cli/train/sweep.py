@@ -12,7 +12,7 @@ fails at once. The runs go one after another in this process, each in its own fo
 
 The same command with `resume=auto` continues a stopped sweep in its folder: a run that finished
 (its end-of-training report is of train.max_steps) is kept, with its wall time, and the others
-resume from their checkpoints or start.
+resume from their checkpoints or start; a resumed run's wall time adds up its sittings.
 
 A run that stops on a user error (ModeError) is recorded as failed and the sweep goes on; the
 command exits non-zero at the end if any run failed. Ctrl-C stops the sweep. After each run the
@@ -318,6 +318,9 @@ def run_sweep(sweep: Sweep, console: Console, out: Console) -> int:
                 raise
             finally:
                 run.wall_s = time.perf_counter() - start
+                if OmegaConf.select(run.cfg, "resume") == "auto":
+                    # A continued run: its earlier sittings count too, the work a stop lost included.
+                    run.wall_s += earlier.get(str(run.out), 0.0)
                 collect_results(run)
                 write_summary(sweep)
                 # The next run loads its own model: drop this one's before it does.
