@@ -67,6 +67,9 @@ STEPS = 200
 SEEDS = (0, 1, 2)
 CURVE_STEPS = 3 * STEPS // 2
 CURVE_EVERY = 20
+# The curve's evals must land on the study's budget and on the curve's last step: the page reads
+# the baseline's eval loss at both.
+assert STEPS % CURVE_EVERY == 0 and CURVE_STEPS % CURVE_EVERY == 0, "CURVE_EVERY divides both"
 FLAT = 0.05  # the longer run has flattened when its last fifth moves its eval loss less than this
 EVAL_ROWS = 200  # exact match on every eval row
 LAYER_ROWS = 100  # the per-layer losses (logit lens over 30 layers) on the first 100
