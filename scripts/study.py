@@ -77,6 +77,7 @@ LAYER_ROWS = 100  # the per-layer losses (logit lens over 30 layers) on the firs
 # runs' eval loss compare directly.
 CURVE_EXAMPLES = LAYER_ROWS
 TRAIN_ROWS = 2000
+BATCH = 4  # examples per optimizer step: the recipe's micro-batch 4, no accumulation
 MAX_NEW_TOKENS = 64  # eval.max_new_tokens, the default
 THREADS = 2
 # What every study run shares, beyond the recipe: the step budget, the whole eval split for the
@@ -505,13 +506,16 @@ def curve_figure(data: dict) -> Figure:
             linewidth=0.8, alpha=0.6, label="train loss (per step)")  # fmt: skip
     ax.plot([r["step"] for r in evals], [r["eval"]["final"] for r in evals], marker="o",
             color="tab:blue", label=f"eval loss ({CURVE_EXAMPLES} eval rows)")  # fmt: skip
-    ax.axvline(STEPS, color="tab:orange", linestyle="--", label=f"the study's runs end: {STEPS}")
+    end = f"the study's runs end: {STEPS}" + (
+        " (one pass over the train rows)" if STEPS * BATCH == TRAIN_ROWS else ""
+    )
+    ax.axvline(STEPS, color="tab:orange", linestyle="--", label=end)
     finals = list(values(data, BASELINE, "eval_final").values())
     if finals:
         mean, std = mean_std(finals)
         ax.errorbar([STEPS], [mean], yerr=[std or 0.0], fmt="s", color="tab:red", capsize=4,
                     label=f"final-only runs of {STEPS} steps (mean ± std of {len(finals)} seeds)")  # fmt: skip
-    ax.set_xlabel("optimizer step (4 examples each)")
+    ax.set_xlabel(f"optimizer step ({BATCH} examples each)")
     ax.set_ylabel("loss (nats / token)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
@@ -597,6 +601,68 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def epochs(steps: int) -> str:
+    """How much of the train split `steps` optimizer steps read."""
+    passes = steps * BATCH / TRAIN_ROWS
+    if passes == 1:
+        return "one pass over the train rows"
+    return f"{passes:.0%} of an epoch" if passes < 1 else f"{passes:.2g} epochs"
+
+
+def curve_evals(data: dict) -> dict[int, float]:
+    """The curve run's final-layer eval loss by step."""
+    return {r["step"]: r["eval"]["final"] for r in data["curve"] if "eval" in r}
+
+
+def flatness(data: dict) -> str:
+    """Whether the baseline's eval loss had flattened at the study's budget, in words: the
+    longer run's end against the baseline runs' seed scatter, and the longer run's last fifth."""
+    at = curve_evals(data)
+    finals = list(values(data, BASELINE, "eval_final").values())
+    if not finals or CURVE_STEPS not in at:
+        return "The curve or the baseline runs are missing: flatness is not judged."
+    mean, std = mean_std(finals)
+    end = at[CURVE_STEPS]
+    gain = (mean - end) / mean
+    if gain > 0:
+        change = f"lower the baseline's eval loss by {gain:.1%}"
+        change += f" ({(mean - end) / std:.1f} seed standard deviations)" if std else ""
+    else:
+        change = f"do not lower the baseline's eval loss (it ends {-gain:.1%} higher)"
+    scatter = f" ± {std:.4f}" if std else ""
+    words = [
+        f"On the same rows, the {STEPS}-step baseline runs ({len(finals)} seeds) end at "
+        f"{mean:.4f}{scatter}; the {CURVE_STEPS}-step run ends at {end:.4f}: 50% more steps "
+        f"{change}."
+    ]
+    late = max(s for s in at if s <= CURVE_STEPS * 4 // 5)
+    drift = (at[late] - end) / at[late]
+    if abs(drift) < FLAT:
+        words.append(
+            f"The longer run itself flattens: from step {late} to {CURVE_STEPS} its eval loss "
+            f"moved {drift:.1%}."
+        )
+    if std and mean - end > std:
+        words.append(
+            f"So the baseline had not flattened at the study's {STEPS} steps: more training still "
+            f"lowers its eval loss by more than the seeds scatter. The comparisons above are made "
+            f"at {STEPS} steps, short of the baseline's floor; whether the gaps between methods "
+            "change with a longer budget is not measured here."
+        )
+    else:
+        words.append(
+            f"At {STEPS} steps the baseline is within its seed scatter of where longer training "
+            "takes it."
+        )
+    if STEPS * BATCH == TRAIN_ROWS:
+        words.append(
+            "The study's budget is one pass over the train rows; past it the longer run reads "
+            "them again, so a longer budget would compare the methods on rows they have already "
+            "trained on."
+        )
+    return " ".join(words)
+
+
 def markdown(data: dict) -> str:
     record = data["record"]
     steps = record["steps"]
@@ -652,39 +718,7 @@ def markdown(data: dict) -> str:
         if score:
             low, high = score["interval"]
             base_em = f"{100 * score['accuracy']:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
-    curve = [r for r in data["curve"] if "eval" in r]
-    at = {r["step"]: r["eval"]["final"] for r in curve}
-    finals = list(values(data, BASELINE, "eval_final").values())
-    flat_line = ""
-    if finals and CURVE_STEPS in at:
-        mean, std = mean_std(finals)
-        gain = (mean - at[CURVE_STEPS]) / mean
-        flat_line = (
-            f" On the same rows, the three {STEPS}-step baseline runs end at {mean:.4f}"
-            + (f" ± {std:.4f}" if std is not None else "")
-            + f"; the {CURVE_STEPS}-step run ends at {at[CURVE_STEPS]:.4f}: 50% more steps lower "
-            f"the baseline's eval loss by {gain:.1%}"
-            + (f" ({(mean - at[CURVE_STEPS]) / std:.1f} seed standard deviations)." if std else ".")
-        )
-        late = max(s for s in at if s <= CURVE_STEPS * 4 // 5)
-        drift = (at[late] - at[CURVE_STEPS]) / at[late]
-        if drift < FLAT:
-            flat_line += (
-                f" The longer run itself flattens: from step {late} to {CURVE_STEPS} its eval "
-                f"loss moved {drift:.1%}."
-            )
-        if std and mean - at[CURVE_STEPS] > std:
-            flat_line += (
-                f" So the baseline had not flattened at the study's {STEPS} steps: more training "
-                "still lowers its eval loss by more than the seeds scatter. The comparisons above "
-                f"are made at {STEPS} steps, short of the baseline's floor; whether the gaps "
-                "between methods change with a longer budget is not measured here."
-            )
-        else:
-            flat_line += (
-                f" At {STEPS} steps the baseline is within its seed scatter of where longer "
-                "training takes it."
-            )
+    at = curve_evals(data)
     curve_line = ", ".join(
         f"step {s}: {at[s]:.4f}"
         for s in sorted(at)
@@ -724,8 +758,8 @@ def markdown(data: dict) -> str:
         f"- Data: the bundled arithmetic word problems, {TRAIN_ROWS:,} train rows; exact match "
         f"on all {EVAL_ROWS} eval rows (greedy answers, up to {MAX_NEW_TOKENS} new tokens, the "
         f'number after "The answer is"), the per-layer eval losses on the first {LAYER_ROWS}.',
-        f"- Training: {STEPS} optimizer steps of 4 examples ({STEPS * 4:,} examples, "
-        f"{STEPS * 4 / TRAIN_ROWS:.0%} of an epoch), AdamW lr 1e-3, 10 warmup steps then cosine, "
+        f"- Training: {STEPS} optimizer steps of {BATCH} examples ({STEPS * BATCH:,} examples, "
+        f"{epochs(STEPS)}), AdamW lr 1e-3, 10 warmup steps then cosine, "
         f"fp32 compute, {THREADS} threads. Seeds {', '.join(map(str, SEEDS))} (the seed sets the "
         "adapter's initialisation and the data order).",
         "- Methods: `final-only` (the baseline: plain QLoRA), `mode` (ensemble cross-entropy + "
@@ -773,7 +807,7 @@ def markdown(data: dict) -> str:
         "",
         f"One more final-only run (seed 0) of {CURVE_STEPS} steps, 1.5 times the study's budget, "
         f"with its own cosine schedule, logged its eval loss on the {CURVE_EXAMPLES} eval rows the "
-        f"reports read, every {CURVE_EVERY} steps: {curve_line}.{flat_line}",
+        f"reports read, every {CURVE_EVERY} steps: {curve_line}. {flatness(data)}",
         "",
         "![eval loss by step](study/curve.png)",
         "",

@@ -92,6 +92,38 @@ def test_the_verdict_follows_the_paired_intervals(study):
     assert "mode against final-only on exact match" in worse
 
 
+def test_the_flatness_sentence_follows_the_curve_and_the_seed_scatter(study, monkeypatch):
+    """The page says the baseline had not flattened when the longer run ends below the baseline
+    runs by more than their seed standard deviation, and names one pass over the data."""
+    monkeypatch.setattr(study, "STEPS", 500)
+    monkeypatch.setattr(study, "CURVE_STEPS", 750)
+    names = [m.name for m in study.METHODS]
+    finals = dict(zip(study.SEEDS, [0.050, 0.052, 0.048], strict=True))  # 0.0500 ± 0.0020
+    data = fake_runs(study, dict.fromkeys(names, finals), dict.fromkeys(names, finals))
+
+    def judged(**at: float) -> str:
+        evals = {int(step[1:]): loss for step, loss in at.items()}
+        data["curve"] = [{"step": s, "eval": {"final": v}} for s, v in evals.items()]
+        data["curve"] += [{"step": 1, "loss": 1.0}]  # train records carry no eval
+        return study.flatness(data)
+
+    lower = judged(s500=0.045, s600=0.041, s750=0.040)
+    assert "the 500-step baseline runs (3 seeds) end at 0.0500 ± 0.0020" in lower
+    assert "lower the baseline's eval loss by 20.0% (5.0 seed standard deviations)" in lower
+    assert "from step 600 to 750 its eval loss moved 2.4%" in lower  # (0.041 - 0.040) / 0.041
+    assert "So the baseline had not flattened at the study's 500 steps" in lower
+    assert "one pass over the train rows; past it the longer run reads them again" in lower
+
+    within = judged(s500=0.050, s600=0.045, s750=0.049)
+    assert "within its seed scatter" in within and "had not flattened" not in within
+    assert "itself flattens" not in within  # 600 -> 750 moved 8.9%
+    higher = judged(s600=0.050, s750=0.055)
+    assert "do not lower the baseline's eval loss (it ends 10.0% higher)." in higher
+    monkeypatch.setattr(study, "STEPS", 200)
+    assert "one pass" not in judged(s600=0.050, s750=0.055)
+    assert "missing" in judged(s600=0.050)
+
+
 def test_the_pages_commands_say_each_setting_once(study, tmp_path):
     """The curve run overrides settings every run shares: its command says each key once, with the
     value it runs with, and a command recorded with a key twice is shown with the one that counts."""
