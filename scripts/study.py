@@ -25,7 +25,9 @@ Every run scores greedy answers to all 200 eval rows at the end of training (on 
 a model this size) from a dequantized fp32 copy. The script then writes docs/study.md and its
 figures under docs/study/: the table (mean ± std over seeds), paired differences against the
 baseline with 95% t-intervals, the curve, per-layer loss before and after (seed 0 of each
-method), trainable parameters, time per step, and a verdict derived from the intervals. Runs go
+method), trainable parameters, time per step, and a verdict derived from the intervals. The
+runs' numbers are kept in docs/study/runs-<STEPS>.json; the page sets those of other budgets
+(kept by earlier renderings with another STEPS) beside its own. Runs go
 to outputs/study/ (about 1 GB). A plain `make study` starts from nothing; `--continue` keeps the
 steps a stopped study finished and resumes its runs from their checkpoints (every 50 steps).
 """
@@ -368,7 +370,39 @@ def read_study(out: Path) -> dict:
         "base": json.loads(base.read_text()) if base else None,
         "curve": curve,
         "record": json.loads((out / "study.json").read_text()),
+        "others": other_budgets(FIGURES),
     }
+
+
+KEPT = ("train_loss", "eval_final", "eval_ensemble", "em", "s_per_step")
+
+
+def kept_runs(data: dict) -> dict:
+    """Every finished run's numbers, small enough to keep beside the page
+    (`docs/study/runs-<steps>.json`): a study at another budget compares against them."""
+    return {
+        "steps": STEPS,
+        "runs": [
+            {"method": name, "seed": seed} | {key: run.get(key) for key in KEPT}
+            for (name, seed), run in data["runs"].items()
+            if run is not None
+        ],
+    }
+
+
+def other_budgets(folder: Path) -> dict[int, dict]:
+    """The kept runs of the studies at budgets other than this one's, by step count, each shaped
+    like `read_study`'s runs."""
+    kept = [json.loads(path.read_text()) for path in sorted(folder.glob("runs-*.json"))]
+    return {k["steps"]: kept_data(k) for k in kept if k["steps"] != STEPS}
+
+
+def kept_data(kept: dict) -> dict:
+    """`kept_runs`' record shaped like `read_study`'s runs: every method and seed, None where no
+    run finished."""
+    runs: dict = {(m.name, seed): None for m in METHODS for seed in SEEDS}
+    runs.update({(run["method"], run["seed"]): run for run in kept["runs"]})
+    return {"runs": runs}
 
 
 # ---------------------------------------------------------------------------- numbers
@@ -489,6 +523,37 @@ def summary(data: dict) -> str:
             f"({'; '.join(worse)}); the rest were not told apart."
         )
     return f"MoDE made no difference three seeds can tell apart on any of {measured} measures."
+
+
+def budgets_table(data: dict) -> list[str]:
+    """The baseline and the paired differences of the decoding heads at each budget: this
+    study's and the kept ones of `data["others"]`."""
+    budgets = {**data.get("others", {}), STEPS: data}
+    order = sorted(budgets)
+
+    def difference(found: dict, first: Method, second: Method, compared: tuple) -> str:
+        key, _, digits, scale = compared
+        diff = paired(found, first, second, key)
+        if diff is None:
+            return "-"
+        return (
+            f"{diff['mean'] * scale:+.{digits}f} [{diff['low'] * scale:+.{digits}f}, "
+            f"{diff['high'] * scale:+.{digits}f}]" + (" *" if diff["excludes_zero"] else "")
+        )
+
+    rows = [
+        [BASELINE.name, "eval loss (mean ± std)",
+         *(spread(values(budgets[s], BASELINE, "eval_final"), 4) for s in order)],
+        [BASELINE.name, "exact match % (mean ± std)",
+         *(spread(values(budgets[s], BASELINE, "em_final"), 1, 100) for s in order)],
+    ]  # fmt: skip
+    for first, second in COMPARISONS:
+        for compared in COMPARED[:2]:
+            rows.append(
+                [f"{first.name} - {second.name}", compared[1],
+                 *(difference(budgets[s], first, second, compared) for s in order)]
+            )  # fmt: skip
+    return table(["method or comparison", "metric", *(f"{s} steps" for s in order)], rows)
 
 
 # ---------------------------------------------------------------------------- figures
@@ -811,6 +876,22 @@ def markdown(data: dict) -> str:
         "",
         "![eval loss by step](study/curve.png)",
         "",
+        *(
+            [
+                "## At other budgets",
+                "",
+                "The baseline and the paired differences of the decoding heads (mean [95% "
+                "interval], `*` where it excludes 0) at every budget `make study` has been run "
+                f"with: this page's {STEPS} steps, and the numbers kept from the runs at other "
+                "step counts (`docs/study/runs-<steps>.json`, which each rendering writes). Each "
+                "budget has its own cosine schedule, seeds and runs.",
+                "",
+                *budgets_table(data),
+                "",
+            ]
+            if data.get("others")
+            else []
+        ),
         "## Where in the network",
         "",
         "Per-layer eval loss (logit lens) before tuning and after, seed 0 of each method; for a "
@@ -822,7 +903,8 @@ def markdown(data: dict) -> str:
         "## Reproducing",
         "",
         "`make study` reruns everything into `outputs/study/` (each sweep folder also has its own "
-        "`sweep.md` with seed-paired comparisons) and rewrites this page and `docs/study/*.png`. "
+        "`sweep.md` with seed-paired comparisons) and rewrites this page, `docs/study/*.png` and "
+        f"`docs/study/runs-{STEPS}.json`. "
         "Its parts took: "
         + ", ".join(f"{name} {duration(step['seconds'])}" for name, step in steps.items())
         + ".",
@@ -836,8 +918,9 @@ def render(out: Path) -> None:
     curve_figure(data).savefig(FIGURES / "curve.png", dpi=100)
     layers_figure(data).savefig(FIGURES / "layers.png", dpi=100)
     seeds_figure(data).savefig(FIGURES / "seeds.png", dpi=100)
+    (FIGURES / f"runs-{STEPS}.json").write_text(json.dumps(kept_runs(data), indent=1) + "\n")
     DOC.write_text(markdown(data))
-    print(f"wrote {DOC} and {FIGURES}/*.png", flush=True)
+    print(f"wrote {DOC}, {FIGURES}/*.png and {FIGURES}/runs-{STEPS}.json", flush=True)
 
 
 def main() -> int:

@@ -124,6 +124,47 @@ def test_the_flatness_sentence_follows_the_curve_and_the_seed_scatter(study, mon
     assert "missing" in judged(s600=0.050)
 
 
+def test_runs_kept_from_another_budget_stand_beside_this_ones(study, monkeypatch, tmp_path):
+    """A rendering keeps its runs' numbers; a study at another budget reads them back and shows
+    the same paired differences it would compute from the runs themselves."""
+    seeds, names = study.SEEDS, [m.name for m in study.METHODS]
+    loss = {name: dict(zip(seeds, [0.050, 0.060, 0.055], strict=True)) for name in names}
+    loss["mode"] = {s: v + 0.004 for s, v in loss["final-only"].items()}  # ensemble: +0.004 - 0.01
+    exact = {name: dict(zip(seeds, [0.5, 0.6, 0.7], strict=True)) for name in names}
+    earlier = fake_runs(study, loss, exact)
+    monkeypatch.setattr(study, "STEPS", 200)
+    (tmp_path / "runs-200.json").write_text(json.dumps(study.kept_runs(earlier)))
+    monkeypatch.setattr(study, "STEPS", 100)
+    for seed in (1, 2):
+        earlier["runs"][("dora", seed)] = None  # unfinished runs are not kept
+    (tmp_path / "runs-100.json").write_text(json.dumps(study.kept_runs(earlier)))
+    assert len(json.loads((tmp_path / "runs-100.json").read_text())["runs"]) == 13
+    assert list(study.other_budgets(tmp_path)) == [200]  # its own budget is not another
+    monkeypatch.setattr(study, "STEPS", 500)
+    others = study.other_budgets(tmp_path)
+    assert sorted(others) == [100, 200] and others[100]["runs"][("dora", 2)] is None
+    whole = fake_runs(study, loss, exact)
+    for method in study.METHODS[1:]:
+        for key, *_ in study.COMPARED:
+            kept = study.paired(others[200], method, study.BASELINE, key)
+            assert kept == study.paired(whole, method, study.BASELINE, key)
+
+    later = fake_runs(study, {n: {s: v / 2 for s, v in loss[n].items()} for n in names}, exact)
+    rows = study.budgets_table(later | {"others": others})
+    assert rows[0] == "| method or comparison | metric | 100 steps | 200 steps | 500 steps |"
+    baseline = next(row for row in rows if "final-only | eval loss" in row)
+    assert baseline.endswith("| 0.0550 ± 0.0050 | 0.0550 ± 0.0050 | 0.0275 ± 0.0025 |")
+    mode = next(row for row in rows if row.startswith("| mode - final-only | eval loss"))
+    # 200 steps: +0.004 - 0.01 on every seed; 500 steps: halved losses, the same 0.01 offset.
+    assert mode.endswith("| -0.0060 [-0.0060, -0.0060] * | -0.0080 [-0.0080, -0.0080] * |")
+    dora = next(row for row in rows if row.startswith("| dora - final-only | exact"))
+    assert [cell.strip() for cell in dora.split("|")[3:6]] == [
+        "-",  # one seed at 100 steps: nothing to pair
+        "+0.0 [+0.0, +0.0]",
+        "+0.0 [+0.0, +0.0]",
+    ]
+
+
 def test_the_pages_commands_say_each_setting_once(study, tmp_path):
     """The curve run overrides settings every run shares: its command says each key once, with the
     value it runs with, and a command recorded with a key twice is shown with the one that counts."""
@@ -185,6 +226,12 @@ def test_the_published_study_names_its_command_and_has_every_method_with_three_s
     assert rows == {method.name: "3" for method in study.METHODS}
     for command in ("mode train -m recipe=smollm2-arithmetic", "mode eval checkpoint="):
         assert command in page
+    # The runs' kept numbers are this page's: the baseline's row reads the same.
+    kept = json.loads((REPO / "docs" / "study" / f"runs-{study.STEPS}.json").read_text())
+    assert kept["steps"] == study.STEPS and len(kept["runs"]) == 3 * len(study.METHODS)
+    eval_final = study.spread(study.values(study.kept_data(kept), study.BASELINE, "eval_final"), 4)
+    baseline = next(line for line in page.splitlines() if line.startswith("| **final-only**"))
+    assert f"| {eval_final} |" in baseline
     for figure in ("curve.png", "layers.png", "seeds.png"):
         assert f"(study/{figure})" in page
         assert (REPO / "docs" / "study" / figure).read_bytes()[:4] == b"\x89PNG"
