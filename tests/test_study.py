@@ -113,6 +113,10 @@ def test_the_flatness_sentence_follows_the_curve_and_the_seed_scatter(study, mon
     assert "from step 600 to 750 its eval loss moved 2.4%" in lower  # (0.041 - 0.040) / 0.041
     assert "So the baseline had not flattened at the study's 500 steps" in lower
     assert "one pass over the train rows; past it the longer run reads them again" in lower
+    assert "whether the gaps between methods change with a longer budget is not measured" in lower
+    data["others"] = {200: {}}
+    assert "the same gaps at 200 steps are under At other budgets below" in judged(s750=0.040)
+    del data["others"]
 
     within = judged(s500=0.050, s600=0.045, s750=0.049)
     assert "within its seed scatter" in within and "had not flattened" not in within
