@@ -82,6 +82,7 @@ TRAIN_ROWS = 2000
 BATCH = 4  # examples per optimizer step: the recipe's micro-batch 4, no accumulation
 MAX_NEW_TOKENS = 64  # eval.max_new_tokens, the default
 THREADS = 2
+UNTIMED = 300  # seconds of wall time outside every step's record the page calls out
 # What every study run shares, beyond the recipe: the step budget, the whole eval split for the
 # answers and half of it for the per-layer report (reading 30 layers through a 49k-word head is
 # the report's slow part), no merged model (the runs are read, not shipped), a checkpoint every
@@ -181,6 +182,7 @@ class StudyRecord:
                 "steps": {},
             }
         self.data["invocations"] += 1
+        self.running: tuple[str, float, float] | None = None  # name, earlier seconds, its start
         self.before = self.data["wall_s"]
         self.begin = time.perf_counter()
         self.lock = threading.Lock()
@@ -198,16 +200,28 @@ class StudyRecord:
     def save(self) -> None:
         with self.lock:
             self.data["wall_s"] = self.before + time.perf_counter() - self.begin
+            if self.running is not None:
+                name, earlier, start = self.running
+                self.data["steps"][name]["seconds"] = earlier + time.perf_counter() - start
             staging = self.path.with_suffix(".json.tmp")
             staging.write_text(json.dumps(self.data, indent=2) + "\n")
             os.replace(staging, self.path)
 
+    def step_started(self, name: str, command: str) -> None:
+        """A step begins: it stands in the record unfinished (exit None), and every save keeps its
+        seconds up to date, so a stop loses at most the last 30 s of its time. A continued step
+        carries on from the seconds its earlier sittings recorded."""
+        with self.lock:
+            earlier = self.data["steps"].get(name, {}).get("seconds", 0.0)
+            self.data["steps"][name] = {"command": command, "exit": None, "seconds": earlier}
+            self.running = (name, earlier, time.perf_counter())
+        self.save()
+
     def step_done(self, name: str, step: dict) -> None:
         with self.lock:
-            earlier = self.data["steps"].get(name)
-            if earlier is not None:  # a continued step: its time adds up
-                step["seconds"] += earlier["seconds"]
-            self.data["steps"][name] = step
+            _, earlier, _ = self.running or (name, 0.0, 0.0)
+            self.running = None
+            self.data["steps"][name] = step | {"seconds": earlier + step["seconds"]}
         self.save()
 
     def __enter__(self) -> StudyRecord:
@@ -290,6 +304,7 @@ def run_study(out: Path, *, continued: bool = False) -> dict:
                     shutil.rmtree(partial)
                 resumed = ["resume=auto"]
             command = make_command()
+            record.step_started(name, shown(command))
             step = run_step(name, command + resumed, logs, shown_as=command)
             record.step_done(name, step)
     return record.data
@@ -735,6 +750,23 @@ def flatness(data: dict) -> str:
     return " ".join(words)
 
 
+def parts(record: dict) -> str:
+    """How long each step of the study took, and the wall time no step's record holds (a stop
+    that came before the record timed its running step)."""
+    words = [
+        f"{name} {duration(step['seconds'])}" + ("" if step["exit"] == 0 else " (not finished)")
+        for name, step in record["steps"].items()
+    ]
+    text = "Its parts took: " + ", ".join(words) + "."
+    untimed = record["wall_s"] - sum(step["seconds"] for step in record["steps"].values())
+    if untimed > UNTIMED:
+        text += (
+            f" {duration(untimed)} of the wall time is in no part: sittings a stop cut short "
+            "without their step's time being recorded."
+        )
+    return text
+
+
 def markdown(data: dict) -> str:
     record = data["record"]
     steps = record["steps"]
@@ -915,10 +947,7 @@ def markdown(data: dict) -> str:
         "",
         "`make study` reruns everything into `outputs/study/` (each sweep folder also has its own "
         "`sweep.md` with seed-paired comparisons) and rewrites this page, `docs/study/*.png` and "
-        f"`docs/study/runs-{STEPS}.json`. "
-        "Its parts took: "
-        + ", ".join(f"{name} {duration(step['seconds'])}" for name, step in steps.items())
-        + ".",
+        f"`docs/study/runs-{STEPS}.json`. " + parts(record),
     ]
     return "\n".join(lines) + "\n"
 

@@ -219,6 +219,47 @@ def test_a_continued_study_keeps_finished_steps_and_resumes_the_rest(study, tmp_
     assert json.loads((out / "study.json").read_text())["steps"]["dora"]["exit"] == 0
 
 
+def test_a_stop_keeps_the_running_steps_time_and_the_page_says_what_no_step_holds(
+    study, tmp_path, monkeypatch
+):
+    """The record keeps a running step's seconds on every save: a study killed mid-step (no
+    step_done) and continued adds up that step's sittings, and the page names the wall time that
+    no step's record holds."""
+    now = [0.0]
+    monkeypatch.setattr(study.time, "perf_counter", lambda: now[0])
+    out = tmp_path / "study"
+    out.mkdir()
+    record = study.StudyRecord(out, continued=False)
+    record.step_started("lora", "mode train -m ...")
+    now[0] = 100.0
+    record.save()  # the last save before a kill
+    stopped = json.loads((out / "study.json").read_text())
+    assert stopped["steps"]["lora"] == {
+        "command": "mode train -m ...",
+        "exit": None,
+        "seconds": 100.0,
+    }
+    assert stopped["wall_s"] == 100.0
+    assert "lora 2 min (not finished)." in study.parts(stopped)
+
+    now[0] = 1000.0
+    record = study.StudyRecord(out, continued=True)
+    record.step_started("lora", "mode train -m ...")
+    now[0] = 1250.0
+    record.step_done("lora", {"command": "mode train -m ...", "exit": 0, "seconds": 250.0})
+    done = json.loads((out / "study.json").read_text())
+    assert done["steps"]["lora"]["seconds"] == 350.0 and done["steps"]["lora"]["exit"] == 0
+    assert done["wall_s"] == 350.0
+    assert study.parts(done) == "Its parts took: lora 6 min."
+
+    # A record from a study stopped before its steps were timed: wall time no step holds.
+    done["wall_s"] += 2 * 3600
+    assert study.parts(done) == (
+        "Its parts took: lora 6 min. 2 h 00 min of the wall time is in no part: sittings a stop "
+        "cut short without their step's time being recorded."
+    )
+
+
 def test_the_published_study_names_its_command_and_has_every_method_with_three_seeds(study):
     page = (REPO / "docs" / "study.md").read_text()
     assert "make study" in page and "scripts/study.py" in page
