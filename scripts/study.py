@@ -451,6 +451,48 @@ def spread(found: dict[int, float], digits: int, scale: float = 1.0) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def router_table(data: dict) -> list[str]:
+    """Per routed method, each selected layer's router weight (the tuned router's mean over
+    tokens) and eval loss (through its trained norm): mean ± std over the seeds' reports."""
+    routed = [m for m in METHODS if m.routed]
+    reports = [
+        run["report"]
+        for (name, _), run in data["runs"].items()
+        if run is not None and any(m.name == name for m in routed)
+    ]
+    if not reports:
+        return []
+    final = max(entry["layer"] for entry in reports[0]["layers"])
+    selected = [entry["layer"] for entry in reports[0]["layers"] if entry["selected"]]
+
+    def per_seed(method: Method, layer: int, read: Callable[[dict], float]) -> dict[int, float]:
+        found = {}
+        for seed in SEEDS:
+            run = data["runs"][(method.name, seed)]
+            if run is not None:
+                entry = next(e for e in run["report"]["layers"] if e["layer"] == layer)
+                found[seed] = read(entry)
+        return found
+
+    names = [f"layer {layer}" + (" (final)" if layer == final else "") for layer in selected]
+    rows = [
+        [
+            method.name,
+            *(spread(per_seed(method, layer, lambda e: e["router_weight"]["mean"]), 2)
+              for layer in selected),
+            *(spread(per_seed(method, layer, lambda e: e["tuned"]["loss"]), 4)
+              for layer in selected),
+        ]
+        for method in routed
+    ]  # fmt: skip
+    header = [
+        "method",
+        *(f"router weight, {n}" for n in names),
+        *(f"eval loss, {n}" for n in names),
+    ]
+    return table(header, rows)
+
+
 def paired(data: dict, first: Method, second: Method, key: str) -> dict | None:
     """first - second, paired by seed, with its 95% t-interval."""
     a, b = values(data, first, key), values(data, second, key)
@@ -942,6 +984,13 @@ def markdown(data: dict) -> str:
         "star is the ensemble.",
         "",
         "![per-layer loss and top-1](study/layers.png)",
+        "",
+        "What each MoDE method's router chose, over all its seeds: the tuned router's mean weight "
+        "per token on each selected layer, and that layer's eval loss read through its trained "
+        "norm (mean ± std over the seeds). A router that keeps nearly all its weight on the final "
+        "layer makes the ensemble that layer.",
+        "",
+        *router_table(data),
         "",
         "## Reproducing",
         "",

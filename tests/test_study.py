@@ -260,6 +260,49 @@ def test_a_stop_keeps_the_running_steps_time_and_the_page_says_what_no_step_hold
     )
 
 
+def test_the_router_table_gives_each_selected_layers_weight_and_loss_over_seeds(study):
+    """Per routed method and selected layer: the router's mean weight and the layer's eval loss,
+    mean ± std over the seeds, from the runs' reports; a method with no finished run is a row of
+    dashes, and a method without a router has no row."""
+
+    def report(weights, losses):
+        return {
+            "layers": [{"layer": 27, "selected": False, "tuned": {"loss": 2.0}, "router_weight": None}]
+            + [
+                {"layer": layer, "selected": True, "tuned": {"loss": loss},
+                 "router_weight": {"mean": weight, "std": 0.01}}
+                for layer, weight, loss in zip((28, 29, 30), weights, losses, strict=True)
+            ]
+        }  # fmt: skip
+
+    runs = {(m.name, s): None for m in study.METHODS for s in study.SEEDS}
+    # A run without a router reads every layer through the final norm: none is selected.
+    plain = report((0.0, 0.0, 0.0), (1.0, 1.0, 0.03))
+    runs[("final-only", 0)] = {
+        "report": {"layers": [e | {"selected": False} for e in plain["layers"]]}
+    }
+    runs[("mode", 0)] = {"report": report((0.2, 0.3, 0.5), (0.06, 0.05, 0.2))}
+    runs[("mode", 1)] = {"report": report((0.4, 0.1, 0.5), (0.08, 0.07, 0.04))}
+    runs[("mode-nodistill", 2)] = {"report": report((0.05, 0.02, 0.93), (1.3, 0.95, 0.032))}
+    lines = study.router_table({"runs": runs})
+    assert lines[0] == (
+        "| method | router weight, layer 28 | router weight, layer 29 | router weight, layer 30 "
+        "(final) | eval loss, layer 28 | eval loss, layer 29 | eval loss, layer 30 (final) |"
+    )
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]
+    }
+    assert set(rows) == {m.name for m in study.METHODS if m.routed}
+    std = statistics.stdev
+    assert rows["mode"] == [
+        f"0.30 ± {std([0.2, 0.4]):.2f}", f"0.20 ± {std([0.3, 0.1]):.2f}", "0.50 ± 0.00",
+        f"0.0700 ± {std([0.06, 0.08]):.4f}", f"0.0600 ± {std([0.05, 0.07]):.4f}",
+        f"0.1200 ± {std([0.2, 0.04]):.4f}",
+    ]  # fmt: skip
+    assert rows["mode-nodistill"] == ["0.05", "0.02", "0.93", "1.3000", "0.9500", "0.0320"]
+    assert rows["dora + mode"] == ["-"] * 6
+
+
 def test_the_published_study_names_its_command_and_has_every_method_with_three_seeds(study):
     page = (REPO / "docs" / "study.md").read_text()
     assert "make study" in page and "scripts/study.py" in page
@@ -271,6 +314,7 @@ def test_the_published_study_names_its_command_and_has_every_method_with_three_s
     assert rows == {method.name: "3" for method in study.METHODS}
     for command in ("mode train -m recipe=smollm2-arithmetic", "mode eval checkpoint="):
         assert command in page
+    assert "| method | router weight, layer 28 | router weight, layer 29 |" in page
     # The runs' kept numbers are this page's: the baseline's row reads the same.
     kept = json.loads((REPO / "docs" / "study" / f"runs-{study.STEPS}.json").read_text())
     assert kept["steps"] == study.STEPS and len(kept["runs"]) == 3 * len(study.METHODS)
