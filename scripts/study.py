@@ -423,15 +423,19 @@ def kept_data(kept: dict) -> dict:
 # ---------------------------------------------------------------------------- numbers
 
 
-def values(data: dict, method: Method, key: str) -> dict[int, float]:
+def values(
+    data: dict, method: Method, key: str | Callable[[dict], float | None]
+) -> dict[int, float]:
     """One number per seed of a method: a key of `read_run`, or `eval_decode` / `em_decode` (the
-    method's own decoding head), `em_final` / `em_ensemble`."""
+    method's own decoding head), `em_final` / `em_ensemble`, or what `key` reads of a run."""
     found = {}
     for seed in SEEDS:
         run = data["runs"][(method.name, seed)]
         if run is None:
             continue
-        if key == "eval_decode":
+        if callable(key):
+            value = key(run)
+        elif key == "eval_decode":
             value = run[f"eval_{method.head}"]
         elif key.startswith("em_"):
             head = method.head if key == "em_decode" else key.removeprefix("em_")
@@ -455,36 +459,30 @@ def router_table(data: dict) -> list[str]:
     """Per routed method, each selected layer's router weight (the tuned router's mean over
     tokens) and eval loss (through its trained norm): mean ± std over the seeds' reports."""
     routed = [m for m in METHODS if m.routed]
-    reports = [
-        run["report"]
-        for (name, _), run in data["runs"].items()
-        if run is not None and any(m.name == name for m in routed)
-    ]
-    if not reports:
+    first = next(
+        (run["report"] for m in routed for seed in SEEDS if (run := data["runs"][(m.name, seed)])),
+        None,
+    )
+    if first is None:
         return []
-    final = max(entry["layer"] for entry in reports[0]["layers"])
-    selected = [entry["layer"] for entry in reports[0]["layers"] if entry["selected"]]
+    selected, final = first["selected_layers"], first["num_layers"]
 
-    def per_seed(method: Method, layer: int, read: Callable[[dict], float]) -> dict[int, float]:
-        found = {}
-        for seed in SEEDS:
-            run = data["runs"][(method.name, seed)]
-            if run is not None:
-                entry = next(e for e in run["report"]["layers"] if e["layer"] == layer)
-                found[seed] = read(entry)
-        return found
+    def row(layer: int, field: str) -> Callable[[dict], float]:
+        def read(run: dict) -> float:
+            found = next(r for r in run["report"]["layers"] if r["layer"] == layer)
+            return found["router_weight"]["mean"] if field == "router" else found["tuned"]["loss"]
 
-    names = [f"layer {layer}" + (" (final)" if layer == final else "") for layer in selected]
+        return read
+
     rows = [
         [
             method.name,
-            *(spread(per_seed(method, layer, lambda e: e["router_weight"]["mean"]), 2)
-              for layer in selected),
-            *(spread(per_seed(method, layer, lambda e: e["tuned"]["loss"]), 4)
-              for layer in selected),
+            *(spread(values(data, method, row(layer, "router")), 2) for layer in selected),
+            *(spread(values(data, method, row(layer, "loss")), 4) for layer in selected),
         ]
         for method in routed
-    ]  # fmt: skip
+    ]
+    names = [f"layer {layer}" + (" (final)" if layer == final else "") for layer in selected]
     header = [
         "method",
         *(f"router weight, {n}" for n in names),

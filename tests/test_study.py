@@ -267,6 +267,8 @@ def test_the_router_table_gives_each_selected_layers_weight_and_loss_over_seeds(
 
     def report(weights, losses):
         return {
+            "num_layers": 30,
+            "selected_layers": [28, 29, 30],
             "layers": [{"layer": 27, "selected": False, "tuned": {"loss": 2.0}, "router_weight": None}]
             + [
                 {"layer": layer, "selected": True, "tuned": {"loss": loss},
@@ -279,7 +281,8 @@ def test_the_router_table_gives_each_selected_layers_weight_and_loss_over_seeds(
     # A run without a router reads every layer through the final norm: none is selected.
     plain = report((0.0, 0.0, 0.0), (1.0, 1.0, 0.03))
     runs[("final-only", 0)] = {
-        "report": {"layers": [e | {"selected": False} for e in plain["layers"]]}
+        "report": plain
+        | {"selected_layers": [], "layers": [e | {"selected": False} for e in plain["layers"]]}
     }
     runs[("mode", 0)] = {"report": report((0.2, 0.3, 0.5), (0.06, 0.05, 0.2))}
     runs[("mode", 1)] = {"report": report((0.4, 0.1, 0.5), (0.08, 0.07, 0.04))}
