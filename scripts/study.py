@@ -65,10 +65,10 @@ from mode_cli.train.progress import METRICS_FILE  # noqa: E402
 from mode_cli.train.sweep import eval_losses, exact_match, train_records  # noqa: E402
 
 RECIPE = "smollm2-arithmetic"
-STEPS = 200
+STEPS = 500
 SEEDS = (0, 1, 2)
 CURVE_STEPS = 3 * STEPS // 2
-CURVE_EVERY = 20
+CURVE_EVERY = 50
 # The curve's evals must land on the study's budget and on the curve's last step: the page reads
 # the baseline's eval loss at both.
 assert STEPS % CURVE_EVERY == 0 and CURVE_STEPS % CURVE_EVERY == 0, "CURVE_EVERY divides both"
