@@ -141,15 +141,6 @@ def overridden(common: list[str], *overrides: str) -> list[str]:
     return kept + list(keys.values())
 
 
-def effective(command: str) -> str:
-    """A shown command with each repeated `key=value` once, where it first stands, with the value
-    that counts (the last, as Hydra reads it)."""
-    words: dict[str, str] = {}
-    for word in shlex.split(command):
-        words[word.split("=", 1)[0]] = word
-    return shlex.join(words.values())
-
-
 def shown(command: list[str]) -> str:
     """A command as a person would type it."""
     words = ["mode", *command[3:]] if command[1:3] == ["-m", "mode_cli"] else command
@@ -913,11 +904,7 @@ def markdown(data: dict) -> str:
         "The commands `make study` ran:",
         "",
         "```bash",
-        *(
-            effective(steps[name]["command"])
-            for name in ("curve", *SWEEPS, "base")
-            if name in steps
-        ),
+        *(steps[name]["command"] for name in ("curve", *SWEEPS, "base") if name in steps),
         "```",
         "",
         "## Results",
