@@ -532,22 +532,45 @@ def verdict(data: dict) -> list[str]:
     return lines
 
 
-def summary(data: dict) -> str:
-    """The verdict in one sentence: what MoDE (the comparisons of a routed method with one that
-    is not) did to the eval loss and exact match of the head each method decodes with."""
-    found: dict[str, list[str]] = {"better": [], "worse": []}
-    measured = 0
+def mode_measures(data: dict) -> list[tuple]:
+    """The measures the verdict counts: each comparison of a routed method with one that is not,
+    on the eval loss and exact match of the decoding heads, where enough seeds finished."""
+    found = []
     for first, second in COMPARISONS:
         if not first.routed or second.routed:
             continue
         for key, label, _, _ in COMPARED[:2]:
             diff = paired(data, first, second, key)
-            if diff is None:
-                continue
-            measured += 1
-            word = judged(diff, key)
-            if word in found:
-                found[word].append(f"{first.name} against {second.name} on {label.split(',')[0]}")
+            if diff is not None:
+                found.append((first, second, key, label, diff))
+    return found
+
+
+def by_chance(data: dict) -> str:
+    """How many of the verdict's measures would exclude 0 with no real difference anywhere: each
+    interval is at 95%, so a count of one or two is weak evidence on its own."""
+    measured = len(mode_measures(data))
+    if not measured:
+        return ""
+    return (
+        f"The verdict counts {measured} measures, each with a 95% interval: with no real "
+        f"difference anywhere, about {measured * 0.05:.1f} of them would exclude 0 by chance "
+        f"alone, and at least one would in {1 - 0.95**measured:.0%} of studies (were the "
+        "measures independent). One or two marginal results are therefore weak evidence on "
+        "their own; the router table under Where in the network says what each ensemble reads."
+    )
+
+
+def summary(data: dict) -> str:
+    """The verdict in one sentence: what MoDE (the comparisons of a routed method with one that
+    is not) did to the eval loss and exact match of the head each method decodes with."""
+    found: dict[str, list[str]] = {"better": [], "worse": []}
+    measures = mode_measures(data)
+    measured = len(measures)
+    for first, second, key, label, diff in measures:
+        word = judged(diff, key)
+        if word in found:
+            found[word].append(f"{first.name} against {second.name} on {label.split(',')[0]}")
     better, worse = found["better"], found["worse"]
     if not measured:
         return "Not enough finished seeds to compare MoDE with its baselines."
@@ -936,7 +959,7 @@ def markdown(data: dict) -> str:
         *verdict(data),
         "",
         'Derived from the intervals above: "no difference told apart" means three seeds cannot '
-        "separate the methods from run-to-run noise, not that they are equal.",
+        "separate the methods from run-to-run noise, not that they are equal. " + by_chance(data),
         "",
         "## Has the baseline flattened?",
         "",

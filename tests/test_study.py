@@ -79,6 +79,10 @@ def test_the_verdict_follows_the_paired_intervals(study):
         "dora + mode against final-only on eval loss; dora + mode against dora on eval loss; "
         "dora + mode against dora on exact match), worse on none."
     )
+    # 8 measures at 95%: 0.4 expected by chance, at least one in 1 - 0.95^8 = 34% of studies.
+    assert "counts 8 measures" in study.by_chance(data)
+    assert "about 0.4 of them would exclude 0" in study.by_chance(data)
+    assert "at least one would in 34% of studies" in study.by_chance(data)
     for method in ("mode", "mode-nodistill", "dora + mode"):
         eval_loss[method] = {s: v + 0.02 for s, v in eval_loss["final-only"].items()}
     exact["mode"] = dict(zip(seeds, [0.45, 0.55, 0.66], strict=True))
