@@ -210,7 +210,8 @@ class StudyRecord:
 
     def step_done(self, name: str, step: dict) -> None:
         with self.lock:
-            _, earlier, _ = self.running or (name, 0.0, 0.0)
+            assert self.running is not None and self.running[0] == name, "step_started first"
+            _, earlier, _ = self.running
             self.running = None
             self.data["steps"][name] = step | {"seconds": earlier + step["seconds"]}
         self.save()
@@ -446,6 +447,11 @@ def spread(found: dict[int, float], digits: int, scale: float = 1.0) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def layer_row(run: dict, layer: int) -> dict:
+    """A run's report row of one layer."""
+    return next(row for row in run["report"]["layers"] if row["layer"] == layer)
+
+
 def router_table(data: dict) -> list[str]:
     """Per routed method, each selected layer's router weight (the tuned router's mean over
     tokens) and eval loss (through its trained norm): mean ± std over the seeds' reports."""
@@ -458,18 +464,17 @@ def router_table(data: dict) -> list[str]:
         return []
     selected, final = first["selected_layers"], first["num_layers"]
 
-    def row(layer: int, field: str) -> Callable[[dict], float]:
-        def read(run: dict) -> float:
-            found = next(r for r in run["report"]["layers"] if r["layer"] == layer)
-            return found["router_weight"]["mean"] if field == "router" else found["tuned"]["loss"]
+    def router(layer: int) -> Callable[[dict], float]:
+        return lambda run: layer_row(run, layer)["router_weight"]["mean"]
 
-        return read
+    def loss(layer: int) -> Callable[[dict], float]:
+        return lambda run: layer_row(run, layer)["tuned"]["loss"]
 
     rows = [
         [
             method.name,
-            *(spread(values(data, method, row(layer, "router")), 2) for layer in selected),
-            *(spread(values(data, method, row(layer, "loss")), 4) for layer in selected),
+            *(spread(values(data, method, router(layer)), 2) for layer in selected),
+            *(spread(values(data, method, loss(layer)), 4) for layer in selected),
         ]
         for method in routed
     ]
