@@ -66,7 +66,7 @@ from mode_cli.train.sweep import eval_losses, exact_match, train_records  # noqa
 
 RECIPE = "smollm2-arithmetic"
 STEPS = 500
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
 CURVE_STEPS = 3 * STEPS // 2
 CURVE_EVERY = 50
 # The curve's evals must land on the study's budget and on the curve's last step: the page reads
