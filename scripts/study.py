@@ -5,7 +5,7 @@
     python scripts/study.py --render-only        # rewrite docs/study.md from outputs/study
 
 SmolLM2-135M-Instruct in NF4 (`package:smollm2`, recipe `smollm2-arithmetic`) on the bundled
-arithmetic word problems (2,000 train, 200 eval rows). Five methods, three seeds each, every run
+arithmetic word problems (2,000 train, 200 eval rows). Five methods, five seeds each, every run
 `STEPS` optimizer steps of 4 examples:
 
     final-only       LoRA r16, plain cross-entropy on the last layer (the baseline)
@@ -25,7 +25,7 @@ Every run scores greedy answers to all 200 eval rows at the end of training (on 
 a model this size) from a dequantized fp32 copy. The script then writes docs/study.md and its
 figures under docs/study/: the table (mean ± std over seeds), paired differences against the
 baseline with 95% t-intervals, the curve, per-layer loss before and after (seed 0 of each
-method), trainable parameters, time per step, and a verdict derived from the intervals. The
+method), trainable parameters, time per step, and a verdict from Holm-adjusted paired t-tests. The
 runs' numbers are kept in docs/study/runs-<STEPS>.json; the page sets those of other budgets
 (kept by earlier renderings with another STEPS) beside its own. Runs go
 to outputs/study/ (about 1 GB). A plain `make study` starts from nothing; `--continue` keeps the
@@ -59,7 +59,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from mode_cli.eval.report import latest_report  # noqa: E402
-from mode_cli.eval.stats import mean_std, t_interval  # noqa: E402
+from mode_cli.eval.stats import holm, mean_std, t_interval  # noqa: E402
 from mode_cli.train.checkpoint import complete_checkpoints  # noqa: E402
 from mode_cli.train.progress import METRICS_FILE  # noqa: E402
 from mode_cli.train.sweep import eval_losses, exact_match, train_records  # noqa: E402
@@ -495,7 +495,7 @@ def paired(data: dict, first: Method, second: Method, key: str) -> dict | None:
         return None
     result = t_interval([a[s] - b[s] for s in seeds])
     return {"n": result.n, "mean": result.mean, "low": result.low, "high": result.high,
-            "excludes_zero": result.excludes_zero}  # fmt: skip
+            "excludes_zero": result.excludes_zero, "p": result.p_value}  # fmt: skip
 
 
 COMPARISONS = (
@@ -551,52 +551,148 @@ def mode_measures(data: dict) -> list[tuple]:
     return found
 
 
-def by_chance(data: dict) -> str:
-    """How many of the verdict's measures would exclude 0 with no real difference anywhere: each
-    interval is at 95%, so a count of one or two is weak evidence on its own."""
-    measured = len(mode_measures(data))
-    if not measured:
-        return ""
-    return (
-        f"The verdict counts {measured} measures, each with a 95% interval: with no real "
-        f"difference anywhere, about {measured * 0.05:.1f} of them would exclude 0 by chance "
-        f"alone, and at least one would in {1 - 0.95**measured:.0%} of studies (were the "
-        "measures independent). One or two marginal results are therefore weak evidence on "
-        "their own; the router table under Where in the network says what each ensemble reads."
-    )
+ALPHA = 0.05  # the family-wise error the headline allows over all the measures it counts
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One measure the headline counts, with its Holm-adjusted p-value and the call it makes."""
+
+    first: Method
+    second: Method
+    key: str
+    label: str
+    diff: dict
+    holm_p: float
+
+    @property
+    def kind(self) -> str:
+        """`eval loss` or `exact match`."""
+        return self.label.split(",")[0]
+
+    @property
+    def call(self) -> str:
+        """`better`, `worse` or `no difference told apart`, after the correction."""
+        if self.holm_p >= ALPHA:
+            return "no difference told apart"
+        lower_is_better = self.key.startswith("eval")
+        return "better" if (self.diff["mean"] < 0) == lower_is_better else "worse"
+
+    @property
+    def name(self) -> str:
+        return f"{self.first.name} against {self.second.name} on {self.kind}"
+
+
+def corrected(data: dict) -> list[Measure]:
+    """The verdict's measures with Holm-adjusted p-values over all of them (`stats.holm`)."""
+    measures = mode_measures(data)
+    adjusted = holm([diff["p"] for *_, diff in measures])
+    return [Measure(*measure, p) for measure, p in zip(measures, adjusted, strict=True)]
+
+
+def seeds_word(n: int) -> str:
+    return {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}.get(n, str(n))
 
 
 def summary(data: dict) -> str:
-    """The verdict in one sentence: what MoDE (the comparisons of a routed method with one that
-    is not) did to the eval loss and exact match of the head each method decodes with."""
-    found: dict[str, list[str]] = {"better": [], "worse": []}
-    measures = mode_measures(data)
-    measured = len(measures)
-    for first, second, key, label, diff in measures:
-        word = judged(diff, key)
-        if word in found:
-            found[word].append(f"{first.name} against {second.name} on {label.split(',')[0]}")
-    better, worse = found["better"], found["worse"]
-    if not measured:
+    """The verdict in one sentence, from Holm-adjusted p-values over every measure it counts
+    (each comparison of a routed method with one that is not, on the eval loss and exact match
+    of the head each decodes with): a measure is called better or worse only when its adjusted
+    p-value is below ALPHA, so the chance of any false call among them is at most ALPHA. When
+    the calls differ by measure, both directions are said."""
+    measures = corrected(data)
+    if not measures:
         return "Not enough finished seeds to compare MoDE with its baselines."
+    count = len(measures)
+    seeds = seeds_word(min(m.diff["n"] for m in measures))
+    over = f"with a Holm correction over the {count} measures"
+    calls = {"better": [], "worse": []}
+    for measure in measures:
+        if measure.call in calls:
+            calls[measure.call].append(measure)
+    better, worse = calls["better"], calls["worse"]
+    rest = count - len(better) - len(worse)
+    rest_words = f"; the other {rest} were not told apart" if rest else ""
+
+    def kinds(found: list[Measure]) -> str:
+        return " and ".join(dict.fromkeys(m.kind for m in found))
+
+    def named(found: list[Measure]) -> str:
+        return "; ".join(f"{m.name}, adjusted p {m.holm_p:.3f}" for m in found)
+
     if better and worse:
         return (
-            f"Mixed: MoDE came out better on {len(better)} of {measured} measures "
-            f"({'; '.join(better)}) and worse on {len(worse)} ({'; '.join(worse)})."
+            f"Mixed, {over}: MoDE was better on {kinds(better)} ({named(better)}) and worse on "
+            f"{kinds(worse)} ({named(worse)}){rest_words}."
         )
     if better:
         return (
-            f"MoDE helped here: better on {len(better)} of {measured} measures "
-            f"({'; '.join(better)}), worse on none."
+            f"MoDE helped here, {over}: better on {kinds(better)} ({named(better)}), worse on "
+            f"none{rest_words}."
         )
     if worse:
         return (
-            "MoDE did not help here: no MoDE method beat its baseline on the eval loss or the "
-            "exact match of the head it decodes with, and "
-            f"{len(worse)} of those {measured} measures came out worse beyond seed noise "
-            f"({'; '.join(worse)}); the rest were not told apart."
+            f"MoDE did not help here, {over}: worse on {kinds(worse)} ({named(worse)}), better "
+            f"on none{rest_words}."
         )
-    return f"MoDE made no difference three seeds can tell apart on any of {measured} measures."
+    smallest = min(m.holm_p for m in measures)
+    return (
+        f"MoDE made no difference {seeds} seeds can tell apart: {over}, none differs from its "
+        f"baseline (the smallest adjusted p-value is {smallest:.2f})."
+    )
+
+
+def correction(data: dict) -> str:
+    """How the headline was derived, and what the unadjusted intervals said on their own."""
+    measures = corrected(data)
+    if not measures:
+        return ""
+    count = len(measures)
+    seeds = seeds_word(min(m.diff["n"] for m in measures))
+    alone = [m for m in measures if m.diff["excludes_zero"]]
+    before = (
+        f"Before the correction, {len(alone)} of the {count} unadjusted 95% intervals excluded 0 ("
+        + "; ".join(f"{m.name}, p {m.diff['p']:.3f}" for m in alone)
+        + ")"
+        if alone
+        else f"Before the correction, none of the {count} unadjusted 95% intervals excluded 0"
+    )
+    return (
+        f"The headline counts {count} measures: each MoDE method against the method it adds to, "
+        "on the eval loss and the exact match of the head each decodes with. Each measure's "
+        "paired t-test p-value (the test its 95% interval inverts) is adjusted by Holm's "
+        f"step-down method over all {count}, and a measure is called better or worse only when "
+        f"its adjusted p-value is below {ALPHA}: the chance of any false call among them is then "
+        f"at most {ALPHA:.0%}, where {count} separate 95% intervals would make at least one "
+        f"in {1 - (1 - ALPHA) ** count:.0%} of studies with no real difference anywhere (were "
+        f"they independent). {before}; the tables keep the unadjusted intervals. "
+        f'"No difference told apart" means {seeds} seeds cannot separate the methods from '
+        "run-to-run noise, not that they are equal."
+    )
+
+
+def correction_table(data: dict) -> list[str]:
+    """The headline's measures: difference, unadjusted interval and p, Holm-adjusted p, call."""
+    rows = []
+    for m in corrected(data):
+        digits, scale = next((d, s) for k, _, d, s in COMPARED if k == m.key)
+        diff = m.diff
+        rows.append(
+            [
+                f"{m.first.name} - {m.second.name}",
+                m.label,
+                f"{diff['mean'] * scale:+.{digits}f}",
+                f"[{diff['low'] * scale:+.{digits}f}, {diff['high'] * scale:+.{digits}f}]",
+                f"{diff['p']:.3f}",
+                f"{m.holm_p:.3f}",
+                m.call,
+            ]
+        )
+    if not rows:
+        return []
+    header = ["comparison", "metric", "difference", "95% interval (unadjusted)", "p",
+              "Holm-adjusted p", "after the correction"]  # fmt: skip
+    return table(header, rows)
 
 
 def budgets_table(data: dict) -> list[str]:
@@ -961,10 +1057,13 @@ def markdown(data: dict) -> str:
         "",
         f"**{summary(data)}**",
         "",
-        *verdict(data),
+        correction(data),
         "",
-        'Derived from the intervals above: "no difference told apart" means three seeds cannot '
-        "separate the methods from run-to-run noise, not that they are equal. " + by_chance(data),
+        *correction_table(data),
+        "",
+        "Each comparison on its own, from the unadjusted 95% intervals of the table above:",
+        "",
+        *verdict(data),
         "",
         "## Has the baseline flattened?",
         "",

@@ -64,6 +64,37 @@ def test_t_interval_by_hand():
     assert single.low is None and not single.excludes_zero
 
 
+# Two-sided p-values of t with 4 degrees of freedom (tables): t = 2.7764 at 0.05, 4.6041 at 0.01,
+# 8.6103 at 0.001, 2.1318 at 0.10.
+T4_TWO_SIDED = {2.7764: 0.05, 4.6041: 0.01, 8.6103: 0.001, 2.1318: 0.10}
+
+
+@pytest.mark.parametrize(("t", "expected"), sorted(T4_TWO_SIDED.items()))
+def test_the_p_value_is_the_two_sided_t_test_the_interval_inverts(t, expected):
+    # Five values with sample standard deviation 1 and mean t / sqrt(5): their t statistic is t.
+    spread = [k / math.sqrt(2.5) for k in (-2, -1, 0, 1, 2)]
+    for sign in (1, -1):
+        values = [sign * t / math.sqrt(5) + v for v in spread]
+        got = stats.t_interval(values)
+        assert got.std == pytest.approx(1.0)
+        assert got.p_value == pytest.approx(expected, rel=2e-4)
+        assert got.excludes_zero == (got.p_value < 0.05)
+    assert stats.t_interval([0.4]).p_value is None
+    assert stats.t_interval([0.2, 0.2, 0.2]).p_value == 0.0
+    assert stats.t_interval([0.0, 0.0]).p_value == 1.0
+
+
+def test_holm_by_hand():
+    # m = 5: sorted 0.001 0.01 0.02 0.04 0.30 times 5 4 3 2 1 = 0.005 0.04 0.06 0.08 0.30; each
+    # adjusted value is the largest so far, in the input's order.
+    got = stats.holm([0.04, 0.001, 0.30, 0.02, 0.01])
+    assert got == pytest.approx([0.08, 0.005, 0.30, 0.06, 0.04])
+    # Monotone in the sorted order: 0.011 * 2 = 0.022 is below 0.01 * 3 = 0.03, which carries over.
+    assert stats.holm([0.011, 0.01, 0.5]) == pytest.approx([0.03, 0.03, 0.5])
+    assert stats.holm([0.6, 0.5]) == pytest.approx([1.0, 1.0])
+    assert stats.holm([]) == []
+
+
 @pytest.mark.parametrize(
     ("successes", "trials", "expected"),
     [

@@ -42,58 +42,146 @@ def fake_runs(study, eval_loss: dict, exact: dict) -> dict:
     return {"runs": runs}
 
 
+# Five differences with sample standard deviation 1 and mean 0: shifted by t / sqrt(5) they have
+# the t statistic t (4 degrees of freedom).
+SPREAD = [k / math.sqrt(2.5) for k in (-2, -1, 0, 1, 2)]
+# Two-sided p-values of t with 4 degrees of freedom (tables).
+P_001, P_01, P_10 = 8.6103, 4.6041, 2.1318
+
+
+def shifted(base: dict, t: float, scale: float) -> dict:
+    """`base` plus differences whose paired t statistic is `t` (their sample std is `scale`)."""
+    return {
+        s: v + scale * (t / math.sqrt(5) + z)
+        for (s, v), z in zip(base.items(), SPREAD, strict=True)
+    }
+
+
 def test_the_verdict_follows_the_paired_intervals(study):
     seeds = study.SEEDS
-    baseline = [0.050, 0.060, 0.055]
+    assert len(seeds) == 5
+    baseline = [0.050, 0.060, 0.055, 0.052, 0.058]
     eval_loss = {m.name: dict(zip(seeds, baseline, strict=True)) for m in study.METHODS}
-    # mode: its ensemble 0.01 lower on every seed (its final layer 0.005 lower): better.
-    eval_loss["mode"] = {s: v - 0.005 for s, v in eval_loss["final-only"].items()}
-    # mode-nodistill: higher on one seed, lower on two: no difference told apart.
-    eval_loss["mode-nodistill"] = dict(zip(seeds, [0.060, 0.050, 0.050], strict=True))
-    exact = {m.name: dict(zip(seeds, [0.5, 0.6, 0.7], strict=True)) for m in study.METHODS}
-    exact["dora"] = dict(zip(seeds, [0.3, 0.41, 0.5], strict=True))  # ~0.2 lower each seed
+    # mode: its ensemble 0.004 lower on every seed (its final layer 0.006 higher): better.
+    eval_loss["mode"] = {s: v + 0.006 for s, v in eval_loss["final-only"].items()}
+    # mode-nodistill: higher on two seeds, lower on three: no difference told apart.
+    eval_loss["mode-nodistill"] = dict(zip(seeds, [0.070, 0.050, 0.060, 0.060, 0.070], strict=True))
+    exact = {
+        m.name: dict(zip(seeds, [0.5, 0.6, 0.7, 0.55, 0.65], strict=True)) for m in study.METHODS
+    }
+    exact["dora"] = dict(zip(seeds, [0.3, 0.41, 0.5, 0.35, 0.45], strict=True))  # ~0.2 lower each
     data = fake_runs(study, eval_loss, exact)
 
     diff = study.paired(data, study.METHODS[1], study.BASELINE, "eval_decode")
-    assert diff["mean"] == pytest.approx(-0.015) and diff["excludes_zero"]
-    diffs = [0.060 - 0.050, 0.050 - 0.060, 0.050 - 0.055]
-    half = 4.302653 * statistics.stdev(diffs) / math.sqrt(3)
+    assert diff["mean"] == pytest.approx(-0.004) and diff["excludes_zero"] and diff["p"] < 1e-6
+    diffs = [
+        a - 0.01 - b for a, b in zip([0.070, 0.050, 0.060, 0.060, 0.070], baseline, strict=True)
+    ]
+    half = 2.776445 * statistics.stdev(diffs) / math.sqrt(5)
     got = study.paired(data, study.METHODS[2], study.BASELINE, "eval_decode")
     assert (got["low"], got["high"]) == pytest.approx(
-        (statistics.mean(diffs) - 0.01 - half, statistics.mean(diffs) - 0.01 + half), abs=1e-6
+        (statistics.mean(diffs) - half, statistics.mean(diffs) + half), abs=1e-6
     )  # its ensemble is 0.01 below its final layer
 
     lines = "\n".join(study.verdict(data))
-    assert "**mode** against **final-only**: eval loss, decoding head better (-0.0150" in lines
+    assert "**mode** against **final-only**: eval loss, decoding head better (-0.0040" in lines
     nodistill = next(
         line for line in study.verdict(data) if line.startswith("- **mode-nodistill**")
     )
     assert "exact match, decoding head (points) no difference told apart (+0.0" in nodistill
     dora = next(line for line in study.verdict(data) if line.startswith("- **dora** against"))
-    assert "exact match, decoding head (points) worse (-19.7" in dora
-    # In one sentence, over the MoDE comparisons only (dora against final-only is not one): mode
-    # and dora + mode (whose ensemble is 0.01 below its final layer) better on eval loss, and
-    # dora + mode better than dora's low exact match.
+    assert "exact match, decoding head (points) worse (-19.8" in dora
+
+
+def test_the_headline_is_holm_corrected_over_the_measures_it_counts(study):
+    """The bold line counts the 8 MoDE measures (each routed method against the method it adds
+    to, eval loss and exact match of the decoding heads) and calls a measure only when its
+    Holm-adjusted p-value is below 0.05; by hand: unadjusted p 0.001, 0.001, 0.01, 0.01, 0.10 and
+    three of 1, sorted and multiplied by 8, 7, 6, ... give 0.008, 0.008 (0.007 carried up to the
+    larger before it), 0.06, 0.06 (0.05 carried), 0.40, 1, 1, 1."""
+    seeds = study.SEEDS
+    base_loss = dict(zip(seeds, [0.050, 0.060, 0.055, 0.052, 0.058], strict=True))
+    base_em = dict(zip(seeds, [0.50, 0.60, 0.70, 0.55, 0.65], strict=True))
+    loss = dict.fromkeys([m.name for m in study.METHODS], base_loss)
+    exact = dict.fromkeys([m.name for m in study.METHODS], base_em)
+    # A routed run's ensemble is 0.01 below its final layer (fake_runs): add it back.
+    ensemble = {s: v + 0.01 for s, v in base_loss.items()}
+    loss["mode"] = shifted(ensemble, P_001, 0.002)  # worse, p 0.001
+    exact["mode"] = shifted(base_em, P_001, 0.02)  # better, p 0.001
+    loss["mode-nodistill"] = shifted(ensemble, -P_01, 0.002)  # better, p 0.01
+    loss["dora + mode"] = shifted(ensemble, P_10, 0.002)  # worse, p 0.10
+    exact["dora + mode"] = shifted(base_em, P_01, 0.02)  # better, p 0.01
+    # dora decodes what dora + mode's ensemble does: differences of exactly 0 (p 1).
+    loss["dora"] = {s: v - 0.01 for s, v in loss["dora + mode"].items()}
+    exact["dora"] = exact["dora + mode"]
+    data = fake_runs(study, loss, exact)
+
+    measures = study.corrected(data)
+    unadjusted = {m.name: round(m.diff["p"], 4) for m in measures}
+    assert unadjusted == {
+        "mode against final-only on eval loss": 0.001,
+        "mode against final-only on exact match": 0.001,
+        "mode-nodistill against final-only on eval loss": 0.01,
+        "mode-nodistill against final-only on exact match": 1.0,
+        "dora + mode against final-only on eval loss": 0.1,
+        "dora + mode against final-only on exact match": 0.01,
+        "dora + mode against dora on eval loss": 1.0,
+        "dora + mode against dora on exact match": 1.0,
+    }
+    adjusted = {m.name: round(m.holm_p, 3) for m in measures}
+    assert adjusted == {
+        "mode against final-only on eval loss": 0.008,
+        "mode against final-only on exact match": 0.008,
+        "mode-nodistill against final-only on eval loss": 0.06,
+        "mode-nodistill against final-only on exact match": 1.0,
+        "dora + mode against final-only on eval loss": 0.4,
+        "dora + mode against final-only on exact match": 0.06,
+        "dora + mode against dora on eval loss": 1.0,
+        "dora + mode against dora on exact match": 1.0,
+    }
+    # Both directions, by measure.
     assert study.summary(data) == (
-        "MoDE helped here: better on 4 of 8 measures (mode against final-only on eval loss; "
-        "dora + mode against final-only on eval loss; dora + mode against dora on eval loss; "
-        "dora + mode against dora on exact match), worse on none."
+        "Mixed, with a Holm correction over the 8 measures: MoDE was better on exact match (mode "
+        "against final-only on exact match, adjusted p 0.008) and worse on eval loss (mode "
+        "against final-only on eval loss, adjusted p 0.008); the other 6 were not told apart."
     )
-    # 8 measures at 95%: 0.4 expected by chance, at least one in 1 - 0.95^8 = 34% of studies.
-    assert "counts 8 measures" in study.by_chance(data)
-    assert "about 0.4 of them would exclude 0" in study.by_chance(data)
-    assert "at least one would in 34% of studies" in study.by_chance(data)
-    for method in ("mode", "mode-nodistill", "dora + mode"):
-        eval_loss[method] = {s: v + 0.02 for s, v in eval_loss["final-only"].items()}
-    exact["mode"] = dict(zip(seeds, [0.45, 0.55, 0.66], strict=True))
-    mixed = study.summary(fake_runs(study, eval_loss, exact))
-    assert mixed.startswith("Mixed: MoDE came out better on 1 of 8 measures (dora + mode against")
-    assert "and worse on 5 (" in mixed
-    exact["dora"] = exact["final-only"]
-    worse = study.summary(fake_runs(study, eval_loss, exact))
-    assert worse.startswith("MoDE did not help here: no MoDE method beat its baseline")
-    assert "5 of those 8 measures came out worse" in worse
-    assert "mode against final-only on exact match" in worse
+    words = study.correction(data)
+    assert "at least one in 34% of studies" in words  # 1 - 0.95^8
+    assert "Before the correction, 4 of the 8 unadjusted 95% intervals excluded 0 (" in words
+    assert "mode-nodistill against final-only on eval loss, p 0.010;" in words
+    assert '"No difference told apart" means five seeds cannot separate' in words
+    rows = study.correction_table(data)
+    assert len(rows) == 2 + 8
+    nodistill = next(r for r in rows if r.startswith("| mode-nodistill - final-only | eval"))
+    assert nodistill.endswith("| 0.010 | 0.060 | no difference told apart |")
+
+    # Only the worse one survives: the headline says MoDE did not help.
+    exact["mode"] = base_em
+    loss["mode-nodistill"] = ensemble
+    exact["dora + mode"] = exact["dora"] = base_em
+    worse = fake_runs(study, loss, exact)
+    assert study.summary(worse) == (
+        "MoDE did not help here, with a Holm correction over the 8 measures: worse on eval loss "
+        "(mode against final-only on eval loss, adjusted p 0.008), better on none; the other 7 "
+        "were not told apart."
+    )
+    # Only a better one: exact match better at p 0.001.
+    loss["mode"] = ensemble
+    exact["mode"] = shifted(base_em, P_001, 0.02)
+    assert study.summary(fake_runs(study, loss, exact)) == (
+        "MoDE helped here, with a Holm correction over the 8 measures: better on exact match "
+        "(mode against final-only on exact match, adjusted p 0.008), worse on none; the other 7 "
+        "were not told apart."
+    )
+    # An unadjusted p of 0.10 alone: 0.10 x 8 = 0.80.
+    exact["mode"] = base_em
+    assert study.summary(fake_runs(study, loss, exact)) == (
+        "MoDE made no difference five seeds can tell apart: with a Holm correction over the 8 "
+        "measures, none differs from its baseline (the smallest adjusted p-value is 0.80)."
+    )
+    assert "none of the 8 unadjusted 95% intervals excluded 0" in study.correction(
+        fake_runs(study, loss, exact)
+    )
 
 
 def test_the_flatness_sentence_follows_the_curve_and_the_seed_scatter(study, monkeypatch):
@@ -102,7 +190,9 @@ def test_the_flatness_sentence_follows_the_curve_and_the_seed_scatter(study, mon
     monkeypatch.setattr(study, "STEPS", 500)
     monkeypatch.setattr(study, "CURVE_STEPS", 750)
     names = [m.name for m in study.METHODS]
-    finals = dict(zip(study.SEEDS, [0.050, 0.052, 0.048], strict=True))  # 0.0500 ± 0.0020
+    finals = dict(
+        zip(study.SEEDS, [0.050, 0.052, 0.048, 0.052, 0.048], strict=True)
+    )  # 0.0500 ± 0.0020
     data = fake_runs(study, dict.fromkeys(names, finals), dict.fromkeys(names, finals))
 
     def judged(**at: float) -> str:
@@ -112,7 +202,7 @@ def test_the_flatness_sentence_follows_the_curve_and_the_seed_scatter(study, mon
         return study.flatness(data)
 
     lower = judged(s500=0.045, s600=0.041, s750=0.040)
-    assert "the 500-step baseline runs (3 seeds) end at 0.0500 ± 0.0020" in lower
+    assert "the 500-step baseline runs (5 seeds) end at 0.0500 ± 0.0020" in lower
     assert "lower the baseline's eval loss by 20.0% (5.0 seed standard deviations)" in lower
     assert "from step 600 to 750 its eval loss moved 2.4%" in lower  # (0.041 - 0.040) / 0.041
     assert "So the baseline had not flattened at the study's 500 steps" in lower
@@ -136,21 +226,23 @@ def test_runs_kept_from_another_budget_stand_beside_this_ones(study, monkeypatch
     """A rendering keeps its runs' numbers; a study at another budget reads them back and shows
     the same paired differences it would compute from the runs themselves."""
     seeds, names = study.SEEDS, [m.name for m in study.METHODS]
-    loss = {name: dict(zip(seeds, [0.050, 0.060, 0.055], strict=True)) for name in names}
+    loss = {
+        name: dict(zip(seeds, [0.050, 0.060, 0.055, 0.050, 0.060], strict=True)) for name in names
+    }
     loss["mode"] = {s: v + 0.004 for s, v in loss["final-only"].items()}  # ensemble: +0.004 - 0.01
-    exact = {name: dict(zip(seeds, [0.5, 0.6, 0.7], strict=True)) for name in names}
+    exact = {name: dict(zip(seeds, [0.5, 0.6, 0.7, 0.5, 0.6], strict=True)) for name in names}
     earlier = fake_runs(study, loss, exact)
     monkeypatch.setattr(study, "STEPS", 200)
     (tmp_path / "runs-200.json").write_text(json.dumps(study.kept_runs(earlier)))
     monkeypatch.setattr(study, "STEPS", 100)
-    for seed in (1, 2):
+    for seed in (1, 2, 3, 4):
         earlier["runs"][("dora", seed)] = None  # unfinished runs are not kept
     (tmp_path / "runs-100.json").write_text(json.dumps(study.kept_runs(earlier)))
-    assert len(json.loads((tmp_path / "runs-100.json").read_text())["runs"]) == 13
+    assert len(json.loads((tmp_path / "runs-100.json").read_text())["runs"]) == 21
     assert list(study.other_budgets(tmp_path)) == [200]  # its own budget is not another
     monkeypatch.setattr(study, "STEPS", 500)
     others = study.other_budgets(tmp_path)
-    assert sorted(others) == [100, 200] and others[100]["runs"][("dora", 2)] is None
+    assert sorted(others) == [100, 200] and others[100]["runs"][("dora", 4)] is None
     whole = fake_runs(study, loss, exact)
     for method in study.METHODS[1:]:
         for key, *_ in study.COMPARED:

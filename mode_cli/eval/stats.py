@@ -1,6 +1,7 @@
 """The few statistics the reports need, in plain Python (no scipy): the mean and sample standard
-deviation of a handful of runs, Student's t quantile, a t-interval for a mean over seeds, and the
-Wilson score interval of a binomial rate (exact-match accuracy).
+deviation of a handful of runs, Student's t quantile, a t-interval for a mean over seeds with its
+two-sided p-value, Holm's correction of several p-values, and the Wilson score interval of a
+binomial rate (exact-match accuracy).
 """
 
 from __future__ import annotations
@@ -118,6 +119,17 @@ class MeanInterval:
         """Whether the interval lies wholly on one side of 0."""
         return self.low is not None and (self.low > 0.0 or self.high < 0.0)
 
+    @property
+    def p_value(self) -> float | None:
+        """The two-sided p-value of the one-sample t-test of mean 0 that the interval inverts:
+        below 1 - confidence exactly when the interval excludes 0 (None below two values)."""
+        if self.std is None:
+            return None
+        if self.std == 0.0:
+            return 1.0 if self.mean == 0.0 else 0.0
+        t = abs(self.mean) / (self.std / math.sqrt(self.n))
+        return min(1.0, 2.0 * (1.0 - t_cdf(t, self.n - 1)))
+
 
 def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> MeanInterval:
     """The mean of `values` with its two-sided t-interval: mean ± t(n-1) * s / sqrt(n)."""
@@ -127,6 +139,24 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> MeanI
         return MeanInterval(n, mean, None, None, None)
     half = t_quantile(0.5 + confidence / 2.0, n - 1) * std / math.sqrt(n)
     return MeanInterval(n, mean, std, mean - half, mean + half)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of several p-values, in their given order.
+
+    Sorted ascending, the i-th smallest of m is multiplied by m - i + 1 (i from 1), and each
+    adjusted value is the largest so far, capped at 1. A hypothesis whose adjusted p-value is below
+    alpha is rejected with a family-wise error of at most alpha over all m, whatever their
+    dependence (Holm 1979).
+    """
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def wilson_interval(
