@@ -148,5 +148,6 @@ def test_a_real_cuda_out_of_memory_names_the_memory_settings(mode, tmp_path, mon
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
     assert code == 2
-    assert "out of GPU memory at step 1" in err and "train.micro_batch_size (now 64" in err
+    assert "out of GPU memory on cuda:0 (" in err and "at step 1" in err
+    assert "train.micro_batch_size (now 64" in err
     assert "Traceback" not in err
