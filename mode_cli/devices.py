@@ -4,7 +4,7 @@
 single process on `cuda:0`. Code that decides by device asks here (`is_cuda(device)`) and never
 compares the strings itself: `"cuda:0" == "cuda"` is False, so such a comparison quietly takes a
 process on a GPU for one without (and, say, refuses its 8-bit optimizer). Every CUDA query a decision reads (is there a GPU, how
-many, which one, its memory) goes through these functions too, so a test that makes
+many, which one, its memory, its RNG state) goes through these functions too, so a test that makes
 torch report a GPU machine sees the decisions a GPU run makes (tests/test_devices.py).
 """
 
@@ -84,3 +84,16 @@ def empty_cache(device: str) -> None:
 def peak_memory_bytes(device: str) -> int | None:
     """This process's peak allocated memory on its GPU; None on a CPU."""
     return torch.cuda.max_memory_allocated(cuda_index(device)) if is_cuda(device) else None
+
+
+def rng_state(device: str) -> torch.Tensor | None:
+    """The RNG state of this device, the one GPU this process draws from; None on a CPU (the
+    CPU generator is saved with python's and numpy's)."""
+    return torch.cuda.get_rng_state(cuda_index(device)) if is_cuda(device) else None
+
+
+def set_rng_state(state: torch.Tensor | None, device: str) -> None:
+    """Restore a GPU's RNG state saved by `rng_state` onto this process's own GPU (the stream
+    belongs to the process, not to a GPU number: it follows the rank to whatever GPU it has)."""
+    if state is not None and is_cuda(device):
+        torch.cuda.set_rng_state(state, cuda_index(device))

@@ -1,8 +1,9 @@
 """Device decisions, on a simulated GPU machine (tests/simulated_cuda.py): what a run on one or four
 GPUs would do, checked on the CPU for every shipped recipe and `train=` option, one and four
 processes, both strategies. Its device, backend, optimizer, dtypes and the base's quantization and
-placement; the memory messages; and the one place that decides what a device string means
-(mode_cli/devices.py).
+placement; the RNG state each process saves and restores (a 4-GPU checkpoint resumes on 1, a rank
+joining a resumed run draws its own stream); the memory messages; and the one place that decides
+what a device string means (mode_cli/devices.py).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import pytest
 import torch
 import yaml
 from omegaconf import OmegaConf
-from simulated_cuda import MEMORY, NAME, simulate_cuda
+from simulated_cuda import MEMORY, NAME, seeded_state, simulate_cuda
 
 from mode_cli.errors import ModeError
+from mode_cli.train import checkpoint as checkpoint_mod
 from mode_cli.train.distributed import World
 
 REPO = Path(__file__).resolve().parents[1]
@@ -353,6 +355,87 @@ def test_the_merge_returns_the_gpu_cache_of_a_process_on_cuda_0(monkeypatch, tmp
     artifacts.save_merged(cfg, "unused", tmp_path, "cuda:0")
     assert (tmp_path / "merged" / "saved").is_file()
     assert machine.emptied == [0]
+
+
+# ---------------------------------------------------------------------------- random numbers
+
+
+def distinct_states(machine) -> None:
+    for i in range(machine.gpus):
+        machine.set_rng_state(seeded_state(100 + i, 16 * i), i)
+
+
+def test_each_process_saves_and_restores_its_own_gpus_rng_state(monkeypatch):
+    machine = simulate_cuda(monkeypatch, 4)
+    distinct_states(machine)
+    for rank in range(4):
+        state = checkpoint_mod.rng_state(f"cuda:{rank}")
+        assert torch.equal(state["cuda"], seeded_state(100 + rank, 16 * rank))
+    saved = checkpoint_mod.rng_state("cuda:2")
+    machine.manual_seed_all(5)
+    checkpoint_mod.set_rng_state(saved, "cuda:2")
+    assert torch.equal(machine.rng[2], seeded_state(102, 32))
+    assert all(torch.equal(machine.rng[i], seeded_state(5)) for i in (0, 1, 3))
+    assert checkpoint_mod.rng_state("cpu")["cuda"] is None
+
+
+def save_rngs(out: Path, rngs: list[dict]) -> Path:
+    from mode_cli.config import RecipeConfig
+
+    contents = checkpoint_mod.Contents(
+        adapter={}, head=None, optimizer={}, scheduler={}, rng=rngs[0], rank_rngs=rngs[1:]
+    )
+    return checkpoint_mod.save_checkpoint(
+        out,
+        contents,
+        state=checkpoint_mod.TrainerState(step=1),
+        extra={},
+        cfg=OmegaConf.structured(RecipeConfig),
+        keep=2,
+    )
+
+
+def test_a_checkpoint_of_four_gpus_resumes_on_one(monkeypatch, tmp_path):
+    """Four ranks save their GPUs' streams; one process on a 1-GPU machine continues rank 0's."""
+    four = simulate_cuda(monkeypatch, 4)
+    distinct_states(four)
+    path = save_rngs(tmp_path, [checkpoint_mod.rng_state(f"cuda:{r}") for r in range(4)])
+
+    one = simulate_cuda(monkeypatch, 1)
+    checkpoint_mod.restore_rng(checkpoint_mod.rank_rng(path, 0), "cuda:0", seed=0, rank=0)
+    assert torch.equal(one.rng[0], seeded_state(100, 0))
+
+
+def test_an_earlier_checkpoint_with_every_gpus_state_resumes_on_fewer_gpus(monkeypatch):
+    """Checkpoints of mode 0.1.0 hold every visible GPU's state: a process takes its own GPU's."""
+    four = simulate_cuda(monkeypatch, 4)
+    distinct_states(four)
+    state = checkpoint_mod.rng_state("cpu") | {"cuda": four.get_rng_state_all()}
+    one = simulate_cuda(monkeypatch, 1)
+    checkpoint_mod.set_rng_state(state, "cuda:0")
+    assert torch.equal(one.rng[0], seeded_state(100, 0))
+    two = simulate_cuda(monkeypatch, 2)
+    checkpoint_mod.set_rng_state(state, "cuda:1")
+    assert torch.equal(two.rng[1], seeded_state(101, 16))
+    checkpoint_mod.set_rng_state(checkpoint_mod.rng_state("cpu") | {"cuda": []}, "cuda:0")
+
+
+def test_a_rank_joining_a_resumed_run_draws_its_own_stream(monkeypatch, tmp_path):
+    """A checkpoint of one process, resumed by two: rank 1 has no state there and starts its own
+    streams from seed + 1, not a copy of rank 0's (which would repeat rank 0's dropout masks)."""
+    machine = simulate_cuda(monkeypatch, 2)
+    checkpoint_mod.seed_everything(7)
+    torch.rand(3)
+    path = save_rngs(tmp_path, [checkpoint_mod.rng_state("cuda:0")])
+    assert checkpoint_mod.rank_rng(path, 1) is None
+
+    checkpoint_mod.restore_rng(checkpoint_mod.rank_rng(path, 0), "cuda:0", seed=7, rank=0)
+    rank0 = torch.rand(5)
+    checkpoint_mod.restore_rng(checkpoint_mod.rank_rng(path, 1), "cuda:1", seed=7, rank=1)
+    rank1 = torch.rand(5)
+    assert torch.equal(machine.rng[1], seeded_state(8))
+    torch.manual_seed(8)
+    assert torch.equal(rank1, torch.rand(5)) and not torch.equal(rank0, rank1)
 
 
 # ---------------------------------------------------------------------------- FSDP and 8 bits

@@ -123,11 +123,11 @@ def test_paged_8bit_adamw_state_and_the_cuda_rng_survive_checkpoint_and_resume(m
 
 
 def test_the_cuda_rng_state_round_trips():
-    state = checkpoint_mod.rng_state()
-    assert len(state["cuda"]) == torch.cuda.device_count()
-    first = torch.rand(4, device="cuda")
-    checkpoint_mod.set_rng_state(state)
-    torch.testing.assert_close(torch.rand(4, device="cuda"), first, rtol=0, atol=0)
+    state = checkpoint_mod.rng_state("cuda:0")
+    assert torch.equal(state["cuda"], torch.cuda.get_rng_state(0))  # this GPU's alone
+    first = torch.rand(4, device="cuda:0")
+    checkpoint_mod.set_rng_state(state, "cuda:0")
+    torch.testing.assert_close(torch.rand(4, device="cuda:0"), first, rtol=0, atol=0)
 
 
 def test_a_real_cuda_out_of_memory_names_the_memory_settings(mode, tmp_path, monkeypatch):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import random
 import shlex
 import shutil
 import signal
@@ -61,7 +60,7 @@ from mode_cli.models.loading import (
     resolve_source,
 )
 from mode_cli.train import checkpoint as checkpoint_mod
-from mode_cli.train.checkpoint import ResumeCandidates, TrainerState
+from mode_cli.train.checkpoint import ResumeCandidates, TrainerState, seed_everything
 from mode_cli.train.distributed import (
     World,
     gathered,
@@ -82,12 +81,6 @@ from mode_cli.train.progress import (
 )
 from mode_cli.train.steps import BatchStream, TrainingModule, accumulate_gradients
 from mode_cli.train.stopping import StopSignals, TrainingInterrupted
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def default_output_dir(recipe: str) -> Path:
@@ -264,7 +257,10 @@ class FinetuneRecipe:
         ):
             for step in range(first, cfg.max_steps + 1):
                 # What a checkpoint of step - 1 needs, before this step draws random numbers.
-                boundary = {"rng": checkpoint_mod.rng_state(), "position": self.stream.position}
+                boundary = {
+                    "rng": checkpoint_mod.rng_state(self.device),
+                    "position": self.stream.position,
+                }
                 try:
                     record = self.train_step(step, trainable, boundary)
                     if record is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
@@ -455,7 +451,7 @@ class FinetuneRecipe:
         position = position or self.stream.position
         weights = trainable_state(self.module, self.world)
         optimizer = optimizer_state(self.module, self.optimizer, self.world)
-        rngs = self.world.gather(rng or checkpoint_mod.rng_state())
+        rngs = self.world.gather(rng or checkpoint_mod.rng_state(self.device))
         if self.world.main:
             adapter, head = weights
             contents = checkpoint_mod.Contents(
@@ -600,7 +596,7 @@ class FinetuneRecipe:
             soft_wrap=True,
         )
         # Last: nothing may draw random numbers between here and the first resumed step.
-        checkpoint_mod.set_rng_state(contents.rng)
+        checkpoint_mod.restore_rng(contents.rng, self.device, self.cfg.train.seed, self.world.rank)
 
     # ------------------------------------------------------------------ outputs
 
