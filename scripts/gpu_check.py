@@ -285,14 +285,20 @@ def run_pytest(cache: Path) -> dict:
 # ---------------------------------------------------------------------------- b. end to end
 
 
+# A tiny recipe at the 24 GB recipe's device settings.
+TINY_ON_CUDA = [
+    "recipe=tiny-llama-alpaca",
+    "train.device=cuda",
+    "train.precision=bf16",
+    "train.optimizer=paged_adamw_8bit",
+]
+
+
 def e2e_commands(run: Path) -> list[list[str]]:
     """`mode` invocations of a tiny recipe on CUDA: train, resume, eval and generate."""
     train = [
         "train",
-        "recipe=tiny-llama-alpaca",
-        "train.device=cuda",
-        "train.precision=bf16",
-        "train.optimizer=paged_adamw_8bit",
+        *TINY_ON_CUDA,
         "train.max_steps=4",
         "checkpoint.every_steps=1",
         "eval.max_examples=4",
@@ -362,16 +368,7 @@ FSDP_8BIT_REFUSAL = "cannot update the parameters distributed.strategy=fsdp shar
 def optimizer_checks(run: Path, gpus: int) -> list[Check]:
     """Paged 8-bit AdamW with FSDP: one process trains (nothing to shard), a torchrun job is
     refused before it loads anything, and DDP on every GPU, the alternative it names, trains."""
-    train = [
-        "train",
-        "recipe=tiny-llama-alpaca",
-        "train.device=cuda",
-        "train.precision=bf16",
-        "train.optimizer=paged_adamw_8bit",
-        "train.max_steps=2",
-        "eval.max_examples=4",
-        "merge=false",
-    ]
+    train = ["train", *TINY_ON_CUDA, "train.max_steps=2", "eval.max_examples=4", "merge=false"]
     fsdp = [*train, "distributed.strategy=fsdp"]
     mode = [sys.executable, "-m", "mode_cli"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -418,13 +415,10 @@ def run_fsdp(work: Path, cache: Path) -> dict:
         steps.append(run_process(cmd, E2E_TIMEOUT_S, env))
         if steps[-1]["exit"] != 0:
             break
-    metrics = run / "metrics.jsonl"
-    logged = (
-        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    )
-    sharded = [r for r in logged if "loss" in r and r["step"] <= 4]
+    logged = logged_steps(run)
+    sharded = [r for r in logged if r["step"] <= 4]
     ok = all(s["exit"] == 0 for s in steps) and len(steps) == 2
-    ok = ok and sorted(r["step"] for r in logged if "loss" in r) == list(range(1, 9))
+    ok = ok and sorted(r["step"] for r in logged) == list(range(1, 9))
     optimizer = run_checks(optimizer_checks(work / "fsdp-8bit", gpus), env)
     return {
         "ok": ok and all(c["as_expected"] for c in optimizer),
@@ -475,20 +469,23 @@ def run_flagship(work: Path, cache: Path) -> dict:
         steps.append(run_process(command, E2E_TIMEOUT_S, env, look_for=FLAGSHIP_START))
         if steps[-1]["exit"] != 0:
             break
-    metrics = run / "metrics.jsonl"
-    logged = (
-        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    )
-    losses = [r["loss"] for r in logged if "loss" in r]
-    ok = len(steps) == 2 and all(s["exit"] == 0 for s in steps)
-    ok = ok and all(s["found"] for s in steps)
-    ok = ok and len(losses) == 2 and (run / "merged").is_dir()
+    logged = logged_steps(run)
+    ok = len(steps) == 2 and all(s["exit"] == 0 and s["found"] for s in steps)
+    ok = ok and len(logged) == 2 and (run / "merged").is_dir()
     return {
         "ok": ok,
         "steps": steps,
-        "losses": losses,
-        "peak_memory_gb": next((r.get("peak_memory_gb") for r in logged if "loss" in r), None),
+        "losses": [r["loss"] for r in logged],
+        "peak_memory_gb": max((r.get("peak_memory_gb") or 0 for r in logged), default=None),
     }
+
+
+def logged_steps(run: Path) -> list[dict]:
+    """The step records (those with a loss) of a run's metrics.jsonl; none without the file."""
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    return [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
 
 
 def run_e2e(work: Path, cache: Path) -> dict:
@@ -499,11 +496,7 @@ def run_e2e(work: Path, cache: Path) -> dict:
         steps.append(result)
         if result["exit"] != 0:
             break
-    metrics = work / "run" / "metrics.jsonl"
-    logged = (
-        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    )
-    losses = [r["loss"] for r in logged if "loss" in r]
+    losses = [r["loss"] for r in logged_steps(work / "run")]
     ok = len(steps) == len(e2e_commands(work / "run")) and all(s["exit"] == 0 for s in steps)
     ok = ok and len(losses) == 4 and (work / "run" / "merged").is_dir()
     return {"ok": ok, "steps": steps, "losses": losses}
