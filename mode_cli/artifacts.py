@@ -21,11 +21,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from mode_cli.config import RecipeConfig, method
+from mode_cli.devices import empty_cache
 from mode_cli.errors import ModeError
 from mode_cli.files import load_tensors, read_json, read_yaml, staged_folder, tensor_shapes
 from mode_cli.mode.head import MoDEHead
@@ -257,6 +257,5 @@ def save_merged(cfg: DictConfig, source: str, out: Path, device: str) -> Path:
                 shutil.copyfile(out / name, staging / name)
         (staging / MERGED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     del merged
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    empty_cache(device)
     return target

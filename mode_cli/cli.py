@@ -207,7 +207,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def train_rank(cfg, overrides: list[str], recipes_dir: Path | None) -> int:
     """This process is one rank of a torchrun job: join it, train, leave it."""
     from mode_cli.console import console
-    from mode_cli.models.loading import resolve_device, resolve_source
+    from mode_cli.devices import resolve_device
+    from mode_cli.models.loading import resolve_source
     from mode_cli.train.distributed import close_world, init_world
     from mode_cli.train.recipe import FinetuneRecipe
 

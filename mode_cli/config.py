@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mode_cli.errors import ModeError
+
+if TYPE_CHECKING:
+    from mode_cli.devices import Machine
 
 
 @dataclass
@@ -446,6 +449,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     implements the choice (imported here, on first use, so the schema alone stays light)."""
     from mode_cli.data.formats import FORMATS
     from mode_cli.data.sources import BAD_ROW_POLICIES
+    from mode_cli.devices import DEVICES
     from mode_cli.eval.answers import ANSWER_MODES, NORMALISERS
     from mode_cli.mode.head import ROUTER_INITS, ROUTER_INPUTS, ROUTERS
     from mode_cli.mode.loss import IMPLEMENTATIONS
@@ -453,7 +457,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     from mode_cli.mode.selection import SELECTIONS
     from mode_cli.mode.terms import TEACHERS
     from mode_cli.mode.weighting import CURRICULA, SCALES
-    from mode_cli.models.loading import DEVICES, PRECISIONS, QUANTIZATIONS
+    from mode_cli.models.loading import PRECISIONS, QUANTIZATIONS
     from mode_cli.models.merging import MERGE_BASES, MERGE_DTYPES
     from mode_cli.train.distributed import STRATEGIES
     from mode_cli.train.optim import OPTIMIZERS, SCHEDULES
@@ -608,32 +612,34 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
         raise ModeError("Invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def hardware_problems(cfg: DictConfig) -> list[str]:
-    """What this machine cannot run of the recipe: a CUDA device without a GPU, and options that
-    need one (`train.optimizer`'s 8-bit optimizers, unless `train.optimizer_fallback`). bf16 runs
-    on the CPU too (torch's CPU autocast, bitsandbytes' 4-bit layers computing in bf16)."""
-    import torch
-
-    from mode_cli.models.loading import resolve_device
+def hardware_problems(cfg: DictConfig, machine: Machine | None = None) -> list[str]:
+    """What this machine (`devices.Machine`, the current one by default) cannot run of the
+    recipe: a CUDA device without a GPU, more processes than GPUs, and an optimizer that cannot
+    run where the recipe puts it (`train.optimizer`'s 8-bit optimizers need a GPU, unless
+    `train.optimizer_fallback`, and cannot run on FSDP's shards). bf16 runs on the CPU too
+    (torch's CPU autocast, bitsandbytes' 4-bit layers computing in bf16)."""
+    from mode_cli.devices import Machine, is_cuda
+    from mode_cli.train.distributed import shards
     from mode_cli.train.optim import optimizer_on
 
+    machine = machine or Machine.current()
     problems = []
-    device = resolve_device(cfg.train.device)
-    if device == "cuda" and not torch.cuda.is_available():
+    device = machine.resolve(cfg.train.device)
+    if is_cuda(device) and not machine.gpus:
         problems.append(
             "train.device=cuda: torch sees no CUDA GPU on this machine (train=cpu-smoke runs "
             "a recipe on the CPU)"
         )
         device = "cpu"
     nproc = cfg.distributed.nproc
-    if device == "cuda" and nproc > 1 and nproc > torch.cuda.device_count():
+    if is_cuda(device) and nproc > 1 and nproc > machine.gpus:
         problems.append(
-            f"distributed.nproc={nproc}: this machine has {torch.cuda.device_count()} GPU(s), "
-            "one per process"
+            f"distributed.nproc={nproc}: this machine has {machine.gpus} GPU(s), one per process"
         )
     if cfg.train.optimizer in choices()["train.optimizer"]:
+        sharded = shards(cfg.distributed.strategy, nproc)
         try:
-            optimizer_on(cfg.train.optimizer, device, cfg.train.optimizer_fallback)
+            optimizer_on(cfg.train.optimizer, device, cfg.train.optimizer_fallback, sharded)
         except ModeError as err:
             problems.append(str(err))
     return problems

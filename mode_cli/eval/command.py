@@ -47,13 +47,14 @@ from mode_cli.artifacts import (
 from mode_cli.config import DataConfig, EvalConfig, RecipeConfig, method, validate
 from mode_cli.console import console
 from mode_cli.data.splits import load_splits
+from mode_cli.devices import empty_cache, resolve_device
 from mode_cli.errors import ModeError
 from mode_cli.eval.answers import answer_prompts, answer_rows, base_answers, evaluate_answers
 from mode_cli.eval.metrics import fresh_head, layer_metrics
 from mode_cli.eval.render import print_report
 from mode_cli.eval.report import EVAL_FOLDER, build_report, data_description, save_report
 from mode_cli.files import check_writable_folder, read_yaml
-from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_device, resolve_source
+from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_source
 from mode_cli.options import TEXT, Option, choice, integer, parse_options
 from mode_cli.recipes import explain_omegaconf_error, shipped_recipes_dir
 
@@ -237,8 +238,7 @@ def merged_base_metrics(
         source = resolve_source(original_model)
         texts = base_answers(base_cfg, model, tokenizer, device, prompts, source=source)
     del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    empty_cache(device)
     return metrics, texts
 
 

@@ -5,7 +5,8 @@
   mode_head.safetensors  the MoDE head's state dict
   optimizer.pt           optimizer state (tensors and numbers only: loads with weights_only=True)
   scheduler.pt           LR scheduler state
-  rng.pt                 python, numpy, torch and CUDA RNG states, as tensors
+  rng.pt                 python, numpy, torch and CUDA RNG states, as tensors (rank 0's; the
+                         other ranks' in rng-rank-N.pt, each with its own GPU's state only)
   config.yaml            the resolved recipe the checkpoint was trained with
   trainer_state.json     the run's counters (`TrainerState`: step, data position, elapsed time...),
                          max_steps and the identity of the training data
@@ -41,6 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from mode_cli import devices
 from mode_cli.artifacts import load_run_config
 from mode_cli.config import method
 from mode_cli.errors import ModeError
@@ -296,8 +298,17 @@ def sha256_of(path: Path) -> str:
 # ---------------------------------------------------------------------------- RNG states
 
 
-def rng_state() -> dict:
-    """Every RNG the training step draws from, as tensors and numbers (weights_only-loadable)."""
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's generators (torch's seeds every GPU's too)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: str = "cpu") -> dict:
+    """Every RNG the training step draws from, as tensors and numbers (weights_only-loadable):
+    python's, numpy's, the CPU's and, for a process on a GPU, that GPU's. Only this process's own
+    GPU: each rank saves its own, so a checkpoint written by 4 GPUs resumes on 1."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -314,12 +325,13 @@ def rng_state() -> dict:
             "cached": float(cached),
         },
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": devices.rng_state(device),
     }
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: str = "cpu") -> None:
+    """Put back the generators `rng_state` saved; a saved GPU state goes to this process's GPU."""
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     np_state = state["numpy"]
@@ -333,8 +345,28 @@ def set_rng_state(state: dict) -> None:
         )
     )
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    devices.set_rng_state(own_gpu_state(state["cuda"], device), device)
+
+
+def own_gpu_state(saved, device: str) -> torch.Tensor | None:
+    """The saved GPU RNG state this process continues. Earlier checkpoints (mode 0.1.0's among
+    them) hold a list, the state of every GPU the process saw: its own is the entry of its GPU
+    number (the others' streams belong to other processes), absent on a machine with fewer GPUs."""
+    if not isinstance(saved, list):
+        return saved
+    index = devices.cuda_index(device) if devices.is_cuda(device) else 0
+    return saved[index] if index < len(saved) else None
+
+
+def restore_rng(state: dict | None, device: str, seed: int, rank: int) -> None:
+    """Continue this process's random streams from its checkpointed `state`. A rank the checkpoint
+    has no state for (the run resumes with more processes than wrote it) starts streams of its
+    own from the seed and its rank, as that rank of a new run does (`seed + rank`): a copy of
+    another rank's would draw the same dropout masks as that rank."""
+    if state is None:
+        seed_everything(seed + rank)
+    else:
+        set_rng_state(state, device)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -349,7 +381,8 @@ class Contents:
         head: the MoDE head's state dict (None without a head).
         optimizer: the optimizer's state dict (torch's format, parameters numbered in group order).
         scheduler: the LR scheduler's state dict.
-        rng: the RNG states of rank 0 (a single process's own).
+        rng: the RNG states of rank 0 (a single process's own); read back for another rank, that
+            rank's, or None when the checkpoint has none for it (`read_checkpoint`).
         rank_rngs: the other ranks' RNG states, rank 1 first, when several processes trained.
     """
 
@@ -357,12 +390,19 @@ class Contents:
     head: dict[str, torch.Tensor] | None
     optimizer: dict
     scheduler: dict
-    rng: dict
+    rng: dict | None
     rank_rngs: list[dict] = field(default_factory=list)
 
 
 def rank_rng_file(rank: int) -> str:
     return f"rng-rank-{rank}.pt"
+
+
+def rank_rng(path: Path, rank: int) -> dict | None:
+    """The RNG states rank `rank` saved in a checkpoint; None when the checkpoint was written by
+    fewer processes and has none for it."""
+    rng_file = path / rank_rng_file(rank) if rank else path / "rng.pt"
+    return load_torch_file(rng_file) if rng_file.is_file() else None
 
 
 def save_checkpoint(
@@ -482,22 +522,20 @@ def read_checkpoint(path: Path, *, model, head, rank: int = 0) -> tuple[Contents
     """A checkpoint's contents, checked against the model and head about to receive them
     (tensor names and shapes), and its trainer_state.json record.
 
-    `rank` picks the RNG states to restore (a rank the checkpoint has none for takes rank 0's:
-    a different world size cannot continue the other ranks' random streams anyway).
+    `rank` picks the RNG states to restore: that rank's, or None when the checkpoint was written
+    by fewer processes (`restore_rng` then derives the rank's streams from the seed and the rank;
+    taking rank 0's would make the two ranks draw the same dropout masks).
     """
     head_file = path / HEAD
     if (head is not None) != head_file.is_file():
         raise ModeError(f"cannot resume from {path}: the MoDE head does not match this recipe")
     if (problem := weights_mismatch(path, model, head)) is not None:
         raise ModeError(f"cannot resume from {path}: {problem}")
-    rng_file = path / rank_rng_file(rank) if rank else path / "rng.pt"
-    if not rng_file.is_file():
-        rng_file = path / "rng.pt"
     contents = Contents(
         adapter=load_tensors(path / ADAPTER) if (path / ADAPTER).is_file() else {},
         head=load_tensors(head_file) if head is not None else None,
         optimizer=load_torch_file(path / "optimizer.pt"),
         scheduler=load_torch_file(path / "scheduler.pt"),
-        rng=load_torch_file(rng_file),
+        rng=rank_rng(path, rank),
     )
     return contents, read_state(path)

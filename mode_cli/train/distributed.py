@@ -31,6 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mode_cli.devices import collective_backend, is_cuda, rank_device
+
 # `distributed.strategy`.
 STRATEGIES = ("ddp", "fsdp")
 # The environment torchrun gives each process.
@@ -41,6 +43,14 @@ def launched_by_torchrun() -> bool:
     """Whether this process is a rank of a torchrun job: several processes, or one that torchrun
     started (a one-GPU FSDP job still runs the sharded code)."""
     return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def shards(strategy: str, nproc: int) -> bool:
+    """Whether a run with `distributed.strategy` and `distributed.nproc` will shard its model:
+    FSDP over several processes, or under a torchrun (a one-process torchrun job runs the sharded
+    code too). `mode train distributed.nproc=1` alone is one plain process whatever the strategy,
+    as `World.sharded` says once the run has started."""
+    return strategy == "fsdp" and (nproc > 1 or launched_by_torchrun())
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,7 @@ class World:
 
     def device(self, device: str) -> str:
         """This rank's device: `cuda:<local rank>` on CUDA, the CPU otherwise."""
-        return f"cuda:{self.local_rank}" if device == "cuda" else device
+        return rank_device(device, self.local_rank)
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks (float64, exact for token counts)."""
@@ -127,11 +137,9 @@ def init_world(strategy: str, timeout_s: float, device: str) -> World:
         return World(strategy=strategy)
     rank, size, local = (int(os.environ[name]) for name in WORLD_ENV)
     if not dist.is_initialized():
-        if device == "cuda":
+        if is_cuda(device):
             torch.cuda.set_device(local)
-        dist.init_process_group(
-            "nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s)
-        )
+        dist.init_process_group(collective_backend(device), timeout=timedelta(seconds=timeout_s))
     return World(rank=rank, size=size, local_rank=local, strategy=strategy, joined=True)
 
 

@@ -3,7 +3,8 @@ its own learning rate, after a linear warmup.
 
 `train.optimizer`: `adamw` (torch), or bitsandbytes' `adamw_8bit` / `paged_adamw_8bit` (CUDA only:
 8-bit states save ~75% of the optimizer memory; paged ones also survive memory spikes). On the CPU
-an 8-bit optimizer is refused, or run as torch AdamW with `train.optimizer_fallback=true`.
+an 8-bit optimizer is refused, or run as torch AdamW with `train.optimizer_fallback=true`. On
+FSDP2's sharded parameters it is refused before anything loads (`optimizer_on` says why).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import torch
 from omegaconf import DictConfig
 
+from mode_cli.devices import is_cuda
 from mode_cli.errors import ModeError
 from mode_cli.mode.head import MoDEHead
 
@@ -26,18 +28,37 @@ GPU_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def optimizer_on(name: str, device: str, fallback: bool) -> str:
+def optimizer_on(name: str, device: str, fallback: bool, sharded: bool = False) -> str:
     """The optimizer that runs on `device` for `train.optimizer=name`: the same one, or AdamW for
-    a GPU-only optimizer on the CPU when `fallback` allows it; a ModeError when it does not."""
-    if name not in GPU_ONLY_OPTIMIZERS or device == "cuda":
+    a GPU-only optimizer on the CPU when `fallback` allows it. A ModeError where it cannot run: an
+    8-bit optimizer on the CPU without `fallback`, or on FSDP2's shards (`sharded`).
+
+    bitsandbytes' 8-bit step passes each parameter, its gradient and its state to one kernel
+    (`torch.ops.bitsandbytes.optimizer_update_8bit_blockwise`). FSDP2 makes every parameter a
+    DTensor, and the state bitsandbytes allocates beside it is partly plain tensors (the quantile
+    maps, the block maxima, a paged buffer of the whole unsharded shape), so the DTensor dispatcher
+    refuses the call ("got mixed torch.Tensor and DTensor"); and the op registers no sharding rule
+    that would let it run on shards. tests/test_devices.py checks that this still fails.
+    """
+    if name not in GPU_ONLY_OPTIMIZERS:
         return name
-    if not fallback:
+    if not is_cuda(device):
+        if not fallback:
+            raise ModeError(
+                f"train.optimizer={name} needs a CUDA GPU (bitsandbytes' 8-bit optimizers); on the "
+                "CPU use train.optimizer=adamw, train.optimizer_fallback=true (runs it as AdamW), "
+                "or train=cpu-smoke to smoke-test a GPU recipe"
+            )
+        return "adamw"
+    if sharded:
         raise ModeError(
-            f"train.optimizer={name} needs a CUDA GPU (bitsandbytes' 8-bit optimizers); on the CPU "
-            "use train.optimizer=adamw, train.optimizer_fallback=true (runs it as AdamW), or "
-            "train=cpu-smoke to smoke-test a GPU recipe"
+            f"train.optimizer={name} cannot update the parameters distributed.strategy=fsdp "
+            "shards (bitsandbytes' 8-bit kernels take plain tensors, not FSDP2's DTensor shards). "
+            "Use distributed.strategy=ddp to keep the 8-bit optimizer (each GPU holds the whole "
+            "4-bit model), or train.optimizer=adamw to keep FSDP (its 32-bit states are sharded "
+            "with the parameters)"
         )
-    return "adamw"
+    return name
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
@@ -51,7 +72,7 @@ def decays(name: str, param: torch.Tensor) -> bool:
 
 
 def make_optimizer(
-    cfg: DictConfig, model, head: MoDEHead | None, device: str = "cpu"
+    cfg: DictConfig, model, head: MoDEHead | None, device: str = "cpu", sharded: bool = False
 ) -> torch.optim.Optimizer:
     """AdamW over the adapter and the MoDE head, each with its own learning rate.
 
@@ -81,7 +102,7 @@ def make_optimizer(
             }
         )
     groups = [group for group in groups if group["params"]]  # mode-only has no adapter
-    name = optimizer_on(cfg.train.optimizer, device, cfg.train.optimizer_fallback)
+    name = optimizer_on(cfg.train.optimizer, device, cfg.train.optimizer_fallback, sharded)
     if name != cfg.train.optimizer:
         log.info(
             f"note: train.optimizer={cfg.train.optimizer} needs CUDA; using torch AdamW on the {device}"

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import random
 import shlex
 import shutil
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +39,7 @@ from mode_cli.config import method, validate
 from mode_cli.console import console
 from mode_cli.data.splits import load_splits
 from mode_cli.data.tokenizing import IGNORE, Example
+from mode_cli.devices import empty_cache, peak_memory_bytes
 from mode_cli.errors import ModeError
 from mode_cli.eval.answers import answer_rows, answers_by_default, evaluate_answers
 from mode_cli.eval.metrics import training_eval
@@ -58,11 +57,10 @@ from mode_cli.models.loading import (
     load_base_model,
     load_tokenizer,
     peft_config,
-    resolve_device,
     resolve_source,
 )
 from mode_cli.train import checkpoint as checkpoint_mod
-from mode_cli.train.checkpoint import ResumeCandidates, TrainerState
+from mode_cli.train.checkpoint import ResumeCandidates, TrainerState, seed_everything
 from mode_cli.train.distributed import (
     World,
     gathered,
@@ -73,6 +71,7 @@ from mode_cli.train.distributed import (
     wrap,
 )
 from mode_cli.train.optim import make_optimizer, make_scheduler
+from mode_cli.train.plan import plan_run
 from mode_cli.train.progress import (
     METRICS_FILE,
     MetricsLog,
@@ -82,12 +81,6 @@ from mode_cli.train.progress import (
 )
 from mode_cli.train.steps import BatchStream, TrainingModule, accumulate_gradients
 from mode_cli.train.stopping import StopSignals, TrainingInterrupted
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def default_output_dir(recipe: str) -> Path:
@@ -164,7 +157,9 @@ class FinetuneRecipe:
         self.world = world or World(strategy=cfg.distributed.strategy)
         self.finished = False  # train.max_steps reached (not stopped early)
         self.report_folder: Path | None = None  # where the end-of-training report went
-        self.device = self.world.device(resolve_device(cfg.train.device))
+        # Every device choice (device, optimizer, dtypes, the base's placement) is made here.
+        self.plan = plan_run(cfg, self.world)
+        self.device = self.plan.device
         # Every rank writes (through rank 0) into the folder rank 0 named.
         out = cfg.output_dir or default_output_dir(cfg.recipe or "run")
         self.out = Path(self.world.broadcast(str(out)))
@@ -212,7 +207,7 @@ class FinetuneRecipe:
         self.module = TrainingModule(self.model, self.head)
         self.wrapped = wrap(self.module, self.world)
         # After wrapping: FSDP replaces the parameters with their shards.
-        self.optimizer = make_optimizer(cfg, self.model, self.head, self.device)
+        self.optimizer = make_optimizer(cfg, self.model, self.head, self.device, self.plan.sharded)
         self.scheduler = make_scheduler(cfg, self.optimizer)
 
     def trainable_parameters(self) -> dict[str, int]:
@@ -232,12 +227,10 @@ class FinetuneRecipe:
 
     @property
     def on_cuda(self) -> bool:
-        return torch.device(self.device).type == "cuda"
+        return self.plan.on_cuda
 
     def autocast(self):
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(device_type=torch.device(self.device).type, dtype=torch.bfloat16)
-        return nullcontext()
+        return self.plan.autocast()
 
     def train(self) -> bool:
         """The loop, from the step after `self.state.step` to train.max_steps.
@@ -264,7 +257,10 @@ class FinetuneRecipe:
         ):
             for step in range(first, cfg.max_steps + 1):
                 # What a checkpoint of step - 1 needs, before this step draws random numbers.
-                boundary = {"rng": checkpoint_mod.rng_state(), "position": self.stream.position}
+                boundary = {
+                    "rng": checkpoint_mod.rng_state(self.device),
+                    "position": self.stream.position,
+                }
                 try:
                     record = self.train_step(step, trainable, boundary)
                     if record is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
@@ -411,8 +407,7 @@ class FinetuneRecipe:
         With several processes the others are waiting in a collective for this one: no
         checkpoint (it would need them), the last one stays."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.on_cuda:
-            torch.cuda.empty_cache()
+        empty_cache(self.device)
         alone = not self.world.distributed
         if alone and self.phase == "forward" and step > 1 and self.checkpointed_step != step - 1:
             # The step died before the optimizer touched anything: the state is step - 1's.
@@ -420,19 +415,12 @@ class FinetuneRecipe:
         elif alone and self.phase == "done":  # the update went through; the eval after it ran out
             self.state.step = step
             self.save_checkpoint(step)
-        cfg = self.cfg
-        raise ModeError(
-            f"out of GPU memory at step {step}. Lower memory with train.micro_batch_size "
-            f"(now {cfg.train.micro_batch_size}; raise train.grad_accum_steps to keep the batch), "
-            f"data.max_seq_len (now {cfg.data.max_seq_len}) or "
-            f"train.gradient_checkpointing=true (now {str(cfg.train.gradient_checkpointing).lower()}"
-            "; a run can be resumed with it changed). Last checkpoint: "
-            f"{self.last_checkpoint or 'none'}"
-        ) from None
+        raise ModeError(self.plan.out_of_memory(self.cfg, step, self.last_checkpoint)) from None
 
     def peak_memory_gb(self) -> float | None:
-        """This process's peak CUDA memory (each rank has its own GPU)."""
-        return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.on_cuda else None
+        """This process's peak CUDA memory (each rank has its own GPU); None on the CPU."""
+        peak = peak_memory_bytes(self.device)
+        return None if peak is None else peak / 2**30
 
     def elapsed(self) -> float:
         """Training seconds of the whole run, earlier invocations included (`state.elapsed_s` is
@@ -463,7 +451,7 @@ class FinetuneRecipe:
         position = position or self.stream.position
         weights = trainable_state(self.module, self.world)
         optimizer = optimizer_state(self.module, self.optimizer, self.world)
-        rngs = self.world.gather(rng or checkpoint_mod.rng_state())
+        rngs = self.world.gather(rng or checkpoint_mod.rng_state(self.device))
         if self.world.main:
             adapter, head = weights
             contents = checkpoint_mod.Contents(
@@ -608,7 +596,7 @@ class FinetuneRecipe:
             soft_wrap=True,
         )
         # Last: nothing may draw random numbers between here and the first resumed step.
-        checkpoint_mod.set_rng_state(contents.rng)
+        checkpoint_mod.restore_rng(contents.rng, self.device, self.cfg.train.seed, self.world.rank)
 
     # ------------------------------------------------------------------ outputs
 
@@ -684,8 +672,7 @@ class FinetuneRecipe:
         """The merged model, by rank 0 alone once every rank is done with its training model (with
         a sharded model, on the CPU: the whole model may not fit one device)."""
         del self.wrapped, self.module, self.model, self.optimizer
-        if self.on_cuda:
-            torch.cuda.empty_cache()
+        empty_cache(self.device)
         device = "cpu" if self.world.sharded else self.device
         return save_merged(self.cfg, self.source, self.out, device)
 
@@ -737,7 +724,7 @@ class FinetuneRecipe:
         console.print(
             f"{len(self.train_set.examples)} train / {len(self.eval_set.examples)} eval examples; "
             f"trainable parameters: {counts['adapter']:,} adapter + {counts['mode_head']:,} "
-            f"MoDE head; device {self.device}{processes}"
+            f"MoDE head; {self.plan.summary()}{processes}"
         )
         self.finished = self.train()
         if not self.finished:
