@@ -213,9 +213,8 @@ def file_damage(path: Path, cfg: DictConfig) -> str | None:
             for name, recorded in manifest_files(path).items():
                 if (problem := checksum_problem(path / name, recorded)) is not None:
                     return problem
-        state = read_json(path / STATE)
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            return f"{path / STATE} holds no step count"
+        if (problem := state_problem(read_json(path / STATE))) is not None:
+            return f"{path / STATE} is damaged: {problem}"
         read_yaml(path / "config.yaml")
         for name in (ADAPTER, HEAD):
             if name in needed:
@@ -228,7 +227,36 @@ def file_damage(path: Path, cfg: DictConfig) -> str | None:
         return f"{path / name} is damaged: truncated or not a file torch.save wrote"
     except ModeError as err:
         return str(err)
+    except OSError as err:  # a failing disk, a file without read permission
+        return f"{getattr(err, 'filename', None) or path / name}: cannot be read ({err.strerror or err})"
     return None
+
+
+def state_problem(record: object) -> str | None:
+    """What is wrong with a `trainer_state.json` record (a counter that is not a number, the
+    data's identity missing), or None. Counters a release before them did not write may be
+    absent."""
+    if not isinstance(record, dict) or not is_count(record.get("step")):
+        return "it holds no step count"
+    for item in fields(TrainerState):
+        if item.name not in record:
+            continue
+        value = record[item.name]
+        if item.type == "int" and not is_count(value):
+            return f"{item.name} is {value!r}, not a count"
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if item.type != "int" and not (number or (value is None and "None" in item.type)):
+            return f"{item.name} is {value!r}, not a number"
+    for key in ("max_steps", "global_micro_batch", "processes"):
+        if key in record and not is_count(record[key]):
+            return f"{key} is {record[key]!r}, not a count"
+    if not isinstance(record.get("data"), dict):
+        return "data (the identity of the training data) is missing"
+    return None
+
+
+def is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def weights_mismatch(path: Path, model, head) -> str | None:
@@ -269,6 +297,14 @@ def manifest_files(path: Path) -> dict[str, dict]:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
         raise ModeError(f"{path / MANIFEST} is damaged: it lists no files")
+    for name, recorded in files.items():
+        size = recorded.get("bytes") if isinstance(recorded, dict) else None
+        digest = recorded.get("sha256") if isinstance(recorded, dict) else None
+        if not is_count(size) or not isinstance(digest, str):
+            raise ModeError(
+                f"{path / MANIFEST} is damaged: its record of {name} is not a size and checksum "
+                f"({recorded!r})"
+            )
     return files
 
 
@@ -500,4 +536,21 @@ def read_checkpoint(path: Path, *, model, head, rank: int = 0) -> tuple[Contents
         scheduler=load_torch_file(path / "scheduler.pt"),
         rng=load_torch_file(rng_file),
     )
+    if not holds_rng_states(contents.rng):
+        raise ModeError(
+            f"cannot resume from {path}: {rng_file} does not hold the RNG states a checkpoint saves"
+        )
     return contents, read_state(path)
+
+
+def holds_rng_states(state: object) -> bool:
+    """Whether a loaded rng file has the python, numpy and torch states `rng_state` saves (a valid
+    torch file of something else would fail half-way through restoring them)."""
+    try:
+        return (
+            isinstance(state["python"]["state"], torch.Tensor)
+            and isinstance(state["numpy"]["keys"], torch.Tensor)
+            and isinstance(state["torch"], torch.Tensor)
+        )
+    except (KeyError, TypeError, IndexError):
+        return False

@@ -587,7 +587,8 @@ class FinetuneRecipe:
         try:
             load_optimizer_state(self.module, self.optimizer, self.world, contents.optimizer)
             self.scheduler.load_state_dict(contents.scheduler)
-        except ValueError as err:
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            # torch's own checks of a state dict of another run, or of something else
             raise ModeError(
                 f"cannot resume from {path}: its optimizer or schedule state does not match this "
                 f"run ({err})"
