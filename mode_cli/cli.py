@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         from rich.text import Text
 
         # Every rank of a torchrun job reports its own error (rank 0's console alone is not quiet).
-        rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-        where = f"rank {rank}: " if rank else ""
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+        where = f"rank {rank}: " if rank != "0" else ""
         quiet, console.quiet = console.quiet, False
         # soft_wrap: a message piped to a log stays on its own lines, not cut at 80 columns.
         console.print(Text.assemble((f"{where}error:", "bold red"), " ", str(err)), soft_wrap=True)

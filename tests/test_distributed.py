@@ -460,3 +460,18 @@ def test_a_one_rank_fsdp_job_runs_the_sharded_code(single_process, tmp_path, mon
     ranks = run_forked("fsdp", tmp_path, world_size=1)
     assert len(ranks["layout"]["units"]) == 1 + 4
     assert ranks["losses"] == pytest.approx(single_process["losses"], rel=1e-5)
+
+
+def test_world_size_without_rank_is_refused_with_what_is_missing(mode, tmp_path, monkeypatch):
+    """Some clusters export WORLD_SIZE to every command: a plain `mode train` there is not a rank
+    of a job, and guessing one would let several copies write the same run folder."""
+    for name in ("RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    code, _, err = mode("train", *TINY, f"output_dir={out}")
+    printed = " ".join(err.split())
+    assert code == 2, printed
+    assert "WORLD_SIZE=2" in printed and "RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT" in printed
+    assert "torchrun" in printed and "unset WORLD_SIZE" in printed
+    assert not out.exists()

@@ -31,16 +31,39 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mode_cli.errors import ModeError
+
 # `distributed.strategy`.
 STRATEGIES = ("ddp", "fsdp")
 # The environment torchrun gives each process.
 WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# What else a rank of a job started without torchrun needs to find its peers (env:// rendezvous).
+RENDEZVOUS_ENV = ("MASTER_ADDR", "MASTER_PORT")
 
 
 def launched_by_torchrun() -> bool:
     """Whether this process is a rank of a torchrun job: several processes, or one that torchrun
-    started (a one-GPU FSDP job still runs the sharded code)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    started (a one-GPU FSDP job still runs the sharded code).
+
+    A WORLD_SIZE above 1 without the rest of a rank's environment (some clusters export it to
+    every command) is refused, naming what is missing: guessing would let several copies of one
+    command each train alone into the same run folder.
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return True
+    size = os.environ.get("WORLD_SIZE", "1")
+    if not size.strip().isdigit():
+        raise ModeError(f"WORLD_SIZE={size}: expected a number of processes")
+    if int(size) <= 1:
+        return False
+    missing = [name for name in (*WORLD_ENV, *RENDEZVOUS_ENV) if name not in os.environ]
+    if missing:
+        raise ModeError(
+            f"WORLD_SIZE={size} is set, but not {', '.join(missing)}: this process is not a rank "
+            "of a torch.distributed job. Start the job with torchrun (or distributed.nproc=N), "
+            "or unset WORLD_SIZE to train in one process"
+        )
+    return True
 
 
 @dataclass(frozen=True)
