@@ -449,6 +449,28 @@ def test_a_bad_distributed_recipe_is_refused_before_any_process_starts(mode, tmp
         "train", *TINY, "distributed.nproc=2", "distributed.strategy=zero", f"output_dir={out}"
     )
     assert code == 2 and "distributed.strategy='zero': expected one of ddp, fsdp" in err
+    # Answer accuracy decodes token by token, which the sharded model does not do at the end of
+    # training: `on` (always) is refused rather than silently left out.
+    code, _, err = mode(
+        "train",
+        *TINY,
+        "distributed.nproc=2",
+        "distributed.strategy=fsdp",
+        "eval.answers=on",
+        f"output_dir={out}",
+    )
+    printed = " ".join(err.split())
+    assert code == 2 and "eval.answers=on with distributed.strategy=fsdp" in printed, printed
+    assert "mode eval checkpoint=" in printed
+    # `mode eval` of such a run scores them in one process: its recipe is not refused there.
+    from mode_cli.config import validate
+    from mode_cli.recipes import compose_recipe
+
+    trained = compose_recipe(
+        "tiny-llama-alpaca",
+        ["distributed.nproc=2", "distributed.strategy=fsdp", "eval.answers=on"],
+    )
+    validate(trained, training=False)
     code, _, err = mode("train", "-m", *TINY, "loss=mode,final-only", "distributed.nproc=2")
     assert code == 2 and "a sweep runs one process per run" in err
     assert not out.exists()
