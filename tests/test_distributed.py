@@ -497,3 +497,38 @@ def test_world_size_without_rank_is_refused_with_what_is_missing(mode, tmp_path,
     assert "WORLD_SIZE=2" in printed and "RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT" in printed
     assert "torchrun" in printed and "unset WORLD_SIZE" in printed
     assert not out.exists()
+
+
+def test_a_job_one_rank_refused_exits_2(tmp_path, monkeypatch):
+    """A rank that refuses the run (exit 2, its message printed) ends the job; the agent then stops
+    the others, which exit 143 after their step, die by SIGTERM, or fail in a collective their
+    peer left. The job's exit status is the refusal's, not theirs."""
+    import torch.distributed.launcher.api as launcher_api
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from mode_cli.train.distributed import LaunchResult, launch
+
+    def failure(rank: int, exitcode: int) -> ProcessFailure:
+        return ProcessFailure(rank, 1000 + rank, exitcode, str(tmp_path / "no-error-file.json"))
+
+    def job_ending_with(failures: dict):
+        def elastic_launch(config, entrypoint):
+            def run(*args):
+                raise ChildFailedError("mode_cli", failures)
+
+            return run
+
+        monkeypatch.setattr(launcher_api, "elastic_launch", elastic_launch)
+        return launch(2, ["train"])
+
+    # Failures in the order the agent saw them: the refusing rank first.
+    for stopped in (143, -signal.SIGTERM, 1):
+        assert job_ending_with({1: failure(1, 2), 0: failure(0, stopped)}) == LaunchResult(2)
+    # Every rank stopped as asked (Ctrl-C to the job) or refused alike: their own status.
+    assert job_ending_with({0: failure(0, 130), 1: failure(1, 130)}) == LaunchResult(130)
+    assert job_ending_with({0: failure(0, 2), 1: failure(1, 2)}) == LaunchResult(2)
+    # A rank that died ends the job with 1 and says which.
+    died = job_ending_with({1: failure(1, -signal.SIGKILL), 0: failure(0, 143)})
+    assert died.exit_code == 1 and died.failure.startswith(
+        "rank 1 failed first (killed by SIGKILL)"
+    )

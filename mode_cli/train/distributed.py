@@ -392,9 +392,14 @@ def launch(
     except ChildFailedError as err:
         rank, first = err.get_first_failure()
         codes = {failure.exitcode for failure in err.failures.values()}
-        # Every rank stopped as asked (a signal to one rank, agreed by all) or refused the same
-        # recipe: each said why already.
-        if codes <= {2, 128 + signal.SIGINT, 128 + signal.SIGTERM}:
+        # A rank refused the run (a ModeError: it said why). The others stopped because of it,
+        # however they ended (143 after their step, killed by the agent's SIGTERM, or failing in a
+        # collective their peer left), so the job's status is the refusal's. Exit 2 is never such
+        # a consequence: a rank refuses only on its own checks.
+        if 2 in codes:
+            return LaunchResult(2)
+        # Every rank stopped as asked (a signal to one rank, agreed by all): each said so already.
+        if codes <= {128 + signal.SIGINT, 128 + signal.SIGTERM}:
             return LaunchResult(max(codes))
         if first.exitcode < 0:
             how = f"killed by {signal.Signals(-first.exitcode).name}"
