@@ -39,9 +39,9 @@ def free_port() -> int:
 
 
 def record_steps(recipe, steps: int) -> dict:
-    """Run `steps` optimizer steps; per step the loss and every trainable gradient (whole
-    tensors, gathered from the shards), as the optimizer received them."""
-    losses, grads = [], []
+    """Run `steps` optimizer steps; per step the loss, every trainable gradient (whole tensors,
+    gathered from the shards) as the optimizer received them, and the tokens seen so far."""
+    losses, grads, tokens = [], [], []
     named = [(n, p) for n, p in recipe.module.named_parameters() if p.requires_grad]
     real_step = recipe.optimizer.step
 
@@ -60,7 +60,8 @@ def record_steps(recipe, steps: int) -> dict:
     for step in range(1, steps + 1):
         record = recipe.train_step(step, trainable, boundary={})
         losses.append(record["loss"])
-    return {"losses": losses, "grads": grads}
+        tokens.append(recipe.state.seen_tokens)
+    return {"losses": losses, "grads": grads, "tokens": tokens}
 
 
 def tiny_recipe(out: Path, micro_batch: int, world=None, strategy: str = "ddp"):
@@ -74,6 +75,8 @@ def tiny_recipe(out: Path, micro_batch: int, world=None, strategy: str = "ddp"):
             f"train.micro_batch_size={micro_batch}",
             f"distributed.strategy={strategy}",
             "train.max_steps=3",
+            # Global micro-batches of 4, 4 and 1 example: at step 3 one of two ranks holds none.
+            "data.max_train_examples=9",
         ],
     )
     recipe = FinetuneRecipe(cfg, world=world)
@@ -170,6 +173,8 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(strategy, single_p
         # DDP synchronises only what trains: the frozen 4-bit base is each rank's own.
         assert held["frozen"] and set(held["frozen"]) <= set(held["ignored"])
     assert ranks["losses"] == pytest.approx(single_process["losses"], rel=1e-5)
+    # The rank holding no example of step 3 runs a stand-in that trains nothing: no tokens.
+    assert ranks["tokens"] == single_process["tokens"]
     for step, (mine, reference) in enumerate(
         zip(ranks["grads"], single_process["grads"], strict=True)
     ):
@@ -287,9 +292,9 @@ def logged_steps(run: Path) -> int:
 
 def test_torchrun_two_ranks_log_the_losses_of_one_process(mode, tmp_path):
     single, joint = tmp_path / "single", tmp_path / "job"
-    code, _, err = mode(
-        "train", *TINY, "train.micro_batch_size=4", "train.max_steps=5", f"output_dir={single}"
-    )
+    # 9 examples: each epoch's last global micro-batch holds one, so rank 1 holds none at step 3.
+    common = ["train.max_steps=5", "data.max_train_examples=9"]
+    code, _, err = mode("train", *TINY, "train.micro_batch_size=4", *common, f"output_dir={single}")
     assert code == 0, err
     log = tmp_path / "log.txt"
     command = [
@@ -303,7 +308,7 @@ def test_torchrun_two_ranks_log_the_losses_of_one_process(mode, tmp_path):
         "train",
         *TINY,
         "train.micro_batch_size=2",
-        "train.max_steps=5",
+        *common,
         f"output_dir={joint}",
     ]
     with job(command, log, cwd=tmp_path) as launcher:
@@ -316,6 +321,9 @@ def test_torchrun_two_ranks_log_the_losses_of_one_process(mode, tmp_path):
     assert (joint / "mode_head.json").is_file()
     state = json.loads((joint / "checkpoints" / "step-000005" / "trainer_state.json").read_text())
     assert state["global_micro_batch"] == 4 and state["processes"] == 2
+    # The tokens behind tokens/s: the same as the one process's.
+    alone = json.loads((single / "checkpoints" / "step-000005" / "trainer_state.json").read_text())
+    assert state["seen_tokens"] == alone["seen_tokens"]
     text = log.read_text()
     assert text.count("mode train") == 1  # one rank speaks for the job
 
