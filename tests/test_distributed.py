@@ -86,26 +86,60 @@ def tiny_recipe(out: Path, micro_batch: int, world=None, strategy: str = "ddp"):
     return recipe
 
 
+def join_forked(rank: int, world_size: int, port: int, strategy: str, timeout_s: float = 60):
+    """This forked process as rank `rank` of a gloo job, with the environment torchrun gives."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        TORCHELASTIC_RUN_ID="forked",  # what torchrun gives its workers
+    )
+    from mode_cli.train.distributed import init_world
+
+    return init_world(strategy, timeout_s=timeout_s, device="cpu")
+
+
 def rank_main(rank: int, world_size: int, port: int, strategy: str, out: Path) -> None:
     """A forked rank: its own session (killed as a group by the parent on a timeout), then the
     same recipe as the single process, with micro-batch 2 per rank."""
     os.setsid()
     code = 1
     try:
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            TORCHELASTIC_RUN_ID="forked",  # what torchrun gives its workers
-        )
-        from mode_cli.train.distributed import close_world, init_world
+        from mode_cli.train.distributed import close_world
 
-        world = init_world(strategy, timeout_s=60, device="cpu")
+        world = join_forked(rank, world_size, port, strategy)
         recipe = tiny_recipe(out, micro_batch=MICRO_PER_RANK, world=world, strategy=strategy)
         result = record_steps(recipe, steps=3)
         result["layout"] = layout(recipe)
+        if world.main:
+            torch.save(result, out / "steps.pt")
+        close_world(world)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def checkpoint_before_any_update(
+    rank: int, world_size: int, port: int, strategy: str, out: Path
+) -> None:
+    """A forked rank that saves and loads the optimizer's state before its first update (a
+    checkpoint after skipped steps, and its resume), then trains as `rank_main` does."""
+    os.setsid()
+    code = 1
+    try:
+        from mode_cli.train.distributed import close_world, load_optimizer_state, optimizer_state
+
+        world = join_forked(rank, world_size, port, strategy)
+        recipe = tiny_recipe(out, micro_batch=MICRO_PER_RANK, world=world, strategy=strategy)
+        saved = optimizer_state(recipe.module, recipe.optimizer, world)
+        states = {"after saving": len(recipe.optimizer.state)}
+        # Every rank reads the checkpoint's file on a resume.
+        load_optimizer_state(recipe.module, recipe.optimizer, world, world.broadcast(saved))
+        states["after loading"] = len(recipe.optimizer.state)
+        result = record_steps(recipe, steps=3)
+        result.update(saved=saved, states=states)
         if world.main:
             torch.save(result, out / "steps.pt")
         close_world(world)
@@ -131,11 +165,14 @@ def layout(recipe) -> dict:
     }
 
 
-def run_forked(strategy: str, out: Path, world_size: int = 2, timeout: float = 120) -> dict:
+def run_forked(
+    strategy: str, out: Path, world_size: int = 2, timeout: float = 120, target=rank_main
+) -> dict:
+    """`target` run as `world_size` forked ranks; rank 0's result."""
     context = multiprocessing.get_context("fork")
     port = free_port()
     ranks = [
-        context.Process(target=rank_main, args=(rank, world_size, port, strategy, out))
+        context.Process(target=target, args=(rank, world_size, port, strategy, out))
         for rank in range(world_size)
     ]
     for process in ranks:
@@ -184,6 +221,22 @@ def test_two_ranks_train_as_one_process_with_the_global_batch(strategy, single_p
             torch.testing.assert_close(
                 grad, reference[name], rtol=1e-5, atol=1e-7, msg=f"step {step + 1}: {name}"
             )
+
+
+def test_an_fsdp_checkpoint_before_any_update_leaves_the_optimizer_as_it_was(
+    single_process, tmp_path
+):
+    """torch's get_optimizer_state_dict gives a state-less optimizer its state by a fake step
+    (AdamW at step 1 with zero moments: the next real update would be about 0.74x a single
+    process's). Saved and loaded before the first update, the state stays empty and the run
+    trains as one process does."""
+    ranks = run_forked("fsdp", tmp_path, target=checkpoint_before_any_update)
+    assert ranks["losses"] == pytest.approx(single_process["losses"], rel=1e-5)
+    assert ranks["states"] == {"after saving": 0, "after loading": 0}
+    # What one process saves then: no state, the parameters numbered in group order.
+    saved = ranks["saved"]
+    numbered = [i for group in saved["param_groups"] for i in group["params"]]
+    assert saved["state"] == {} and numbered == list(range(len(numbered))) and len(numbered) > 4
 
 
 def test_the_forward_must_go_through_the_wrapper(single_process, tmp_path, monkeypatch):

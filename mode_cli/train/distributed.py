@@ -296,6 +296,12 @@ def optimizer_state(module: nn.Module, optimizer, world: World) -> dict | None:
     single process saves it. Called on every rank; None except on rank 0 when sharded."""
     if not world.sharded:
         return optimizer.state_dict()
+    if not optimizer.state:
+        # Before the first update (a checkpoint after skipped steps): torch's
+        # get_optimizer_state_dict would give the optimizer a state by a fake step (AdamW at step
+        # 1 with zero moments), and the next real update would differ from one process's. An
+        # empty state is the same on every rank, and numbered as one process numbers it.
+        return optimizer.state_dict() if world.main else None
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     by_name = get_optimizer_state_dict(module, optimizer, options=_options(cpu_offload=True))
@@ -314,7 +320,9 @@ def optimizer_state(module: nn.Module, optimizer, world: World) -> dict | None:
 def load_optimizer_state(module: nn.Module, optimizer, world: World, saved: dict) -> None:
     """Load an optimizer state saved in torch's own format (by `optimizer_state` or a single
     process), sharding it where the strategy shards."""
-    if not world.sharded:
+    if not world.sharded or not saved["state"]:
+        # An empty state (saved before the first update) has nothing to shard, and torch's own
+        # loader would first give the optimizer a state by a fake step (see `optimizer_state`).
         optimizer.load_state_dict(saved)
         return
     from torch.distributed.checkpoint.state_dict import (
