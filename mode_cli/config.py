@@ -308,7 +308,9 @@ class CheckpointConfig:
     """Resumable training state under `<output_dir>/checkpoints/step-NNNNNN/`.
 
     every_steps: write one every that many optimizer steps (null: only at the end and when a run
-    is stopped or interrupted). keep: how many of the newest checkpoints to keep.
+    is stopped or interrupted). keep: how many of the newest checkpoints to keep; a resumed run
+    also keeps the one it resumed from (checked intact: the last state known good) until the run
+    is resumed again.
     """
 
     every_steps: int | None = 100

@@ -19,7 +19,10 @@ Before a checkpoint is used it is checked: every file it needs is there and open
 headers parse, the sizes and checksums match its manifest (checkpoints of releases before the
 manifest have none and skip that check), and, once the model is built, the tensors' names and
 shapes match it. `resume=auto` (or a run folder) names a damaged checkpoint and continues from the
-newest intact one before it; a checkpoint named explicitly is refused with the reason.
+newest intact one before it; a checkpoint named explicitly is refused with the reason. A run
+continues from one checkpoint and rewrites what came after it: the run folder's newer checkpoints
+are removed as it resumes, and pruning keeps the one it resumed from beside the newest
+`checkpoint.keep`.
 """
 
 from __future__ import annotations
@@ -123,6 +126,11 @@ def run_folder(checkpoint: Path) -> Path:
 
 def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file() and (path / STATE).is_file()
+
+
+def step_of(path: Path) -> int:
+    """The step a checkpoint folder is named after (`step-000010`: 10)."""
+    return int(_NAME.match(path.name).group(1))
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
@@ -402,9 +410,17 @@ def rank_rng_file(rank: int) -> str:
 
 
 def save_checkpoint(
-    out: Path, contents: Contents, *, state: TrainerState, extra: dict, cfg: DictConfig, keep: int
+    out: Path,
+    contents: Contents,
+    *,
+    state: TrainerState,
+    extra: dict,
+    cfg: DictConfig,
+    keep: int,
+    resumed_from: Path | None = None,
 ) -> Path:
-    """Write the checkpoint of step `state.step` atomically, then keep only the newest `keep`.
+    """Write the checkpoint of step `state.step` atomically, then prune (`prune`: the newest
+    `keep`, this one and `resumed_from`, the checkpoint this invocation continued, stay).
 
     `contents.rng` is the RNG state at the step boundary the checkpoint stands for (taken by the
     caller before the next step draws from it); `extra` goes into trainer_state.json beside the
@@ -414,7 +430,7 @@ def save_checkpoint(
     record = {**asdict(state), **extra}
     with staged_folder(target, replace=True) as staging:
         write_contents(staging, contents, record, cfg)
-    prune(out, keep)
+    prune(out, keep, protect=(target, resumed_from))
     return target
 
 
@@ -444,13 +460,32 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
 
 
-def prune(out: Path, keep: int) -> None:
+def prune(out: Path, keep: int, protect: tuple[Path | None, ...] = ()) -> None:
     """Drop all but the newest `keep` complete checkpoints, and staging folders left behind by a
-    process killed mid-write (one run folder has one writer at a time)."""
+    process killed mid-write (one run folder has one writer at a time).
+
+    `protect` stays whatever its step: the checkpoint just written (the newest intact one) and
+    the one the run resumed from (checked intact before use: the last state known good until
+    the run is resumed again). Checkpoints newer than that one are gone already
+    (`drop_superseded`), so a damaged one never takes an intact one's place.
+    """
+    kept = {Path(path) for path in protect if path is not None}
     for old in complete_checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     for leftover in (out / CHECKPOINTS).glob(".step-*.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def drop_superseded(out: Path, resumed: Path) -> list[Path]:
+    """Remove the checkpoints of `out` newer than `resumed`, the one a run continues from: they
+    are the past the run rewrites (its metrics.jsonl drops their steps too), damaged ones that
+    resume=auto skipped or the rest of a history resume=PATH went back on. Left in place, they
+    would count as the newest in pruning and in the next resume=auto. Returns them."""
+    newer = [path for path in complete_checkpoints(out) if step_of(path) > step_of(resumed)]
+    for path in newer:
+        shutil.rmtree(path, ignore_errors=True)
+    return newer
 
 
 # ---------------------------------------------------------------------------- loading

@@ -172,6 +172,7 @@ class FinetuneRecipe:
         self.state = TrainerState()
         # This invocation's own bookkeeping.
         self.resumed_step: int | None = None  # the checkpoint's step, when resumed
+        self.resumed_from: Path | None = None  # that checkpoint (pruning keeps it)
         self.last_checkpoint: Path | None = None
         self.checkpointed_step = -1
         self.checkpoints_written = 0
@@ -486,6 +487,7 @@ class FinetuneRecipe:
                 },
                 cfg=self.cfg,
                 keep=self.cfg.checkpoint.keep,
+                resumed_from=self.resumed_from,
             )
         self.last_checkpoint = checkpoint_mod.checkpoint_dir(self.out, step)
         self.checkpointed_step = step
@@ -602,7 +604,15 @@ class FinetuneRecipe:
                 shutil.copyfile(source / METRICS_FILE, self.out / METRICS_FILE)
         self.state = TrainerState.from_record(record)
         self.resumed_step = self.checkpointed_step = self.state.step
-        self.last_checkpoint = path
+        self.last_checkpoint = self.resumed_from = path
+        if self.world.main:
+            dropped = checkpoint_mod.drop_superseded(self.out, path)
+            if dropped:
+                console.print(
+                    f"dropped {', '.join(p.name for p in dropped)}: the run continues from step "
+                    f"{self.state.step} and rewrites what came after it",
+                    soft_wrap=True,
+                )
         self.stream = self.new_stream(self.state.epoch, self.state.index)
         console.print(
             f"resuming from {path} (step {self.state.step}/{self.cfg.train.max_steps})",
