@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -169,10 +170,18 @@ def run_forked(
     strategy: str, out: Path, world_size: int = 2, timeout: float = 120, target=rank_main
 ) -> dict:
     """`target` run as `world_size` forked ranks; rank 0's result."""
+    fork_ranks(target, world_size, (strategy, out), timeout)
+    return torch.load(out / "steps.pt")
+
+
+def fork_ranks(target, world_size: int, args: tuple, timeout: float = 120) -> None:
+    """Run `target(rank, world_size, port, *args)` in `world_size` forked processes, each in its
+    own session; whatever is left at the timeout is killed by session, and every rank must end
+    with exit 0."""
     context = multiprocessing.get_context("fork")
     port = free_port()
     ranks = [
-        context.Process(target=target, args=(rank, world_size, port, strategy, out))
+        context.Process(target=target, args=(rank, world_size, port, *args))
         for rank in range(world_size)
     ]
     for process in ranks:
@@ -187,7 +196,6 @@ def run_forked(
                 os.killpg(process.pid, signal.SIGKILL)
                 process.join()
     assert [process.exitcode for process in ranks] == [0] * world_size
-    return torch.load(out / "steps.pt")
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +245,76 @@ def test_an_fsdp_checkpoint_before_any_update_leaves_the_optimizer_as_it_was(
     saved = ranks["saved"]
     numbered = [i for group in saved["param_groups"] for i in group["params"]]
     assert saved["state"] == {} and numbered == list(range(len(numbered))) and len(numbered) > 4
+
+
+# A run of 6 of 8 steps with checkpoints 2, 4 and 6, continued by forked ranks.
+CONTINUED = [*TINY[1:], "train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=3"]
+
+
+def resume_with_its_own_view(
+    rank: int, world_size: int, port: int, strategy: str, out: Path, hidden_from: int
+) -> None:
+    """A forked rank that continues the run in `out` for one step (resume=auto). To the rank
+    `hidden_from`, the newest checkpoint is not there, as on a machine of its own whose copy of
+    output_dir lags. Writes what the rank resumed from, or the error it stopped with."""
+    os.setsid()
+    code = 1
+    try:
+        from mode_cli.errors import ModeError
+        from mode_cli.recipes import compose_recipe
+        from mode_cli.train import checkpoint as checkpoint_mod
+        from mode_cli.train.distributed import close_world
+        from mode_cli.train.recipe import FinetuneRecipe
+
+        if rank == hidden_from:
+            newest, real = checkpoint_mod.latest_checkpoint(out), checkpoint_mod.is_complete
+            checkpoint_mod.is_complete = lambda path: Path(path) != newest and real(path)
+        world = join_forked(rank, world_size, port, strategy, timeout_s=30)
+        overrides = [*CONTINUED, "train.micro_batch_size=2", "train.stop_after_steps=1"]
+        cfg = compose_recipe("tiny-llama-alpaca", [*overrides, f"output_dir={out}", "resume=auto"])
+        recipe = FinetuneRecipe(cfg, world=world)
+        try:
+            recipe.run()
+            result = {"resumed": recipe.resumed_step}
+        except ModeError as err:
+            result = {"error": " ".join(str(err).split())}
+        torch.save(result, out.parent / f"rank-{rank}.pt")
+        close_world(world)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+@pytest.fixture(scope="module")
+def six_of_eight_steps(tmp_path_factory, model_cache) -> Path:
+    from mode_cli.cli import main
+
+    out = tmp_path_factory.mktemp("continued") / "run"
+    args = [*CONTINUED, "train.micro_batch_size=4", "train.stop_after_steps=6"]
+    assert main(["train", "recipe=tiny-llama-alpaca", *args, f"output_dir={out}"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("hidden_from", [0, 1])
+def test_rank_0_chooses_the_checkpoint_and_every_rank_checks_it_has_it(
+    six_of_eight_steps, tmp_path, hidden_from
+):
+    """On machines without one shared file system the ranks may see different checkpoints: rank
+    0's choice is every rank's (ranks that chose for themselves trained on from different
+    steps), and a rank without it stops the job with a message naming it."""
+    out = tmp_path / "run"
+    shutil.copytree(six_of_eight_steps, out)
+    fork_ranks(resume_with_its_own_view, 2, ("ddp", out, hidden_from))
+    results = [torch.load(tmp_path / f"rank-{rank}.pt") for rank in range(2)]
+    if hidden_from == 0:  # rank 0 sees 2 and 4; rank 1 sees 6 too
+        assert results == [{"resumed": 4}, {"resumed": 4}]
+    else:  # rank 0 chooses 6, which rank 1 lacks
+        newest = out / "checkpoints" / "step-000006"
+        for result in results:
+            assert f"rank 1: it has no complete checkpoint {newest}" in result.get("error", "")
+        assert (out / "metrics.jsonl").read_text() == (
+            six_of_eight_steps / "metrics.jsonl"
+        ).read_text()
 
 
 def test_the_forward_must_go_through_the_wrapper(single_process, tmp_path, monkeypatch):

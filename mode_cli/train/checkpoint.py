@@ -491,6 +491,18 @@ def drop_superseded(out: Path, resumed: Path) -> list[Path]:
 # ---------------------------------------------------------------------------- loading
 
 
+def fingerprint(path: Path) -> str | None:
+    """What tells two copies of a checkpoint apart: the digest of its manifest (which holds every
+    file's checksum) or, in a checkpoint of a release before the manifest, of its counters."""
+    for name in (MANIFEST, STATE):
+        if (path / name).is_file():
+            try:
+                return sha256_of(path / name)
+            except OSError:
+                return None
+    return None
+
+
 def read_state(path: Path) -> dict:
     return read_json(path / STATE)
 

@@ -27,10 +27,12 @@ import shlex
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -82,6 +84,8 @@ from mode_cli.train.progress import (
 )
 from mode_cli.train.steps import BatchStream, TrainingModule, accumulate_gradients
 from mode_cli.train.stopping import StopSignals, TrainingInterrupted
+
+T = TypeVar("T")
 
 
 def seed_everything(seed: int) -> None:
@@ -506,12 +510,37 @@ class FinetuneRecipe:
             }
         return self._data_identity
 
+    def agreed(self, decide: Callable[[], T]) -> T:
+        """Rank 0's answer to `decide()`, on every rank (a single process's own).
+
+        What the ranks start from is decided once: on machines without one shared file system
+        they could each see other checkpoints. Rank 0's refusal stops every rank with its message
+        (each machine's log says why)."""
+        if not self.world.distributed:
+            return decide()
+        answer, refusal = None, None
+        if self.world.main:
+            try:
+                answer = decide()
+            except ModeError as err:
+                refusal = (str(err), err.exit_code)
+        answer, refusal = self.world.broadcast((answer, refusal))
+        if refusal is not None:
+            raise ModeError(*refusal)
+        return answer
+
     def find_checkpoint(self) -> ResumeCandidates | None:
         """The checkpoints `resume=` asks for, newest first from the newest whose files are intact
         (damaged ones named and skipped, see checkpoint.py), that one checked against this
-        recipe; None: a new run. Nothing here loads a model: a refusal is quick."""
+        recipe; None: a new run (refused where the run folder holds one already). Nothing here
+        loads a model: a refusal is quick. Rank 0 decides for every rank (`agreed`)."""
         resume = self.cfg.resume
         if resume is None:
+            if (self.out / "config.yaml").exists():
+                raise ModeError(
+                    f"{self.out} already holds a run; pick another output_dir (nothing was "
+                    "changed), or continue it with resume=auto"
+                )
             return None
         if resume == "auto" and self.cfg.output_dir is None:
             raise ModeError("resume=auto needs output_dir=DIR: the run folder to continue")
@@ -574,6 +603,34 @@ class FinetuneRecipe:
         if self.world.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+
+    def check_every_rank_has(self, path: Path) -> None:
+        """Every rank has the checkpoint rank 0 chose, with the same files (on machines of their
+        own each reads its own copy of output_dir); else every rank stops, and the message
+        names the ranks that lack it."""
+        if not self.world.distributed:
+            return
+        expected = self.world.broadcast(
+            checkpoint_mod.fingerprint(path) if self.world.main else None
+        )
+        problem = None
+        if not checkpoint_mod.is_complete(path):
+            problem = f"it has no complete checkpoint {path}"
+        elif checkpoint_mod.fingerprint(path) != expected:
+            problem = f"its copy of {path} differs from rank 0's"
+        found = self.world.gather(problem)
+        problems = self.world.broadcast(
+            [f"rank {rank}: {why}" for rank, why in enumerate(found) if why]
+            if self.world.main
+            else None
+        )
+        if problems:
+            raise ModeError(
+                f"cannot resume from {path}, rank 0's choice: not every rank has it\n"
+                + "\n".join(f"  - {line}" for line in problems)
+                + "\ngive every machine the same output_dir on a shared file system, or copy "
+                "the run folder to each (nothing was changed)"
+            )
 
     def resume_from(self, path: Path) -> None:
         """Weights, optimizer, schedule, counters, data position and, last, the RNG states."""
@@ -722,12 +779,7 @@ class FinetuneRecipe:
     def run_stages(self) -> Path:
         self.check_output_folders()
         checked = self.out
-        candidates = self.find_checkpoint()
-        if candidates is None and (self.out / "config.yaml").exists():
-            raise ModeError(
-                f"{self.out} already holds a run; pick another output_dir (nothing was changed), "
-                "or continue it with resume=auto"
-            )
+        candidates, self.out = self.agreed(lambda: (self.find_checkpoint(), self.out))
         if self.out != checked:  # resume=PATH alone continues in the checkpoint's run folder
             self.check_output_folders()
         # Every rank has looked at the folder before rank 0 writes into it.
@@ -738,7 +790,9 @@ class FinetuneRecipe:
         if candidates is None:
             self.start_new_run()
         else:
-            self.resume_from(self.intact_checkpoint(candidates))
+            chosen = self.agreed(lambda: self.intact_checkpoint(candidates))
+            self.check_every_rank_has(chosen)
+            self.resume_from(chosen)
         counts = self.trainable_parameters()
         processes = (
             f"; {self.world.size} processes ({self.world.strategy})"
