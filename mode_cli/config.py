@@ -389,7 +389,8 @@ class DistributedConfig:
     timeout_s: how long a process waits in a collective for its peers before giving up (a dead
     process ends the job at once under torchrun; this bounds every other stall).
     max_restarts: torchrun restarts the whole job this many times after a failure; each restart
-    continues from the newest checkpoint (`resume=auto`).
+    continues from the newest checkpoint (`resume=auto`, and for a job started with
+    `resume=PATH` too: PATH is where the job started).
     """
 
     nproc: int = 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -570,16 +571,100 @@ def test_fsdp_over_4bit_weights_end_to_end_and_its_checkpoint_resumes_in_one_pro
 
 
 def test_a_restarted_job_continues_from_its_last_checkpoint(mode, tmp_path):
-    """distributed.max_restarts: torchrun reruns the command, which resumes (resume=auto)."""
+    """distributed.max_restarts: torchrun reruns the command, which continues from the newest
+    checkpoint. Started with resume=PATH alone, the job runs in that checkpoint's own run folder
+    (as one process does), and the restart continues from the newest checkpoint, not PATH."""
     out, log = tmp_path / "run", tmp_path / "log.txt"
-    overrides = ["train.max_steps=40", "checkpoint.every_steps=2", "distributed.max_restarts=1"]
-    with job(launch_command(out, *overrides), log) as launcher:
-        wait_for(lambda: logged_steps(out) >= 3, launcher)
+    overrides = ["train.max_steps=40", "checkpoint.every_steps=2"]
+    code, _, err = mode(
+        "train",
+        *TINY,
+        "train.micro_batch_size=4",
+        *overrides,
+        "train.stop_after_steps=2",
+        f"output_dir={out}",
+    )
+    assert code == 0, err
+    named = out / "checkpoints" / "step-000002"
+    command = [
+        str(Path(sys.executable).with_name("mode")),
+        "train",
+        *TINY,
+        "distributed.nproc=2",
+        "train.micro_batch_size=2",
+        *overrides,
+        "distributed.max_restarts=1",
+        f"resume={named}",
+    ]
+    with job(command, log, cwd=tmp_path) as launcher:
+        wait_for(lambda: logged_steps(out) >= 6, launcher)  # step-000004 is written
         ranks = {env.get("RANK"): pid for pid, env in children_of(launcher.pid).items()}
         os.kill(ranks["1"], signal.SIGKILL)
         assert launcher.wait(timeout=300) == 0, log.read_text()[-3000:]
-    assert "resuming from" in log.read_text()
+    resumed = re.findall(r"resuming from (\S+) \(step", log.read_text())
+    assert resumed[0] == str(named) and len(resumed) == 2, resumed
+    restarted = Path(resumed[1])
+    assert restarted.parent == named.parent and restarted.name > "step-000002", resumed
     assert sorted(losses(out)) == list(range(1, 41))
+    assert not (tmp_path / "outputs").exists()  # no folder of its own
+
+
+def test_the_launcher_runs_the_ranks_in_the_run_folder_they_continue(mode, tmp_path, monkeypatch):
+    """What `distributed.nproc=N` asks torchrun to run: every rank and restart in one folder, the
+    one a resume=PATH continues; a fresh job with restarts gets resume=auto."""
+    from mode_cli.train import distributed
+
+    started = []
+
+    def launch(nproc, args, **kwargs):
+        started.append(args)
+        return distributed.LaunchResult(0)
+
+    monkeypatch.setattr(distributed, "launch", launch)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    named = run / "checkpoints" / "step-000002"
+    named.mkdir(parents=True)
+    (named / "trainer_state.json").write_text('{"step": 2}')
+    (named / "COMPLETE").write_text("")
+    job = [*TINY, "distributed.nproc=2", "distributed.max_restarts=1"]
+    for resume in (named, run):
+        code, _, err = mode("train", *job, f"resume={resume}")
+        assert code == 0, err
+        assert f"output_dir={run}" in started[-1] and f"resume={resume}" in started[-1]
+        assert "resume=auto" not in started[-1]
+    code, _, err = mode("train", *job, f"output_dir={tmp_path / 'new'}")
+    assert code == 0, err
+    assert started[-1][-2:] == [f"output_dir={tmp_path / 'new'}", "resume=auto"]
+    # As for one process: resume=auto names no run folder, and a missing checkpoint is refused.
+    code, _, err = mode("train", *job, "resume=auto")
+    assert code == 2 and "resume=auto needs output_dir=DIR" in err
+    code, _, err = mode("train", *job, f"resume={tmp_path / 'missing'}")
+    assert code == 2 and "not found" in err
+    assert len(started) == 3 and not (tmp_path / "outputs").exists()
+
+
+def test_a_restarted_rank_resumes_the_newest_checkpoint_not_the_one_named(
+    mode, tmp_path, monkeypatch
+):
+    """torchrun reruns a failed job's command as it was: resume=PATH names the checkpoint the job
+    started from. A restart (TORCHELASTIC_RESTART_COUNT > 0) continues from the newest one."""
+    from mode_cli.recipes import compose_recipe
+    from mode_cli.train.recipe import FinetuneRecipe
+
+    run = tmp_path / "run"
+    overrides = ["train.max_steps=6", "checkpoint.every_steps=2"]
+    code, _, err = mode("train", *TINY, *overrides, "train.stop_after_steps=4", f"output_dir={run}")
+    assert code == 0, err
+    named = run / "checkpoints" / "step-000002"
+    cfg = compose_recipe("tiny-llama-alpaca", [*TINY[1:], *overrides, f"resume={named}"])
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    first = FinetuneRecipe(cfg)
+    assert first.find_checkpoint().paths == [named] and first.out == run
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    again = FinetuneRecipe(cfg)
+    assert again.find_checkpoint().paths[0] == run / "checkpoints" / "step-000004"
+    assert again.out == run
 
 
 def test_a_bad_distributed_recipe_is_refused_before_any_process_starts(mode, tmp_path):

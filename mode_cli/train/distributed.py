@@ -66,6 +66,12 @@ def launched_by_torchrun() -> bool:
     return True
 
 
+def restarted_by_torchrun() -> bool:
+    """Whether torchrun restarted this job after a failure (`distributed.max_restarts`): it reruns
+    the command as it was started."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place in the job; a single process is rank 0 of a world of 1, for which

@@ -71,6 +71,7 @@ from mode_cli.train.distributed import (
     load_optimizer_state,
     load_trainable_state,
     optimizer_state,
+    restarted_by_torchrun,
     trainable_state,
     wrap,
 )
@@ -548,6 +549,14 @@ class FinetuneRecipe:
         if resume != "auto" and self.cfg.output_dir is None:
             # resume=PATH alone continues that run in its own folder.
             self.out = checkpoint_mod.run_folder(candidates.paths[0])
+        if resume != "auto" and restarted_by_torchrun():
+            # torchrun reran the job's command after a failure: PATH is where the job started,
+            # the run has gone on since. Continue from its newest checkpoint (those after PATH's
+            # step that the job found were dropped when it resumed: all are the job's own).
+            newest = checkpoint_mod.resume_candidates("auto", self.out).paths
+            candidates = ResumeCandidates(
+                newest + [path for path in candidates.paths if path not in newest], explicit=False
+            )
         if not candidates.paths:
             if (self.out / "config.yaml").exists():
                 raise ModeError(
