@@ -103,9 +103,12 @@ def join_forked(rank: int, world_size: int, port: int, strategy: str, timeout_s:
     return init_world(strategy, timeout_s=timeout_s, device="cpu")
 
 
-def rank_main(rank: int, world_size: int, port: int, strategy: str, out: Path) -> None:
+def rank_main(
+    rank: int, world_size: int, port: int, strategy: str, out: Path, state_first: bool = False
+) -> None:
     """A forked rank: its own session (killed as a group by the parent on a timeout), then the
-    same recipe as the single process, with micro-batch 2 per rank."""
+    same recipe as the single process, with micro-batch 2 per rank. `state_first`: before the
+    first step, save and load the optimizer's state (`optimizer_state_before_any_update`)."""
     os.setsid()
     code = 1
     try:
@@ -113,8 +116,9 @@ def rank_main(rank: int, world_size: int, port: int, strategy: str, out: Path) -
 
         world = join_forked(rank, world_size, port, strategy)
         recipe = tiny_recipe(out, micro_batch=MICRO_PER_RANK, world=world, strategy=strategy)
+        before = optimizer_state_before_any_update(recipe, world) if state_first else {}
         result = record_steps(recipe, steps=3)
-        result["layout"] = layout(recipe)
+        result.update(layout=layout(recipe), **before)
         if world.main:
             torch.save(result, out / "steps.pt")
         close_world(world)
@@ -123,31 +127,17 @@ def rank_main(rank: int, world_size: int, port: int, strategy: str, out: Path) -
         os._exit(code)
 
 
-def checkpoint_before_any_update(
-    rank: int, world_size: int, port: int, strategy: str, out: Path
-) -> None:
-    """A forked rank that saves and loads the optimizer's state before its first update (a
-    checkpoint after skipped steps, and its resume), then trains as `rank_main` does."""
-    os.setsid()
-    code = 1
-    try:
-        from mode_cli.train.distributed import close_world, load_optimizer_state, optimizer_state
+def optimizer_state_before_any_update(recipe, world) -> dict:
+    """Save and load the optimizer's state before the first update (a checkpoint after skipped
+    steps, and its resume): what was saved, and how many parameters have state after each."""
+    from mode_cli.train.distributed import load_optimizer_state, optimizer_state
 
-        world = join_forked(rank, world_size, port, strategy)
-        recipe = tiny_recipe(out, micro_batch=MICRO_PER_RANK, world=world, strategy=strategy)
-        saved = optimizer_state(recipe.module, recipe.optimizer, world)
-        states = {"after saving": len(recipe.optimizer.state)}
-        # Every rank reads the checkpoint's file on a resume.
-        load_optimizer_state(recipe.module, recipe.optimizer, world, world.broadcast(saved))
-        states["after loading"] = len(recipe.optimizer.state)
-        result = record_steps(recipe, steps=3)
-        result.update(saved=saved, states=states)
-        if world.main:
-            torch.save(result, out / "steps.pt")
-        close_world(world)
-        code = 0
-    finally:
-        os._exit(code)
+    saved = optimizer_state(recipe.module, recipe.optimizer, world)
+    states = {"after saving": len(recipe.optimizer.state)}
+    # Every rank reads the checkpoint's file on a resume.
+    load_optimizer_state(recipe.module, recipe.optimizer, world, world.broadcast(saved))
+    states["after loading"] = len(recipe.optimizer.state)
+    return {"saved": saved, "states": states}
 
 
 def layout(recipe) -> dict:
@@ -168,10 +158,10 @@ def layout(recipe) -> dict:
 
 
 def run_forked(
-    strategy: str, out: Path, world_size: int = 2, timeout: float = 120, target=rank_main
+    strategy: str, out: Path, world_size: int = 2, timeout: float = 120, state_first: bool = False
 ) -> dict:
-    """`target` run as `world_size` forked ranks; rank 0's result."""
-    fork_ranks(target, world_size, (strategy, out), timeout)
+    """`rank_main` run as `world_size` forked ranks; rank 0's result."""
+    fork_ranks(rank_main, world_size, (strategy, out, state_first), timeout)
     return torch.load(out / "steps.pt")
 
 
@@ -239,7 +229,7 @@ def test_an_fsdp_checkpoint_before_any_update_leaves_the_optimizer_as_it_was(
     (AdamW at step 1 with zero moments: the next real update would be about 0.74x a single
     process's). Saved and loaded before the first update, the state stays empty and the run
     trains as one process does."""
-    ranks = run_forked("fsdp", tmp_path, target=checkpoint_before_any_update)
+    ranks = run_forked("fsdp", tmp_path, state_first=True)
     assert ranks["losses"] == pytest.approx(single_process["losses"], rel=1e-5)
     assert ranks["states"] == {"after saving": 0, "after loading": 0}
     # What one process saves then: no state, the parameters numbered in group order.
