@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,6 +201,13 @@ def test_a_checkpoint_holds_safetensors_and_weights_only_state(mode, tmp_path):
     code, err = train(mode, fork, "train.max_steps=2", f"resume={folder}")
     assert code == 0, err
     assert sorted(losses(fork)) == [1, 2] and (fork / "adapter").is_dir()
+    # A checkpoint folder copied elsewhere under a name of its own is one too, continued here in
+    # a run folder of checkpoints.
+    kept = tmp_path / "kept" / "final-state"
+    shutil.copytree(folder, kept)
+    code, err = train(mode, out, "train.max_steps=2", f"resume={kept}")
+    assert code == 0, err
+    assert checkpoints(out) == ["step-000002"]
 
 
 def test_resume_refuses_another_recipe_and_a_run_without_checkpoint(mode, tmp_path):

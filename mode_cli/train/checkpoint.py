@@ -477,12 +477,12 @@ def prune(out: Path, keep: int, protect: tuple[Path | None, ...] = ()) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def drop_superseded(out: Path, resumed: Path) -> list[Path]:
-    """Remove the checkpoints of `out` newer than `resumed`, the one a run continues from: they
+def drop_superseded(out: Path, step: int) -> list[Path]:
+    """Remove the checkpoints of `out` after `step`, that of the one a run continues from: they
     are the past the run rewrites (its metrics.jsonl drops their steps too), damaged ones that
     resume=auto skipped or the rest of a history resume=PATH went back on. Left in place, they
     would count as the newest in pruning and in the next resume=auto. Returns them."""
-    newer = [path for path in complete_checkpoints(out) if step_of(path) > step_of(resumed)]
+    newer = [path for path in complete_checkpoints(out) if step_of(path) > step]
     for path in newer:
         shutil.rmtree(path, ignore_errors=True)
     return newer

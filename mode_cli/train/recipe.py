@@ -672,7 +672,7 @@ class FinetuneRecipe:
         self.resumed_step = self.checkpointed_step = self.state.step
         self.last_checkpoint = self.resumed_from = path
         if self.world.main:
-            dropped = checkpoint_mod.drop_superseded(self.out, path)
+            dropped = checkpoint_mod.drop_superseded(self.out, self.state.step)
             if dropped:
                 console.print(
                     f"dropped {', '.join(p.name for p in dropped)}: the run continues from step "
