@@ -117,6 +117,8 @@ def load_head(run_dir: Path, model, device: str) -> MoDEHead:
         raise ModeError(
             f"{run_dir / HEAD_INFO} does not describe a MoDE head: no {', '.join(missing)}"
         )
+    if (problem := head_info_problem(info)) is not None:
+        raise ModeError(f"{run_dir / HEAD_INFO} is damaged: {problem}")
     n = families.num_layers(model)
     if info["num_layers"] != n:
         raise ModeError(
@@ -136,6 +138,35 @@ def load_head(run_dir: Path, model, device: str) -> MoDEHead:
         )
     head.load_state_dict(load_tensors(run_dir / HEAD_WEIGHTS))
     return head.to(device)
+
+
+def head_info_problem(info: dict) -> str | None:
+    """A field of `mode_head.json` of the wrong type (what `MoDEHead.describe` writes), or None."""
+
+    def integer(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    def numbers(value: object, test) -> bool:
+        return isinstance(value, list) and all(test(item) for item in value)
+
+    expected = {
+        "layers": ("a list of layer numbers", lambda v: numbers(v, integer)),
+        "num_layers": ("a number of layers", integer),
+        "hidden_size": ("a width", integer),
+        "router": ("a router kind", lambda v: isinstance(v, str)),
+        "init_final_weight": ("a weight or null", lambda v: v is None or number(v)),
+        "fixed_weights": ("a list of weights or null", lambda v: v is None or numbers(v, number)),
+        "router_input": ("a router input", lambda v: isinstance(v, str)),
+        "detach_input": ("true or false", lambda v: isinstance(v, bool)),
+        "train_final_norm": ("true or false", lambda v: isinstance(v, bool)),
+    }
+    for key, (what, test) in expected.items():
+        if key in info and not test(info[key]):
+            return f"{key} is {info[key]!r}, not {what}"
+    return None
 
 
 def describe_shapes(shapes: dict[str, tuple[int, ...]]) -> str:

@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         from rich.text import Text
 
         # Every rank of a torchrun job reports its own error (rank 0's console alone is not quiet).
-        rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
-        where = f"rank {rank}: " if rank else ""
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else "0"
+        where = f"rank {rank}: " if rank != "0" else ""
         quiet, console.quiet = console.quiet, False
         # soft_wrap: a message piped to a log stays on its own lines, not cut at 80 columns.
         console.print(Text.assemble((f"{where}error:", "bold red"), " ", str(err)), soft_wrap=True)
@@ -239,6 +239,13 @@ def launch_ranks(cfg, recipe: str, overrides: list[str], recipes_dir: Path | Non
     validate(cfg)
     # One folder for every rank (and every restart): named here, not by each rank's clock.
     out = cfg.output_dir or str(default_output_dir(recipe))
+    if cfg.output_dir is None and cfg.resume == "auto":
+        raise ModeError("resume=auto needs output_dir=DIR: the run folder to continue")
+    if cfg.output_dir is None and cfg.resume is not None:
+        # resume=PATH alone continues that run in its own folder, as one process does.
+        from mode_cli.train.checkpoint import resume_candidates, run_folder
+
+        out = str(run_folder(resume_candidates(cfg.resume, Path(out)).paths[0]))
     words = [f"recipe={recipe}", *[o for o in overrides if not o.startswith("output_dir=")]]
     words.append(f"output_dir={out}")
     restarts = cfg.distributed.max_restarts

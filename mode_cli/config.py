@@ -311,7 +311,9 @@ class CheckpointConfig:
     """Resumable training state under `<output_dir>/checkpoints/step-NNNNNN/`.
 
     every_steps: write one every that many optimizer steps (null: only at the end and when a run
-    is stopped or interrupted). keep: how many of the newest checkpoints to keep.
+    is stopped or interrupted). keep: how many of the newest checkpoints to keep; a resumed run
+    also keeps the one it resumed from (checked intact: the last state known good) until the run
+    is resumed again.
     """
 
     every_steps: int | None = 100
@@ -330,7 +332,10 @@ class EvalConfig:
     answers: exact-match accuracy of greedy generations decoded with the ensemble and the final
     head, and with the base before tuning (with `compare_base`): `auto` (when the eval rows have
     `answer_field`; at the end of training only for a base of at most `answers_auto_max_params`
-    parameters), `on` (always; an error when the rows have no answers), `off`. Generation is the
+    parameters; not with `distributed.strategy=fsdp` over several processes, whose sharded model
+    decodes nothing at the end of training: `mode eval` on the run folder scores them), `on`
+    (always; an error when the rows have no answers, refused before training with FSDP over
+    several processes), `off`. Generation is the
     slow part: `answer_examples` rows, `max_new_tokens` each; on the CPU a 4-bit model decodes
     from a dequantized fp32 copy (4 bytes per parameter of extra memory while it runs).
     answer_match: how a generation and a reference are compared: `number` (the number after "The
@@ -387,7 +392,8 @@ class DistributedConfig:
     timeout_s: how long a process waits in a collective for its peers before giving up (a dead
     process ends the job at once under torchrun; this bounds every other stall).
     max_restarts: torchrun restarts the whole job this many times after a failure; each restart
-    continues from the newest checkpoint (`resume=auto`).
+    continues from the newest checkpoint (`resume=auto`, and for a job started with
+    `resume=PATH` too: PATH is where the job started).
     """
 
     nproc: int = 1
@@ -498,8 +504,10 @@ def method(cfg: DictConfig):
     return method_of(cfg.loss.name)
 
 
-def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
-    """Check what the schema's types cannot; raise one ModeError listing every problem found."""
+def validate(cfg: DictConfig, *, check_hardware: bool = True, training: bool = True) -> None:
+    """Check what the schema's types cannot; raise one ModeError listing every problem found.
+
+    `training=False` (`mode eval` of a run): what only training does is not checked."""
     problems: list[str] = data_problems(cfg.data)
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
@@ -589,6 +597,8 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
             problems.append(
                 f"loss.teacher=ensemble needs a router, and loss={chosen.name} has none"
             )
+    if training:
+        problems += distributed_problems(cfg)
     targets = cfg.adapter.target_modules
     if not (
         targets == "all-linear"
@@ -610,6 +620,23 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
         problems += hardware_problems(cfg)
     if problems:
         raise ModeError("Invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def distributed_problems(cfg: DictConfig) -> list[str]:
+    """What training over several processes cannot do of the recipe: answer accuracy with FSDP,
+    whose sharded model decodes nothing at the end of training (`eval.answers=on` means always,
+    so it is refused rather than left out)."""
+    from mode_cli.train.distributed import launched_by_torchrun
+
+    several = cfg.distributed.nproc > 1 or launched_by_torchrun()
+    if several and cfg.distributed.strategy == "fsdp" and cfg.eval.answers == "on":
+        return [
+            "eval.answers=on with distributed.strategy=fsdp: answer accuracy decodes token by "
+            "token, which the sharded model does not do at the end of training. Use "
+            "eval.answers=auto or off, and score the answers after training with `mode eval "
+            "checkpoint=<run folder>` (one process), or train with distributed.strategy=ddp"
+        ]
+    return []
 
 
 def hardware_problems(cfg: DictConfig, machine: Machine | None = None) -> list[str]:

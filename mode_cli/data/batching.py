@@ -99,6 +99,17 @@ def at_targets(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return states[:, :-1][keep]
 
 
+def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Attended tokens of the rows that train something: what tokens/s counts.
+
+    Every example has a target (one without is dropped as the data load), so only the stand-in
+    row a rank runs when an epoch's last global micro-batch leaves it no example
+    (`steps.BatchStream`) is left out: N processes count the tokens one process does.
+    """
+    trains = target_positions(batch["labels"])[0].any(dim=1)
+    return int(batch["attention_mask"][trains].sum())
+
+
 def target_count(batch: dict[str, torch.Tensor]) -> int:
     """Number of predicted (unmasked) target tokens in a batch, after the one-token shift."""
     return int(target_positions(batch["labels"])[0].sum())

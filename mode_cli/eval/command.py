@@ -188,7 +188,7 @@ def eval_config(checkpoint: Checkpoint, overrides: list[str]) -> tuple[DictConfi
             f"{checkpoint.spec} is a plain model, its own base: compare=base needs a run folder "
             "or a merged folder"
         )
-    validate(cfg)
+    validate(cfg, training=False)
     return cfg, original_model
 
 

@@ -20,7 +20,10 @@ Before a checkpoint is used it is checked: every file it needs is there and open
 headers parse, the sizes and checksums match its manifest (checkpoints of releases before the
 manifest have none and skip that check), and, once the model is built, the tensors' names and
 shapes match it. `resume=auto` (or a run folder) names a damaged checkpoint and continues from the
-newest intact one before it; a checkpoint named explicitly is refused with the reason.
+newest intact one before it; a checkpoint named explicitly is refused with the reason. A run
+continues from one checkpoint and rewrites what came after it: the run folder's newer checkpoints
+are removed as it resumes, and pruning keeps the one it resumed from beside the newest
+`checkpoint.keep`.
 """
 
 from __future__ import annotations
@@ -127,6 +130,11 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file() and (path / STATE).is_file()
 
 
+def step_of(path: Path) -> int:
+    """The step a checkpoint folder is named after (`step-000010`: 10)."""
+    return int(_NAME.match(path.name).group(1))
+
+
 def complete_checkpoints(out: Path) -> list[Path]:
     """The complete checkpoints of a run folder, oldest first."""
     folder = out / CHECKPOINTS
@@ -215,9 +223,8 @@ def file_damage(path: Path, cfg: DictConfig) -> str | None:
             for name, recorded in manifest_files(path).items():
                 if (problem := checksum_problem(path / name, recorded)) is not None:
                     return problem
-        state = read_json(path / STATE)
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            return f"{path / STATE} holds no step count"
+        if (problem := state_problem(read_json(path / STATE))) is not None:
+            return f"{path / STATE} is damaged: {problem}"
         read_yaml(path / "config.yaml")
         for name in (ADAPTER, HEAD):
             if name in needed:
@@ -230,7 +237,36 @@ def file_damage(path: Path, cfg: DictConfig) -> str | None:
         return f"{path / name} is damaged: truncated or not a file torch.save wrote"
     except ModeError as err:
         return str(err)
+    except OSError as err:  # a failing disk, a file without read permission
+        return f"{getattr(err, 'filename', None) or path / name}: cannot be read ({err.strerror or err})"
     return None
+
+
+def state_problem(record: object) -> str | None:
+    """What is wrong with a `trainer_state.json` record (a counter that is not a number, the
+    data's identity missing), or None. Counters a release before them did not write may be
+    absent."""
+    if not isinstance(record, dict) or not is_count(record.get("step")):
+        return "it holds no step count"
+    for item in fields(TrainerState):
+        if item.name not in record:
+            continue
+        value = record[item.name]
+        if item.type == "int" and not is_count(value):
+            return f"{item.name} is {value!r}, not a count"
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if item.type != "int" and not (number or (value is None and "None" in item.type)):
+            return f"{item.name} is {value!r}, not a number"
+    for key in ("max_steps", "global_micro_batch", "processes"):
+        if key in record and not is_count(record[key]):
+            return f"{key} is {record[key]!r}, not a count"
+    if not isinstance(record.get("data"), dict):
+        return "data (the identity of the training data) is missing"
+    return None
+
+
+def is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def weights_mismatch(path: Path, model, head) -> str | None:
@@ -271,6 +307,14 @@ def manifest_files(path: Path) -> dict[str, dict]:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
         raise ModeError(f"{path / MANIFEST} is damaged: it lists no files")
+    for name, recorded in files.items():
+        size = recorded.get("bytes") if isinstance(recorded, dict) else None
+        digest = recorded.get("sha256") if isinstance(recorded, dict) else None
+        if not is_count(size) or not isinstance(digest, str):
+            raise ModeError(
+                f"{path / MANIFEST} is damaged: its record of {name} is not a size and checksum "
+                f"({recorded!r})"
+            )
     return files
 
 
@@ -406,9 +450,17 @@ def rank_rng(path: Path, rank: int) -> dict | None:
 
 
 def save_checkpoint(
-    out: Path, contents: Contents, *, state: TrainerState, extra: dict, cfg: DictConfig, keep: int
+    out: Path,
+    contents: Contents,
+    *,
+    state: TrainerState,
+    extra: dict,
+    cfg: DictConfig,
+    keep: int,
+    resumed_from: Path | None = None,
 ) -> Path:
-    """Write the checkpoint of step `state.step` atomically, then keep only the newest `keep`.
+    """Write the checkpoint of step `state.step` atomically, then prune (`prune`: the newest
+    `keep`, this one and `resumed_from`, the checkpoint this invocation continued, stay).
 
     `contents.rng` is the RNG state at the step boundary the checkpoint stands for (taken by the
     caller before the next step draws from it); `extra` goes into trainer_state.json beside the
@@ -418,7 +470,7 @@ def save_checkpoint(
     record = {**asdict(state), **extra}
     with staged_folder(target, replace=True) as staging:
         write_contents(staging, contents, record, cfg)
-    prune(out, keep)
+    prune(out, keep, protect=(target, resumed_from))
     return target
 
 
@@ -448,16 +500,47 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
 
 
-def prune(out: Path, keep: int) -> None:
+def prune(out: Path, keep: int, protect: tuple[Path | None, ...] = ()) -> None:
     """Drop all but the newest `keep` complete checkpoints, and staging folders left behind by a
-    process killed mid-write (one run folder has one writer at a time)."""
+    process killed mid-write (one run folder has one writer at a time).
+
+    `protect` stays whatever its step: the checkpoint just written (the newest intact one) and
+    the one the run resumed from (checked intact before use: the last state known good until
+    the run is resumed again). Checkpoints newer than that one are gone already
+    (`drop_superseded`), so a damaged one never takes an intact one's place.
+    """
+    kept = {Path(path) for path in protect if path is not None}
     for old in complete_checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     for leftover in (out / CHECKPOINTS).glob(".step-*.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def drop_superseded(out: Path, step: int) -> list[Path]:
+    """Remove the checkpoints of `out` after `step`, that of the one a run continues from: they
+    are the past the run rewrites (its metrics.jsonl drops their steps too), damaged ones that
+    resume=auto skipped or the rest of a history resume=PATH went back on. Left in place, they
+    would count as the newest in pruning and in the next resume=auto. Returns them."""
+    newer = [path for path in complete_checkpoints(out) if step_of(path) > step]
+    for path in newer:
+        shutil.rmtree(path, ignore_errors=True)
+    return newer
+
+
 # ---------------------------------------------------------------------------- loading
+
+
+def fingerprint(path: Path) -> str | None:
+    """What tells two copies of a checkpoint apart: the digest of its manifest (which holds every
+    file's checksum) or, in a checkpoint of a release before the manifest, of its counters."""
+    for name in (MANIFEST, STATE):
+        if (path / name).is_file():
+            try:
+                return sha256_of(path / name)
+            except OSError:
+                return None
+    return None
 
 
 def read_state(path: Path) -> dict:
@@ -538,4 +621,22 @@ def read_checkpoint(path: Path, *, model, head, rank: int = 0) -> tuple[Contents
         scheduler=load_torch_file(path / "scheduler.pt"),
         rng=rank_rng(path, rank),
     )
+    if contents.rng is not None and not holds_rng_states(contents.rng):
+        rng_file = rank_rng_file(rank) if rank else "rng.pt"
+        raise ModeError(
+            f"cannot resume from {path}: {rng_file} does not hold the RNG states a checkpoint saves"
+        )
     return contents, read_state(path)
+
+
+def holds_rng_states(state: object) -> bool:
+    """Whether a loaded rng file has the python, numpy and torch states `rng_state` saves (a valid
+    torch file of something else would fail half-way through restoring them)."""
+    try:
+        return (
+            isinstance(state["python"]["state"], torch.Tensor)
+            and isinstance(state["numpy"]["keys"], torch.Tensor)
+            and isinstance(state["torch"], torch.Tensor)
+        )
+    except (KeyError, TypeError, IndexError):
+        return False

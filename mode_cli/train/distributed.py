@@ -32,17 +32,45 @@ import torch.distributed as dist
 from torch import nn
 
 from mode_cli.devices import collective_backend, is_cuda, rank_device
+from mode_cli.errors import ModeError
 
 # `distributed.strategy`.
 STRATEGIES = ("ddp", "fsdp")
 # The environment torchrun gives each process.
 WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# What else a rank of a job started without torchrun needs to find its peers (env:// rendezvous).
+RENDEZVOUS_ENV = ("MASTER_ADDR", "MASTER_PORT")
 
 
 def launched_by_torchrun() -> bool:
     """Whether this process is a rank of a torchrun job: several processes, or one that torchrun
-    started (a one-GPU FSDP job still runs the sharded code)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    started (a one-GPU FSDP job still runs the sharded code).
+
+    A WORLD_SIZE above 1 without the rest of a rank's environment (some clusters export it to
+    every command) is refused, naming what is missing: guessing would let several copies of one
+    command each train alone into the same run folder.
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return True
+    size = os.environ.get("WORLD_SIZE", "1")
+    if not size.strip().isdigit():
+        raise ModeError(f"WORLD_SIZE={size}: expected a number of processes")
+    if int(size) <= 1:
+        return False
+    missing = [name for name in (*WORLD_ENV, *RENDEZVOUS_ENV) if name not in os.environ]
+    if missing:
+        raise ModeError(
+            f"WORLD_SIZE={size} is set, but not {', '.join(missing)}: this process is not a rank "
+            "of a torch.distributed job. Start the job with torchrun (or distributed.nproc=N), "
+            "or unset WORLD_SIZE to train in one process"
+        )
+    return True
+
+
+def restarted_by_torchrun() -> bool:
+    """Whether torchrun restarted this job after a failure (`distributed.max_restarts`): it reruns
+    the command as it was started."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
 
 
 def shards(strategy: str, nproc: int) -> bool:
@@ -281,6 +309,12 @@ def optimizer_state(module: nn.Module, optimizer, world: World) -> dict | None:
     single process saves it. Called on every rank; None except on rank 0 when sharded."""
     if not world.sharded:
         return optimizer.state_dict()
+    if not optimizer.state:
+        # Before the first update (a checkpoint after skipped steps): torch's
+        # get_optimizer_state_dict would give the optimizer a state by a fake step (AdamW at step
+        # 1 with zero moments), and the next real update would differ from one process's. An
+        # empty state is the same on every rank, and numbered as one process numbers it.
+        return optimizer.state_dict() if world.main else None
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     by_name = get_optimizer_state_dict(module, optimizer, options=_options(cpu_offload=True))
@@ -299,7 +333,9 @@ def optimizer_state(module: nn.Module, optimizer, world: World) -> dict | None:
 def load_optimizer_state(module: nn.Module, optimizer, world: World, saved: dict) -> None:
     """Load an optimizer state saved in torch's own format (by `optimizer_state` or a single
     process), sharding it where the strategy shards."""
-    if not world.sharded:
+    if not world.sharded or not saved["state"]:
+        # An empty state (saved before the first update) has nothing to shard, and torch's own
+        # loader would first give the optimizer a state by a fake step (see `optimizer_state`).
         optimizer.load_state_dict(saved)
         return
     from torch.distributed.checkpoint.state_dict import (
@@ -377,9 +413,14 @@ def launch(
     except ChildFailedError as err:
         rank, first = err.get_first_failure()
         codes = {failure.exitcode for failure in err.failures.values()}
-        # Every rank stopped as asked (a signal to one rank, agreed by all) or refused the same
-        # recipe: each said why already.
-        if codes <= {2, 128 + signal.SIGINT, 128 + signal.SIGTERM}:
+        # A rank refused the run (a ModeError: it said why). The others stopped because of it,
+        # however they ended (143 after their step, killed by the agent's SIGTERM, or failing in a
+        # collective their peer left), so the job's status is the refusal's. Exit 2 is never such
+        # a consequence: a rank refuses only on its own checks.
+        if 2 in codes:
+            return LaunchResult(2)
+        # Every rank stopped as asked (a signal to one rank, agreed by all): each said so already.
+        if codes <= {128 + signal.SIGINT, 128 + signal.SIGTERM}:
             return LaunchResult(max(codes))
         if first.exitcode < 0:
             how = f"killed by {signal.Signals(-first.exitcode).name}"

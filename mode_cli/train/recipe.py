@@ -26,9 +26,11 @@ import shlex
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -67,6 +69,7 @@ from mode_cli.train.distributed import (
     load_optimizer_state,
     load_trainable_state,
     optimizer_state,
+    restarted_by_torchrun,
     trainable_state,
     wrap,
 )
@@ -81,6 +84,8 @@ from mode_cli.train.progress import (
 )
 from mode_cli.train.steps import BatchStream, TrainingModule, accumulate_gradients
 from mode_cli.train.stopping import StopSignals, TrainingInterrupted
+
+T = TypeVar("T")
 
 
 def default_output_dir(recipe: str) -> Path:
@@ -167,6 +172,7 @@ class FinetuneRecipe:
         self.state = TrainerState()
         # This invocation's own bookkeeping.
         self.resumed_step: int | None = None  # the checkpoint's step, when resumed
+        self.resumed_from: Path | None = None  # that checkpoint (pruning keeps it)
         self.last_checkpoint: Path | None = None
         self.checkpointed_step = -1
         self.checkpoints_written = 0
@@ -474,6 +480,7 @@ class FinetuneRecipe:
                 },
                 cfg=self.cfg,
                 keep=self.cfg.checkpoint.keep,
+                resumed_from=self.resumed_from,
             )
         self.last_checkpoint = checkpoint_mod.checkpoint_dir(self.out, step)
         self.checkpointed_step = step
@@ -492,12 +499,37 @@ class FinetuneRecipe:
             }
         return self._data_identity
 
+    def agreed(self, decide: Callable[[], T]) -> T:
+        """Rank 0's answer to `decide()`, on every rank (a single process's own).
+
+        What the ranks start from is decided once: on machines without one shared file system
+        they could each see other checkpoints. Rank 0's refusal stops every rank with its message
+        (each machine's log says why)."""
+        if not self.world.distributed:
+            return decide()
+        answer, refusal = None, None
+        if self.world.main:
+            try:
+                answer = decide()
+            except ModeError as err:
+                refusal = (str(err), err.exit_code)
+        answer, refusal = self.world.broadcast((answer, refusal))
+        if refusal is not None:
+            raise ModeError(*refusal)
+        return answer
+
     def find_checkpoint(self) -> ResumeCandidates | None:
         """The checkpoints `resume=` asks for, newest first from the newest whose files are intact
         (damaged ones named and skipped, see checkpoint.py), that one checked against this
-        recipe; None: a new run. Nothing here loads a model: a refusal is quick."""
+        recipe; None: a new run (refused where the run folder holds one already). Nothing here
+        loads a model: a refusal is quick. Rank 0 decides for every rank (`agreed`)."""
         resume = self.cfg.resume
         if resume is None:
+            if (self.out / "config.yaml").exists():
+                raise ModeError(
+                    f"{self.out} already holds a run; pick another output_dir (nothing was "
+                    "changed), or continue it with resume=auto"
+                )
             return None
         if resume == "auto" and self.cfg.output_dir is None:
             raise ModeError("resume=auto needs output_dir=DIR: the run folder to continue")
@@ -505,6 +537,14 @@ class FinetuneRecipe:
         if resume != "auto" and self.cfg.output_dir is None:
             # resume=PATH alone continues that run in its own folder.
             self.out = checkpoint_mod.run_folder(candidates.paths[0])
+        if resume != "auto" and restarted_by_torchrun():
+            # torchrun reran the job's command after a failure: PATH is where the job started,
+            # the run has gone on since. Continue from its newest checkpoint (those after PATH's
+            # step that the job found were dropped when it resumed: all are the job's own).
+            newest = checkpoint_mod.resume_candidates("auto", self.out).paths
+            candidates = ResumeCandidates(
+                newest + [path for path in candidates.paths if path not in newest], explicit=False
+            )
         if not candidates.paths:
             if (self.out / "config.yaml").exists():
                 raise ModeError(
@@ -561,6 +601,34 @@ class FinetuneRecipe:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
 
+    def check_every_rank_has(self, path: Path) -> None:
+        """Every rank has the checkpoint rank 0 chose, with the same files (on machines of their
+        own each reads its own copy of output_dir); else every rank stops, and the message
+        names the ranks that lack it."""
+        if not self.world.distributed:
+            return
+        expected = self.world.broadcast(
+            checkpoint_mod.fingerprint(path) if self.world.main else None
+        )
+        problem = None
+        if not checkpoint_mod.is_complete(path):
+            problem = f"it has no complete checkpoint {path}"
+        elif checkpoint_mod.fingerprint(path) != expected:
+            problem = f"its copy of {path} differs from rank 0's"
+        found = self.world.gather(problem)
+        problems = self.world.broadcast(
+            [f"rank {rank}: {why}" for rank, why in enumerate(found) if why]
+            if self.world.main
+            else None
+        )
+        if problems:
+            raise ModeError(
+                f"cannot resume from {path}, rank 0's choice: not every rank has it\n"
+                + "\n".join(f"  - {line}" for line in problems)
+                + "\ngive every machine the same output_dir on a shared file system, or copy "
+                "the run folder to each (nothing was changed)"
+            )
+
     def resume_from(self, path: Path) -> None:
         """Weights, optimizer, schedule, counters, data position and, last, the RNG states."""
         contents, record = checkpoint_mod.read_checkpoint(
@@ -575,7 +643,8 @@ class FinetuneRecipe:
         try:
             load_optimizer_state(self.module, self.optimizer, self.world, contents.optimizer)
             self.scheduler.load_state_dict(contents.scheduler)
-        except ValueError as err:
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            # torch's own checks of a state dict of another run, or of something else
             raise ModeError(
                 f"cannot resume from {path}: its optimizer or schedule state does not match this "
                 f"run ({err})"
@@ -589,7 +658,15 @@ class FinetuneRecipe:
                 shutil.copyfile(source / METRICS_FILE, self.out / METRICS_FILE)
         self.state = TrainerState.from_record(record)
         self.resumed_step = self.checkpointed_step = self.state.step
-        self.last_checkpoint = path
+        self.last_checkpoint = self.resumed_from = path
+        if self.world.main:
+            dropped = checkpoint_mod.drop_superseded(self.out, self.state.step)
+            if dropped:
+                console.print(
+                    f"dropped {', '.join(p.name for p in dropped)}: the run continues from step "
+                    f"{self.state.step} and rewrites what came after it",
+                    soft_wrap=True,
+                )
         self.stream = self.new_stream(self.state.epoch, self.state.index)
         console.print(
             f"resuming from {path} (step {self.state.step}/{self.cfg.train.max_steps})",
@@ -698,12 +775,7 @@ class FinetuneRecipe:
     def run_stages(self) -> Path:
         self.check_output_folders()
         checked = self.out
-        candidates = self.find_checkpoint()
-        if candidates is None and (self.out / "config.yaml").exists():
-            raise ModeError(
-                f"{self.out} already holds a run; pick another output_dir (nothing was changed), "
-                "or continue it with resume=auto"
-            )
+        candidates, self.out = self.agreed(lambda: (self.find_checkpoint(), self.out))
         if self.out != checked:  # resume=PATH alone continues in the checkpoint's run folder
             self.check_output_folders()
         # Every rank has looked at the folder before rank 0 writes into it.
@@ -714,7 +786,9 @@ class FinetuneRecipe:
         if candidates is None:
             self.start_new_run()
         else:
-            self.resume_from(self.intact_checkpoint(candidates))
+            chosen = self.agreed(lambda: self.intact_checkpoint(candidates))
+            self.check_every_rank_has(chosen)
+            self.resume_from(chosen)
         counts = self.trainable_parameters()
         processes = (
             f"; {self.world.size} processes ({self.world.strategy})"

@@ -9,7 +9,14 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from mode_cli.data.batching import at_targets, batches, collate, target_count, target_positions
+from mode_cli.data.batching import (
+    at_targets,
+    batches,
+    collate,
+    target_count,
+    target_positions,
+    trained_tokens,
+)
 from mode_cli.data.tokenizing import IGNORE
 from mode_cli.mode.head import MoDEHead
 from mode_cli.mode.loss import IMPLEMENTATIONS, final_only_loss
@@ -61,7 +68,7 @@ class StepLoss:
     loss: float  # summed over the step's micro-batches, divided by its target tokens
     parts: dict[str, float]  # each loss term, normalised the same way
     target_tokens: int
-    tokens: int  # attended tokens, for tokens/s
+    tokens: int  # attended tokens of the examples trained on, for tokens/s
 
 
 def accumulate_gradients(
@@ -92,7 +99,7 @@ def accumulate_gradients(
         total += sums.total.item()
         for key, value in sums.parts.items():
             parts[key] = parts.get(key, 0.0) + value
-        tokens += int(batch["attention_mask"].sum())
+        tokens += trained_tokens(batch)
     keys = sorted(parts)
     total, tokens, *values = world.sum([total, tokens, *(parts[key] for key in keys)])
     return StepLoss(
@@ -145,7 +152,7 @@ class BatchStream:
         if not mine:
             # An epoch's last global micro-batch can hold fewer examples than there are ranks.
             # This rank still runs the step (its wrapper synchronises gradients) on an example
-            # with nothing trained: it adds no loss and no gradient.
+            # with nothing trained: it adds no loss, no gradient and no tokens to tokens/s.
             mine = [replace(examples[0], labels=[IGNORE] * len(examples[0].labels))]
         return collate(mine, self.pad_id)
 
