@@ -622,7 +622,7 @@ def read_checkpoint(path: Path, *, model, head, rank: int = 0) -> tuple[Contents
         rng=rank_rng(path, rank),
     )
     if contents.rng is not None and not holds_rng_states(contents.rng):
-        rng_file = rank_rng_file(rank) if rank else "rng.pt"
+        rng_file = path / (rank_rng_file(rank) if rank else "rng.pt")
         raise ModeError(
             f"cannot resume from {path}: {rng_file} does not hold the RNG states a checkpoint saves"
         )
