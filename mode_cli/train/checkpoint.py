@@ -624,7 +624,8 @@ def read_checkpoint(path: Path, *, model, head, rank: int = 0) -> tuple[Contents
     if contents.rng is not None and not holds_rng_states(contents.rng):
         rng_file = rank_rng_file(rank) if rank else "rng.pt"
         raise ModeError(
-            f"cannot resume from {path}: {rng_file} does not hold the RNG states a checkpoint saves"
+            f"cannot resume from {path}: {path / rng_file} does not hold the RNG states a "
+            "checkpoint saves"
         )
     return contents, read_state(path)
 
