@@ -746,3 +746,40 @@ def test_a_job_one_rank_refused_exits_2(tmp_path, monkeypatch):
     assert died.exit_code == 1 and died.failure.startswith(
         "rank 1 failed first (killed by SIGKILL)"
     )
+
+
+def test_a_job_starts_from_an_adapter_and_extends_its_run_as_one_process_does(mode, tmp_path):
+    """init_from and train.extend under distributed.nproc=2: rank 0 checks the source and every
+    rank loads it (the step-0 eval and the losses are one process's), and the extension's
+    schedule reaches every rank (the added steps warm up again, as alone)."""
+    parent, single, joint = tmp_path / "parent", tmp_path / "single", tmp_path / "job"
+    quick = ["eval.compare_base=false", "eval.answers=off"]
+    code, _, err = mode(
+        "train", *TINY, *quick, "loss=final-only", "train.max_steps=3", f"output_dir={parent}"
+    )
+    assert code == 0, err
+    steps = {
+        "start": [f"init_from={parent}", "train.max_steps=2"],
+        "extend": ["resume=auto", "train.max_steps=4", "train.extend=restart"],
+    }
+    said = {}
+    for name, overrides in steps.items():
+        code, _, err = mode(
+            "train", *TINY, *quick, "train.micro_batch_size=4", *overrides, f"output_dir={single}"
+        )
+        assert code == 0, err
+        log = tmp_path / f"{name}.txt"
+        with job(launch_command(joint, *quick, *overrides), log, cwd=tmp_path) as launcher:
+            assert launcher.wait(timeout=300) == 0, log.read_text()[-3000:]
+        said[name] = " ".join(log.read_text().split())
+    assert f"start from the mode run {parent}" in said["start"]
+    assert "extend: the run, finished at step 2, goes on to step 4" in said["extend"]
+    start, alone = records(joint)[0]["eval"], records(single)[0]["eval"]
+    for head in ("final", "ensemble"):
+        assert start[head] == pytest.approx(alone[head], rel=1e-5), head
+    assert sorted(losses(joint)) == [1, 2, 3, 4]
+    for step, loss in losses(single).items():
+        assert losses(joint)[step] == pytest.approx(loss, rel=1e-4), step
+    lrs = {r["step"]: r["lr"] for r in records(joint) if "lr" in r}
+    assert lrs == {r["step"]: r["lr"] for r in records(single) if "lr" in r}
+    assert lrs[3] < lrs[4]  # warming up again
