@@ -716,29 +716,14 @@ class FinetuneRecipe:
         """What a new run starts from, in words: fresh weights, or init_from's."""
         trained = ["adapter"] if method(self.cfg).trains_adapter else []
         trained += ["MoDE head"] if self.head is not None else []
-        new = f"the optimizer, schedule and data position, steps 1-{self.cfg.train.max_steps}"
+        last = self.cfg.train.max_steps
+        steps = f"steps 1-{last}" if last > 1 else "step 1"
+        new = f"the optimizer, schedule and data position, {steps}"
         if self.init_record is None:
             return f"new run: fresh {' and '.join(trained)}; {new}"
-        record = self.init_record
-        carried = []
-        if record["adapter"] is not None:
-            use = record["adapter"]["use"]
-            how = "trained on" if use == "trained" else "kept frozen, the head trains over it"
-            carried.append(f"the adapter ({how}; sha256 {record['adapter']['sha256'][:12]})")
-        if record["head"] is not None:
-            carried.append(f"the MoDE head (sha256 {record['head']['sha256'][:12]})")
-        fresh = []
-        if "adapter" in trained and record["adapter"] is None:
-            fresh.append("a fresh adapter (the source has none)")
-        if self.head is not None and record["head"] is None:
-            fresh.append(f"a fresh MoDE head ({record['head_note'].removeprefix('fresh: ')})")
-        words = (
-            f"start from {self.init_source.describe()}. Carried over: {' and '.join(carried)}. "
-            f"New: {', '.join([*fresh, new])}."
+        return start_from.describe_start(
+            self.init_source, self.init_record, trained=trained, new=new
         )
-        if self.head is None and record["head_note"]:
-            words += f" {record['head_note']}."
-        return words + " The eval at step 0 measures the starting point"
 
     def check_every_rank_has(self, path: Path) -> None:
         """Every rank has the checkpoint rank 0 chose, with the same files (on machines of their

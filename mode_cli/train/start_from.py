@@ -491,6 +491,8 @@ def head_state(source: Source, head, build) -> tuple[dict | None, str]:
     theirs = source.head_info
     if theirs is None:
         theirs = build(OmegaConf.create(source.recipe)).describe()
+    # Fields a mode_head.json of an earlier release lacks, at the values it was trained with.
+    theirs = {"router_input": "final", "train_final_norm": False, "fixed_weights": None, **theirs}
     ours = head.describe()
     differ = [
         f"{key} {theirs.get(key)} there, {ours.get(key)} here"
@@ -504,6 +506,31 @@ def head_state(source: Source, head, build) -> tuple[dict | None, str]:
     if {name: tuple(t.shape) for name, t in state.items()} != expected:
         return None, f"fresh: {source.head_file} does not hold tensors of this head's shapes"
     return state, f"loaded from {source.head_file}"
+
+
+def describe_start(source: Source, record: dict, *, trained: list[str], new: str) -> str:
+    """The start-of-run words of a run from `source`: what carries over (with the digests
+    `record` holds), what is fresh and why; `trained`: what the run trains (`adapter`, `MoDE
+    head`); `new`: the rest that is new, in words."""
+    carried = []
+    if record["adapter"] is not None:
+        use = record["adapter"]["use"]
+        how = "trained on" if use == "trained" else "kept frozen, the head trains over it"
+        carried.append(f"the adapter ({how}; sha256 {record['adapter']['sha256'][:12]})")
+    if record["head"] is not None:
+        carried.append(f"the MoDE head (sha256 {record['head']['sha256'][:12]})")
+    fresh = []
+    if "adapter" in trained and record["adapter"] is None:
+        fresh.append("a fresh adapter (the source has none)")
+    if "MoDE head" in trained and record["head"] is None:
+        fresh.append(f"a fresh MoDE head ({record['head_note'].removeprefix('fresh: ')})")
+    words = (
+        f"start from {source.describe()}. Carried over: {' and '.join(carried)}. "
+        f"New: {', '.join([*fresh, new])}."
+    )
+    if "MoDE head" not in trained and record["head_note"]:
+        words += f" {record['head_note']}."
+    return words + " The eval at step 0 measures the starting point"
 
 
 def record(source: Source, adapter_use: str | None, head_note: str, head_loaded: bool) -> dict:
