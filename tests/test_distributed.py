@@ -650,10 +650,12 @@ def test_a_restarted_rank_resumes_the_newest_checkpoint_not_the_one_named(
     cfg = compose_recipe("tiny-llama-alpaca", [*TINY[1:], *overrides, f"resume={named}"])
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     first = FinetuneRecipe(cfg)
-    assert first.find_checkpoint().paths == [named] and first.out == run
+    candidates, _ = first.find_checkpoint()
+    assert candidates.paths == [named] and first.out == run
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     again = FinetuneRecipe(cfg)
-    assert again.find_checkpoint().paths[0] == run / "checkpoints" / "step-000004"
+    candidates, _ = again.find_checkpoint()
+    assert candidates.paths[0] == run / "checkpoints" / "step-000004"
     assert again.out == run
 
 
