@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import kill_group, records, spawned
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["recipe=tiny-llama-alpaca", "merge=false", "eval.max_examples=4"]
@@ -751,13 +752,14 @@ def test_a_job_one_rank_refused_exits_2(tmp_path, monkeypatch):
 
 
 def test_a_job_starts_from_an_adapter_and_extends_its_run_as_one_process_does(mode, tmp_path):
-    """init_from and train.extend under distributed.nproc=2: rank 0 checks the source and every
-    rank loads it (the step-0 eval and the losses are one process's), and the extension's
-    schedule reaches every rank (the added steps warm up again, as alone)."""
+    """init_from and train.extend under distributed.nproc=2 with FSDP: rank 0 checks the source
+    and every rank loads it (the step-0 eval, before any training forward, and the losses are
+    one process's), the adapter a mode-only run keeps frozen is saved whole from its shards, and
+    the extension's schedule reaches every rank (the added steps warm up again, as alone)."""
     parent, single, joint = tmp_path / "parent", tmp_path / "single", tmp_path / "job"
-    quick = ["eval.compare_base=false", "eval.answers=off"]
+    quick = ["eval.compare_base=false", "eval.answers=off", "loss=mode-only"]
     code, _, err = mode(
-        "train", *TINY, *quick, "loss=final-only", "train.max_steps=3", f"output_dir={parent}"
+        "train", *TINY, *quick[:2], "loss=final-only", "train.max_steps=3", f"output_dir={parent}"
     )
     assert code == 0, err
     steps = {
@@ -771,7 +773,8 @@ def test_a_job_starts_from_an_adapter_and_extends_its_run_as_one_process_does(mo
         )
         assert code == 0, err
         log = tmp_path / f"{name}.txt"
-        with job(launch_command(joint, *quick, *overrides), log, cwd=tmp_path) as launcher:
+        command = launch_command(joint, *quick, "distributed.strategy=fsdp", *overrides)
+        with job(command, log, cwd=tmp_path) as launcher:
             assert launcher.wait(timeout=300) == 0, log.read_text()[-3000:]
         said[name] = " ".join(log.read_text().split())
     assert f"start from the mode run {parent}" in said["start"]
@@ -785,3 +788,6 @@ def test_a_job_starts_from_an_adapter_and_extends_its_run_as_one_process_does(mo
     lrs = {r["step"]: r["lr"] for r in records(joint) if "lr" in r}
     assert lrs == {r["step"]: r["lr"] for r in records(single) if "lr" in r}
     assert lrs[3] < lrs[4]  # warming up again
+    kept = load_file(str(joint / "adapter" / "adapter_model.safetensors"))
+    for name, tensor in load_file(str(parent / "adapter" / "adapter_model.safetensors")).items():
+        assert torch.equal(kept[name], tensor), name

@@ -186,7 +186,8 @@ class FinetuneRecipe:
         self.init_source: start_from.Source | None = None
         self.init_record: dict | None = None  # what init_from.json records
         self.candidates: ResumeCandidates | None = None  # what a resume may continue from
-        self.frozen_adapter = False  # an adapter loaded and kept frozen (loss=mode-only)
+        # An adapter loaded and kept frozen (loss=mode-only): its weights by parameter name.
+        self.frozen_adapter: dict[str, torch.Tensor] | None = None
         self.last_checkpoint: Path | None = None
         self.checkpointed_step = -1
         self.checkpoints_written = 0
@@ -227,7 +228,12 @@ class FinetuneRecipe:
             # loss=mode-only over an adapter trained before: the head trains, the adapter stays.
             start_from.load_adapter(frozen, self.model)
             self.model.requires_grad_(False)
-            self.frozen_adapter = True
+            # Its weights as loaded, for adapter/: once wrapped, FSDP holds only shards.
+            self.frozen_adapter = {
+                name: p.detach().contiguous().cpu().clone()
+                for name, p in self.model.named_parameters()
+                if "lora_" in name
+            }
         self.head = build_head(cfg, self.model, self.device)
         if self.init_source is not None:
             self.load_start_weights()
@@ -264,7 +270,7 @@ class FinetuneRecipe:
         """init_from: the source's adapter weights (unless kept frozen, loaded already) and its
         MoDE head when it fits the recipe's; what was loaded is recorded with its digest."""
         source = self.init_source
-        use = "frozen" if self.frozen_adapter else None
+        use = "frozen" if self.frozen_adapter is not None else None
         if source.adapter_file is not None and method(self.cfg).trains_adapter:
             start_from.load_adapter(source, self.model)
             use = "trained"
@@ -291,7 +297,7 @@ class FinetuneRecipe:
 
     def has_adapter(self) -> bool:
         """Whether the run's model carries an adapter (trained, or kept frozen)."""
-        return method(self.cfg).trains_adapter or self.frozen_adapter
+        return method(self.cfg).trains_adapter or self.frozen_adapter is not None
 
     def trainable_parameters(self) -> dict[str, int]:
         adapter = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -707,9 +713,9 @@ class FinetuneRecipe:
             if self.init_record is not None:
                 record = json.dumps(self.init_record, indent=2) + "\n"
                 (self.out / INIT_FROM_RECORD).write_text(record)
-            if self.frozen_adapter:
+            if self.frozen_adapter is not None:
                 # Final already (it does not train), and what a resume of this run reloads.
-                self.model.save_pretrained(self.out / ADAPTER_DIR)
+                self.model.save_pretrained(self.out / ADAPTER_DIR, state_dict=self.frozen_adapter)
                 self.tokenizer.save_pretrained(self.out / ADAPTER_DIR)
 
     def start_words(self) -> str:
@@ -795,7 +801,7 @@ class FinetuneRecipe:
                 # What the run started from, and the adapter a mode-only run keeps frozen.
                 if (source / kept).is_file():
                     shutil.copyfile(source / kept, self.out / kept)
-                elif self.frozen_adapter and (source / kept).is_dir():
+                elif self.frozen_adapter is not None and (source / kept).is_dir():
                     shutil.copytree(source / kept, self.out / kept)
         self.state = TrainerState.from_record(record)
         self.resumed_step = self.checkpointed_step = self.state.step
