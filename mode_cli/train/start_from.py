@@ -104,7 +104,7 @@ class Source:
     recipe: dict | None = None
 
     def describe(self) -> str:
-        """The source in words: `the mode run RUN (final adapter)`."""
+        """The source in words: `the mode run RUN`, `the peft adapter PATH`."""
         what = {
             "run": "the mode run",
             "checkpoint": "the mode checkpoint",
@@ -189,7 +189,7 @@ def peft_settings(config: dict, shapes: dict) -> dict:
     extras = []
     for key, (default, what) in PEFT_EXTRAS.items():
         value = config.get(key, default)
-        if value not in (default, None, {}, [], False) and not (key == "bias" and value == "none"):
+        if value not in (default, None, {}, [], False):
             extras.append(f"{key}={value!r} ({what})")
     return {
         "peft_type": str(config.get("peft_type", "LORA")).upper(),
