@@ -262,6 +262,18 @@ class LossConfig:
 
 
 @dataclass
+class ExtensionConfig:
+    """One extension of a run (`train.extend`), as its config.yaml records it: after step
+    `from_step` the budget went from `from_max_steps` to `max_steps`, with the `schedule` of the
+    added steps (`replan` or `restart`)."""
+
+    from_step: int = MISSING
+    from_max_steps: int = MISSING
+    max_steps: int = MISSING
+    schedule: str = MISSING
+
+
+@dataclass
 class TrainConfig:
     """The optimisation loop: AdamW, warmup then a decay schedule, gradient accumulation.
 
@@ -279,6 +291,11 @@ class TrainConfig:
     max_grad_norm: clip the global gradient norm (0 turns clipping off).
     stop_after_steps / max_minutes: end this invocation cleanly with a checkpoint after that many
     optimizer steps or minutes, keeping the whole run's schedule; `resume=auto` continues it.
+    extend: continue a finished or stopped run (with `resume=`) to a larger `max_steps`, keeping
+    its adapter, head, optimizer state, data position and step count; the added steps' learning
+    rate is `replan` (the schedule as if `max_steps` had been the new value from the start) or
+    `restart` (a new warmup and decay over the added steps). extensions: the run's record of its
+    extensions, written by `mode train` (never by hand): each `ExtensionConfig`.
     on_nonfinite: a NaN or inf loss or gradient norm either `stop`s the run (the last checkpoint
     stays intact) or is `skip`ped (that step's update is dropped and counted).
     """
@@ -304,6 +321,8 @@ class TrainConfig:
     stop_after_steps: int | None = None
     max_minutes: float | None = None
     on_nonfinite: str = "stop"
+    extend: str | None = None
+    extensions: list[ExtensionConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -438,6 +457,10 @@ class RecipeConfig:
     # `auto`: continue from the newest complete checkpoint in output_dir (a fresh start when
     # output_dir holds no run yet); or the path of a checkpoint or of a run folder.
     resume: str | None = None
+    # A new run that starts from trained weights: a mode run folder (its final adapter and MoDE
+    # head), one of its checkpoints, or any peft LoRA/DoRA adapter folder. Fresh optimizer and
+    # schedule, any data and loss; the MoDE head is loaded when the selected layers match.
+    init_from: str | None = None
     # `tensorboard` also writes TensorBoard events to <output_dir>/tensorboard/; `wandb` logs to
     # Weights & Biases (`pip install "mode-cli[wandb]"`), as the `wandb` section says.
     logger: str = "none"
@@ -598,7 +621,7 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True, training: bool = T
                 f"loss.teacher=ensemble needs a router, and loss={chosen.name} has none"
             )
     if training:
-        problems += distributed_problems(cfg)
+        problems += distributed_problems(cfg) + continuation_problems(cfg)
     targets = cfg.adapter.target_modules
     if not (
         targets == "all-linear"
@@ -620,6 +643,35 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True, training: bool = T
         problems += hardware_problems(cfg)
     if problems:
         raise ModeError("Invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def continuation_problems(cfg: DictConfig) -> list[str]:
+    """What is wrong with how the run asks to build on another (`train.extend`, `init_from`)
+    before any file is read: an unknown schedule, an extension without a run to extend."""
+    from mode_cli.train.optim import EXTEND_SCHEDULES
+
+    problems = []
+    extend = cfg.train.extend
+    if extend is not None and extend not in EXTEND_SCHEDULES:
+        problems.append(
+            f"train.extend={extend!r}: expected one of {', '.join(EXTEND_SCHEDULES)} (how the "
+            "added steps' learning rate runs: replan continues the schedule as if train.max_steps "
+            "had been the new value from the start, restart warms up and decays again over the "
+            "added steps)"
+        )
+    if extend is not None and cfg.resume is None:
+        problems.append(
+            f"train.extend={extend} extends a run: add resume=auto (with output_dir=<the run "
+            "folder>) or resume=<its checkpoint>"
+        )
+    if cfg.train.extensions and cfg.resume is None:
+        problems.append(
+            "train.extensions is the record of a run's extensions, written by mode train: extend "
+            "a run with resume=auto train.max_steps=N train.extend=replan|restart"
+        )
+    if cfg.init_from is not None and not str(cfg.init_from).strip():
+        problems.append("init_from is empty: name a run folder, checkpoint or adapter folder")
+    return problems
 
 
 def distributed_problems(cfg: DictConfig) -> list[str]:

@@ -41,6 +41,13 @@ DATA = (*TRAIN, "data.train={tmp}/d.jsonl")
 MINE = ("train", "recipe={tmp}/my.yaml")
 MY_DIR = ("train", "--recipes-dir", "{tmp}/r", "recipe=mine")
 RESUME = ("train", *RUN, "output_dir={copy}")
+# The shared run continued to another step budget (train.max_steps given by the row).
+EXTEND = (
+    "train",
+    *(word for word in RUN if not word.startswith("train.max_steps=")),
+    "output_dir={copy}",
+    "resume=auto",
+)
 LAST = "checkpoints/step-000002"
 FIRST = "checkpoints/step-000001"
 RESUME_LAST = f"resume={{copy}}/{LAST}"
@@ -140,6 +147,10 @@ def edit_json(name: str, change: Callable[[dict], object]) -> Callable[[Path], N
         (run / name).write_text(json.dumps(data))
 
     return edit
+
+
+def remove_tree(name: str) -> Callable[[Path], None]:
+    return lambda run: shutil.rmtree(run / name)
 
 
 def unreadable(name: str) -> Callable[[Path], None]:
@@ -277,6 +288,26 @@ ROWS = [
     row("resume=PATH a foreign folder", (*RESUME, "resume={tmp}/e"), "neither a complete checkpoint", folder("e"), damaged()),
     row("resume with a damaged metrics.jsonl", (*RESUME, "resume=auto"), "{copy}/metrics.jsonl, line 1", damaged(overwrite("metrics.jsonl", "{oops\n"))),
     row("resume with a metrics step that is text", (*RESUME, "resume=auto"), "{copy}/metrics.jsonl, line 1: not a metrics record", damaged(overwrite("metrics.jsonl", '{"step": "2"}\n'))),
+    # extending a run
+    row("extend to fewer steps", (*EXTEND, "train.max_steps=1", "train.extend=replan"), "train.max_steps: 2 -> 1: an extension only adds steps", damaged()),
+    row("more steps without train.extend", (*EXTEND, "train.max_steps=4"), ("train.max_steps: 2 -> 4", "add train.extend=replan", "train.extend=restart"), damaged()),
+    row("extend to the same budget", (*EXTEND, "train.max_steps=2", "train.extend=replan"), "the run's budget is 2 steps already", damaged()),
+    row("extend without a checkpoint", (*EXTEND, "train.max_steps=4", "train.extend=restart"), ("holds a run but no complete checkpoint", "init_from={copy}"), damaged(remove_tree("checkpoints"))),
+    row("extend a folder without a run", (*TRAIN, "resume=auto", "train.max_steps=4", "train.extend=replan"), "{tmp}/out holds no run to extend"),
+    row("extend without resume", (*TRAIN, "train.extend=replan"), "train.extend=replan extends a run: add resume=auto"),
+    row("extend with an unknown schedule", (*TRAIN, "resume=auto", "train.extend=true"), "expected one of replan, restart"),
+    # starting from an adapter
+    row("init_from missing", (*TRAIN, "init_from={tmp}/nope"), "init_from={tmp}/nope: not found"),
+    row("init_from a file", (*TRAIN, "init_from={tmp}/f"), "init_from={tmp}/f is a file", file("f", "x")),
+    row("init_from a folder that is no adapter", (*TRAIN, "init_from={tmp}/e"), "init_from={tmp}/e is not a mode run folder", file("e/notes.txt", "hi")),
+    row("init_from a model folder", (*TRAIN, "init_from={tmp}/m"), "is a model folder, not an adapter", file("m/config.json", "{}")),
+    row("init_from an adapter without weights", (*TRAIN, "init_from={tmp}/a"), "the adapter folder holds no weights", file("a/adapter_config.json", "{}")),
+    row("init_from a truncated adapter", (*TRAIN, "init_from={copy}"), "{copy}/adapter/adapter_model.safetensors is damaged", damaged(truncate("adapter/adapter_model.safetensors", 100))),
+    row("init_from adapter_config.json not JSON", (*TRAIN, "init_from={copy}/adapter"), "{copy}/adapter/adapter_config.json: not valid JSON", damaged(overwrite("adapter/adapter_config.json", "{"))),
+    row("init_from a truncated checkpoint", (*TRAIN, f"init_from={{copy}}/{LAST}"), f"{LAST}/adapter.safetensors", damaged(truncate(f"{LAST}/adapter.safetensors", 100))),
+    row("init_from a run without final adapter", (*TRAIN, "init_from={copy}"), ("has no final adapter", f"init_from={{copy}}/{LAST}"), damaged(remove_tree("adapter"))),
+    row("init_from another adapter type", (*TRAIN, "init_from={copy}/adapter"), "the source is a IA3 adapter", damaged(edit_json("adapter/adapter_config.json", lambda c: c.update(peft_type="IA3")))),
+    row("init_from another base and rank", (*TRAIN, "init_from={run}", "model=tiny-qwen2", "adapter.r=4"), ("base model: the source was trained on tiny:llama", "adapter.r: 8 in the source, 4")),
     row("resume an old release's truncated checkpoint", (*RESUME_OLD, "resume={old}/checkpoints/step-000004"), "step-000004/adapter.safetensors", old_run(truncate("checkpoints/step-000004/adapter.safetensors", 99))),
     # run folders
     row("eval: truncated MoDE head", ("eval", "checkpoint={copy}"), "{copy}/mode_head.safetensors", damaged(truncate("mode_head.safetensors", 7))),

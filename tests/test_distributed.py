@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import kill_group, records, spawned
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["recipe=tiny-llama-alpaca", "merge=false", "eval.max_examples=4"]
@@ -650,10 +651,12 @@ def test_a_restarted_rank_resumes_the_newest_checkpoint_not_the_one_named(
     cfg = compose_recipe("tiny-llama-alpaca", [*TINY[1:], *overrides, f"resume={named}"])
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     first = FinetuneRecipe(cfg)
-    assert first.find_checkpoint().paths == [named] and first.out == run
+    candidates, _ = first.find_checkpoint()
+    assert candidates.paths == [named] and first.out == run
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     again = FinetuneRecipe(cfg)
-    assert again.find_checkpoint().paths[0] == run / "checkpoints" / "step-000004"
+    candidates, _ = again.find_checkpoint()
+    assert candidates.paths[0] == run / "checkpoints" / "step-000004"
     assert again.out == run
 
 
@@ -746,3 +749,45 @@ def test_a_job_one_rank_refused_exits_2(tmp_path, monkeypatch):
     assert died.exit_code == 1 and died.failure.startswith(
         "rank 1 failed first (killed by SIGKILL)"
     )
+
+
+def test_a_job_starts_from_an_adapter_and_extends_its_run_as_one_process_does(mode, tmp_path):
+    """init_from and train.extend under distributed.nproc=2 with FSDP: rank 0 checks the source
+    and every rank loads it (the step-0 eval, before any training forward, and the losses are
+    one process's), the adapter a mode-only run keeps frozen is saved whole from its shards, and
+    the extension's schedule reaches every rank (the added steps warm up again, as alone)."""
+    parent, single, joint = tmp_path / "parent", tmp_path / "single", tmp_path / "job"
+    quick = ["eval.compare_base=false", "eval.answers=off", "loss=mode-only"]
+    code, _, err = mode(
+        "train", *TINY, *quick[:2], "loss=final-only", "train.max_steps=3", f"output_dir={parent}"
+    )
+    assert code == 0, err
+    steps = {
+        "start": [f"init_from={parent}", "train.max_steps=2"],
+        "extend": ["resume=auto", "train.max_steps=4", "train.extend=restart"],
+    }
+    said = {}
+    for name, overrides in steps.items():
+        code, _, err = mode(
+            "train", *TINY, *quick, "train.micro_batch_size=4", *overrides, f"output_dir={single}"
+        )
+        assert code == 0, err
+        log = tmp_path / f"{name}.txt"
+        command = launch_command(joint, *quick, "distributed.strategy=fsdp", *overrides)
+        with job(command, log, cwd=tmp_path) as launcher:
+            assert launcher.wait(timeout=300) == 0, log.read_text()[-3000:]
+        said[name] = " ".join(log.read_text().split())
+    assert f"start from the mode run {parent}" in said["start"]
+    assert "extend: the run, finished at step 2, goes on to step 4" in said["extend"]
+    start, alone = records(joint)[0]["eval"], records(single)[0]["eval"]
+    for head in ("final", "ensemble"):
+        assert start[head] == pytest.approx(alone[head], rel=1e-5), head
+    assert sorted(losses(joint)) == [1, 2, 3, 4]
+    for step, loss in losses(single).items():
+        assert losses(joint)[step] == pytest.approx(loss, rel=1e-4), step
+    lrs = {r["step"]: r["lr"] for r in records(joint) if "lr" in r}
+    assert lrs == {r["step"]: r["lr"] for r in records(single) if "lr" in r}
+    assert lrs[3] < lrs[4]  # warming up again
+    kept = load_file(str(joint / "adapter" / "adapter_model.safetensors"))
+    for name, tensor in load_file(str(parent / "adapter" / "adapter_model.safetensors")).items():
+        assert torch.equal(kept[name], tensor), name

@@ -39,12 +39,14 @@ from mode_cli.artifacts import (
     MERGED_CONFIG,
     Checkpoint,
     classify,
+    has_adapter,
     load_head,
     load_merged,
     load_run,
     load_run_config,
+    run_lineage,
 )
-from mode_cli.config import DataConfig, EvalConfig, RecipeConfig, method, validate
+from mode_cli.config import DataConfig, EvalConfig, RecipeConfig, validate
 from mode_cli.console import console
 from mode_cli.data.splits import load_splits
 from mode_cli.devices import empty_cache, resolve_device
@@ -264,7 +266,7 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
         adapter = checkpoint.path / ADAPTER_DIR
         decoding = {
             "source": resolve_source(cfg.model),
-            "adapter": adapter if method(cfg).trains_adapter else None,
+            "adapter": adapter if has_adapter(checkpoint.path, cfg) else None,
             "base": cfg.eval.compare_base,
         }
     elif checkpoint.kind == "merged":
@@ -300,8 +302,18 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
     answers = None
     if rows:
         answers = evaluate_answers(cfg, model, head, tokenizer, device, rows, **decoding)
+    lineage = None if checkpoint.kind == "model" else run_lineage(checkpoint.path, cfg)
     report = build_report(
-        cfg, model, head, eval_set, tokenizer, device, source=source, answers=answers, base=base
+        cfg,
+        model,
+        head,
+        eval_set,
+        tokenizer,
+        device,
+        source=source,
+        answers=answers,
+        base=base,
+        lineage=lineage,
     )
     folder = save_report(report, parent)
     print_report(report, console)

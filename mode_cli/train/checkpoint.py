@@ -50,6 +50,7 @@ from mode_cli.artifacts import load_run_config
 from mode_cli.config import method
 from mode_cli.errors import ModeError
 from mode_cli.files import load_tensors, read_json, read_yaml, staged_folder, tensor_shapes
+from mode_cli.train.extend import Lineage, continuation
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,10 @@ RESUMABLE_CHANGES = (
     "distributed.",
     "data.max_eval_examples",
 )
+# Keys a resume decides rather than compares (`extend.continuation`): the step budget, which an
+# extension raises; the switch asking for it; the record of extensions and the weights the run
+# started from, both taken from the checkpoint.
+CONTINUATION_KEYS = ("train.max_steps", "train.extend", "train.extensions", "init_from")
 
 
 @dataclass
@@ -286,6 +291,13 @@ def shapes_mismatch(path: Path, expected: dict[str, tuple]) -> str | None:
         saved = tensor_shapes(path)
     except ModeError as err:
         return str(err)
+    return shapes_mismatch_of(saved, expected, path)
+
+
+def shapes_mismatch_of(
+    saved: dict[str, tuple], expected: dict[str, tuple], path: Path
+) -> str | None:
+    """How the tensors of the file `path` (`saved`, by name) differ from `expected`, or None."""
     missing, extra = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
     if missing or extra:
         return (
@@ -563,7 +575,9 @@ def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
     new = flatten(OmegaConf.to_container(current, resolve=True))
     lines = []
     for key in sorted(old.keys() | new.keys()):
-        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
+        if key in CONTINUATION_KEYS or any(
+            key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES
+        ):
             continue
         if old.get(key) != new.get(key):
             lines.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
@@ -579,12 +593,16 @@ def flatten(tree: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: tree}
 
 
-def check_compatible(path: Path, cfg: DictConfig, world_size: int = 1) -> None:
+def check_compatible(path: Path, cfg: DictConfig, world_size: int = 1) -> Lineage:
     """Refuse a checkpoint trained with another recipe (model, data, layers, loss, schedule...),
-    or with another global micro-batch (`train.micro_batch_size` x processes)."""
+    or with another global micro-batch (`train.micro_batch_size` x processes), or another step
+    budget unless `train.extend` asks for one (`extend.continuation`). Returns what the run
+    takes from the checkpoint: its extensions (and the one starting now) and `init_from`."""
     # On the schema, with renamed keys migrated: keys added since take their defaults.
     saved = load_run_config(path)
     differences = config_differences(saved, cfg)
+    lineage, problems = continuation(saved, read_state(path)["step"], cfg)
+    differences += problems
     before = read_state(path).get("global_micro_batch", saved.train.micro_batch_size)
     now = cfg.train.micro_batch_size * world_size
     if before != now:
@@ -599,6 +617,7 @@ def check_compatible(path: Path, cfg: DictConfig, world_size: int = 1) -> None:
             + "\n".join(f"  - {line}" for line in differences)
             + "\nresume with the checkpoint's settings, or start a new run in another output_dir"
         )
+    return lineage
 
 
 def read_checkpoint(path: Path, *, model, head, rank: int = 0) -> tuple[Contents, dict]:
@@ -624,7 +643,8 @@ def read_checkpoint(path: Path, *, model, head, rank: int = 0) -> tuple[Contents
     if contents.rng is not None and not holds_rng_states(contents.rng):
         rng_file = path / (rank_rng_file(rank) if rank else "rng.pt")
         raise ModeError(
-            f"cannot resume from {path}: {rng_file} does not hold the RNG states a checkpoint saves"
+            f"cannot resume from {path}: {path / rng_file} does not hold the RNG states a "
+            "checkpoint saves"
         )
     return contents, read_state(path)
 

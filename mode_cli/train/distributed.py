@@ -233,6 +233,11 @@ def gathered(module: nn.Module, world: World) -> Iterator[None]:
     if not world.sharded:
         yield
         return
+    # FSDP2 makes the first unit to run forward the root. Before any training step (the eval at
+    # step 0 of a run from init_from) a decoder layer would be first, and the wrapper's own
+    # forward would then fail ("already lazily initialized"): the wrapper takes the root's place
+    # first. torch has no public call for it (unshard() is not it).
+    module._get_fsdp_state()._lazy_init()
     module.unshard()
     try:
         yield

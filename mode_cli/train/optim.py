@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -26,6 +27,8 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 GPU_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
 # `train.lr_schedule`, after `train.warmup_steps` of linear warmup.
 SCHEDULES = ("cosine", "linear", "constant")
+# `train.extend`: the schedule of the steps an extension adds (`run_schedule`).
+EXTEND_SCHEDULES = ("replan", "restart")
 
 
 def optimizer_on(name: str, device: str, fallback: bool, sharded: bool = False) -> str:
@@ -139,10 +142,52 @@ def lr_lambda(warmup: int, total: int, min_ratio: float, schedule: str = "cosine
     return factor
 
 
+def run_schedule(train: DictConfig) -> Callable[[int], float]:
+    """The LR factor of every scheduler step of the run, its extensions included.
+
+    Up to the first extension the schedule is the one planned for the run's first budget. From an
+    extension's `from_step` on (the first added step reads the factor of scheduler step
+    `from_step`), the factor follows that extension's schedule:
+
+    - `replan`: the recipe's schedule as if `max_steps` had been the extension's budget from the
+      start, continued at the current step (with a constant schedule, exactly what a run planned
+      for that budget from the start does);
+    - `restart`: a new warmup of `train.warmup_steps` then the decay, over the added steps alone.
+    """
+
+    def planned(total: int) -> Callable[[int], float]:
+        return lr_lambda(train.warmup_steps, total, train.min_lr_ratio, train.lr_schedule)
+
+    extensions = list(train.extensions)
+    first_budget = extensions[0].from_max_steps if extensions else train.max_steps
+    segments: list[tuple[int, Callable[[int], float]]] = [(0, planned(first_budget))]
+    for extension in extensions:
+        start = extension.from_step
+        if extension.schedule == "restart":
+            fresh = planned(extension.max_steps - start)
+            segments.append((start, lambda step, fresh=fresh, start=start: fresh(step - start)))
+        else:
+            segments.append((start, planned(extension.max_steps)))
+
+    def factor(step: int) -> float:
+        for start, segment in reversed(segments):
+            if step >= start:
+                return segment(step)
+        return segments[0][1](step)
+
+    return factor
+
+
 def make_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer):
-    """The recipe's schedule as a LambdaLR over every parameter group."""
-    train = cfg.train
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lr_lambda(train.warmup_steps, train.max_steps, train.min_lr_ratio, train.lr_schedule),
-    )
+    """The recipe's schedule (`run_schedule`: its extensions included) as a LambdaLR over every
+    parameter group."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, run_schedule(cfg.train))
+
+
+def reschedule(scheduler) -> None:
+    """After loading a checkpoint's schedule state into a scheduler whose schedule changed (an
+    extension): the learning rate of the next step from the new schedule, not the one the
+    checkpoint's optimizer state recorded from the old. Stepping back one step and forward again
+    recomputes it through torch's own path (every group's lr, `get_last_lr`)."""
+    scheduler.last_epoch -= 1
+    scheduler.step()

@@ -16,11 +16,17 @@ model). The step's work is in `steps.py`, the optimizer and schedule in `optim.p
 - checkpoint.every_steps trades disk writes for lost work: a checkpoint holds everything needed to
   continue bit for bit (weights, optimizer, schedule, RNG states, data position); `resume=auto`
   continues from the newest intact one. Ctrl-C / SIGTERM finish the step and checkpoint first.
+
+A run starts in one of four ways, each said in words at its start (what carries over, what is
+new): a new run; a resume (`resume=`, exactly the losses of an uninterrupted run); an extension
+(`resume=` with a larger train.max_steps and `train.extend`, `extend.py`); a new run from trained
+weights (`init_from=`, `start_from.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shlex
 import shutil
@@ -36,7 +42,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mode_cli.artifacts import ADAPTER_DIR, save_head, save_merged
+from mode_cli.artifacts import ADAPTER_DIR, INIT_FROM_RECORD, run_lineage, save_head, save_merged
 from mode_cli.config import method, validate
 from mode_cli.console import console
 from mode_cli.data.splits import load_splits
@@ -62,6 +68,7 @@ from mode_cli.models.loading import (
     resolve_source,
 )
 from mode_cli.train import checkpoint as checkpoint_mod
+from mode_cli.train import extend, start_from
 from mode_cli.train.checkpoint import ResumeCandidates, TrainerState, seed_everything
 from mode_cli.train.distributed import (
     World,
@@ -73,7 +80,7 @@ from mode_cli.train.distributed import (
     trainable_state,
     wrap,
 )
-from mode_cli.train.optim import make_optimizer, make_scheduler
+from mode_cli.train.optim import make_optimizer, make_scheduler, reschedule
 from mode_cli.train.plan import plan_run
 from mode_cli.train.progress import (
     METRICS_FILE,
@@ -173,6 +180,14 @@ class FinetuneRecipe:
         # This invocation's own bookkeeping.
         self.resumed_step: int | None = None  # the checkpoint's step, when resumed
         self.resumed_from: Path | None = None  # that checkpoint (pruning keeps it)
+        # What a resume takes from its checkpoint (extensions, init_from); a new run's is empty.
+        self.lineage = extend.Lineage()
+        # init_from of a new run: the source, checked before the model loads.
+        self.init_source: start_from.Source | None = None
+        self.init_record: dict | None = None  # what init_from.json records
+        self.candidates: ResumeCandidates | None = None  # what a resume may continue from
+        # An adapter loaded and kept frozen (loss=mode-only): its weights by parameter name.
+        self.frozen_adapter: dict[str, torch.Tensor] | None = None
         self.last_checkpoint: Path | None = None
         self.checkpointed_step = -1
         self.checkpoints_written = 0
@@ -199,7 +214,8 @@ class FinetuneRecipe:
         cfg = self.cfg
         seed_everything(cfg.train.seed)
         base = load_base_model(self.source, cfg.model, cfg.train.precision, self.device)
-        if not method(cfg).trains_adapter:
+        frozen = self.frozen_adapter_source()
+        if not method(cfg).trains_adapter and frozen is None:
             # The MoDE head trains alone on the frozen base: no adapter.
             if cfg.train.gradient_checkpointing:
                 base.gradient_checkpointing_enable(
@@ -208,13 +224,80 @@ class FinetuneRecipe:
             self.model = base
         else:
             self.model = attach_adapter(base, cfg.adapter, cfg.train.gradient_checkpointing)
+        if frozen is not None:
+            # loss=mode-only over an adapter trained before: the head trains, the adapter stays.
+            start_from.load_adapter(frozen, self.model)
+            self.model.requires_grad_(False)
+            # Its weights as loaded, for adapter/: once wrapped, FSDP holds only shards.
+            self.frozen_adapter = {
+                name: p.detach().contiguous().cpu().clone()
+                for name, p in self.model.named_parameters()
+                if "lora_" in name
+            }
         self.head = build_head(cfg, self.model, self.device)
+        if self.init_source is not None:
+            self.load_start_weights()
         # The forward goes through one module, so DDP / FSDP see every trainable parameter.
         self.module = TrainingModule(self.model, self.head)
         self.wrapped = wrap(self.module, self.world)
         # After wrapping: FSDP replaces the parameters with their shards.
         self.optimizer = make_optimizer(cfg, self.model, self.head, self.device, self.plan.sharded)
         self.scheduler = make_scheduler(cfg, self.optimizer)
+
+    def frozen_adapter_source(self) -> start_from.Source | None:
+        """The adapter a run that trains none (loss=mode-only) keeps frozen under its head: a new
+        run's init_from adapter, or, resuming, the copy its run folder holds (written when the
+        run started; the checkpoints hold only what trains)."""
+        if method(self.cfg).trains_adapter:
+            return None
+        if self.init_source is not None:
+            return self.init_source if self.init_source.adapter_file is not None else None
+        if self.cfg.init_from is None or self.candidates is None:
+            return None
+        started = checkpoint_mod.run_folder(self.candidates.paths[0])
+        for folder in (self.out, started):
+            if (folder / ADAPTER_DIR / start_from.PEFT_CONFIG).is_file():
+                return start_from.peft_source(folder / ADAPTER_DIR)
+        record = run_lineage(started, self.cfg)["init_from"] or {}
+        if (record.get("adapter") or {}).get("use") == "frozen":
+            raise ModeError(
+                f"cannot resume: the run trains its MoDE head over a frozen adapter, kept in "
+                f"{started / ADAPTER_DIR}, which is missing (nothing was changed)"
+            )
+        return None
+
+    def load_start_weights(self) -> None:
+        """init_from: the source's adapter weights (unless kept frozen, loaded already) and its
+        MoDE head when it fits the recipe's; what was loaded is recorded with its digest."""
+        source = self.init_source
+        use = "frozen" if self.frozen_adapter is not None else None
+        if source.adapter_file is not None and method(self.cfg).trains_adapter:
+            start_from.load_adapter(source, self.model)
+            use = "trained"
+        state, note = start_from.head_state(
+            source, self.head, lambda recipe: build_head(recipe, self.model, "cpu")
+        )
+        if state is not None:
+            self.head.load_state_dict(state)
+        if use is None and state is None:
+            raise ModeError(
+                f"init_from={self.cfg.init_from}: nothing of {source.describe()} carries into "
+                f"this run: it has no adapter, and its MoDE head is not used ({note}); nothing "
+                "was written"
+            )
+        self.init_record = start_from.record(source, use, note, state is not None)
+        digest = (self.init_record["adapter"] or self.init_record["head"])["sha256"]
+        self.refuse_unless_every_rank(
+            None
+            if digest == self.world.broadcast(digest)
+            else f"its copy of {source.path} differs from rank 0's",
+            f"cannot start from {source.path}: not every rank reads the same weights",
+            "give every machine the same copy of it",
+        )
+
+    def has_adapter(self) -> bool:
+        """Whether the run's model carries an adapter (trained, or kept frozen)."""
+        return method(self.cfg).trains_adapter or self.frozen_adapter is not None
 
     def trainable_parameters(self) -> dict[str, int]:
         adapter = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -261,6 +344,11 @@ class FinetuneRecipe:
             TrainingProgress(cfg.max_steps, console, cfg.log_every, first - 1) as progress,
             StopSignals() as signals,
         ):
+            if self.init_record is not None and first == 1:
+                # Where init_from's weights start, on the eval split: what carried over.
+                result = self.evaluate_now(track_best=False)
+                log.write({"step": 0, "eval": result})
+                progress.show_eval(0, result)
             for step in range(first, cfg.max_steps + 1):
                 # What a checkpoint of step - 1 needs, before this step draws random numbers.
                 boundary = {
@@ -364,14 +452,17 @@ class FinetuneRecipe:
             **({"peak_memory_gb": self.peak_memory_gb()} if self.on_cuda else {}),
         }
 
-    def evaluate_now(self) -> dict:
+    def evaluate_now(self, track_best: bool = True) -> dict:
         """Eval-split losses of the final layer, each selected layer and the ensemble, and the
-        mean router weights (eval mode: no dropout, so the training RNG is not touched)."""
+        mean router weights (eval mode: no dropout, so the training RNG is not touched).
+        `track_best`: the result counts for the best eval loss of the training."""
         with gathered(self.module, self.world):
             result = training_eval(
                 self.model, self.head, self.eval_set, self.tokenizer, self.device, self.cfg.eval
             )
         score = result["ensemble"] if result["ensemble"] is not None else result["final"]
+        if not track_best:
+            return result
         if self.state.best_eval_loss is None or score < self.state.best_eval_loss:
             self.state.best_eval_loss = score
         return result
@@ -518,19 +609,22 @@ class FinetuneRecipe:
             raise ModeError(*refusal)
         return answer
 
-    def find_checkpoint(self) -> ResumeCandidates | None:
+    def find_checkpoint(self) -> tuple[ResumeCandidates | None, extend.Lineage]:
         """The checkpoints `resume=` asks for, newest first from the newest whose files are intact
         (damaged ones named and skipped, see checkpoint.py), that one checked against this
-        recipe; None: a new run (refused where the run folder holds one already). Nothing here
-        loads a model: a refusal is quick. Rank 0 decides for every rank (`agreed`)."""
+        recipe, and what the run takes from it (`extend.Lineage`); None: a new run (refused
+        where the run folder holds one already). Nothing here loads a model: a refusal is
+        quick. Rank 0 decides for every rank (`agreed`)."""
         resume = self.cfg.resume
+        extending = self.cfg.train.extend
         if resume is None:
             if (self.out / "config.yaml").exists():
                 raise ModeError(
                     f"{self.out} already holds a run; pick another output_dir (nothing was "
-                    "changed), or continue it with resume=auto"
+                    "changed), continue it with resume=auto, or train it on to more steps with "
+                    "resume=auto train.max_steps=N train.extend=replan|restart"
                 )
-            return None
+            return None, extend.Lineage()
         if resume == "auto" and self.cfg.output_dir is None:
             raise ModeError("resume=auto needs output_dir=DIR: the run folder to continue")
         candidates = checkpoint_mod.resume_candidates(resume, self.out)
@@ -546,19 +640,33 @@ class FinetuneRecipe:
                 newest + [path for path in candidates.paths if path not in newest], explicit=False
             )
         if not candidates.paths:
+            if (self.out / "config.yaml").exists() and extending:
+                raise ModeError(
+                    f"train.extend={extending}: {self.out} holds a run but no complete checkpoint "
+                    f"under {self.out / checkpoint_mod.CHECKPOINTS}: the final adapter alone has "
+                    "no optimizer state or data position to continue. Start a new run from its "
+                    f"weights instead: init_from={self.out} output_dir=<another folder> "
+                    "(nothing was changed)"
+                )
             if (self.out / "config.yaml").exists():
                 raise ModeError(
                     f"resume=auto: {self.out} holds a run but no complete checkpoint under "
                     f"{self.out / checkpoint_mod.CHECKPOINTS}, so it cannot be continued; start "
                     "again in another output_dir (nothing was changed)"
                 )
+            if extending:
+                raise ModeError(
+                    f"train.extend={extending}: {self.out} holds no run to extend; name the run "
+                    "folder with output_dir=, or leave train.extend out to start a new run "
+                    "(nothing was changed)"
+                )
             console.print(
                 f"resume=auto: no run in {self.out} yet, starting a new one", soft_wrap=True
             )
-            return None
+            return None, extend.Lineage()
         candidates = checkpoint_mod.first_intact(candidates, self.file_damage)
-        checkpoint_mod.check_compatible(candidates.paths[0], self.cfg, self.world.size)
-        return candidates
+        lineage = checkpoint_mod.check_compatible(candidates.paths[0], self.cfg, self.world.size)
+        return candidates, lineage
 
     def file_damage(self, path: Path) -> str | None:
         """`checkpoint.file_damage`, once per checkpoint (it reads every byte for the checksums)."""
@@ -566,8 +674,9 @@ class FinetuneRecipe:
             self._file_damage[path] = checkpoint_mod.file_damage(path, self.cfg)
         return self._file_damage[path]
 
-    def intact_checkpoint(self, candidates: ResumeCandidates) -> Path:
-        """The newest candidate whose files are intact and whose tensors fit the model built."""
+    def intact_checkpoint(self, candidates: ResumeCandidates) -> tuple[Path, extend.Lineage]:
+        """The newest candidate whose files are intact and whose tensors fit the model built, and
+        what the run takes from it."""
         chosen = checkpoint_mod.first_intact(
             candidates,
             lambda path: (
@@ -576,8 +685,8 @@ class FinetuneRecipe:
             ),
         ).paths[0]
         if chosen != candidates.paths[0]:
-            checkpoint_mod.check_compatible(chosen, self.cfg, self.world.size)
-        return chosen
+            return chosen, checkpoint_mod.check_compatible(chosen, self.cfg, self.world.size)
+        return chosen, self.lineage
 
     def new_stream(self, epoch: int = 0, index: int = 0) -> BatchStream:
         cfg = self.cfg.train
@@ -596,10 +705,31 @@ class FinetuneRecipe:
         if self.world.rank:
             # Each rank's own random stream (dropout); rank 0 draws as a single process does.
             seed_everything(self.cfg.train.seed + self.world.rank)
+        console.print(self.start_words(), soft_wrap=True, highlight=False)
         # The run folder appears only once everything a user can get wrong has been checked.
         if self.world.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            if self.init_record is not None:
+                record = json.dumps(self.init_record, indent=2) + "\n"
+                (self.out / INIT_FROM_RECORD).write_text(record)
+            if self.frozen_adapter is not None:
+                # Final already (it does not train), and what a resume of this run reloads.
+                self.model.save_pretrained(self.out / ADAPTER_DIR, state_dict=self.frozen_adapter)
+                self.tokenizer.save_pretrained(self.out / ADAPTER_DIR)
+
+    def start_words(self) -> str:
+        """What a new run starts from, in words: fresh weights, or init_from's."""
+        trained = ["adapter"] if method(self.cfg).trains_adapter else []
+        trained += ["MoDE head"] if self.head is not None else []
+        last = self.cfg.train.max_steps
+        steps = f"steps 1-{last}" if last > 1 else "step 1"
+        new = f"the optimizer, schedule and data position, {steps}"
+        if self.init_record is None:
+            return f"new run: fresh {' and '.join(trained)}; {new}"
+        return start_from.describe_start(
+            self.init_source, self.init_record, trained=trained, new=new
+        )
 
     def check_every_rank_has(self, path: Path) -> None:
         """Every rank has the checkpoint rank 0 chose, with the same files (on machines of their
@@ -615,6 +745,18 @@ class FinetuneRecipe:
             problem = f"it has no complete checkpoint {path}"
         elif checkpoint_mod.fingerprint(path) != expected:
             problem = f"its copy of {path} differs from rank 0's"
+        self.refuse_unless_every_rank(
+            problem,
+            f"cannot resume from {path}, rank 0's choice: not every rank has it",
+            "give every machine the same output_dir on a shared file system, or copy the run "
+            "folder to each",
+        )
+
+    def refuse_unless_every_rank(self, problem: str | None, refusal: str, remedy: str) -> None:
+        """Stop every rank when any rank found a `problem` (each rank's own view of the files);
+        the message names the ranks and their problems."""
+        if not self.world.distributed:
+            return
         found = self.world.gather(problem)
         problems = self.world.broadcast(
             [f"rank {rank}: {why}" for rank, why in enumerate(found) if why]
@@ -623,10 +765,9 @@ class FinetuneRecipe:
         )
         if problems:
             raise ModeError(
-                f"cannot resume from {path}, rank 0's choice: not every rank has it\n"
+                f"{refusal}\n"
                 + "\n".join(f"  - {line}" for line in problems)
-                + "\ngive every machine the same output_dir on a shared file system, or copy "
-                "the run folder to each (nothing was changed)"
+                + f"\n{remedy} (nothing was changed)"
             )
 
     def resume_from(self, path: Path) -> None:
@@ -656,9 +797,22 @@ class FinetuneRecipe:
             (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
             if (source / METRICS_FILE).is_file():
                 shutil.copyfile(source / METRICS_FILE, self.out / METRICS_FILE)
+            for kept in (INIT_FROM_RECORD, ADAPTER_DIR):
+                # What the run started from, and the adapter a mode-only run keeps frozen.
+                if (source / kept).is_file():
+                    shutil.copyfile(source / kept, self.out / kept)
+                elif self.frozen_adapter is not None and (source / kept).is_dir():
+                    shutil.copytree(source / kept, self.out / kept)
         self.state = TrainerState.from_record(record)
         self.resumed_step = self.checkpointed_step = self.state.step
         self.last_checkpoint = self.resumed_from = path
+        extension = self.lineage.extended
+        if extension is not None:
+            # The next step's learning rate comes from the extended schedule.
+            reschedule(self.scheduler)
+            if self.world.main:
+                # The run's recipe now says how far it goes, and since when.
+                (self.out / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         if self.world.main:
             dropped = checkpoint_mod.drop_superseded(self.out, self.state.step)
             if dropped:
@@ -672,6 +826,27 @@ class FinetuneRecipe:
             f"resuming from {path} (step {self.state.step}/{self.cfg.train.max_steps})",
             soft_wrap=True,
         )
+        position = f"epoch {self.state.epoch}, micro-batch {self.state.index}"
+        if extension is not None:
+            words = extend.describe(
+                extension, self.cfg, position=position, next_lr=self.scheduler.get_last_lr()[0]
+            )
+        elif self.state.step >= self.cfg.train.max_steps:
+            words = (
+                f"resume: the run finished at step {self.state.step}; its final adapter, head, "
+                "merged model and report are written again (to train it on: a larger "
+                "train.max_steps with train.extend=replan|restart)"
+            )
+        else:
+            weights = ["the adapter"] if self.has_adapter() else []
+            weights += ["the MoDE head"] if self.head is not None else []
+            words = (
+                f"resume: continues at step {self.state.step + 1} of "
+                f"{self.cfg.train.max_steps}. Carried over: {', '.join(weights)}, optimizer "
+                f"state, schedule, step count, data position ({position}) and random state: the "
+                "losses of an uninterrupted run"
+            )
+        console.print(words, soft_wrap=True, highlight=False)
         # Last: nothing may draw random numbers between here and the first resumed step.
         checkpoint_mod.restore_rng(contents.rng, self.device, self.cfg.train.seed, self.world.rank)
 
@@ -712,7 +887,7 @@ class FinetuneRecipe:
             )
         elif rows:
             console.print(f"answer accuracy: greedy answers to {len(rows)} eval rows")
-            trained_adapter = method(self.cfg).trains_adapter
+            trained_adapter = self.has_adapter()
             answers = evaluate_answers(
                 self.cfg,
                 self.model,
@@ -734,6 +909,7 @@ class FinetuneRecipe:
                 self.device,
                 source={"kind": "run", "checkpoint": str(self.out), "step": self.state.step},
                 answers=answers,
+                lineage=run_lineage(self.out, self.cfg),
             )
         if not self.world.main:
             return None
@@ -775,19 +951,32 @@ class FinetuneRecipe:
     def run_stages(self) -> Path:
         self.check_output_folders()
         checked = self.out
-        candidates, self.out = self.agreed(lambda: (self.find_checkpoint(), self.out))
+        candidates, self.lineage, self.out = self.agreed(
+            lambda: (*self.find_checkpoint(), self.out)
+        )
+        self.candidates = candidates
         if self.out != checked:  # resume=PATH alone continues in the checkpoint's run folder
             self.check_output_folders()
+        if candidates is not None:
+            # The extensions (and init_from) the checkpoint records shape the schedule built next.
+            extend.apply(self.cfg, self.lineage)
         # Every rank has looked at the folder before rank 0 writes into it.
         self.world.barrier()
         console.print(f"[bold]mode train[/bold] {self.cfg.recipe} -> {self.out}")
         self.setup_data()
+        if candidates is None and self.cfg.init_from is not None:
+            # Every difference from the source refused before the model loads.
+            self.init_source = self.agreed(lambda: start_from.check(self.cfg, self.source))
         self.setup_model()
         if candidates is None:
             self.start_new_run()
         else:
-            chosen = self.agreed(lambda: self.intact_checkpoint(candidates))
+            chosen, lineage = self.agreed(lambda: self.intact_checkpoint(candidates))
             self.check_every_rank_has(chosen)
+            if lineage != self.lineage:  # an older checkpoint than the one checked first
+                self.lineage = lineage
+                extend.apply(self.cfg, lineage)
+                self.scheduler = make_scheduler(self.cfg, self.optimizer)
             self.resume_from(chosen)
         counts = self.trainable_parameters()
         processes = (
@@ -810,7 +999,7 @@ class FinetuneRecipe:
         # a long report would outlast distributed.timeout_s.
         if not self.world.main:
             return self.out
-        if self.cfg.merge.enabled and method(self.cfg).trains_adapter:
+        if self.cfg.merge.enabled and self.has_adapter():
             merged = self.merge()
             console.print(f"merged model ({self.cfg.merge.base} base): {merged}")
         elif self.cfg.merge.enabled:
@@ -827,6 +1016,9 @@ def dry_run(cfg: DictConfig) -> dict:
     beyond the model's config, no training."""
     recipe = FinetuneRecipe(cfg)
     recipe.setup_data()
+    if cfg.init_from is not None:
+        source = start_from.check(cfg, recipe.source)
+        console.print(f"init_from: {source.describe()} fits this recipe", soft_wrap=True)
     counts = count_trainable(recipe)
     show_example(recipe.tokenizer, recipe.train_set.examples[0])
     for name, split in (("train", recipe.train_set), ("eval", recipe.eval_set)):
