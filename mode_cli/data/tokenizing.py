@@ -152,3 +152,75 @@ def encode(row: dict, tokenizer, max_seq_len: int, template: str) -> tuple[list[
 def predicted(example: Example) -> int:
     """Trained tokens that are predicted: the label at position 0 has nothing before it."""
     return sum(1 for label in example.labels[1:] if label != IGNORE)
+
+
+# A conversation to see how a chat template ends an assistant reply: what it renders between the
+# reply and the next turn, and whether training's labels cover it.
+PROBE = [
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "2 + 2 = 4."},
+    {"role": "user", "content": "And 3 + 3?"},
+]
+
+
+@dataclass
+class ReplyEnd:
+    """How a trained reply of a format ends: `token`, the end-of-turn or EOS token that closes it
+    (None when there is none), and whether training trains it. A model that never learned to emit
+    it never stops generating."""
+
+    format: str
+    token: str | None
+    trained: bool
+    rendered: str = ""  # what the chat template renders after a reply
+
+    @property
+    def problem(self) -> str | None:
+        if self.token is None:
+            return (
+                f"data.format={self.format}: no end-of-turn or EOS token of the tokenizer "
+                f"follows an assistant reply (the chat template renders {self.rendered!r} after "
+                "it, none of it a special token), so the model never learns to stop"
+            )
+        if not self.trained:
+            return (
+                f"data.format={self.format}: the end-of-turn token {self.token!r} that closes an "
+                "assistant reply is not among the trained tokens (the chat template renders it "
+                "with the next turn), so the model never learns to stop"
+            )
+        return None
+
+    def describe(self) -> str:
+        if self.problem:
+            return self.problem
+        return f"{self.format}: a reply ends with {self.token!r}, trained"
+
+
+def reply_end(format: str, tokenizer, template: str) -> ReplyEnd:
+    """How replies of `format` end in training examples: Alpaca responses and text documents get
+    the tokenizer's EOS, trained; a chat reply ends with whatever special token the template
+    renders first after it (found on a short conversation, `PROBE`)."""
+    if format != "chat":
+        eos = tokenizer.eos_token
+        return ReplyEnd(format, eos, tokenizer.eos_token_id is not None)
+    reply = PROBE[1]["content"]
+    whole = render_chat(PROBE, template, tokenizer, False)
+    upto = render_chat(PROBE[:2], template, tokenizer, False)
+    end = upto.rfind(reply)
+    if end < 0:
+        raise ModeError("the chat template does not render an assistant reply as it was written")
+    end += len(reply)
+    next_turn = whole.find(PROBE[2]["content"], end)
+    follows = whole[end : next_turn if next_turn >= 0 else len(whole)]
+    added = getattr(tokenizer, "added_tokens_decoder", {})
+    special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if t.special}
+    stops = [
+        i
+        for i in tokenizer(follows, add_special_tokens=False)["input_ids"]
+        if i in special or i == tokenizer.eos_token_id
+    ]
+    if not stops:
+        return ReplyEnd(format, None, False, follows)
+    example, _ = tokenize_chat(PROBE[:2], tokenizer, 1 << 30, template)
+    trained = stops[0] in {label for label in example.labels if label != IGNORE}
+    return ReplyEnd(format, tokenizer.convert_ids_to_tokens(stops[0]), trained, follows)

@@ -79,6 +79,11 @@ RESUMABLE_CHANGES = (
     "train.micro_batch_size",
     "distributed.",
     "data.max_eval_examples",
+    # How the data are read and checked, not which: the same training examples either way.
+    "data.cache",
+    "data.num_proc",
+    "data.streaming",
+    "data.require_eos",
 )
 
 

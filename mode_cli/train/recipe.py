@@ -20,7 +20,6 @@ model). The step's work is in `steps.py`, the optimizer and schedule in `optim.p
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import shlex
@@ -492,16 +491,10 @@ class FinetuneRecipe:
         self.checkpoints_written += 1
 
     def data_identity(self) -> dict:
-        """The training examples' count and a digest of their tokens: a resume must see the same."""
+        """The training examples' count and a digest of their tokens, order and packing
+        (`SplitExamples.identity`): a resume must see the same."""
         if self._data_identity is None:
-            digest = hashlib.sha256()
-            for example in self.train_set.examples:
-                digest.update(np.asarray(example.input_ids, dtype=np.int64).tobytes())
-                digest.update(np.asarray(example.labels, dtype=np.int64).tobytes())
-            self._data_identity = {
-                "train_examples": len(self.train_set.examples),
-                "sha256": digest.hexdigest()[:16],
-            }
+            self._data_identity = self.train_set.examples.identity()
         return self._data_identity
 
     def find_checkpoint(self) -> ResumeCandidates | None:
@@ -578,6 +571,12 @@ class FinetuneRecipe:
         contents, record = checkpoint_mod.read_checkpoint(
             path, model=self.model, head=self.head, rank=self.world.rank
         )
+        if record["data"].get("version") != self.data_identity()["version"]:
+            raise ModeError(
+                f"cannot resume from {path}: it was written by a version of mode that identifies "
+                "the training data another way, so this one cannot tell whether they are the "
+                "same; finish that run with the version that started it, or start a new one"
+            )
         if record["data"] != self.data_identity():
             raise ModeError(
                 f"cannot resume from {path}: the training data differ from the checkpoint's "
@@ -734,6 +733,8 @@ class FinetuneRecipe:
             if self.world.distributed
             else ""
         )
+        if self.world.main:
+            describe_data(self)
         console.print(
             f"{len(self.train_set.examples)} train / {len(self.eval_set.examples)} eval examples; "
             f"trainable parameters: {counts['adapter']:,} adapter + {counts['mode_head']:,} "
@@ -767,9 +768,12 @@ def dry_run(cfg: DictConfig) -> dict:
     recipe = FinetuneRecipe(cfg)
     recipe.setup_data()
     counts = count_trainable(recipe)
-    show_example(recipe.tokenizer, recipe.train_set.examples[0])
-    for name, split in (("train", recipe.train_set), ("eval", recipe.eval_set)):
-        console.print(f"{name}: {split.stats.describe(cfg.data.max_seq_len)}")
+    for format, example in recipe.train_set.examples.first_of_each_format().items():
+        show_example(recipe.tokenizer, example, format)
+    for end in recipe.train_set.reply_ends:
+        if end.problem is None:
+            console.print(f"end of a reply: {end.describe()}", soft_wrap=True, highlight=False)
+    describe_data(recipe)
     console.print(
         f"trainable parameters: {counts['adapter']:,} adapter + {counts['mode_head']:,} MoDE head "
         f"= {counts['total']:,}"
@@ -783,7 +787,15 @@ def dry_run(cfg: DictConfig) -> dict:
     }
 
 
-def show_example(tokenizer, example: Example) -> None:
+def describe_data(recipe: FinetuneRecipe) -> None:
+    """What the data came to, a line per split (in the dry run and the run's log)."""
+    max_seq_len = recipe.cfg.data.max_seq_len
+    for name, split in (("train", recipe.train_set), ("eval", recipe.eval_set)):
+        cached = "; from the cache" if split.stats.cached else ""
+        console.print(f"{name}: {split.stats.describe(max_seq_len)}{cached}", soft_wrap=True)
+
+
+def show_example(tokenizer, example: Example, format: str = "") -> None:
     """One formatted example: the masked prompt dim, the trained response highlighted."""
     from rich.markup import escape
     from rich.text import Text
@@ -800,7 +812,8 @@ def show_example(tokenizer, example: Example) -> None:
             piece = piece + "]]"
         text.append(piece, style="bold green" if trained[i] else "dim")
     legend = escape("[[trained]]") if plain else "[bold green]green[/bold green]"
-    console.print(f"[bold]example[/bold] (dim: prompt, masked; {legend}: response, trained):")
+    kind = f" ({format})" if format else ""
+    console.print(f"[bold]example{kind}[/bold] (dim: prompt, masked; {legend}: response, trained):")
     console.print(text)
 
 

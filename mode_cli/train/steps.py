@@ -9,7 +9,13 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from mode_cli.data.batching import at_targets, batches, collate, target_count, target_positions
+from mode_cli.data.batching import (
+    at_targets,
+    collate,
+    epoch_order,
+    target_count,
+    target_positions,
+)
 from mode_cli.data.tokenizing import IGNORE
 from mode_cli.mode.head import MoDEHead
 from mode_cli.mode.loss import IMPLEMENTATIONS, final_only_loss
@@ -128,18 +134,22 @@ class BatchStream:
         self.rank, self.world_size = shard
         self.batch_size = batch_size * self.world_size  # the global micro-batch
         self.epoch, self.index = epoch, index
-        self._order_epoch, self._order = -1, []
+        self._order_epoch, self._order = -1, None
+        self.batches_per_epoch = -(-len(examples) // self.batch_size)
 
-    def epoch_batches(self) -> list:
+    def epoch_order(self):
         if self._order_epoch != self.epoch:
-            self._order = batches(self.examples, self.batch_size, self.seed, self.epoch)
+            self._order = epoch_order(len(self.examples), self.seed, self.epoch)
             self._order_epoch = self.epoch
         return self._order
 
     def next(self) -> dict:
-        if self.index >= len(self.epoch_batches()):
+        if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        examples = self.epoch_batches()[self.index]
+        start = self.index * self.batch_size
+        examples = [
+            self.examples[int(i)] for i in self.epoch_order()[start : start + self.batch_size]
+        ]
         self.index += 1
         mine = examples[self.rank :: self.world_size]
         if not mine:
@@ -155,4 +165,4 @@ class BatchStream:
 
     @property
     def epochs_done(self) -> float:
-        return self.epoch + self.index / max(1, len(self.epoch_batches()))
+        return self.epoch + self.index / max(1, self.batches_per_epoch)
