@@ -46,7 +46,7 @@ import numpy as np
 from mode_cli.data import cache
 from mode_cli.data.formats import Row, canonical, row_identity
 from mode_cli.data.sources import Chunk, Reader, RowSource, row_message, rows_of
-from mode_cli.data.tokenizing import IGNORE, Example, encode
+from mode_cli.data.tokenizing import IGNORE, Example, encode_rows
 from mode_cli.errors import ModeError
 
 log = logging.getLogger(__name__)
@@ -126,9 +126,11 @@ def tokenize_chunk(chunk: Chunk) -> TokenPart:
     """Tokenize a chunk's (already checked) rows."""
     job = _job
     ids, trained, lengths, predicted, digests, per_row, truncated = [], [], [], [], [], [], []
-    for number, row in zip(chunk.numbers, rows_of(chunk, job.format, job.fields), strict=True):
-        values = Row(canonical(row, job.format, job.fields), job.format, job.spec, number)
-        encoded, cut = encode(values, job.tokenizer, job.max_seq_len, job.template)
+    rows = [
+        Row(canonical(row, job.format, job.fields), job.format, job.spec, number)
+        for number, row in zip(chunk.numbers, rows_of(chunk, job.format, job.fields), strict=True)
+    ]
+    for encoded, cut in encode_rows(rows, job.tokenizer, job.max_seq_len, job.template):
         per_row.append(len(encoded))
         truncated.append(cut)
         for example in encoded:

@@ -57,9 +57,16 @@ def tokenize(row: dict, tokenizer, max_seq_len: int) -> tuple[Example, bool]:
     returns (example, cut)."""
     prompt = prompt_ids(tokenizer, alpaca_prompt(row), "alpaca")
     response_ids = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
-    response_ids = response_ids + [tokenizer.eos_token_id]
-    input_ids = prompt + response_ids
-    labels = [IGNORE] * len(prompt) + response_ids
+    return alpaca_example(prompt, response_ids, tokenizer.eos_token_id, max_seq_len)
+
+
+def alpaca_example(
+    prompt: list[int], response: list[int], eos: int, max_seq_len: int
+) -> tuple[Example, bool]:
+    """The Alpaca example of a tokenized prompt and response: the response and an EOS trained."""
+    response = response + [eos]
+    input_ids = prompt + response
+    labels = [IGNORE] * len(prompt) + response
     cut = len(input_ids) > max_seq_len
     return Example(input_ids[:max_seq_len], labels[:max_seq_len]), cut
 
@@ -121,7 +128,11 @@ def token_prefix_length(tokenizer, text: str, full_ids: list[int]) -> int | None
 def tokenize_text(text: str, tokenizer, max_seq_len: int) -> list[Example]:
     """A document, every token trained, ended by EOS and split into chunks of `max_seq_len`
     that overlap by one token (the first position of a chunk is never predicted)."""
-    ids = prompt_ids(tokenizer, text, "text") + [tokenizer.eos_token_id]
+    return text_chunks(prompt_ids(tokenizer, text, "text") + [tokenizer.eos_token_id], max_seq_len)
+
+
+def text_chunks(ids: list[int], max_seq_len: int) -> list[Example]:
+    """A tokenized document (EOS included) in chunks of `max_seq_len` overlapping by one token."""
     stride = max(1, max_seq_len - 1)
     chunks = []
     start = 0
@@ -135,7 +146,7 @@ def tokenize_text(text: str, tokenizer, max_seq_len: int) -> list[Example]:
 
 def encode(row: dict, tokenizer, max_seq_len: int, template: str) -> tuple[list[Example], bool]:
     """The examples of one row under its format, and whether truncation cut it."""
-    format = getattr(row, "format", "alpaca")
+    format = row_format_of(row)
     if format == "text":
         return tokenize_text(row["text"], tokenizer, max_seq_len), False
     try:
@@ -147,6 +158,41 @@ def encode(row: dict, tokenizer, max_seq_len: int, template: str) -> tuple[list[
         where = f"{row.source}, row {row.number}: " if isinstance(row, Row) else ""
         raise ModeError(f"{where}{err}") from None
     return [example], cut
+
+
+def encode_rows(
+    rows: list[Row], tokenizer, max_seq_len: int, template: str
+) -> list[tuple[list[Example], bool]]:
+    """`encode` of each row, with one tokenizer call for all the Alpaca prompts, another for
+    their responses, one for all text documents (the same ids, without a call's overhead per
+    row); conversations go one by one."""
+    alpaca = [i for i, row in enumerate(rows) if row_format_of(row) == "alpaca"]
+    text = [i for i, row in enumerate(rows) if row_format_of(row) == "text"]
+    out: list = [None] * len(rows)
+    eos = tokenizer.eos_token_id
+    if alpaca:
+        prompts = [alpaca_prompt(rows[i]) for i in alpaca]
+        special = adds_special_tokens("alpaca")
+        prompts = tokenizer(prompts, add_special_tokens=special)["input_ids"]
+        responses = [rows[i]["output"] for i in alpaca]
+        responses = tokenizer(responses, add_special_tokens=False)["input_ids"]
+        for i, prompt, response in zip(alpaca, prompts, responses, strict=True):
+            example, cut = alpaca_example(prompt, response, eos, max_seq_len)
+            out[i] = ([example], cut)
+    if text:
+        documents = [rows[i]["text"] for i in text]
+        special = adds_special_tokens("text")
+        documents = tokenizer(documents, add_special_tokens=special)["input_ids"]
+        for i, ids in zip(text, documents, strict=True):
+            out[i] = (text_chunks(ids + [eos], max_seq_len), False)
+    for i, row in enumerate(rows):
+        if out[i] is None:
+            out[i] = encode(row, tokenizer, max_seq_len, template)
+    return out
+
+
+def row_format_of(row: dict) -> str:
+    return getattr(row, "format", "alpaca")
 
 
 def predicted(example: Example) -> int:
