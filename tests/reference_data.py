@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mode_cli.data.batching import join
 from mode_cli.data.formats import Row, canonical, chat_template, row_identity
+from mode_cli.data.selection import mix_counts
 from mode_cli.data.sources import BadLine, not_text, plain, sources_of
 from mode_cli.data.tokenizing import encode, predicted
 from mode_cli.files import read_text, resolve_bundled
@@ -45,8 +46,15 @@ def check_rows(spec: str, format: str, fields: dict) -> tuple[list[Row], list[st
     return good, bad
 
 
-def identity(row: Row) -> bytes:
-    return row_identity(row, row.format)
+def unique(rows: list[Row], seen: set[bytes]) -> list[Row]:
+    """The rows whose identity is not in `seen` (nor in an earlier row), adding theirs to it."""
+    kept = []
+    for row in rows:
+        said = row_identity(row, row.format)
+        if said not in seen:
+            seen.add(said)
+            kept.append(row)
+    return kept
 
 
 def hold_out(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -72,15 +80,6 @@ def interleave(groups: list[list]) -> list:
     return out
 
 
-def mix_counts(sizes: list[int], weights: list[float], total: int) -> list[int]:
-    shares = [total * w / sum(weights) for w in weights]
-    counts = [int(share) for share in shares]
-    by_remainder = sorted(range(len(shares)), key=lambda i: (counts[i] - shares[i], i))
-    for i in by_remainder[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
 def select_rows(data_cfg) -> tuple[list[Row], list[Row]]:
     """Both splits' rows, the way the list-based code chose them (`data.dedup` included: the
     first row saying a thing is kept)."""
@@ -93,12 +92,7 @@ def select_rows(data_cfg) -> tuple[list[Row], list[Row]]:
     for i, src in enumerate(sources):
         rows, _ = check_rows(src.train, src.format, src.fields)
         if dedup:
-            kept = []
-            for row in rows:
-                if identity(row) not in seen:
-                    seen.add(identity(row))
-                    kept.append(row)
-            rows = kept
+            rows = unique(rows, seen)
         if mixing and data_cfg.eval:
             held = []
         elif src.eval:
@@ -124,13 +118,7 @@ def select_rows(data_cfg) -> tuple[list[Row], list[Row]]:
         random.Random(seed).shuffle(train)
     evaluation = interleave(eval_groups)
     if dedup:
-        seen_eval: set[bytes] = set()
-        unique = []
-        for row in evaluation:
-            if identity(row) not in seen_eval:
-                seen_eval.add(identity(row))
-                unique.append(row)
-        evaluation = unique
+        evaluation = unique(evaluation, set())
     if data_cfg.max_eval_examples:
         evaluation = evaluation[: data_cfg.max_eval_examples]
     return train, evaluation

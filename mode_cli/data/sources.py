@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mode_cli.data.formats import FORMAT_FIELDS, Row, canonical, row_problem
 from mode_cli.errors import ModeError
-from mode_cli.files import read_text, resolve_bundled
+from mode_cli.files import open_file, read_text, resolve_bundled
 
 # `data.on_bad_row`: stop at the first malformed row, or drop such rows and count them.
 BAD_ROW_POLICIES = ("error", "skip")
@@ -190,11 +190,8 @@ class Reader:
     @staticmethod
     def sniff_json(path: Path) -> str:
         """A file without a known suffix: a JSON list if it starts with `[`, else JSON lines."""
-        try:
-            with path.open("rb") as handle:
-                start = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        except OSError as err:
-            raise ModeError(f"{path}: cannot be read ({err.strerror or err})") from None
+        with open_file(path) as handle:
+            start = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
         return "json" if start.startswith(b"[") else "jsonl"
 
     # ------------------------------------------------------------ identity
@@ -250,7 +247,7 @@ class Reader:
         path = self.path
         chunk = Chunk([], [], lines=[])
         number = 0
-        with open_data(path) as handle:
+        with open_file(path) as handle:
             for line_number, raw in enumerate(handle, start=1):
                 if line_number == 1:
                     raw = first_line(path, raw)
@@ -295,7 +292,7 @@ class Reader:
         """A CSV file with a header row; every cell is text."""
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
         number = 0
-        with open_data(self.path) as raw:
+        with open_file(self.path) as raw:
             handle = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
             reader = csv.DictReader(handle)
             try:
@@ -380,19 +377,6 @@ def in_chunks(
         yield chunk
 
 
-def open_data(path: Path):
-    """A data file opened for reading in binary; a folder, a missing or unreadable file is a
-    ModeError naming it (as `read_text` names it)."""
-    try:
-        return path.open("rb")
-    except IsADirectoryError:
-        raise ModeError(f"{path} is a folder, not a file") from None
-    except FileNotFoundError:
-        raise ModeError(f"File not found: {path}") from None
-    except OSError as err:
-        raise ModeError(f"{path}: cannot be read ({err.strerror or err})") from None
-
-
 def first_line(path: Path, raw: bytes) -> bytes:
     """A file's first line without a UTF-8 byte-order mark; UTF-16 is refused by name."""
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -404,7 +388,7 @@ def first_line(path: Path, raw: bytes) -> bytes:
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open_data(path) as handle:
+    with open_file(path) as handle:
         while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
