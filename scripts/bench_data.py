@@ -176,8 +176,10 @@ def tokenize_worker(path: str, processes: int) -> dict:
 
 
 def tokenize(path: Path, processes: int) -> dict:
+    load = os.getloadavg()[0]
     record = subprocess_json(["--tokenize-worker", str(path), str(processes)])
     record["processes"] = processes
+    record["load"] = (load + os.getloadavg()[0]) / 2
     print(
         f"{path.name}: {processes} process(es): load {record['rows'] / record['load_s']:,.0f} "
         f"rows/s, tokenize {record['rows'] / record['tokenize_s']:,.0f} rows/s",
@@ -235,6 +237,7 @@ def run(path: Path, cache: Path, out: Path, label: str) -> dict:
     env = {**os.environ, "MODE_DATA_CACHE": str(cache)}
     record = subprocess_json(["--run-worker", json.dumps(run_args(path, out))], env)
     record["label"] = label
+    record["cache_bytes"] = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
     print(
         f"{path.name} {label}: peak RSS {record['command_bytes'] / MIB:,.0f} MiB (anonymous "
         f"{record['command_anon_bytes'] / MIB:,.0f}), largest worker "
@@ -317,15 +320,22 @@ def markdown(results: dict, seconds: float) -> str:
         "`load_splits` with `data.cache=false`, in a process of its own per line: the check pass "
         "(every row parsed and checked), the tokenizing pass, and the whole load.",
         "",
-        "| rows | processes | check rows/s | tokenize rows/s | whole load rows/s | tokens |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| rows | processes | check rows/s | tokenize rows/s | whole load rows/s | tokens | "
+        "load average |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in results["tokenizing"]:
         lines.append(
             f"| {t['size']:,} | {t['processes']} | {t['rows'] / t['check_s']:,.0f} | "
             f"{t['rows'] / t['tokenize_s']:,.0f} | {t['rows'] / t['load_s']:,.0f} | "
-            f"{t['tokens']:,} |"
+            f"{t['tokens']:,} | {t['load']:.1f} |"
         )
+    lines += [
+        "",
+        f"Load average: the machine's 1-minute load average before and after the line, averaged "
+        f"({os.cpu_count()} cores): above the core count, other jobs held the cores a second "
+        "process would use, and its speed-up could not show.",
+    ]
     lines += [
         "",
         "### `mode train ... train.max_steps=1`",
@@ -336,17 +346,18 @@ def markdown(results: dict, seconds: float) -> str:
         "its peak anonymous memory (RssAnon, sampled every 2 ms; RSS also counts the pages of "
         "the memory-mapped tokens and libraries it touched), the largest worker process's peak "
         "RSS (forked from the command, so it shares most of those pages), and the time from "
-        "launching the command to the end of its first step.",
+        "launching the command to the end of its first step; the data cache's size after it.",
         "",
-        "| rows | run | peak RSS MiB | peak anonymous MiB | largest worker MiB | first step after s |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| rows | run | peak RSS MiB | peak anonymous MiB | largest worker MiB | first step after s "
+        "| data cache MiB |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for size, runs in results["runs"].items():
         for rec in runs:
             lines.append(
                 f"| {int(size):,} | {rec['label']} | {rec['command_bytes'] / MIB:,.0f} | "
                 f"{rec['command_anon_bytes'] / MIB:,.0f} | {rec['worker_bytes'] / MIB:,.0f} | "
-                f"{rec['first_step_s']:.1f} |"
+                f"{rec['first_step_s']:.1f} | {rec['cache_bytes'] / MIB:,.1f} |"
             )
     growth = large / small
     cached = ", ".join(

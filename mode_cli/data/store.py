@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -78,6 +79,13 @@ _job: Job | None = None
 def start_worker(job: Job) -> None:
     global _job
     _job = job
+
+
+def start_worker_process(job: Job) -> None:
+    """A worker process's start: Ctrl-C reaches the whole process group, and the command that
+    started the workers is the one to stop them (after the chunks they are on)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    start_worker(job)
 
 
 @dataclass
@@ -195,7 +203,7 @@ def in_order(job: Job, work: Callable, chunks: Iterator[Chunk], processes: int) 
         pool = ProcessPoolExecutor(
             processes,
             mp_context=multiprocessing.get_context(method),
-            initializer=start_worker,
+            initializer=start_worker_process,
             initargs=(job,),
         )
     pending: deque = deque()
@@ -214,6 +222,65 @@ def in_order(job: Job, work: Callable, chunks: Iterator[Chunk], processes: int) 
         for future in pending:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------- arrays on disk
+
+
+class Arrays:
+    """An entry's arrays, appended part by part to raw files (`NAME.bin`), so the process that
+    writes them never holds them whole; `spec()` is what meta.json records to map them back."""
+
+    def __init__(self, folder: Path, dtypes: dict[str, str], widths: dict[str, int]) -> None:
+        self.folder, self.dtypes, self.widths = folder, dtypes, widths
+        self.files = {name: (folder / f"{name}.bin").open("wb") for name in dtypes}
+        self.items = dict.fromkeys(dtypes, 0)
+
+    def append(self, name: str, values) -> None:
+        array = np.ascontiguousarray(values, dtype=self.dtypes[name])
+        self.files[name].write(array.tobytes())
+        self.items[name] += array.size
+
+    def __enter__(self) -> Arrays:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.files.values():
+            handle.close()
+
+    def spec(self) -> dict:
+        return {
+            name: {"dtype": self.dtypes[name], "width": self.widths.get(name, 1)}
+            for name in self.dtypes
+        }
+
+
+def open_arrays(folder: Path, spec: dict) -> dict[str, np.ndarray]:
+    """An entry's arrays, memory-mapped read-only: a page costs memory once it is read."""
+    arrays = {}
+    for name, form in spec.items():
+        path, dtype, width = folder / f"{name}.bin", np.dtype(form["dtype"]), form["width"]
+        if path.stat().st_size == 0:
+            array = np.zeros(0, dtype)
+        else:
+            array = np.memmap(path, dtype=dtype, mode="r")
+        arrays[name] = array.reshape(-1, width) if width > 1 else array
+    return arrays
+
+
+def entry(kind: str, key: str, fill: Callable[[Path], dict], use_cache: bool) -> Path:
+    """A new entry, kept in the cache or (`data.cache=false`) in a temporary folder."""
+    return cache.write_entry(kind, key, fill, keep=use_cache)
+
+
+def opened(folder: Path, use_cache: bool) -> tuple[dict, dict[str, np.ndarray]]:
+    """An entry's meta.json and arrays; a temporary entry's folder is removed once they are
+    mapped (the data stay until unmapped)."""
+    meta = cache.read_meta(folder)
+    arrays = open_arrays(folder, meta["arrays"])
+    if not use_cache:
+        shutil.rmtree(folder, ignore_errors=True)
+    return meta, arrays
 
 
 # ---------------------------------------------------------------------------- scan
@@ -249,58 +316,45 @@ def scan_source(reader: Reader, on_bad_row: str, use_cache: bool, num_proc: int 
         {"source": reader.digest(), "format": source.format, "fields": source.field_map},
     )
     folder = cache.find_entry("scan", key) if use_cache else None
-    if folder is not None:
-        meta = cache.read_meta(folder)
-        scan = Scan(
-            source,
-            key,
-            np.load(folder / "numbers.npy", mmap_mode="r"),
-            np.load(folder / "identities.npy", mmap_mode="r"),
-            meta["bad"],
-            meta["rows"],
-        )
-    else:
-        scan = scan_rows(reader, key, on_bad_row, num_proc)
+    if folder is None:
+
+        def fill(staging: Path) -> dict:
+            return write_scan(reader, on_bad_row, num_proc, staging)
+
+        folder = entry("scan", key, fill, use_cache)
+    meta, arrays = opened(folder, use_cache)
+    scan = Scan(source, key, arrays["numbers"], arrays["identities"], meta["bad"], meta["rows"])
     if scan.bad and on_bad_row == "error":
         raise ModeError(scan.messages()[0] + " (set data.on_bad_row=skip to drop such rows)")
-    if folder is None and use_cache:
-        cache.write_entry("scan", key, lambda staging: save_scan(scan, staging), keep=True)
     return scan
 
 
-def scan_rows(reader: Reader, key: str, on_bad_row: str, num_proc: int | None) -> Scan:
+def write_scan(reader: Reader, on_bad_row: str, num_proc: int | None, folder: Path) -> dict:
+    """Check every row into the entry's arrays; what meta.json records. The first bad row with
+    `on_bad_row=error` stops it with the error, so the entry is not written."""
     source = reader.source
     job = Job(source.spec, source.format, source.field_map)
     processes, chunks = worker_count(num_proc, reader.chunks())
-    numbers, identities, bad, rows = [], [], [], 0
+    bad, rows = [], 0
     started = time.perf_counter()
-    with closing(in_order(job, scan_chunk, chunks, processes)) as parts:
+    with (
+        Arrays(folder, {"numbers": "int64", "identities": "uint8"}, {"identities": 16}) as arrays,
+        closing(in_order(job, scan_chunk, chunks, processes)) as parts,
+    ):
         for part in parts:
+            if part.bad and on_bad_row == "error":
+                message = f"{source.spec}, {part.bad[0]}"
+                raise ModeError(message + " (set data.on_bad_row=skip to drop such rows)")
             rows += part.rows
-            numbers.append(part.numbers)
-            identities.append(part.identities)
+            arrays.append("numbers", part.numbers)
+            arrays.append("identities", np.frombuffer(part.identities, dtype=np.uint8))
             bad += part.bad
-            if bad and on_bad_row == "error":
-                break  # the first bad row is the error: nothing more to read
     if not rows:
         raise ModeError(f"{source.spec} holds no rows")
     if rows >= LOG_FROM_ROWS:
         seconds = time.perf_counter() - started
         log.info(f"data: checked {rows:,} rows of {source.spec} in {seconds:.1f} s")
-    return Scan(
-        source,
-        key,
-        np.concatenate(numbers),
-        np.frombuffer(b"".join(identities), dtype=np.uint8).reshape(-1, 16),
-        bad,
-        rows,
-    )
-
-
-def save_scan(scan: Scan, folder: Path) -> dict:
-    np.save(folder / "numbers.npy", np.asarray(scan.numbers))
-    np.save(folder / "identities.npy", np.asarray(scan.identities))
-    return {"source": scan.source.spec, "rows": scan.rows, "bad": scan.bad}
+    return {"source": source.spec, "rows": rows, "bad": bad, "arrays": arrays.spec()}
 
 
 # ---------------------------------------------------------------------------- tokens
@@ -310,22 +364,22 @@ class TokenStore:
     """The tokenized rows of one source, memory-mapped: examples are read on demand.
 
     `rows` are the good-row indices (positions in the source's `Scan`) that were tokenized, in
-    order; the examples of `rows[j]` are `row_starts[j]` to `row_starts[j + 1]`.
+    order; the examples of `rows[j]` are `row_starts[j]` to `row_starts[j + 1]`, and example i's
+    tokens `ids[starts[i]:starts[i + 1]]` (`trained` marks those trained).
     """
 
-    def __init__(self, source: RowSource, folder: Path, cached: bool) -> None:
-        meta = cache.read_meta(folder)
+    def __init__(self, source: RowSource, folder: Path, cached: bool, use_cache: bool) -> None:
+        meta, arrays = opened(folder, use_cache)
         self.source, self.format, self.cached = source, source.format, cached
-        self.key = meta["key"]
-        self.rows = load(folder / "rows.npy")
-        self.row_starts = load(folder / "row_starts.npy")
-        self.truncated = load(folder / "truncated.npy")
-        self.starts = load(folder / "starts.npy")
-        self.predicted = load(folder / "predicted.npy")
-        self.digests = load(folder / "digests.npy")
-        self.ids = flat(folder / "ids.bin", np.dtype(meta["dtype"]))
-        self.trained = flat(folder / "trained.bin", np.dtype(np.uint8))
-        self.tokens = meta["tokens"]
+        self.key, self.tokens = meta["key"], meta["tokens"]
+        self.rows = arrays["rows"]
+        self.row_starts = arrays["row_starts"]
+        self.truncated = arrays["truncated"]
+        self.starts = arrays["starts"]
+        self.predicted = arrays["predicted"]
+        self.digests = arrays["digests"]
+        self.ids = arrays["ids"]
+        self.trained = arrays["trained"]
 
     def positions(self, rows: np.ndarray) -> np.ndarray:
         """Where these good-row indices are in `rows` (each must have been tokenized)."""
@@ -342,19 +396,6 @@ class TokenStore:
         ids = np.asarray(self.ids[start:end], dtype=np.int64)
         labels = np.where(np.asarray(self.trained[start:end], dtype=bool), ids, IGNORE)
         return Example(ids.tolist(), labels.tolist())
-
-
-def load(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r")
-    except ValueError:  # an empty array cannot be mapped
-        return np.load(path)
-
-
-def flat(path: Path, dtype: np.dtype) -> np.ndarray:
-    if path.stat().st_size == 0:
-        return np.zeros(0, dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -402,30 +443,23 @@ def tokenize_source(
         "max_seq_len": max_seq_len,
     }
     all_key = cache.entry_key("tokens", {**common, "rows": "all"})
-    key = (
-        all_key
-        if everything
-        else cache.entry_key(
-            "tokens", {**common, "rows": hashlib.sha256(rows.tobytes()).hexdigest()}
-        )
-    )
+    key = all_key
+    if not everything:
+        key = cache.entry_key("tokens", {**common, "rows": hashlib.sha256(rows).hexdigest()})
     if use_cache:
         folder = cache.find_entry("tokens", key) or cache.find_entry("tokens", all_key)
         if folder is not None:
             if len(rows) >= LOG_FROM_ROWS:
                 log.info(f"data: tokens of {source.spec} from the cache ({folder})")
-            return TokenStore(source, folder, cached=True)
+            return TokenStore(source, folder, cached=True, use_cache=True)
     job = Job(source.spec, source.format, source.field_map, tokenizer, template, max_seq_len)
-    dtype = np.dtype(np.uint16 if len(tokenizer) <= 2**16 else np.int32)
+    dtype = "uint16" if len(tokenizer) <= 2**16 else "int32"
 
     def fill(folder: Path) -> dict:
         return write_tokens(reader, job, scan, rows, dtype, num_proc, folder)
 
-    folder = cache.write_entry("tokens", key, fill, keep=use_cache)
-    store = TokenStore(source, folder, cached=False)
-    if not use_cache:
-        shutil.rmtree(folder, ignore_errors=True)  # mapped already: the data stay until unmapped
-    return store
+    folder = entry("tokens", key, fill, use_cache)
+    return TokenStore(source, folder, cached=False, use_cache=use_cache)
 
 
 def write_tokens(
@@ -433,11 +467,11 @@ def write_tokens(
     job: Job,
     scan: Scan,
     rows: np.ndarray,
-    dtype: np.dtype,
+    dtype: str,
     num_proc: int | None,
     folder: Path,
 ) -> dict:
-    """Tokenize `rows` chunk by chunk into the entry's files; what meta.json records."""
+    """Tokenize `rows` chunk by chunk into the entry's arrays; what meta.json records."""
     numbers = np.asarray(scan.numbers[rows], dtype=np.int64)
     processes, chunks = worker_count(num_proc, reader.chunks(numbers))
     started = time.perf_counter()
@@ -446,33 +480,37 @@ def write_tokens(
             f"data: tokenizing {len(rows):,} rows of {job.spec} in {processes} "
             f"process{'es' if processes > 1 else ''}"
         )
-    lengths, predicted, digests, per_row, truncated = [], [], [], [], []
-    done = 0
-    with (folder / "ids.bin").open("wb") as ids, (folder / "trained.bin").open("wb") as trained:
-        for part in in_order(job, tokenize_chunk, chunks, processes):
-            ids.write(part.ids.astype(dtype).tobytes())
-            trained.write(part.trained.tobytes())
-            lengths.append(part.lengths)
-            predicted.append(part.predicted)
-            digests.append(part.digests)
-            per_row.append(part.per_row)
-            truncated.append(part.truncated)
+    dtypes = {
+        "rows": "int64",
+        "row_starts": "int64",
+        "truncated": "uint8",
+        "starts": "int64",
+        "predicted": "int32",
+        "digests": "uint8",
+        "ids": dtype,
+        "trained": "uint8",
+    }
+    examples = tokens = done = 0
+    with (
+        Arrays(folder, dtypes, {"digests": 16}) as arrays,
+        closing(in_order(job, tokenize_chunk, chunks, processes)) as parts,
+    ):
+        arrays.append("rows", rows)
+        arrays.append("row_starts", [0])
+        arrays.append("starts", [0])
+        for part in parts:
+            arrays.append("ids", part.ids)
+            arrays.append("trained", part.trained)
+            arrays.append("starts", tokens + np.cumsum(part.lengths))
+            arrays.append("predicted", part.predicted)
+            arrays.append("digests", np.frombuffer(part.digests, dtype=np.uint8))
+            arrays.append("row_starts", examples + np.cumsum(part.per_row))
+            arrays.append("truncated", part.truncated)
+            examples += len(part.lengths)
+            tokens += int(part.lengths.sum())
             done += len(part.per_row)
     if done != len(rows):
         raise ModeError(f"{job.spec} changed while it was read: read it again")
-    starts = np.zeros(sum(len(x) for x in lengths) + 1, dtype=np.int64)
-    np.cumsum(np.concatenate(lengths), out=starts[1:])
-    row_starts = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(np.concatenate(per_row), out=row_starts[1:])
-    np.save(folder / "rows.npy", rows)
-    np.save(folder / "row_starts.npy", row_starts)
-    np.save(folder / "truncated.npy", np.concatenate(truncated))
-    np.save(folder / "starts.npy", starts)
-    np.save(folder / "predicted.npy", np.concatenate(predicted))
-    np.save(
-        folder / "digests.npy",
-        np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 16),
-    )
     seconds = time.perf_counter() - started
     if len(rows) >= LOG_FROM_ROWS:
         log.info(
@@ -483,9 +521,9 @@ def write_tokens(
         "source": job.spec,
         "format": job.format,
         "rows": int(len(rows)),
-        "examples": int(len(starts) - 1),
-        "tokens": int(starts[-1]),
-        "dtype": dtype.name,
+        "examples": examples,
+        "tokens": tokens,
         "seconds": round(seconds, 3),
         "processes": processes,
+        "arrays": arrays.spec(),
     }
