@@ -189,7 +189,8 @@ class Reader:
 
     @staticmethod
     def sniff_json(path: Path) -> str:
-        """A file without a known suffix: a JSON list if it starts with `[`, else JSON lines."""
+        """A .jsonl file, or one of another suffix: a JSON list when it starts with `[` (read
+        as a .json file is), else JSON lines."""
         with open_file(path) as handle:
             start = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
         return "json" if start.startswith(b"[") else "jsonl"

@@ -28,8 +28,7 @@ from mode_cli.data.tokenizing import Example, ReplyEnd, reply_end
 from mode_cli.errors import ModeError
 
 log = logging.getLogger(__name__)
-# Bumped when `SplitExamples.identity` digests differently: a checkpoint's data identity of
-# another version names the reason a resume is refused.
+# Bumped when `SplitExamples.identity` digests differently (1: `legacy_identity`, unnumbered).
 IDENTITY_VERSION = 2
 
 
@@ -166,6 +165,16 @@ class SplitExamples(Sequence):
             if format not in found:
                 found[format] = self.example(int(np.flatnonzero(self.source == s)[0]))
         return found
+
+
+def legacy_identity(dataset: Dataset) -> dict:
+    """The data identity checkpoints of mode 0.1 recorded: a digest of every example's tokens
+    and labels (int64), in order; read through every example, so only to resume such a run."""
+    digest = hashlib.sha256()
+    for example in dataset.examples:
+        digest.update(np.asarray(example.input_ids, dtype=np.int64).tobytes())
+        digest.update(np.asarray(example.labels, dtype=np.int64).tobytes())
+    return {"train_examples": len(dataset.examples), "sha256": digest.hexdigest()[:16]}
 
 
 @dataclass

@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from mode_cli.artifacts import ADAPTER_DIR, save_head, save_merged
 from mode_cli.config import method, validate
 from mode_cli.console import console
-from mode_cli.data.splits import load_splits
+from mode_cli.data.splits import legacy_identity, load_splits
 from mode_cli.data.tokenizing import IGNORE, Example
 from mode_cli.errors import ModeError
 from mode_cli.eval.answers import answer_rows, answers_by_default, evaluate_answers
@@ -571,16 +571,13 @@ class FinetuneRecipe:
         contents, record = checkpoint_mod.read_checkpoint(
             path, model=self.model, head=self.head, rank=self.world.rank
         )
-        if record["data"].get("version") != self.data_identity()["version"]:
-            raise ModeError(
-                f"cannot resume from {path}: it was written by a version of mode that identifies "
-                "the training data another way, so this one cannot tell whether they are the "
-                "same; finish that run with the version that started it, or start a new one"
-            )
-        if record["data"] != self.data_identity():
+        saved = record["data"]
+        # A checkpoint of mode 0.1 identified the data by a digest of every example's tokens.
+        now = self.data_identity() if "version" in saved else legacy_identity(self.train_set)
+        if saved != now:
             raise ModeError(
                 f"cannot resume from {path}: the training data differ from the checkpoint's "
-                f"({record['data']} there, {self.data_identity()} now)"
+                f"({saved} there, {now} now)"
             )
         load_trainable_state(self.module, self.world, contents.adapter, contents.head)
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
+import numpy as np
 from torch import nn
 
 from mode_cli.data.batching import (
@@ -137,7 +138,8 @@ class BatchStream:
         self._order_epoch, self._order = -1, None
         self.batches_per_epoch = -(-len(examples) // self.batch_size)
 
-    def epoch_order(self):
+    def epoch_order(self) -> np.ndarray:
+        """The order of this epoch's examples (kept while the epoch lasts)."""
         if self._order_epoch != self.epoch:
             self._order = epoch_order(len(self.examples), self.seed, self.epoch)
             self._order_epoch = self.epoch
@@ -147,16 +149,16 @@ class BatchStream:
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
         start = self.index * self.batch_size
-        examples = [
-            self.examples[int(i)] for i in self.epoch_order()[start : start + self.batch_size]
-        ]
+        batch = self.epoch_order()[start : start + self.batch_size]
         self.index += 1
-        mine = examples[self.rank :: self.world_size]
+        # Only this rank's examples are read (from memory-mapped tokens, for a large split).
+        mine = [self.examples[int(i)] for i in batch[self.rank :: self.world_size]]
         if not mine:
             # An epoch's last global micro-batch can hold fewer examples than there are ranks.
             # This rank still runs the step (its wrapper synchronises gradients) on an example
             # with nothing trained: it adds no loss and no gradient.
-            mine = [replace(examples[0], labels=[IGNORE] * len(examples[0].labels))]
+            first = self.examples[int(batch[0])]
+            mine = [replace(first, labels=[IGNORE] * len(first.labels))]
         return collate(mine, self.pad_id)
 
     @property
