@@ -152,7 +152,7 @@ def tokenize_worker(path: str, processes: int) -> dict:
 
         return run
 
-    store.scan_rows = timing("check", store.scan_rows)
+    store.write_scan = timing("check", store.write_scan)
     store.write_tokens = timing("tokenize", store.write_tokens)
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_bundled("bundled:tiny-tokenizer")))
     values = {
