@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from mode_cli.data.batching import join, pack_groups
 from mode_cli.data.formats import Row, chat_template
-from mode_cli.data.selection import Rows, Selection, row_sources, select
+from mode_cli.data.selection import Rows, Selection, present, row_sources, select
 from mode_cli.data.sources import Reader, RowSource, read_rows
 from mode_cli.data.store import Scan, TokenStore, scan_source, tokenize_source
 from mode_cli.data.tokenizing import Example, ReplyEnd, reply_end
@@ -122,7 +122,7 @@ class SplitExamples(Sequence):
     def per_store(self, values) -> np.ndarray:
         """`values(store, indices)` for every example before packing, in order."""
         out = None
-        for s in np.unique(self.source):
+        for s in present(self.source):
             mine = self.source == s
             got = np.asarray(values(self.stores[s], self.index[mine]))
             if out is None:
@@ -160,7 +160,7 @@ class SplitExamples(Sequence):
     def first_of_each_format(self) -> dict[str, Example]:
         """The first example (before packing) of each format in the split."""
         found = {}
-        for s in np.unique(self.source):
+        for s in present(self.source):
             format = self.stores[s].format
             if format not in found:
                 found[format] = self.example(int(np.flatnonzero(self.source == s)[0]))
@@ -251,7 +251,7 @@ def assemble(rows: Rows, stores: list[TokenStore | None]) -> tuple[SplitExamples
     n = len(rows)
     first, count = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     stats = DataStats(rows=n, cached=True)
-    for s in np.unique(rows.source):
+    for s in present(rows.source):
         mine = rows.source == s
         store = stores[s]
         at = store.positions(rows.index[mine])
@@ -278,7 +278,7 @@ def check_reply_ends(
 ) -> list[ReplyEnd]:
     """How the training formats' replies end; one that does not end with a trained end-of-turn
     or EOS token is a warning, or an error with `data.require_eos`."""
-    formats = sorted({selection.sources[s].format for s in np.unique(selection.train.source)})
+    formats = sorted({selection.sources[s].format for s in present(selection.train.source)})
     ends = [reply_end(format, tokenizer, template) for format in formats]
     for end in ends:
         if end.problem is None:
@@ -327,7 +327,7 @@ def rows_in_order(selection: Selection, rows: Rows) -> list[Row]:
     """The rows themselves, read again from their sources (only these rows), in order."""
     numbers = selection.row_numbers(rows)
     found: dict[tuple[int, int], Row] = {}
-    for s in np.unique(rows.source):
+    for s in present(rows.source):
         wanted = np.unique(numbers[rows.source == s])
         for row in read_rows(selection.sources[s], wanted):
             found[(int(s), row.number)] = row
