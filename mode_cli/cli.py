@@ -6,6 +6,7 @@
     mode generate checkpoint=DIR prompt=TEXT [head=ensemble|final] [max_new_tokens=N ...]
     mode chat checkpoint=DIR [head=ensemble|final ...]
     mode recipes | mode recipes show NAME [key=value ...] | mode recipes cp NAME PATH
+    mode cache | mode cache clear
 
 Errors a user can cause (ModeError) print one message and exit 2; bugs still raise.
 """
@@ -129,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("overrides", nargs="*", metavar="checkpoint=DIR key=value")
 
+    cached = sub.add_parser(
+        "cache",
+        help="show or clear the tokenized-data cache",
+        description="The checked and tokenized rows kept between runs (data.cache=true), so a "
+        "run with the same data, tokenizer, chat template and max_seq_len starts without "
+        "tokenizing. `mode cache` lists the entries; `mode cache clear` removes them all.",
+    )
+    cached.add_argument("action", nargs="?", choices=["show", "clear"], default="show")
+
     recipes = sub.add_parser("recipes", help="list, show or copy recipes")
     recipes.add_argument("action", nargs="?", choices=["list", "show", "cp"], default="list")
     recipes.add_argument("args", nargs="*", metavar="NAME [overrides] | NAME PATH")
@@ -153,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command in ("generate", "chat"):
             return cmd_generate(args)
+        if args.command == "cache":
+            return cmd_cache(args)
         return cmd_recipes(args)
     except ModeError as err:
         from rich.text import Text
@@ -332,6 +344,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return chat_loop(model, tokenizer, options)
     prompt = format_prompt(options.prompt, model.mode_config, tokenizer)
     stream_reply(model, tokenizer, prompt, options)
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """`mode cache`: the tokenized-data cache's entries and size; `mode cache clear` empties it."""
+    import time
+
+    from rich.table import Table
+
+    from mode_cli.console import out
+    from mode_cli.data.cache import clear_entries, data_cache_dir, list_entries
+
+    folder = data_cache_dir()
+    if args.action == "clear":
+        removed, freed = clear_entries()
+        out.print(f"removed {removed} entries ({freed / 2**20:,.1f} MiB) from {folder}")
+        return 0
+    entries = list_entries()
+    table = Table("kind", "source", "rows", "tokens", "MiB", "last used", title=str(folder))
+    for entry in entries:
+        table.add_row(
+            entry.kind,
+            entry.source,
+            f"{entry.rows:,}" if entry.complete else "",
+            f"{entry.tokens:,}" if entry.tokens else "",
+            f"{entry.bytes / 2**20:,.1f}",
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)),
+        )
+    out.print(table)
+    total = sum(entry.bytes for entry in entries)
+    out.print(f"{len(entries)} entries, {total / 2**20:,.1f} MiB; `mode cache clear` removes them")
     return 0
 
 

@@ -108,9 +108,12 @@ class DataSourceConfig:
 class DataConfig:
     """Training data: rows of a file or dataset, rendered by `format`, with the loss on responses.
 
-    train / eval: a local .json or .jsonl file, a hub dataset id, or `bundled:<name>/<file>`. With no
-    eval source, `eval_fraction` of the training rows are held out. `on_bad_row`: `error` stops at
-    the first malformed row (naming its row number); `skip` drops such rows and reports the count.
+    train / eval: a local .jsonl, .json, .parquet or .csv file, a hub dataset id, or
+    `bundled:<name>/<file>`. With no eval source, `eval_fraction` of the training rows are held
+    out. `on_bad_row`: `error` stops at the first malformed row (naming its row number); `skip`
+    drops such rows and reports the count. streaming: read hub datasets as a stream (no download
+    into datasets' cache; needs the network). dedup: `exact` drops rows that say exactly what an
+    earlier row says (their format's fields), before the eval rows are held out.
     format: `alpaca` (instruction, optional input, output; the response trained), `chat`
     (`messages` of role/content turns in the chat template; the assistant turns trained), `text`
     (plain documents, every token trained, long ones split into max_seq_len chunks).
@@ -125,6 +128,12 @@ class DataConfig:
     sequences. The eval split is never packed.
     max_dropped_fraction: the share of a split's examples that may lose every trained token to
     truncation (they are dropped and reported) before that is an error.
+    require_eos: refuse data whose replies do not end with a trained end-of-turn or EOS token
+    (a chat template that renders none, or renders it with the next turn); off, that is a warning.
+    cache: keep the checked and tokenized rows in the cache (`mode cache`), so the next run with
+    the same data, tokenizer, template and max_seq_len starts without tokenizing.
+    num_proc: processes that check and tokenize (null: the available cores, at most 8, for a
+    source of 10,000 rows or more).
     """
 
     train: str | None = None
@@ -142,6 +151,11 @@ class DataConfig:
     max_train_examples: int | None = None
     max_eval_examples: int | None = 200
     seed: int = 0
+    streaming: bool = False
+    dedup: str = "none"
+    require_eos: bool = False
+    cache: bool = True
+    num_proc: int | None = None
 
 
 def data_problems(data: DictConfig) -> list[str]:
@@ -477,6 +491,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     """Every key with a fixed set of values, and the values: each list comes from the module that
     implements the choice (imported here, on first use, so the schema alone stays light)."""
     from mode_cli.data.formats import FORMATS
+    from mode_cli.data.selection import DEDUP_POLICIES
     from mode_cli.data.sources import BAD_ROW_POLICIES
     from mode_cli.devices import DEVICES
     from mode_cli.eval.answers import ANSWER_MODES, NORMALISERS
@@ -497,6 +512,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "model.quantization": QUANTIZATIONS,
         "data.format": FORMATS,
         "data.on_bad_row": BAD_ROW_POLICIES,
+        "data.dedup": DEDUP_POLICIES,
         "layers.select": SELECTIONS,
         "router.kind": ROUTERS,
         "router.init": ROUTER_INITS,
@@ -562,6 +578,7 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True, training: bool = T
         "loss.temperature",
         "data.max_train_examples",
         "data.max_eval_examples",
+        "data.num_proc",
         "eval.max_examples",
         "train.head_lr",
         "train.threads",

@@ -164,6 +164,8 @@ def implemented(tmp_path: Path):
         "model.quantization": lambda v: v in ("nf4", "none"),
         "data.format": lambda v: FORMAT_FIELDS[v],
         "data.on_bad_row": lambda v: v in ("error", "skip"),
+        # Both policies are run against a naive reference in tests/test_data_cache.py.
+        "data.dedup": lambda v: v in ("none", "exact"),
         "layers.select": selection,
         "router.kind": router,
         "router.init": lambda v: MoDEHead(

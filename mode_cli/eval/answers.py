@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mode_cli.data.formats import row_format, row_prompt
-from mode_cli.data.sources import eval_rows
+from mode_cli.data.splits import eval_rows
 from mode_cli.decode.generate import generate_texts
 from mode_cli.devices import is_cuda
 from mode_cli.errors import ModeError
@@ -205,12 +205,12 @@ def answer_rows(cfg, *, auto: bool = True) -> list[dict] | None:
     """
     if cfg.eval.answers == "off" or (cfg.eval.answers == "auto" and not auto):
         return None
-    rows = eval_rows(cfg.data)
+    rows = eval_rows(cfg.data, limit=cfg.eval.answer_examples)
     field = cfg.eval.answer_field
     if cfg.eval.answers == "auto" and not has_answers(rows, field):
         return None
     check_answers_available(rows, field, data_description(cfg.data))
-    return list(rows[: cfg.eval.answer_examples])
+    return rows
 
 
 def base_parameters(model) -> int:

@@ -85,6 +85,11 @@ RESUMABLE_CHANGES = (
     "train.micro_batch_size",
     "distributed.",
     "data.max_eval_examples",
+    # How the data are read and checked, not which: the same training examples either way.
+    "data.cache",
+    "data.num_proc",
+    "data.streaming",
+    "data.require_eos",
 )
 # Keys a resume decides rather than compares (`extend.continuation`): the step budget, which an
 # extension raises; the switch asking for it; the record of extensions and the weights the run

@@ -25,7 +25,6 @@ weights (`init_from=`, `start_from.py`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shlex
@@ -38,14 +37,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mode_cli.artifacts import ADAPTER_DIR, INIT_FROM_RECORD, run_lineage, save_head, save_merged
 from mode_cli.config import method, validate
 from mode_cli.console import console
-from mode_cli.data.splits import load_splits
+from mode_cli.data.splits import legacy_identity, load_splits
 from mode_cli.data.tokenizing import IGNORE, Example
 from mode_cli.devices import empty_cache, peak_memory_bytes
 from mode_cli.errors import ModeError
@@ -578,16 +576,10 @@ class FinetuneRecipe:
         self.checkpoints_written += 1
 
     def data_identity(self) -> dict:
-        """The training examples' count and a digest of their tokens: a resume must see the same."""
+        """The training examples' count and a digest of their tokens, order and packing
+        (`SplitExamples.identity`): a resume must see the same."""
         if self._data_identity is None:
-            digest = hashlib.sha256()
-            for example in self.train_set.examples:
-                digest.update(np.asarray(example.input_ids, dtype=np.int64).tobytes())
-                digest.update(np.asarray(example.labels, dtype=np.int64).tobytes())
-            self._data_identity = {
-                "train_examples": len(self.train_set.examples),
-                "sha256": digest.hexdigest()[:16],
-            }
+            self._data_identity = self.train_set.examples.identity()
         return self._data_identity
 
     def agreed(self, decide: Callable[[], T]) -> T:
@@ -775,10 +767,13 @@ class FinetuneRecipe:
         contents, record = checkpoint_mod.read_checkpoint(
             path, model=self.model, head=self.head, rank=self.world.rank
         )
-        if record["data"] != self.data_identity():
+        saved = record["data"]
+        # A checkpoint of mode 0.1 identified the data by a digest of every example's tokens.
+        now = self.data_identity() if "version" in saved else legacy_identity(self.train_set)
+        if saved != now:
             raise ModeError(
                 f"cannot resume from {path}: the training data differ from the checkpoint's "
-                f"({record['data']} there, {self.data_identity()} now)"
+                f"({saved} there, {now} now)"
             )
         load_trainable_state(self.module, self.world, contents.adapter, contents.head)
         try:
@@ -984,6 +979,8 @@ class FinetuneRecipe:
             if self.world.distributed
             else ""
         )
+        if self.world.main:
+            describe_data(self)
         console.print(
             f"{len(self.train_set.examples)} train / {len(self.eval_set.examples)} eval examples; "
             f"trainable parameters: {counts['adapter']:,} adapter + {counts['mode_head']:,} "
@@ -1020,9 +1017,12 @@ def dry_run(cfg: DictConfig) -> dict:
         source = start_from.check(cfg, recipe.source)
         console.print(f"init_from: {source.describe()} fits this recipe", soft_wrap=True)
     counts = count_trainable(recipe)
-    show_example(recipe.tokenizer, recipe.train_set.examples[0])
-    for name, split in (("train", recipe.train_set), ("eval", recipe.eval_set)):
-        console.print(f"{name}: {split.stats.describe(cfg.data.max_seq_len)}")
+    for format, example in recipe.train_set.examples.first_of_each_format().items():
+        show_example(recipe.tokenizer, example, format)
+    for end in recipe.train_set.reply_ends:
+        if end.problem is None:
+            console.print(f"end of a reply: {end.describe()}", soft_wrap=True, highlight=False)
+    describe_data(recipe)
     console.print(
         f"trainable parameters: {counts['adapter']:,} adapter + {counts['mode_head']:,} MoDE head "
         f"= {counts['total']:,}"
@@ -1036,7 +1036,15 @@ def dry_run(cfg: DictConfig) -> dict:
     }
 
 
-def show_example(tokenizer, example: Example) -> None:
+def describe_data(recipe: FinetuneRecipe) -> None:
+    """What the data came to, a line per split (in the dry run and the run's log)."""
+    max_seq_len = recipe.cfg.data.max_seq_len
+    for name, split in (("train", recipe.train_set), ("eval", recipe.eval_set)):
+        cached = "; from the cache" if split.stats.cached else ""
+        console.print(f"{name}: {split.stats.describe(max_seq_len)}{cached}", soft_wrap=True)
+
+
+def show_example(tokenizer, example: Example, format: str = "") -> None:
     """One formatted example: the masked prompt dim, the trained response highlighted."""
     from rich.markup import escape
     from rich.text import Text
@@ -1053,7 +1061,8 @@ def show_example(tokenizer, example: Example) -> None:
             piece = piece + "]]"
         text.append(piece, style="bold green" if trained[i] else "dim")
     legend = escape("[[trained]]") if plain else "[bold green]green[/bold green]"
-    console.print(f"[bold]example[/bold] (dim: prompt, masked; {legend}: response, trained):")
+    kind = f" ({format})" if format else ""
+    console.print(f"[bold]example{kind}[/bold] (dim: prompt, masked; {legend}: response, trained):")
     console.print(text)
 
 
