@@ -113,6 +113,14 @@ def lm_head(model: nn.Module) -> nn.Module:
     return get_attr(base_of(model), family_of(base_of(model)).lm_head)
 
 
+def decoder_paths(model: nn.Module) -> tuple[str, str]:
+    """Where the decoder layers and the final norm are inside the decoder (`layers`, `norm`):
+    what a MoDE model built around this model's decoder reads (`modeling_mode.MoDEModel`)."""
+    family = family_of(base_of(model))
+    prefix = family.decoder + "."
+    return family.layers.removeprefix(prefix), family.final_norm.removeprefix(prefix)
+
+
 def logit_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """What the model does to logits after the LM head, or None when it does nothing.
 
