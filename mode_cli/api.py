@@ -136,4 +136,6 @@ def prompt_inputs(model: nn.Module, tokenizer, text: str):
 
 def harness_dir() -> Path:
     """The folder of mode's lm-evaluation-harness tasks (`lm_eval --include_path`)."""
-    return Path(__file__).resolve().parent / "harness"
+    from mode_cli.eval.harness import HARNESS_DIR
+
+    return HARNESS_DIR

@@ -5,6 +5,7 @@
     mode eval checkpoint=DIR [key=value ...]
     mode generate checkpoint=DIR prompt=TEXT [head=ensemble|final] [max_new_tokens=N ...]
     mode chat checkpoint=DIR [head=ensemble|final ...]
+    mode export checkpoint=DIR out=DIR [head=ensemble|final] [dtype=bf16|fp16|fp32] [base=...]
     mode recipes | mode recipes show NAME [key=value ...] | mode recipes cp NAME PATH
 
 Errors a user can cause (ModeError) print one message and exit 2; bugs still raise.
@@ -129,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chat.add_argument("overrides", nargs="*", metavar="checkpoint=DIR key=value")
 
+    export = sub.add_parser(
+        "export",
+        help="a finished run as a model folder to deploy (transformers, lm-eval, vLLM)",
+        description="Write a run's model into a new folder: the adapter merged in, the tokenizer "
+        "with the run's prompt format as chat template, a generation config that stops at the "
+        "end of a turn, and a model card. head=ensemble (the default for a run with a router) "
+        "writes the MoDE model, which transformers loads with trust_remote_code=True; "
+        "head=final a plain model of the base family, predicting from its final layer.",
+        epilog="checkpoint=DIR  a run folder written by mode train (or its merged/ folder)\n"
+        "out=DIR         a new or empty folder\n"
+        "head=ensemble|final, dtype=bf16|fp16|fp32 (default: the run's merge.dtype), "
+        "base=dequantized|original (default: the run's merge.base)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("overrides", nargs="*", metavar="checkpoint=DIR out=DIR key=value")
+
     recipes = sub.add_parser("recipes", help="list, show or copy recipes")
     recipes.add_argument("action", nargs="?", choices=["list", "show", "cp"], default="list")
     recipes.add_argument("args", nargs="*", metavar="NAME [overrides] | NAME PATH")
@@ -153,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command in ("generate", "chat"):
             return cmd_generate(args)
+        if args.command == "export":
+            return cmd_export(args)
         return cmd_recipes(args)
     except ModeError as err:
         from rich.text import Text
@@ -324,6 +343,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return chat_loop(model, tokenizer, options)
     prompt = format_prompt(options.prompt, model.mode_config, tokenizer)
     stream_reply(model, tokenizer, prompt, options)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mode_cli.export.command import run_export
+
+    run_export(args.overrides)
     return 0
 
 

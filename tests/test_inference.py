@@ -4,7 +4,6 @@ cache against full recomputation, `mode generate` / `mode chat`, and the Python 
 from __future__ import annotations
 
 import io
-import shutil
 
 import pytest
 import torch
@@ -362,11 +361,12 @@ def test_bad_checkpoints_give_one_clear_message(mode, tiny_run, tmp_path, final_
     assert code == 2 and "not found" in err
     code, _, err = mode("generate", f"checkpoint={tiny_run}")
     assert code == 2 and "prompt=" in err
-    # A merged folder whose MoDE head was left behind.
+    # A final-layer export whose MoDE head was left behind.
     bare = tmp_path / "merged"
-    shutil.copytree(tiny_run / "merged", bare)
+    code, _, err = mode("export", f"checkpoint={tiny_run}", f"out={bare}", "head=final")
+    assert code == 0, err
     for name in ("mode_head.json", "mode_head.safetensors"):
-        (bare / name).unlink(missing_ok=True)
+        (bare / name).unlink()
     code, _, err = mode("generate", f"checkpoint={bare}", "prompt=hi")
     assert code == 2 and "merged model without its MoDE head" in err
     # A final-only run has no ensemble; its final layer decodes.

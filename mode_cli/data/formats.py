@@ -15,6 +15,8 @@ model sees before its response.
 
 from __future__ import annotations
 
+import json
+
 from mode_cli.errors import ModeError
 
 FORMATS = ("alpaca", "chat", "text")
@@ -54,6 +56,24 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def alpaca_chat_template(bos_token: bool = False) -> str:
+    """The Alpaca template as a Jinja chat template, for an exported model of an `alpaca` run:
+    each user message becomes an Alpaca prompt, each earlier reply is followed by a blank line
+    (what `mode chat` renders), system messages are left out. `bos_token` puts the tokenizer's BOS
+    first, for a tokenizer that adds one to a prompt (a chat template carries its own special
+    tokens)."""
+    before, after = ALPACA_NO_INPUT.split("{instruction}")
+    return (
+        ("{{ bos_token }}" if bos_token else "")
+        + "{% for message in messages %}"
+        + "{% if message['role'] == 'user' %}"
+        + f"{{{{ {json.dumps(before)} + message['content'] + {json.dumps(after)} }}}}"
+        + "{% elif message['role'] == 'assistant' %}"
+        + "{{ message['content'] + '\\n\\n' }}"
+        + "{% endif %}{% endfor %}"
+    )
 
 
 def alpaca_prompt(row: dict) -> str:

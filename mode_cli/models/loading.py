@@ -86,14 +86,16 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 
 def load_base_model(
-    source: str, model_cfg: DictConfig, precision: str, device: str
+    source: str, model_cfg: DictConfig, precision: str, device: str, **extra
 ) -> PreTrainedModel:
-    """Load the frozen base model, in NF4 (QLoRA) or in the compute dtype, on `device`."""
+    """Load the frozen base model, in NF4 (QLoRA) or in the compute dtype, on `device`. `extra`
+    goes to `from_pretrained` (a config and a key mapping read a MoDE export as its family)."""
     dtype = compute_dtype(precision)
     kwargs: dict = {
         "revision": model_cfg.revision,
         "trust_remote_code": model_cfg.trust_remote_code,
         "dtype": dtype,
+        **extra,
     }
     if model_cfg.quantization == "nf4":
         from transformers import BitsAndBytesConfig
