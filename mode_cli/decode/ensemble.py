@@ -54,7 +54,8 @@ def wrap(model: nn.Module, head: MoDEHead, kind: str = "ensemble") -> MoDEForCau
     """`model` (a transformers CausalLM of a supported family, or a peft model around one) and its
     trained head as a `MoDEForCausalLM` that shares their modules; decoding with `kind`.
 
-    The wrapper keeps hooks on the model's selected decoder layers: `unwrap` removes them."""
+    The wrapper keeps hooks on the model's selected decoder layers: `unwrap` removes them. Its
+    `loaded_model` is `model`, which `families` reads through (`families.final_norm(wrapper)`)."""
     check_head_kind(kind, head)
     n = families.num_layers(model)
     if head.num_layers != n:
@@ -66,6 +67,8 @@ def wrap(model: nn.Module, head: MoDEHead, kind: str = "ensemble") -> MoDEForCau
     wrapped = MoDEForCausalLM.around(families.base_of(model), head, layers, final_norm)
     wrapped.model.ensemble = kind == "ensemble"
     wrapped.train(model.training)
+    # Not a submodule (its modules are the wrapper's already): what `families` reads through.
+    object.__setattr__(wrapped, "loaded_model", model)
     return wrapped
 
 

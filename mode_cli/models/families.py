@@ -97,7 +97,9 @@ def get_attr(root: nn.Module, path: str) -> nn.Module:
 
 
 def base_of(model: nn.Module) -> PreTrainedModel:
-    """The transformers CausalLM under a peft wrapper (or the model itself)."""
+    """The transformers CausalLM under a peft wrapper, or under the MoDE model `mode` decodes
+    through (`decode.ensemble.wrap` keeps the model it was built around); else the model itself."""
+    model = getattr(model, "loaded_model", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
