@@ -496,3 +496,48 @@ def test_a_smollm2_chat_runs_export_decodes_as_mode_and_stops_at_end_of_turn(
     assert im_end in stops
     reply = got["chat_reply"]
     assert reply[-1] == im_end and len(reply) < limit
+
+
+# ---------------------------------------------------------------------------- docs and scripts
+
+
+def test_the_readmes_transformers_example_runs_as_written(tiny_run, capsys):
+    """README, "Deploying a tuned model": the transformers lines, on the tiny run's merged folder."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Deploying a tuned model", 1)[1]
+    code = section.split("In transformers:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"path/to/merged"' in code and "trust_remote_code=True" in code
+    exec(code.replace('"path/to/merged"', repr(str(tiny_run / "merged"))), {})
+    assert "What is 12 + 30?" in capsys.readouterr().out
+
+
+def load_script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_export_benchmark_runs_and_writes_its_section(tiny_run, tmp_path):
+    """scripts/bench_export.py on the tiny run, one short round: both exports decode, side by
+    side, and the section is written (the figures in docs/benchmarks.md are the demo model's)."""
+    bench = load_script("bench_export")
+    result = bench.measure(tiny_run, rounds=2, count=1, new_tokens=3, threads=1)
+    assert result["classes"] == {"ensemble": "MoDEForCausalLM", "final": "LlamaForCausalLM"}
+    assert len(result["round_ratios"]) == 2 and result["ratio"] > 0
+    doc = tmp_path / "benchmarks.md"
+    bench.write_section("bench_export", bench.markdown(result), doc)
+    assert "| ensemble / final |" in doc.read_text()
+
+
+def test_the_harness_script_checks_the_ensembles_log_likelihoods(tiny_run):
+    """scripts/harness_exports.py on the tiny run, two documents a task: both exports scored,
+    every choice's log-likelihood of the ensemble export within 1e-4 of mode's on the run."""
+    load_script("harness_exports").main(["--run", str(tiny_run), "--limit", "2"])
+    record = json.loads((tiny_run / "harness.json").read_text())
+    assert set(record["ensemble"]) == {"mc_acc", "gen_exact_match"} == set(record["final"])
+    check = record["ensemble_vs_mode"]
+    assert check["items"] == 8 and check["over_tolerance"] == 0
