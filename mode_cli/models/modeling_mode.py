@@ -204,22 +204,33 @@ class MoDEModel(MoDEPreTrainedModel):
         self.base.set_input_embeddings(value)
 
     def get_decoder(self) -> nn.Module:
-        # The mix is part of the decoder: engines that compile "the decoder" compile the whole.
+        # The mix is part of the decoder: an engine that compiles "the decoder" (vLLM compiles the
+        # class this returns, with input_ids, position_ids and inputs_embeds dynamic) compiles
+        # the whole.
         return self
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ):
+        # Every other argument (the cache, an engine's attention metadata) goes to the decoder as
+        # it came: the family's attention reads them.
         return_dict = kwargs.pop("return_dict", None)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         self._states.clear()
         self._capturing = self.ensemble
         try:
             outputs = self.base(
-                input_ids=input_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                return_dict=True,
+                **kwargs,
             )
         finally:
             self._capturing = False
