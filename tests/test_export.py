@@ -20,7 +20,7 @@ import pytest
 import torch
 import transformers
 import yaml
-from helpers import run_command
+from helpers import naive_ensemble_logits, run_command
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
@@ -114,22 +114,6 @@ def model_and_head(family: str, router: str, train_final_norm: bool, vocab: int)
     return model, head.eval()
 
 
-def naive_logits(model, head, inputs) -> torch.Tensor:
-    """The ensemble by its definition: each selected layer's logits mixed by the router."""
-    layers = families.get_attr(model, families.family_of(model).layers)
-    kept = []
-    hook = layers[-1].register_forward_hook(lambda m, a, out: kept.append(out))
-    states = list(families.hidden_states(model, inputs["input_ids"], inputs["attention_mask"]))
-    hook.remove()
-    if head.train_final_norm:
-        states[-1] = kept[0][0] if isinstance(kept[0], tuple) else kept[0]
-    normed, weights = head(states)
-    per_layer = torch.stack([families.lm_head(model)(state) for state in normed])
-    mixed = torch.einsum("sbtv,bts->btv", per_layer, weights)
-    logit_fn = families.logit_fn(model)
-    return logit_fn(mixed) if logit_fn else mixed
-
-
 def mode_greedy(model, head, tok, ids: list[int], steps: int = STEPS, **sampling) -> list[int]:
     """What `mode generate` decodes from these prompt ids: its generation config, the ensemble."""
     temperature = sampling.get("temperature", 0.0)
@@ -206,7 +190,7 @@ def test_plain_transformers_decodes_the_ensemble_as_mode_does(exported, case):
         ensemble = decoder(**inputs).logits
         final = model(**inputs).logits
     with torch.no_grad():
-        naive = naive_logits(model, head, inputs)
+        naive = naive_ensemble_logits(model, head, inputs["input_ids"], inputs["attention_mask"])
     torch.testing.assert_close(ensemble, naive, atol=1e-5, rtol=1e-5)
     assert (got["logits"] - ensemble).abs().max().item() <= 1e-4
     assert (got["logits"] - final).abs().max().item() > 1e-2  # not the final layer

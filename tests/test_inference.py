@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 import transformers
+from helpers import naive_ensemble_logits
 
 from mode_cli import files as files_mod
 from mode_cli import options as options_mod
@@ -68,28 +69,6 @@ def model_and_head(
     return model, head
 
 
-def reference_logits(model, head, input_ids, attention_mask):
-    """The naive ensemble, by its definition: every selected layer's logits through its norm and
-    the LM head, mixed with the router's weights, then the model's logit_fn (Gemma 2's
-    soft-capping). No shortcut through the mixed state.
-
-    A head with its own norm for layer N gets N's state before the model's final norm: the last
-    decoder layer's output, kept here by a hook of the test's own."""
-    layers = families_mod.get_attr(model, families_mod.family_of(model).layers)
-    kept = []
-    hook = layers[-1].register_forward_hook(lambda m, args, out: kept.append(out))
-    states = list(families_mod.hidden_states(model, input_ids, attention_mask))
-    hook.remove()
-    if head.train_final_norm:
-        states[-1] = kept[0][0] if isinstance(kept[0], tuple) else kept[0]
-    normed, weights = head(states)
-    lm_head = families_mod.lm_head(model)
-    per_layer = torch.stack([lm_head(state) for state in normed])  # [|S|, B, T, V]
-    mixed = torch.einsum("sbtv,bts->btv", per_layer, weights)
-    logit_fn = families_mod.logit_fn(model)
-    return logit_fn(mixed) if logit_fn else mixed
-
-
 def hooks_on_layers(model) -> int:
     """The MoDE hooks on the model's decoder layers (transformers keeps hooks of its own there)."""
     layers = families_mod.get_attr(model, families_mod.family_of(model).layers)
@@ -112,7 +91,7 @@ def test_ensemble_forward_matches_naive_reference(family, train_final_norm):
     mask[0, :3] = 0  # left padding
     with torch.no_grad():
         own = model(input_ids=ids, attention_mask=mask).logits
-        expected = reference_logits(model, head, ids, mask)
+        expected = naive_ensemble_logits(model, head, ids, mask)
         with ensemble_mod.use_head(model, "ensemble", head) as decoder:
             assert isinstance(decoder, MoDEForCausalLM)
             assert hooks_on_layers(model) == len(head.layers) - (not train_final_norm)
@@ -160,7 +139,7 @@ def naive_greedy(
     for _ in range(steps):
         x = torch.tensor([ids])
         with torch.no_grad():
-            step = reference_logits(model, head, x, torch.ones_like(x))[0, -1]
+            step = naive_ensemble_logits(model, head, x, torch.ones_like(x))[0, -1]
         logits.append(step)
         ids.append(int(step.argmax()))
     return ids[len(prompt) :], logits

@@ -15,6 +15,7 @@ from mode_cli.eval.render import (
     answers_model,
     answers_rows,
     header,
+    markdown_table,
     summary_line,
     table_rows,
 )
@@ -92,7 +93,6 @@ def recipe_rows(cfg: DictConfig, head: dict | None) -> list[tuple[str, str]]:
 
 def results(report: dict) -> list[str]:
     """The run's report as the card shows it: the per-layer table and the answer accuracy."""
-    columns = header(report)
     lines = [
         "## Results",
         "",
@@ -100,10 +100,8 @@ def results(report: dict) -> list[str]:
         f"`{report['data']['eval']}`, {report['data']['tokens']:,} response tokens). "
         f"{summary_line(report)}.",
         "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
+        *markdown_table(header(report), table_rows(report)),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
     lines += [
         "",
         "Every layer read through the LM head (logit lens: the trained norm for the MoDE layers, "
@@ -116,11 +114,7 @@ def results(report: dict) -> list[str]:
             f"Answer accuracy: greedy answers to {answers['examples']} eval questions, exact "
             f"match after `{answers['match']}` normalisation, with 95% Wilson intervals.",
             "",
-            "| " + " | ".join(ANSWER_COLUMNS) + " |",
-            "|" + "---|" * len(ANSWER_COLUMNS),
-        ]
-        lines += [
-            "| " + " | ".join(row) + " |" for row in answers_rows(answers, answers_model(report))
+            *markdown_table(ANSWER_COLUMNS, answers_rows(answers, answers_model(report))),
         ]
     return lines
 
@@ -208,9 +202,7 @@ def model_card(cfg: DictConfig, *, head_kind: str, head: dict | None, report: di
     lines += [
         "## Training recipe",
         "",
-        "| setting | value |",
-        "|---|---|",
-        *[f"| {key} | {value} |" for key, value in recipe_rows(cfg, head)],
+        *markdown_table(("setting", "value"), recipe_rows(cfg, head)),
         "",
         "The whole resolved recipe is `mode_config.yaml`.",
         "",
