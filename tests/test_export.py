@@ -525,3 +525,31 @@ def test_the_harness_script_checks_the_ensembles_log_likelihoods(tiny_run):
     assert set(record["ensemble"]) == {"mc_acc", "gen_exact_match"} == set(record["final"])
     check = record["ensemble_vs_mode"]
     assert check["items"] == 8 and check["over_tolerance"] == 0
+
+
+# ---------------------------------------------------------------------------- which folder
+
+
+def test_each_method_merges_into_the_folder_it_decodes_with(mode, tmp_path):
+    """A run with a router merges into the ensemble model (mode-only too: the frozen base with its
+    trained head); one without into the plain model; asking a method without a router for the
+    ensemble is refused before training."""
+    from safetensors import safe_open
+
+    for loss, expected in (("mode-only", "mode"), ("layerwise", "llama")):
+        out = tmp_path / loss
+        code, _, err = mode(
+            "train", "recipe=tiny-llama-alpaca", f"loss={loss}", "train.max_steps=1",
+            "eval.answers=off", "eval.compare_base=false", f"output_dir={out}",
+        )  # fmt: skip
+        assert code == 0, err
+        config = json.loads((out / "merged" / "config.json").read_text())
+        assert config["model_type"] == expected
+    with safe_open(str(tmp_path / "mode-only" / "merged" / "model.safetensors"), "pt") as weights:
+        assert any(name.startswith("model.mode_head.") for name in weights.keys())  # noqa: SIM118
+    code, _, err = mode(
+        "train", "recipe=tiny-llama-alpaca", "loss=final-only", "merge.head=ensemble",
+        f"output_dir={tmp_path / 'refused'}",
+    )  # fmt: skip
+    assert code == 2 and "merge.head=ensemble: loss=final-only has no MoDE head" in err
+    assert not (tmp_path / "refused").exists()
