@@ -17,6 +17,7 @@ The folder is written beside its target and renamed into place when complete.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -85,8 +86,6 @@ def stop_token_ids(tokenizer, template: str | None) -> list[int]:
 def write_generation_config(folder: Path, model: nn.Module, tokenizer, stops: list[int]) -> None:
     """`generation_config.json`: the model's own, stopping at `stops`, padding with the tokenizer's
     pad token."""
-    import copy
-
     config = copy.deepcopy(model.generation_config)
     config.eos_token_id = stops if len(stops) > 1 else stops[0]
     config.pad_token_id = tokenizer.pad_token_id
