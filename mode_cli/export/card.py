@@ -98,7 +98,7 @@ def results(report: dict) -> list[str]:
         "",
         f"From the run's eval report ({report['data']['examples']} examples of "
         f"`{report['data']['eval']}`, {report['data']['tokens']:,} response tokens). "
-        f"{summary_line(report)}.",
+        f"{summary_line(report)[:1].upper()}{summary_line(report)[1:]}.",
         "",
         *markdown_table(header(report), table_rows(report)),
     ]
