@@ -276,7 +276,15 @@ def load_ensemble_export(path: Path, exported, model_cfg: DictConfig, cfg: DictC
         raise ModeError(
             f"{path / 'config.json'}: mode_head does not describe a head: {err}"
         ) from None
-    head.load_state_dict(export_tensors(path, "model.mode_head."))
+    saved = export_tensors(path, "model.mode_head.")
+    expected = {name: tuple(t.shape) for name, t in head.state_dict().items()}
+    if {name: tuple(t.shape) for name, t in saved.items()} != expected:
+        raise ModeError(
+            f"{path} does not hold the MoDE head its config.json describes: model.mode_head.* "
+            f"holds {describe_shapes({n: tuple(t.shape) for n, t in saved.items()})}, "
+            f"{describe_shapes(expected)} expected"
+        )
+    head.load_state_dict(saved)
     return model, head.to(device)
 
 

@@ -553,3 +553,18 @@ def test_each_method_merges_into_the_folder_it_decodes_with(mode, tmp_path):
     )  # fmt: skip
     assert code == 2 and "merge.head=ensemble: loss=final-only has no MoDE head" in err
     assert not (tmp_path / "refused").exists()
+
+
+def test_an_export_without_its_heads_weights_is_refused_by_mode(tiny_run, mode, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run / "merged", broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    kept = {k: v for k, v in weights.items() if not k.startswith("model.mode_head.router")}
+    save_file(kept, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = mode("generate", f"checkpoint={broken}", "prompt=hi", "max_new_tokens=2")
+    assert code == 2 and "does not hold the MoDE head its config.json describes" in err
+    assert "Traceback" not in err
