@@ -514,7 +514,7 @@ def test_the_export_benchmark_runs_and_writes_its_section(tiny_run, tmp_path):
     assert len(result["round_ratios"]) == 2 and result["ratio"] > 0
     doc = tmp_path / "benchmarks.md"
     bench.write_section("bench_export", bench.markdown(result), doc)
-    assert "| ensemble / final |" in doc.read_text()
+    assert "| ensemble / final (all rounds) |" in doc.read_text()
 
 
 def test_the_harness_script_checks_the_ensembles_log_likelihoods(tiny_run):
