@@ -5,6 +5,7 @@
     mode eval checkpoint=DIR [key=value ...]
     mode generate checkpoint=DIR prompt=TEXT [head=ensemble|final] [max_new_tokens=N ...]
     mode chat checkpoint=DIR [head=ensemble|final ...]
+    mode export checkpoint=DIR out=DIR [head=ensemble|final] [dtype=bf16|fp16|fp32] [base=...]
     mode recipes | mode recipes show NAME [key=value ...] | mode recipes cp NAME PATH
     mode cache | mode cache clear
 
@@ -139,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cached.add_argument("action", nargs="?", choices=["show", "clear"], default="show")
 
+    export = sub.add_parser(
+        "export",
+        help="a finished run as a model folder to deploy (transformers, lm-eval, vLLM)",
+        description="Write a run's model into a new folder: the adapter merged in, the tokenizer "
+        "with the run's prompt format as chat template, a generation config that stops at the "
+        "end of a turn, and a model card. head=ensemble (the default for a run with a router) "
+        "writes the MoDE model, which transformers loads with trust_remote_code=True; "
+        "head=final a plain model of the base family, predicting from its final layer.",
+        epilog="checkpoint=DIR  a run folder written by mode train (or its merged/ folder)\n"
+        "out=DIR         a new or empty folder\n"
+        "head=ensemble|final, dtype=bf16|fp16|fp32 (default: the run's merge.dtype), "
+        "base=dequantized|original (default: the run's merge.base)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("overrides", nargs="*", metavar="checkpoint=DIR out=DIR key=value")
+
     recipes = sub.add_parser("recipes", help="list, show or copy recipes")
     recipes.add_argument("action", nargs="?", choices=["list", "show", "cp"], default="list")
     recipes.add_argument("args", nargs="*", metavar="NAME [overrides] | NAME PATH")
@@ -165,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "cache":
             return cmd_cache(args)
+        if args.command == "export":
+            return cmd_export(args)
         return cmd_recipes(args)
     except ModeError as err:
         from rich.text import Text
@@ -375,6 +394,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     out.print(table)
     total = sum(entry.bytes for entry in entries)
     out.print(f"{len(entries)} entries, {total / 2**20:,.1f} MiB; `mode cache clear` removes them")
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mode_cli.export.command import run_export
+
+    run_export(args.overrides)
     return 0
 
 

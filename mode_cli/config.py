@@ -396,10 +396,15 @@ class EvalConfig:
 
 @dataclass
 class MergeConfig:
-    """The merged model written at the end of a run (`merged/`): base + adapter as one model.
+    """The merged model written at the end of a run (`merged/`): base + adapter as one model, the
+    folder to deploy (README, "Exporting a model").
 
     enabled: `merge=false` (or `merge.enabled=false`) skips it; the adapter and head are saved
     either way.
+    head: what the folder decodes with: `ensemble` (the MoDE model: the base model's forward
+    returns the routed mix of the selected layers; loads with `trust_remote_code=True`),
+    `final` (a plain model of the base family, predicting from its final layer), or `auto` (the
+    method's own: `ensemble` when the run trained a router, else `final`).
     base: `dequantized` (the 4-bit base loaded as in training, then dequantized: exactly the
     weights the adapter was trained against) or `original` (the unquantized base reloaded from its
     source in `dtype`, without bitsandbytes: what a 16-bit release needs; it differs slightly from
@@ -409,6 +414,7 @@ class MergeConfig:
     """
 
     enabled: bool = True
+    head: str = "auto"
     base: str = "dequantized"
     dtype: str = "auto"
 
@@ -497,7 +503,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     from mode_cli.eval.answers import ANSWER_MODES, NORMALISERS
     from mode_cli.mode.head import ROUTER_INITS, ROUTER_INPUTS, ROUTERS
     from mode_cli.mode.loss import IMPLEMENTATIONS
-    from mode_cli.mode.methods import METHODS
+    from mode_cli.mode.methods import HEAD_KINDS, METHODS
     from mode_cli.mode.selection import SELECTIONS
     from mode_cli.mode.terms import TEACHERS
     from mode_cli.mode.weighting import CURRICULA, SCALES
@@ -529,6 +535,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "train.on_nonfinite": NONFINITE_POLICIES,
         "distributed.strategy": STRATEGIES,
         "logger": LOGGERS,
+        "merge.head": ("auto", *HEAD_KINDS),
         "merge.base": MERGE_BASES,
         "merge.dtype": ("auto", *MERGE_DTYPES),
         "eval.answers": ANSWER_MODES,
@@ -632,6 +639,8 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True, training: bool = T
                 f"loss.name={chosen.name} with loss.distill_weight={cfg.loss.distill_weight}: "
                 f"the no-distillation recipe needs distill_weight 0 (use loss={chosen.name})"
             )
+        if cfg.merge.head == "ensemble" and not chosen.routed:
+            problems.append(f"merge.head=ensemble: loss={chosen.name} {chosen.why_no_ensemble()}")
         teacher_needs_router = cfg.loss.teacher == "ensemble" and cfg.loss.distill_weight
         if not chosen.routed and teacher_needs_router:
             problems.append(

@@ -28,6 +28,10 @@ e. The flagship recipe itself, `mode train recipe=llama3-8b-alpaca` with its `tr
    random-init model with Llama-3-8B's layer shape (4 of its 32 layers, the bundled tokenizer)
    and the bundled arithmetic data: 1 step, then resumed to step 2 and merged; each the real CLI.
    Its start line must say `device cuda:0, paged_adamw_8bit, bf16 autocast`.
+f. Engines on a MoDE ensemble export (a tiny model with a trained-like head): plain transformers
+   on CUDA (`trust_remote_code=True`, `device_map="auto"`) decodes mode's greedy tokens; and, when
+   `vllm` is importable, vLLM's Transformers backend (`model_impl="transformers"`) decodes the same
+   tokens as transformers. Without vllm the vLLM step is skipped and the record says why.
 
 It writes a JSON record (`--json`, also copied into `--out`) and its table into docs/benchmarks.md
 (also copied into `--out`: on a lent machine only `$OUT` comes back), and exits 1 when a part fails,
@@ -152,6 +156,9 @@ d. FSDP2 under torchrun on every GPU (one still runs the sharded code), then one
 {chr(10).join(f"   {shlex.join(c.command)}  # exit {c.exit}" for c in optimizer_checks(Path("RUN"), 1))}
 e. the flagship recipe (train=gpu-24gb) on a random-init model of Llama-3-8B's layer shape:
 {chr(10).join("   python -m mode_cli " + shlex.join(c) for c in flagship_commands(Path("RUN")))}
+f. a tiny MoDE ensemble export in plain transformers on CUDA (device_map="auto") against mode's
+   greedy tokens, and in vLLM's Transformers backend when vllm is importable (skipped otherwise:
+   its wheels are far over what a device call carries).
 Writes: {args.json} and its section of {args.doc}; with --out DIR, copies of both into DIR.
 
 On a lent GPU machine (bitsandbytes, hydra-core, omegaconf, antlr4 and datasets are not there;
@@ -502,6 +509,136 @@ def run_e2e(work: Path, cache: Path) -> dict:
     return {"ok": ok, "steps": steps, "losses": losses}
 
 
+# ---------------------------------------------------------------------------- e. engines
+
+ENGINE_TIMEOUT_S = 300
+ENGINE_PROMPTS = ["What is 12 + 30?", "Name three colours.", "Count from 1 to 5:"]
+ENGINE_TOKENS = 12
+# vLLM's kernels are not transformers': its prompt log-probabilities must agree within this (fp32),
+# its greedy tokens are reported (a near-tie of a random model may break either way).
+VLLM_TOLERANCE = 1e-3
+# Run in a process of its own (vLLM starts workers and takes the GPU): transformers' greedy tokens
+# and prompt log-probabilities on the export, then vLLM's through its Transformers backend when
+# vllm is importable.
+ENGINE_SCRIPT = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, device, prompts, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(
+    folder, trust_remote_code=True, dtype=torch.float32,
+    device_map="auto" if torch.device(device).type == "cuda" else None,
+).eval()
+record = {"class": type(model).__name__, "transformers": [], "transformers_logprobs": []}
+for text in prompts:
+    ids = tokenizer(text, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        out = model.generate(**ids, do_sample=False, max_new_tokens=steps, min_new_tokens=steps)
+        logprobs = torch.log_softmax(model(**ids).logits[0].float(), -1)
+    record["transformers"].append(out[0, ids["input_ids"].shape[1]:].tolist())
+    tokens = ids["input_ids"][0].tolist()
+    record["transformers_logprobs"].append(
+        [logprobs[i - 1, tokens[i]].item() for i in range(1, len(tokens))]
+    )
+try:
+    import vllm
+except ImportError as err:
+    record["vllm_skipped"] = f"vllm is not importable ({err})"
+else:
+    del model
+    torch.cuda.empty_cache()
+    llm = vllm.LLM(
+        model=folder, model_impl="transformers", trust_remote_code=True, dtype="float32",
+        gpu_memory_utilization=0.3, max_model_len=256,
+    )
+    record["vllm_class"] = llm.apply_model(lambda m: type(m).__name__)[0]
+    params = vllm.SamplingParams(
+        temperature=0.0, max_tokens=steps, min_tokens=steps, prompt_logprobs=0
+    )
+    outputs = llm.generate(prompts, params)
+    record["vllm"] = [list(o.outputs[0].token_ids) for o in outputs]
+    record["vllm_logprobs"] = [
+        [entry[token].logprob for entry, token in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])]
+        for o in outputs
+    ]
+print("ENGINES " + json.dumps(record))
+"""
+
+
+def tiny_export(folder: Path, cache: Path) -> Path:
+    """A MoDE ensemble export of the tiny Llama with a head away from its start (a trained head
+    is), written as `mode export` writes it."""
+    import torch
+
+    os.environ["MODE_CACHE"] = str(cache)
+    from mode_cli.export.command import write
+    from mode_cli.mode.head import MoDEHead
+    from mode_cli.models import families
+    from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_source
+    from mode_cli.recipes import compose_recipe
+
+    cfg = compose_recipe("tiny-llama-alpaca", [])
+    source = resolve_source(cfg.model)
+    cfg.model.quantization = "none"
+    model = load_base_model(source, cfg.model, "fp32", "cpu")
+    torch.manual_seed(0)
+    head = MoDEHead(families.final_norm(model), [2, 3, 4], 4, cfg.model.tiny.hidden_size)
+    with torch.no_grad():
+        for param in head.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    return write(folder, cfg, model, head, load_tokenizer(source, cfg.model), "ensemble", None)
+
+
+def mode_tokens(folder: Path, prompts: list[str], steps: int, device: str) -> list[list[int]]:
+    """mode's own greedy tokens on the export (`mode_cli.load` of the folder, the ensemble), on the
+    device transformers decodes on (the same kernels)."""
+    import torch
+
+    from mode_cli import load
+
+    model, tokenizer = load(folder, device=device)
+    tokens = []
+    for text in prompts:
+        ids = tokenizer(text, return_tensors="pt").to(device)
+        with torch.no_grad():
+            out = model.generate(**ids, do_sample=False, max_new_tokens=steps, min_new_tokens=steps)
+        tokens.append(out[0, ids["input_ids"].shape[1] :].tolist())
+    del model
+    free_memory(device)
+    return tokens
+
+
+def largest_difference(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for xs, ys in zip(a, b, strict=True) for x, y in zip(xs, ys, strict=True))
+
+
+def run_engines(work: Path, cache: Path, device: str = "cuda") -> dict:
+    """f. transformers (and vLLM when importable) on an ensemble export, against mode."""
+    folder = tiny_export(work / "engine-export", cache)
+    expected = mode_tokens(folder, ENGINE_PROMPTS, ENGINE_TOKENS, device)
+    cmd = [
+        sys.executable, "-c", ENGINE_SCRIPT, str(folder), device, json.dumps(ENGINE_PROMPTS),
+        str(ENGINE_TOKENS),
+    ]  # fmt: skip
+    result = run_process(cmd, ENGINE_TIMEOUT_S, child_env({"MODE_CACHE": str(cache)}))
+    line = next((x for x in result["tail"].splitlines() if x.startswith("ENGINES ")), None)
+    found = json.loads(line.removeprefix("ENGINES ")) if line else {}
+    result.update(found)
+    result["transformers_matches_mode"] = found.get("transformers") == expected
+    if "vllm" in found:
+        difference = largest_difference(found["vllm_logprobs"], found["transformers_logprobs"])
+        result["vllm_logprob_difference"] = difference
+        result["vllm_matches_transformers"] = difference <= VLLM_TOLERANCE
+        result["vllm_same_tokens"] = found["vllm"] == found["transformers"]
+    result["ok"] = (
+        result["exit"] == 0
+        and result["transformers_matches_mode"]
+        and result.get("vllm_matches_transformers", True)
+    )
+    return result
+
+
 # ---------------------------------------------------------------------------- c. the 8B shape
 
 
@@ -703,6 +840,7 @@ PARTS = {
     "e2e": "b. tiny recipe end to end",
     "fsdp": "d. FSDP2 under torchrun, then resumed by one process",
     "flagship": "e. llama3-8b-alpaca (train=gpu-24gb) at Llama-3-8B's layer shape",
+    "engines": "f. an ensemble export in transformers (and vLLM)",
 }
 
 
@@ -752,6 +890,8 @@ def markdown(record: dict) -> str:
         if part in record:
             done = record[part]
             detail = done.get("counts") or f"{len(done.get('steps', []))} commands"
+            if part == "engines":
+                detail = engines_detail(done)
             if part == "fsdp" and done.get("tokens_per_s"):
                 detail += (
                     f"; {done['gpus']} GPU(s), {done['tokens_per_s']:,.0f} tokens/s, peak "
@@ -774,6 +914,21 @@ def markdown(record: dict) -> str:
         lines.append(f"- not run in this record: {'; '.join(missing)}")
     lines.append(f"\nOverall: {'passed' if record['passed'] else '**failed**'}.")
     return "\n".join(lines)
+
+
+def engines_detail(done: dict) -> str:
+    parts = [
+        f"transformers {'matches' if done.get('transformers_matches_mode') else 'differs from'} mode"
+    ]
+    if "vllm" in done:
+        parts.append(
+            f"vLLM ({done.get('vllm_class')}): prompt log-probabilities within "
+            f"{done['vllm_logprob_difference']:.1e} of transformers' (tolerance {VLLM_TOLERANCE:g}), "
+            f"greedy tokens {'the same' if done['vllm_same_tokens'] else 'not all the same'}"
+        )
+    else:
+        parts.append(f"vLLM skipped: {done.get('vllm_skipped', 'no record')}")
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -844,6 +999,9 @@ def main(argv: list[str] | None = None) -> int:
         if "fsdp" not in args.skip and on_gpu:
             record["fsdp"] = run_fsdp(work, cache)
             print(f"d. fsdp: ok={record['fsdp']['ok']}", file=sys.stderr)
+        if "engines" not in args.skip:
+            record["engines"] = run_engines(work, cache, args.device)
+            print(f"f. engines: {engines_detail(record['engines'])}", file=sys.stderr)
         if "shape" not in args.skip:
             record["shape"] = measure_shape(
                 args.shape, args.device, args.steps, args.seq_len, args.micro_batch, work=work

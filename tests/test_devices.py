@@ -338,22 +338,22 @@ def test_the_cpu_message_says_the_cpu(monkeypatch, tmp_path):
 
 
 def test_the_merge_returns_the_gpu_cache_of_a_process_on_cuda_0(monkeypatch, tmp_path):
-    """save_merged frees the merged model's cached GPU memory on `cuda:0`, the device a single
-    process trains on, as on `cuda`."""
-    from mode_cli import artifacts
+    """The export at the end of training frees the merged model's cached GPU memory on `cuda:0`,
+    the device a single process trains on, as on `cuda`."""
     from mode_cli.config import RecipeConfig
+    from mode_cli.export import command
 
-    class Saved:
-        def save_pretrained(self, folder):
-            (Path(folder) / "saved").write_text("")
-
+    written = []
     machine = simulate_cuda(monkeypatch, 1)
-    monkeypatch.setattr(artifacts, "merge_adapter", lambda cfg, source, adapter, device: Saved())
-    monkeypatch.setattr(artifacts, "load_tokenizer", lambda source, model_cfg: Saved())
+    monkeypatch.setattr(command, "has_adapter", lambda run_dir, cfg: True)
+    monkeypatch.setattr(command, "merge_adapter", lambda cfg, source, adapter, device: object())
+    monkeypatch.setattr(command, "load_tokenizer", lambda source, model_cfg: object())
+    monkeypatch.setattr(command, "load_head", lambda run_dir, model, device: None)
+    monkeypatch.setattr(command, "write", lambda target, *rest: written.append(target) or target)
     cfg = OmegaConf.structured(RecipeConfig)
     cfg.model.name_or_path = "unused"
-    artifacts.save_merged(cfg, "unused", tmp_path, "cuda:0")
-    assert (tmp_path / "merged" / "saved").is_file()
+    assert command.export_run(tmp_path, tmp_path / "merged", cfg, "cuda:0") == tmp_path / "merged"
+    assert written == [tmp_path / "merged"]
     assert machine.emptied == [0]
 
 

@@ -405,6 +405,8 @@ def test_a_sweep_over_loss_from_one_parent(mode, tmp_path):
         record = json.loads((out / "init_from.json").read_text())
         assert record["source"] == str(parent.resolve())
         assert records(out)[0]["eval"]["final"] == pytest.approx(parent_final, abs=1e-6)
+        # The model to deploy carries the record: `mode eval` on it reports the lineage.
+        assert json.loads((out / "merged" / "init_from.json").read_text()) == record
     frozen = Path(runs[1]["dir"])
     assert json.loads((frozen / "init_from.json").read_text())["adapter"]["use"] == "frozen"
     kept = load_file(str(frozen / "adapter" / "adapter_model.safetensors"))

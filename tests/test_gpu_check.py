@@ -34,6 +34,7 @@ def test_plan_runs_on_a_cpu_machine_and_names_the_wheels():
     assert "--wheels .whl --skip shape --out" in out and 'carry=[".whl"]' in out
     assert "--add-to gpu_check.part.json" in out
     assert "recipe=llama3-8b-alpaca model=tiny-llama" in out and "# exit 2" in out
+    assert "vLLM's Transformers backend when vllm is importable" in out
 
 
 def test_without_a_gpu_it_refuses_with_a_pointer_to_plan(gpu_check, capsys):
@@ -135,3 +136,19 @@ def test_the_gpu_runs_decide_on_a_simulated_gpu_machine_as_the_check_expects(
         assert plan.device == "cuda:0"
         if recipe == "llama3-8b-alpaca":
             assert plan.summary() == gpu_check.FLAGSHIP_START
+
+
+def test_the_engines_part_runs_on_the_cpu_and_skips_vllm_with_its_reason(
+    gpu_check, tmp_path, model_cache
+):
+    """Part f on the CPU: a tiny ensemble export decodes mode's greedy tokens in plain transformers
+    (another process); vLLM, not installed here, is skipped and the record says why."""
+    record = gpu_check.run_engines(tmp_path, Path(model_cache), device="cpu")
+    assert record["exit"] == 0, record["tail"]
+    assert record["class"] == "MoDEForCausalLM"
+    assert record["transformers_matches_mode"] and record["ok"]
+    assert len(record["transformers"]) == len(gpu_check.ENGINE_PROMPTS)
+    assert all(len(tokens) == gpu_check.ENGINE_TOKENS for tokens in record["transformers"])
+    if "vllm" not in record:
+        assert record["vllm_skipped"].startswith("vllm is not importable")
+        assert "vLLM skipped: vllm is not importable" in gpu_check.engines_detail(record)

@@ -160,6 +160,16 @@ def implemented(tmp_path: Path):
         cfg.data.train = cfg.data.eval = "bundled:arithmetic/eval.jsonl"
         answer_rows(cfg)
 
+    def merge_head(head):
+        from omegaconf import OmegaConf
+
+        from mode_cli.config import RecipeConfig
+        from mode_cli.export.command import export_head
+
+        cfg = OmegaConf.structured(RecipeConfig)
+        cfg.merge.head = head
+        assert export_head(cfg) == ("ensemble" if head == "auto" else head)
+
     return {
         "model.quantization": lambda v: v in ("nf4", "none"),
         "data.format": lambda v: FORMAT_FIELDS[v],
@@ -185,6 +195,7 @@ def implemented(tmp_path: Path):
         # Both strategies are trained for real in tests/test_distributed.py.
         "distributed.strategy": lambda v: v in ("ddp", "fsdp"),
         "logger": logger,
+        "merge.head": merge_head,
         "merge.base": lambda v: v in ("dequantized", "original"),
         "merge.dtype": lambda v: v == "auto" or MERGE_DTYPES[v],
         "eval.answers": answers,

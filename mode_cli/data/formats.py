@@ -59,6 +59,24 @@ CHATML_TEMPLATE = (
 )
 
 
+def alpaca_chat_template(bos_token: bool = False) -> str:
+    """The Alpaca template as a Jinja chat template, for an exported model of an `alpaca` run:
+    each user message becomes an Alpaca prompt, each earlier reply is followed by a blank line
+    (what `mode chat` renders), system messages are left out. `bos_token` puts the tokenizer's BOS
+    first, for a tokenizer that adds one to a prompt (a chat template carries its own special
+    tokens)."""
+    before, after = ALPACA_NO_INPUT.split("{instruction}")
+    return (
+        ("{{ bos_token }}" if bos_token else "")
+        + "{% for message in messages %}"
+        + "{% if message['role'] == 'user' %}"
+        + f"{{{{ {json.dumps(before)} + message['content'] + {json.dumps(after)} }}}}"
+        + "{% elif message['role'] == 'assistant' %}"
+        + "{{ message['content'] + '\\n\\n' }}"
+        + "{% endif %}{% endfor %}"
+    )
+
+
 def alpaca_prompt(row: dict) -> str:
     """The Alpaca template around a row's instruction (and input, when it has one)."""
     if row.get("input"):

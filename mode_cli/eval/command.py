@@ -5,9 +5,10 @@ What `checkpoint=` can be, and what is evaluated:
 - a run folder (`config.yaml`, written by `mode train`): the base as training loaded it (4-bit)
   with the trained adapter and MoDE head. `compare=base` (the run's `eval.compare_base`, on by
   default) adds the base before tuning: the same model with the adapter off and an untrained head.
-- a merged folder (`mode_config.yaml`, the run's recipe, beside the merged weights and
-  `mode_head.safetensors` / `mode_head.json`): loaded with a plain `from_pretrained` in the run's
-  precision (`model.quantization=none` unless overridden), with the MoDE head from the folder. A
+- a merged folder (`mode_config.yaml`, the run's recipe, beside the merged weights: an ensemble
+  export holds the MoDE head in its weights, a final-layer one in `mode_head.safetensors` /
+  `mode_head.json`): the base family's model loaded from it in the run's precision
+  (`model.quantization=none` unless overridden), with the MoDE head. A
   merged model holds no separate base, so `compare=base` (off by default) reloads the original
   base the recipe names, as training loaded it, with an untrained head.
 - a plain model (a folder with `config.json`, a hub id, `package:smollm2`, `tiny:<family>`): a
@@ -39,6 +40,7 @@ from mode_cli.artifacts import (
     MERGED_CONFIG,
     Checkpoint,
     classify,
+    ensemble_config,
     has_adapter,
     load_head,
     load_merged,
@@ -56,6 +58,8 @@ from mode_cli.eval.metrics import fresh_head, layer_metrics
 from mode_cli.eval.render import print_report
 from mode_cli.eval.report import EVAL_FOLDER, build_report, data_description, save_report
 from mode_cli.files import check_writable_folder, read_yaml
+from mode_cli.mode.head import MoDEHead
+from mode_cli.models import families
 from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_source
 from mode_cli.options import TEXT, Option, choice, integer, parse_options
 from mode_cli.recipes import explain_omegaconf_error, shipped_recipes_dir
@@ -229,7 +233,10 @@ def merged_base_metrics(
     tokenizer = load_tokenizer(str(checkpoint.path), cfg.model)
     _, eval_set = load_splits(cfg.data, tokenizer)
     head = None
-    if (checkpoint.path / HEAD_INFO).is_file():
+    exported = ensemble_config(checkpoint.path)
+    if exported is not None:
+        head = MoDEHead.from_description(families.final_norm(model), exported.mode_head).to(device)
+    elif (checkpoint.path / HEAD_INFO).is_file():
         head = fresh_head(load_head(checkpoint.path, model, device), model, device)
     metrics = layer_metrics(
         model, head, eval_set, tokenizer, device, cfg.eval.batch_size, cfg.eval.max_examples

@@ -93,15 +93,17 @@ def base_placement(model_cfg: DictConfig, precision: str, device: str) -> dict:
 
 
 def load_base_model(
-    source: str, model_cfg: DictConfig, precision: str, device: str
+    source: str, model_cfg: DictConfig, precision: str, device: str, **extra
 ) -> PreTrainedModel:
     """Load the frozen base model, in NF4 (QLoRA) or in the compute dtype, on `device`
-    (`base_placement` says how)."""
+    (`base_placement` says how). `extra` goes to `from_pretrained` (a config and a key mapping
+    read a MoDE export as its family)."""
     placement = base_placement(model_cfg, precision, device)
     kwargs: dict = {
         "revision": model_cfg.revision,
         "trust_remote_code": model_cfg.trust_remote_code,
         "dtype": placement["dtype"],
+        **extra,
     }
     if "quantization" in placement:
         from transformers import BitsAndBytesConfig

@@ -40,7 +40,7 @@ from typing import TypeVar
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mode_cli.artifacts import ADAPTER_DIR, INIT_FROM_RECORD, run_lineage, save_head, save_merged
+from mode_cli.artifacts import ADAPTER_DIR, INIT_FROM_RECORD, MERGED_DIR, run_lineage, save_head
 from mode_cli.config import method, validate
 from mode_cli.console import console
 from mode_cli.data.splits import legacy_identity, load_splits
@@ -51,6 +51,7 @@ from mode_cli.eval.answers import answer_rows, answers_by_default, evaluate_answ
 from mode_cli.eval.metrics import training_eval
 from mode_cli.eval.render import print_report
 from mode_cli.eval.report import EVAL_FOLDER, build_report, save_report
+from mode_cli.export.command import export_head, export_run
 from mode_cli.files import check_writable_folder
 from mode_cli.mode.head import MoDEHead
 from mode_cli.mode.selection import select_layers
@@ -917,12 +918,13 @@ class FinetuneRecipe:
         return report
 
     def merge(self) -> Path:
-        """The merged model, by rank 0 alone once every rank is done with its training model (with
-        a sharded model, on the CPU: the whole model may not fit one device)."""
+        """The merged model (`merged/`, the export to deploy), by rank 0 alone once every rank is
+        done with its training model (with a sharded model, on the CPU: the whole model may not
+        fit one device)."""
         del self.wrapped, self.module, self.model, self.optimizer
         empty_cache(self.device)
         device = "cpu" if self.world.sharded else self.device
-        return save_merged(self.cfg, self.source, self.out, device)
+        return export_run(self.out, self.out / MERGED_DIR, self.cfg, device)
 
     def check_output_folders(self) -> None:
         """The run folder (and a report folder elsewhere) can be created: checked before any
@@ -996,16 +998,22 @@ class FinetuneRecipe:
         # a long report would outlast distributed.timeout_s.
         if not self.world.main:
             return self.out
-        if self.cfg.merge.enabled and self.has_adapter():
+        if self.cfg.merge.enabled:
             merged = self.merge()
             console.print(f"merged model ({self.cfg.merge.base} base): {merged}")
-        elif self.cfg.merge.enabled:
-            console.print(
-                f"no merged model: loss={self.cfg.loss.name} trains no adapter, the base is "
-                "unchanged"
-            )
+            console.print(deploy_note(self.cfg, merged), soft_wrap=True)
         console.print(f"[bold green]done[/bold green] in {self.out}")
         return self.out
+
+
+def deploy_note(cfg: DictConfig, merged: Path) -> str:
+    """What the merged folder is, in one line: which head it decodes with and how to load it."""
+    if export_head(cfg) == "ensemble":
+        return (
+            f"{merged} decodes with the MoDE ensemble: deploy it, loaded with "
+            "trust_remote_code=True (`mode export head=final` gives a plain final-layer model)"
+        )
+    return f"{merged} is a plain transformers model: it decodes with the final layer"
 
 
 def dry_run(cfg: DictConfig) -> dict:

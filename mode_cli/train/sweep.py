@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from mode_cli.artifacts import MERGED_DIR, has_adapter
+from mode_cli.artifacts import MERGED_DIR
 from mode_cli.config import validate
 from mode_cli.errors import ModeError
 from mode_cli.eval.report import latest_report
@@ -352,11 +352,7 @@ def finished_earlier(run: SweepRun) -> bool:
         return False
     if source.get("kind") != "run" or source.get("step") != run.cfg.train.max_steps:
         return False
-    return not (
-        run.cfg.merge.enabled
-        and has_adapter(run.out, run.cfg)
-        and not (run.out / MERGED_DIR).is_dir()
-    )
+    return not (run.cfg.merge.enabled and not (run.out / MERGED_DIR).is_dir())
 
 
 def earlier_wall_times(directory: Path) -> dict[str, float]:
