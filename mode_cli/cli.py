@@ -395,6 +395,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     total = sum(entry.bytes for entry in entries)
     out.print(f"{len(entries)} entries, {total / 2**20:,.1f} MiB; `mode cache clear` removes them")
 
+
 def cmd_export(args: argparse.Namespace) -> int:
     from mode_cli.export.command import run_export
 
