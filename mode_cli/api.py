@@ -7,10 +7,11 @@
     print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 
 `load` accepts a run folder (config.yaml, adapter/, mode_head.*: the base is loaded as the run
-trained it, 4-bit by default, with the adapter) or the run's merged folder (a plain transformers
-model plus mode_head.safetensors, mode_head.json and mode_config.yaml). The returned model is an
-ordinary transformers (or peft) model whose forward and `generate()` use the ensemble, KV cache
-included; `use_head(model, "final")` switches to the model's own final layer for a block.
+trained it, 4-bit by default, with the adapter) or the run's merged folder (the exported model and
+the run's recipe, mode_config.yaml). For a run with an ensemble, the returned model is the class
+an export carries (`MoDEForCausalLM`) around the loaded modules: its forward and `generate()` use
+the ensemble, KV cache included; `use_head(model, "final")` switches to the model's own final
+layer for a block. A run without one (loss=final-only) gives the transformers (or peft) model.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from mode_cli.artifacts import (
 from mode_cli.data.tokenizing import adds_special_tokens
 from mode_cli.decode import ensemble
 from mode_cli.decode.chat import format_prompt as run_prompt
+from mode_cli.devices import resolve_device
 from mode_cli.errors import ModeError
 from mode_cli.mode.head import has_ensemble
-from mode_cli.models.loading import QUANTIZATIONS, resolve_device
+from mode_cli.models.loading import QUANTIZATIONS
 
 
 def load_model(
@@ -42,7 +44,8 @@ def load_model(
     device: str | None = None,
     quantization: str | None = None,
 ):
-    """(model, MoDE head or None, tokenizer, recipe) of a run or merged folder, head not attached.
+    """(model, MoDE head or None, tokenizer, recipe) of a run or merged folder: the base model of the
+    run's family (with its adapter, for a run folder) and the trained head beside it.
 
     quantization: `nf4` or `none`; None keeps the run's own setting for a run folder (as trained)
     and loads a merged folder dense.
@@ -86,15 +89,15 @@ def load(
         quantization: `nf4` or `none`; None loads a run's base as it was trained (4-bit by
             default) and a merged model dense.
 
-    The model is in eval mode with the MoDE head attached (when the run has one):
-    `use_head(model, "final")` switches the head for a block, `format_prompt(model, tokenizer,
-    text)` applies the run's prompt template.
+    The model is in eval mode. For a run with an ensemble it is a `MoDEForCausalLM` sharing the
+    loaded modules: `use_head(model, "final")` switches the head for a block. `format_prompt(model,
+    tokenizer, text)` applies the run's prompt template.
     """
     model, mode_head, tokenizer, cfg = load_model(
         path, head=head, device=device, quantization=quantization
     )
     if has_ensemble(mode_head):
-        ensemble.attach(model, mode_head, head)
+        model = ensemble.wrap(model, mode_head, head).eval()
     model.mode_config = cfg
     return model, tokenizer
 
@@ -134,4 +137,6 @@ def prompt_inputs(model: nn.Module, tokenizer, text: str):
 
 def harness_dir() -> Path:
     """The folder of mode's lm-evaluation-harness tasks (`lm_eval --include_path`)."""
-    return Path(__file__).resolve().parent / "harness"
+    from mode_cli.eval.harness import HARNESS_DIR
+
+    return HARNESS_DIR

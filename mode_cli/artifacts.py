@@ -6,8 +6,11 @@
   adapter/                  peft LoRA adapter + tokenizer
   mode_head.safetensors     the MoDE head's norms and router
   mode_head.json            what the head is (layers, router, ...)
-  merged/                   base + LoRA merged: a plain transformers model with its tokenizer,
-                            plus the head files and the recipe (mode_config.yaml)
+  merged/                   the model to deploy: base + adapter merged, the MoDE ensemble model
+                            (or the final layer alone), its tokenizer and the recipe
+                            (mode_config.yaml); written by `mode_cli.export`
+  init_from.json            a run started with init_from=: the source and the sha256 of the
+                            weights it started from (copied into merged/)
   eval/<time>/              eval reports: report.json, report.md, layers.png (eval/report.py)
 
 `classify` tells what a `checkpoint=` names (a run folder, a merged folder or a plain model) for
@@ -17,21 +20,18 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from mode_cli.config import RecipeConfig, method
 from mode_cli.errors import ModeError
-from mode_cli.files import load_tensors, read_json, read_yaml, staged_folder, tensor_shapes
+from mode_cli.files import load_tensors, read_json, read_yaml, tensor_shapes
 from mode_cli.mode.head import MoDEHead
 from mode_cli.models import families
 from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_source
-from mode_cli.models.merging import merge_adapter
 
 RUN_CONFIG = "config.yaml"  # marks a run folder
 ADAPTER_DIR = "adapter"
@@ -40,6 +40,8 @@ HEAD_INFO = "mode_head.json"
 MERGED_DIR = "merged"
 # A merged folder's copy of the run's resolved recipe: marks it as a merged mode model.
 MERGED_CONFIG = "mode_config.yaml"
+# What a run started with init_from= started from (train/start_from.py writes it).
+INIT_FROM_RECORD = "init_from.json"
 
 
 # ---------------------------------------------------------------------------- what a folder is
@@ -117,6 +119,8 @@ def load_head(run_dir: Path, model, device: str) -> MoDEHead:
         raise ModeError(
             f"{run_dir / HEAD_INFO} does not describe a MoDE head: no {', '.join(missing)}"
         )
+    if (problem := head_info_problem(info)) is not None:
+        raise ModeError(f"{run_dir / HEAD_INFO} is damaged: {problem}")
     n = families.num_layers(model)
     if info["num_layers"] != n:
         raise ModeError(
@@ -136,6 +140,35 @@ def load_head(run_dir: Path, model, device: str) -> MoDEHead:
         )
     head.load_state_dict(load_tensors(run_dir / HEAD_WEIGHTS))
     return head.to(device)
+
+
+def head_info_problem(info: dict) -> str | None:
+    """A field of `mode_head.json` of the wrong type (what `MoDEHead.describe` writes), or None."""
+
+    def integer(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    def numbers(value: object, test) -> bool:
+        return isinstance(value, list) and all(test(item) for item in value)
+
+    expected = {
+        "layers": ("a list of layer numbers", lambda v: numbers(v, integer)),
+        "num_layers": ("a number of layers", integer),
+        "hidden_size": ("a width", integer),
+        "router": ("a router kind", lambda v: isinstance(v, str)),
+        "init_final_weight": ("a weight or null", lambda v: v is None or number(v)),
+        "fixed_weights": ("a list of weights or null", lambda v: v is None or numbers(v, number)),
+        "router_input": ("a router input", lambda v: isinstance(v, str)),
+        "detach_input": ("true or false", lambda v: isinstance(v, bool)),
+        "train_final_norm": ("true or false", lambda v: isinstance(v, bool)),
+    }
+    for key, (what, test) in expected.items():
+        if key in info and not test(info[key]):
+            return f"{key} is {info[key]!r}, not {what}"
+    return None
 
 
 def describe_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
@@ -185,6 +218,28 @@ def load_run_config(run_dir: Path, name: str = RUN_CONFIG) -> DictConfig:
     return cfg
 
 
+def run_lineage(folder: Path, cfg: DictConfig) -> dict:
+    """What a run built on: the weights it started from (`init_from.json`, or the recipe's
+    `init_from` alone when the record is missing) and its extensions (`train.extensions`)."""
+    init_from = None
+    if cfg.init_from is not None:
+        init_from = {"source": cfg.init_from}
+        record = folder / INIT_FROM_RECORD
+        if record.is_file():
+            try:
+                init_from = json.loads(record.read_text())
+            except (OSError, json.JSONDecodeError):
+                init_from["record"] = f"{record} is unreadable"
+    extensions = OmegaConf.to_container(cfg.train.extensions, resolve=True)
+    return {"init_from": init_from, "extensions": extensions}
+
+
+def has_adapter(folder: Path, cfg: DictConfig) -> bool:
+    """Whether a run folder's model carries an adapter: one trained, or one the run kept frozen
+    under its head (loss=mode-only from init_from=)."""
+    return method(cfg).trains_adapter or (folder / ADAPTER_DIR / "adapter_config.json").is_file()
+
+
 def missing_head_files(folder: Path) -> list[str]:
     return [name for name in (HEAD_INFO, HEAD_WEIGHTS) if not (folder / name).is_file()]
 
@@ -195,6 +250,7 @@ def load_run(run_dir: Path, cfg: DictConfig, device: str):
 
     adapter = run_dir / ADAPTER_DIR
     trained = method(cfg)
+    with_adapter = has_adapter(run_dir, cfg)
     # Check before loading any weights.
     if trained.trains_adapter and not (adapter / "adapter_config.json").is_file():
         raise ModeError(f"{run_dir} has no trained adapter (adapter/adapter_config.json)")
@@ -203,10 +259,10 @@ def load_run(run_dir: Path, cfg: DictConfig, device: str):
         raise ModeError(
             f"{run_dir} was trained with loss={cfg.loss.name} but has no {' or '.join(missing)}"
         )
-    check_saved_files(run_dir, adapter=trained.trains_adapter, head=trained.trains_head)
+    check_saved_files(run_dir, adapter=with_adapter, head=trained.trains_head)
     source = resolve_source(cfg.model)
     base = load_base_model(source, cfg.model, cfg.train.precision, device)
-    if trained.trains_adapter:
+    if with_adapter:
         tokenizer = load_tokenizer(str(adapter), cfg.model)
         model = PeftModel.from_pretrained(base, str(adapter))
     else:  # mode-only: the head trained alone on the frozen base
@@ -215,11 +271,32 @@ def load_run(run_dir: Path, cfg: DictConfig, device: str):
     return model, head, tokenizer
 
 
+def ensemble_config(folder: Path):
+    """The MoDE config of an ensemble export (config.json of `model_type: mode`), else None."""
+    from mode_cli.models.modeling_mode import MoDEConfig
+
+    config = folder / "config.json"
+    saved = read_json(config) if config.is_file() else None
+    if not isinstance(saved, dict) or saved.get("model_type") != MoDEConfig.model_type:
+        return None
+    return MoDEConfig.from_pretrained(str(folder))
+
+
 def load_merged(path: Path, cfg: DictConfig, device: str, *, require_head: bool = True):
     """(model, head or None, tokenizer) of a merged folder: the merged weights loaded as saved
-    (`cfg.model.quantization`; the recipe's source and revision do not apply), with the MoDE head
-    kept beside them. A recipe that trained a head whose files are missing is an error unless
-    `require_head` is false (decoding from the final layer needs no head)."""
+    (`cfg.model.quantization`; the recipe's source and revision do not apply), with the MoDE head.
+
+    An ensemble export holds the head in its weights: `mode` loads the base family's model from
+    them and the head beside it. A final-layer export (or a merged folder of an earlier release)
+    keeps the head in `mode_head.*` files; a recipe that trained a head whose files are missing is
+    an error unless `require_head` is false (decoding from the final layer needs no head)."""
+    for weights in sorted(path.glob("*.safetensors")):
+        tensor_shapes(weights)
+    model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": str(path), "revision": None})
+    tokenizer = load_tokenizer(str(path), model_cfg)
+    exported = ensemble_config(path)
+    if exported is not None:
+        return (*load_ensemble_export(path, exported, model_cfg, cfg, device), tokenizer)
     missing = missing_head_files(path)
     trains_head = method(cfg).trains_head
     if trains_head and missing and require_head:
@@ -229,34 +306,54 @@ def load_merged(path: Path, cfg: DictConfig, device: str, *, require_head: bool 
             f"{HEAD_WEIGHTS} from the run folder, or use the run folder itself"
         )
     check_saved_files(path, adapter=False, head=trains_head and not missing)
-    for weights in sorted(path.glob("*.safetensors")):
-        tensor_shapes(weights)
-    model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": str(path), "revision": None})
     model = load_base_model(str(path), model_cfg, cfg.train.precision, device)
-    tokenizer = load_tokenizer(str(path), model_cfg)
     head = load_head(path, model, device) if trains_head and not missing else None
     return model, head, tokenizer
 
 
-def save_merged(cfg: DictConfig, source: str, out: Path, device: str) -> Path:
-    """Base + LoRA merged into `<out>/merged`: a plain transformers model with its tokenizer.
+def load_ensemble_export(path: Path, exported, model_cfg: DictConfig, cfg: DictConfig, device: str):
+    """(model, head) of an ensemble export: the base family's CausalLM from the export's weights
+    (`model.base.*` read as the family's own names) and the head from `model.mode_head.*`."""
+    family = families.FAMILIES.get(exported.base_model_type)
+    if family is None:
+        raise ModeError(
+            f"{path} is a MoDE model of '{exported.base_model_type}', which mode does not support. "
+            f"Supported: {', '.join(sorted(families.FAMILIES))}"
+        )
+    model = load_base_model(
+        str(path),
+        model_cfg,
+        cfg.train.precision,
+        device,
+        config=exported.base_config(),
+        key_mapping={r"^model\.base\.": f"{family.decoder}."},
+    )
+    try:
+        head = MoDEHead.from_description(families.final_norm(model), exported.mode_head)
+    except (KeyError, ValueError) as err:
+        raise ModeError(
+            f"{path / 'config.json'}: mode_head does not describe a head: {err}"
+        ) from None
+    saved = export_tensors(path, "model.mode_head.")
+    expected = {name: tuple(t.shape) for name, t in head.state_dict().items()}
+    if {name: tuple(t.shape) for name, t in saved.items()} != expected:
+        raise ModeError(
+            f"{path} does not hold the MoDE head its config.json describes: model.mode_head.* "
+            f"holds {describe_shapes({n: tuple(t.shape) for n, t in saved.items()})}, "
+            f"{describe_shapes(expected)} expected"
+        )
+    head.load_state_dict(saved)
+    return model, head.to(device)
 
-    The folder also carries what `mode` needs to use it with the MoDE ensemble later: the head
-    (`mode_head.safetensors`, `mode_head.json`) when the run has one, and the run's resolved
-    recipe as `mode_config.yaml`. `from_pretrained` ignores these files.
-    """
-    merged = merge_adapter(cfg, source, out / ADAPTER_DIR, device)
-    target = out / MERGED_DIR
-    # An interrupted merge leaves no half folder behind.
-    with staged_folder(target, replace=True) as staging:
-        merged.save_pretrained(staging)
-        tokenizer = load_tokenizer(str(out / ADAPTER_DIR), cfg.model)
-        tokenizer.save_pretrained(staging)
-        for name in (HEAD_WEIGHTS, HEAD_INFO):
-            if (out / name).is_file():
-                shutil.copyfile(out / name, staging / name)
-        (staging / MERGED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    del merged
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return target
+
+def export_tensors(path: Path, prefix: str) -> dict:
+    """The tensors of a model folder's weights whose names start with `prefix`, without it."""
+    from safetensors import safe_open
+
+    found = {}
+    for weights in sorted(path.glob("*.safetensors")):
+        with safe_open(str(weights), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                if name.startswith(prefix):
+                    found[name.removeprefix(prefix)] = handle.get_tensor(name)
+    return found

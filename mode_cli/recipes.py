@@ -149,7 +149,7 @@ def check_recipe_file(path: Path) -> None:
 def merge_shorthand(override: str) -> str:
     """`merge=false` / `merge=true` stand for `merge.enabled=...`; other overrides pass through.
 
-    `merge` is a group of keys (enabled, base, dtype), so the bare boolean is rewritten before
+    `merge` is a group of keys (enabled, head, base, dtype), so the bare boolean is rewritten before
     Hydra sees it; any other bare value is refused with the keys it could have meant.
     """
     key, sep, value = override.partition("=")
@@ -159,7 +159,8 @@ def merge_shorthand(override: str) -> str:
         return f"{key}.enabled={value.strip().lower()}"
     raise ModeError(
         f"{override}: expected merge=true or merge=false "
-        "(or merge.enabled=, merge.base=dequantized|original, merge.dtype=auto|fp32|bf16|fp16)"
+        "(or merge.enabled=, merge.head=auto|ensemble|final, merge.base=dequantized|original, "
+        "merge.dtype=auto|fp32|bf16|fp16)"
     )
 
 

@@ -19,7 +19,19 @@ c. A Llama-3-8B-shaped random-init model (speed and memory do not depend on weig
    loss, on the same batch, in the same process.
 d. FSDP2 under torchrun on every GPU of the machine (one GPU still runs the sharded code): a tiny
    recipe in bf16 over NCCL, its tokens/s and peak CUDA memory per GPU (rank 0's), and a
-   checkpoint written from the shards that one process then resumes.
+   checkpoint written from the shards that one process then resumes. Then paged 8-bit AdamW with
+   `distributed.strategy=fsdp`: `distributed.nproc=1` (one plain process, nothing sharded) trains;
+   a torchrun job, whose parameters FSDP2 shards, is refused before loading (exit 2, the message
+   naming the alternatives), and the alternative, DDP with paged 8-bit AdamW on every GPU, trains.
+e. The flagship recipe itself, `mode train recipe=llama3-8b-alpaca` with its `train=gpu-24gb`
+   settings (cuda, bf16, paged 8-bit AdamW, gradient checkpointing, 4 x 4 micro-batches), on a
+   random-init model with Llama-3-8B's layer shape (4 of its 32 layers, the bundled tokenizer)
+   and the bundled arithmetic data: 1 step, then resumed to step 2 and merged; each the real CLI.
+   Its start line must say `device cuda:0, paged_adamw_8bit, bf16 autocast`.
+f. Engines on a MoDE ensemble export (a tiny model with a trained-like head): plain transformers
+   on CUDA (`trust_remote_code=True`, `device_map="auto"`) decodes mode's greedy tokens; and, when
+   `vllm` is importable, vLLM's Transformers backend (`model_impl="transformers"`) decodes the same
+   tokens as transformers. Without vllm the vLLM step is skipped and the record says why.
 
 It writes a JSON record (`--json`, also copied into `--out`) and its table into docs/benchmarks.md
 (also copied into `--out`: on a lent machine only `$OUT` comes back), and exits 1 when a part fails,
@@ -41,8 +53,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent
@@ -123,7 +135,8 @@ def plan(args) -> str:
     """What a run does, and how to run it on a lent GPU machine."""
     shape = SHAPES[args.shape]
     return f"""\
-scripts/gpu_check.py: the GPU acceptance of mode in one call (about 5 minutes on one large GPU).
+scripts/gpu_check.py: the GPU acceptance of mode in one call (estimated at about 10 minutes on
+one large GPU, part c about 3 of them; no GPU has run it yet, so nothing here is timed).
 
 a. pytest -m gpu (tests/test_gpu.py): CUDA 4-bit kernels, bf16, paged 8-bit AdamW state through
    checkpoint and resume, CUDA RNG restore, a real CUDA out-of-memory message.
@@ -138,15 +151,27 @@ c. {args.shape}-shaped random-init model ({shape["num_hidden_layers"]} layers, h
    or mode's peak exceeds {PEAK_RATIO}x final-only's.
 d. FSDP2 under torchrun on every GPU (one still runs the sharded code), then one process resuming:
 {chr(10).join("   " + shlex.join(c) for c in fsdp_commands(Path("RUN"), 1))}
+   then paged 8-bit AdamW with FSDP: one process (trains), torchrun (refused, exit 2), and DDP
+   on every GPU instead (trains):
+{chr(10).join(f"   {shlex.join(c.command)}  # exit {c.exit}" for c in optimizer_checks(Path("RUN"), 1))}
+e. the flagship recipe (train=gpu-24gb) on a random-init model of Llama-3-8B's layer shape:
+{chr(10).join("   python -m mode_cli " + shlex.join(c) for c in flagship_commands(Path("RUN")))}
+f. a tiny MoDE ensemble export in plain transformers on CUDA (device_map="auto") against mode's
+   greedy tokens, and in vLLM's Transformers backend when vllm is importable (skipped otherwise:
+   its wheels are far over what a device call carries).
 Writes: {args.json} and its section of {args.doc}; with --out DIR, copies of both into DIR.
 
 On a lent GPU machine (bitsandbytes, hydra-core, omegaconf, antlr4 and datasets are not there;
 its transformers and peft are older than the tested ones, which travel too):
 1. here, in the repository root, fetch the wheels (about 60 MB; the repository adds about 4):
 {download_command()}
-2. one device call, carrying them (the command installs them into {SITE} first):
-   run(command='python3 scripts/gpu_check.py --wheels .whl --out "$OUT"', carry=[".whl"],
-       timeout_s=600)
+2. two device calls (a command may run 10 minutes), carrying them (each installs them into
+   {SITE} first): parts a, b, d and e, then part c added to the first call's record:
+   run(command='python3 scripts/gpu_check.py --wheels .whl --skip shape --out "$OUT"',
+       carry=[".whl"], timeout_s=600)
+   copy $OUT's gpu_check.json into the repository root as gpu_check.part.json (it travels), then
+   run(command='python3 scripts/gpu_check.py --wheels .whl --skip pytest --skip e2e --skip fsdp
+       --skip flagship --add-to gpu_check.part.json --out "$OUT"', carry=[".whl"], timeout_s=600)
 3. copy $OUT's gpu_check.json to docs/ and its benchmarks.md section into docs/benchmarks.md
    (or: python scripts/gpu_check.py --from-json FILE), and commit the figures.
 """
@@ -191,6 +216,13 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
+def cuda(device: str) -> bool:
+    """Whether `device` is a GPU, as mode decides it (mode_cli/devices.py; imports torch)."""
+    from mode_cli.devices import is_cuda
+
+    return is_cuda(device)
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -210,9 +242,12 @@ def versions() -> dict[str, str]:
     return found
 
 
-def run_process(cmd: list[str], timeout: float, env: dict, cwd: Path = ROOT) -> dict:
-    """A command in its own session (its whole group killed on timeout): exit code, seconds and
-    the tail of its output."""
+def run_process(
+    cmd: list[str], timeout: float, env: dict, cwd: Path = ROOT, look_for: str = ""
+) -> dict:
+    """A command in its own session (its whole group killed on timeout): exit code, seconds, the
+    tail of its output, and whether the whole output holds `look_for` (`found`; whitespace and
+    line breaks count as one space)."""
     start = time.perf_counter()
     process = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -230,6 +265,7 @@ def run_process(cmd: list[str], timeout: float, env: dict, cwd: Path = ROOT) -> 
         "exit": code,
         "seconds": round(time.perf_counter() - start, 1),
         "tail": output[-2000:],
+        "found": " ".join(look_for.split()) in " ".join(output.split()),
     }
 
 
@@ -256,14 +292,20 @@ def run_pytest(cache: Path) -> dict:
 # ---------------------------------------------------------------------------- b. end to end
 
 
+# A tiny recipe at the 24 GB recipe's device settings.
+TINY_ON_CUDA = [
+    "recipe=tiny-llama-alpaca",
+    "train.device=cuda",
+    "train.precision=bf16",
+    "train.optimizer=paged_adamw_8bit",
+]
+
+
 def e2e_commands(run: Path) -> list[list[str]]:
     """`mode` invocations of a tiny recipe on CUDA: train, resume, eval and generate."""
     train = [
         "train",
-        "recipe=tiny-llama-alpaca",
-        "train.device=cuda",
-        "train.precision=bf16",
-        "train.optimizer=paged_adamw_8bit",
+        *TINY_ON_CUDA,
         "train.max_steps=4",
         "checkpoint.every_steps=1",
         "eval.max_examples=4",
@@ -318,6 +360,57 @@ def fsdp_commands(run: Path, gpus: int) -> list[list[str]]:
     ]
 
 
+class Check(NamedTuple):
+    """A command and how it must end: its exit code, and text its output must hold."""
+
+    command: list[str]
+    exit: int
+    says: str = ""
+
+
+# What `mode train` says when it refuses an 8-bit optimizer on FSDP's shards (mode_cli/train/optim.py).
+FSDP_8BIT_REFUSAL = "cannot update the parameters distributed.strategy=fsdp shards"
+
+
+def optimizer_checks(run: Path, gpus: int) -> list[Check]:
+    """Paged 8-bit AdamW with FSDP: one process trains (nothing to shard), a torchrun job is
+    refused before it loads anything, and DDP on every GPU, the alternative it names, trains."""
+    train = ["train", *TINY_ON_CUDA, "train.max_steps=2", "eval.max_examples=4", "merge=false"]
+    fsdp = [*train, "distributed.strategy=fsdp"]
+    mode = [sys.executable, "-m", "mode_cli"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [
+        Check([*mode, *fsdp, "distributed.nproc=1", f"output_dir={run / 'one'}"], 0),
+        Check(
+            [*torchrun, "--nproc_per_node=1", "-m", "mode_cli", *fsdp, f"output_dir={run / 'no'}"],
+            2,
+            FSDP_8BIT_REFUSAL,
+        ),
+        Check(
+            [
+                *torchrun,
+                f"--nproc_per_node={gpus}",
+                "-m",
+                "mode_cli",
+                *train,
+                "distributed.strategy=ddp",
+                f"output_dir={run / 'ddp'}",
+            ],
+            0,
+        ),
+    ]
+
+
+def run_checks(checks: list[Check], env: dict) -> list[dict]:
+    """Each check's command, with whether it ended as it must (`as_expected`)."""
+    results = []
+    for check in checks:
+        result = run_process(check.command, E2E_TIMEOUT_S, env, look_for=check.says)
+        result["as_expected"] = result["exit"] == check.exit and result["found"]
+        results.append(result)
+    return results
+
+
 def run_fsdp(work: Path, cache: Path) -> dict:
     import torch
 
@@ -329,20 +422,77 @@ def run_fsdp(work: Path, cache: Path) -> dict:
         steps.append(run_process(cmd, E2E_TIMEOUT_S, env))
         if steps[-1]["exit"] != 0:
             break
-    metrics = run / "metrics.jsonl"
-    logged = (
-        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    )
-    sharded = [r for r in logged if "loss" in r and r["step"] <= 4]
+    logged = logged_steps(run)
+    sharded = [r for r in logged if r["step"] <= 4]
     ok = all(s["exit"] == 0 for s in steps) and len(steps) == 2
-    ok = ok and sorted(r["step"] for r in logged if "loss" in r) == list(range(1, 9))
+    ok = ok and sorted(r["step"] for r in logged) == list(range(1, 9))
+    optimizer = run_checks(optimizer_checks(work / "fsdp-8bit", gpus), env)
     return {
-        "ok": ok,
+        "ok": ok and all(c["as_expected"] for c in optimizer),
         "gpus": gpus,
         "steps": steps,
+        "optimizer_checks": optimizer,
         "tokens_per_s": sharded[-1]["tokens_per_s"] if sharded else None,
         "peak_memory_gb": sharded[-1].get("peak_memory_gb") if sharded else None,
     }
+
+
+# Llama-3-8B's decoder layer (hidden 4096, MLP 14,336, 32 query and 8 KV heads), 4 of its 32
+# layers, the bundled tokenizer's vocabulary: the recipe's own path at the real layer width.
+FLAGSHIP_MODEL = [
+    "model=tiny-llama",
+    "model.tiny.hidden_size=4096",
+    "model.tiny.intermediate_size=14336",
+    "model.tiny.num_layers=4",
+    "model.tiny.num_heads=32",
+    "model.tiny.num_kv_heads=8",
+]
+FLAGSHIP_START = "device cuda:0, paged_adamw_8bit, bf16 autocast"
+
+
+def flagship_commands(run: Path) -> list[list[str]]:
+    """`mode train recipe=llama3-8b-alpaca` as shipped but for the model and the data: one step,
+    then resumed to the second and merged."""
+    train = [
+        "train",
+        "recipe=llama3-8b-alpaca",
+        *FLAGSHIP_MODEL,
+        "data=arithmetic-sample",
+        "train.max_steps=2",
+        "checkpoint.every_steps=1",
+        "eval.max_examples=4",
+        "eval.compare_base=false",
+        f"output_dir={run}",
+    ]
+    return [[*train, "train.stop_after_steps=1"], [*train, "resume=auto"]]
+
+
+def run_flagship(work: Path, cache: Path) -> dict:
+    env = child_env({"MODE_CACHE": str(cache)})
+    run = work / "flagship"
+    steps = []
+    for args in flagship_commands(run):
+        command = [sys.executable, "-m", "mode_cli", *args]
+        steps.append(run_process(command, E2E_TIMEOUT_S, env, look_for=FLAGSHIP_START))
+        if steps[-1]["exit"] != 0:
+            break
+    logged = logged_steps(run)
+    ok = len(steps) == 2 and all(s["exit"] == 0 and s["found"] for s in steps)
+    ok = ok and len(logged) == 2 and (run / "merged").is_dir()
+    return {
+        "ok": ok,
+        "steps": steps,
+        "losses": [r["loss"] for r in logged],
+        "peak_memory_gb": max((r.get("peak_memory_gb") or 0 for r in logged), default=None),
+    }
+
+
+def logged_steps(run: Path) -> list[dict]:
+    """The step records (those with a loss) of a run's metrics.jsonl; none without the file."""
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    return [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
 
 
 def run_e2e(work: Path, cache: Path) -> dict:
@@ -353,14 +503,140 @@ def run_e2e(work: Path, cache: Path) -> dict:
         steps.append(result)
         if result["exit"] != 0:
             break
-    metrics = work / "run" / "metrics.jsonl"
-    logged = (
-        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    )
-    losses = [r["loss"] for r in logged if "loss" in r]
+    losses = [r["loss"] for r in logged_steps(work / "run")]
     ok = len(steps) == len(e2e_commands(work / "run")) and all(s["exit"] == 0 for s in steps)
     ok = ok and len(losses) == 4 and (work / "run" / "merged").is_dir()
     return {"ok": ok, "steps": steps, "losses": losses}
+
+
+# ---------------------------------------------------------------------------- e. engines
+
+ENGINE_TIMEOUT_S = 300
+ENGINE_PROMPTS = ["What is 12 + 30?", "Name three colours.", "Count from 1 to 5:"]
+ENGINE_TOKENS = 12
+# vLLM's kernels are not transformers': its prompt log-probabilities must agree within this (fp32),
+# its greedy tokens are reported (a near-tie of a random model may break either way).
+VLLM_TOLERANCE = 1e-3
+# Run in a process of its own (vLLM starts workers and takes the GPU): transformers' greedy tokens
+# and prompt log-probabilities on the export, then vLLM's through its Transformers backend when
+# vllm is importable.
+ENGINE_SCRIPT = """
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, device, prompts, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(
+    folder, trust_remote_code=True, dtype=torch.float32,
+    device_map="auto" if torch.device(device).type == "cuda" else None,
+).eval()
+record = {"class": type(model).__name__, "transformers": [], "transformers_logprobs": []}
+for text in prompts:
+    ids = tokenizer(text, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        out = model.generate(**ids, do_sample=False, max_new_tokens=steps, min_new_tokens=steps)
+        logprobs = torch.log_softmax(model(**ids).logits[0].float(), -1)
+    record["transformers"].append(out[0, ids["input_ids"].shape[1]:].tolist())
+    tokens = ids["input_ids"][0].tolist()
+    record["transformers_logprobs"].append(
+        [logprobs[i - 1, tokens[i]].item() for i in range(1, len(tokens))]
+    )
+try:
+    import vllm
+except ImportError as err:
+    record["vllm_skipped"] = f"vllm is not importable ({err})"
+else:
+    del model
+    torch.cuda.empty_cache()
+    llm = vllm.LLM(
+        model=folder, model_impl="transformers", trust_remote_code=True, dtype="float32",
+        gpu_memory_utilization=0.3, max_model_len=256,
+    )
+    record["vllm_class"] = llm.apply_model(lambda m: type(m).__name__)[0]
+    params = vllm.SamplingParams(
+        temperature=0.0, max_tokens=steps, min_tokens=steps, prompt_logprobs=0
+    )
+    outputs = llm.generate(prompts, params)
+    record["vllm"] = [list(o.outputs[0].token_ids) for o in outputs]
+    record["vllm_logprobs"] = [
+        [entry[token].logprob for entry, token in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])]
+        for o in outputs
+    ]
+print("ENGINES " + json.dumps(record))
+"""
+
+
+def tiny_export(folder: Path, cache: Path) -> Path:
+    """A MoDE ensemble export of the tiny Llama with a head away from its start (a trained head
+    is), written as `mode export` writes it."""
+    import torch
+
+    os.environ["MODE_CACHE"] = str(cache)
+    from mode_cli.export.command import write
+    from mode_cli.mode.head import MoDEHead
+    from mode_cli.models import families
+    from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_source
+    from mode_cli.recipes import compose_recipe
+
+    cfg = compose_recipe("tiny-llama-alpaca", [])
+    source = resolve_source(cfg.model)
+    cfg.model.quantization = "none"
+    model = load_base_model(source, cfg.model, "fp32", "cpu")
+    torch.manual_seed(0)
+    head = MoDEHead(families.final_norm(model), [2, 3, 4], 4, cfg.model.tiny.hidden_size)
+    with torch.no_grad():
+        for param in head.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    return write(folder, cfg, model, head, load_tokenizer(source, cfg.model), "ensemble", None)
+
+
+def mode_tokens(folder: Path, prompts: list[str], steps: int, device: str) -> list[list[int]]:
+    """mode's own greedy tokens on the export (`mode_cli.load` of the folder, the ensemble), on the
+    device transformers decodes on (the same kernels)."""
+    import torch
+
+    from mode_cli import load
+
+    model, tokenizer = load(folder, device=device)
+    tokens = []
+    for text in prompts:
+        ids = tokenizer(text, return_tensors="pt").to(device)
+        with torch.no_grad():
+            out = model.generate(**ids, do_sample=False, max_new_tokens=steps, min_new_tokens=steps)
+        tokens.append(out[0, ids["input_ids"].shape[1] :].tolist())
+    del model
+    free_memory(device)
+    return tokens
+
+
+def largest_difference(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for xs, ys in zip(a, b, strict=True) for x, y in zip(xs, ys, strict=True))
+
+
+def run_engines(work: Path, cache: Path, device: str = "cuda") -> dict:
+    """f. transformers (and vLLM when importable) on an ensemble export, against mode."""
+    folder = tiny_export(work / "engine-export", cache)
+    expected = mode_tokens(folder, ENGINE_PROMPTS, ENGINE_TOKENS, device)
+    cmd = [
+        sys.executable, "-c", ENGINE_SCRIPT, str(folder), device, json.dumps(ENGINE_PROMPTS),
+        str(ENGINE_TOKENS),
+    ]  # fmt: skip
+    result = run_process(cmd, ENGINE_TIMEOUT_S, child_env({"MODE_CACHE": str(cache)}))
+    line = next((x for x in result["tail"].splitlines() if x.startswith("ENGINES ")), None)
+    found = json.loads(line.removeprefix("ENGINES ")) if line else {}
+    result.update(found)
+    result["transformers_matches_mode"] = found.get("transformers") == expected
+    if "vllm" in found:
+        difference = largest_difference(found["vllm_logprobs"], found["transformers_logprobs"])
+        result["vllm_logprob_difference"] = difference
+        result["vllm_matches_transformers"] = difference <= VLLM_TOLERANCE
+        result["vllm_same_tokens"] = found["vllm"] == found["transformers"]
+    result["ok"] = (
+        result["exit"] == 0
+        and result["transformers_matches_mode"]
+        and result.get("vllm_matches_transformers", True)
+    )
+    return result
 
 
 # ---------------------------------------------------------------------------- c. the 8B shape
@@ -402,7 +678,7 @@ def free_memory(device: str) -> None:
     import torch
 
     gc.collect()
-    if device == "cuda":
+    if cuda(device):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
@@ -419,25 +695,26 @@ def measure_variant(variant: str, model, batch: dict, device: str, steps: int, o
     import torch
 
     from mode_cli.mode.weighting import loss_weights
+    from mode_cli.train.distributed import World
     from mode_cli.train.optim import make_optimizer
+    from mode_cli.train.plan import plan_run
     from mode_cli.train.recipe import build_head
     from mode_cli.train.steps import TrainingModule, accumulate_gradients
 
     cfg = recipe_config(variant, device, overrides)
-    bf16 = cfg.train.precision == "bf16"
-
-    def autocast():
-        return torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext()
+    # The device choices `mode train` makes for one process: its device, optimizer and autocast.
+    plan = plan_run(cfg, World())
+    autocast = plan.autocast
 
     free_memory(device)
-    if device == "cuda":
+    if cuda(device):
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS
         before = read_vmhwm()
     head = None if variant == "plain" else build_head(cfg, model, device)
-    optimizer = make_optimizer(cfg, model, head, device)
+    optimizer = make_optimizer(cfg, model, head, plan.device)
     weights = None
     if variant != "plain":
         weights = loss_weights(cfg.loss, head.layers if head else [], 1, cfg.train.max_steps)
@@ -446,7 +723,7 @@ def measure_variant(variant: str, model, batch: dict, device: str, steps: int, o
     times, losses = [], []
     model.train()
     for step in range(steps + 1):
-        if device == "cuda":
+        if cuda(device):
             torch.cuda.synchronize()
         start = time.perf_counter()
         if variant == "plain":
@@ -460,7 +737,7 @@ def measure_variant(variant: str, model, batch: dict, device: str, steps: int, o
         torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
+        if cuda(device):
             torch.cuda.synchronize()
         if step > 0:  # step 0 warms up kernels and allocates the optimizer state
             times.append(time.perf_counter() - start)
@@ -473,7 +750,7 @@ def measure_variant(variant: str, model, batch: dict, device: str, steps: int, o
         "tokens_per_s": tokens * len(times) / sum(times),
         "losses": losses,
     }
-    if device == "cuda":
+    if cuda(device):
         record["model_bytes"] = before
         record["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         record["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
@@ -501,7 +778,7 @@ def measure_shape(
     from mode_cli.data.batching import target_count
 
     overrides = list(overrides or [])
-    if device != "cuda":
+    if not cuda(device):
         overrides.append("train.optimizer_fallback=true")  # 8-bit AdamW runs on CUDA only
     cfg = recipe_config("mode", device, overrides)
     seq_len = seq_len or cfg.data.max_seq_len
@@ -527,7 +804,7 @@ def measure_shape(
         "settings": {
             "precision": cfg.train.precision,
             "optimizer": cfg.train.optimizer
-            + ("" if device == "cuda" else " (run as torch AdamW on the CPU)"),
+            + ("" if cuda(device) else " (run as torch AdamW on the CPU)"),
             "gradient_checkpointing": cfg.train.gradient_checkpointing,
             "adapter": {"r": cfg.adapter.r, "target_modules": str(cfg.adapter.target_modules)},
             "layers": cfg.layers.k,
@@ -555,6 +832,16 @@ def measure_shape(
 
 def ratio_holds(shape: dict) -> bool:
     return shape["ratios"]["peak_mode_over_final_only"] <= PEAK_RATIO
+
+
+# The parts a record lists besides the 8B shape's table (part c).
+PARTS = {
+    "pytest": "a. pytest -m gpu",
+    "e2e": "b. tiny recipe end to end",
+    "fsdp": "d. FSDP2 under torchrun, then resumed by one process",
+    "flagship": "e. llama3-8b-alpaca (train=gpu-24gb) at Llama-3-8B's layer shape",
+    "engines": "f. an ensemble export in transformers (and vLLM)",
+}
 
 
 def markdown(record: dict) -> str:
@@ -599,22 +886,49 @@ def markdown(record: dict) -> str:
             f"{PEAK_RATIO}: {ratio_verdict}), step time {r['time_mode_over_final_only']:.2f}. "
             f"Recipe peaks {verdict} {LIMIT_BYTES / 1e9:.0f} GB (reserved).",
         ]
-    for part, title in (
-        ("pytest", "pytest -m gpu"),
-        ("e2e", "tiny recipe end to end"),
-        ("fsdp", "FSDP2 under torchrun, then resumed by one process"),
-    ):
+    for part, title in PARTS.items():
         if part in record:
             done = record[part]
             detail = done.get("counts") or f"{len(done.get('steps', []))} commands"
+            if part == "engines":
+                detail = engines_detail(done)
             if part == "fsdp" and done.get("tokens_per_s"):
                 detail += (
                     f"; {done['gpus']} GPU(s), {done['tokens_per_s']:,.0f} tokens/s, peak "
                     f"{done['peak_memory_gb']:.2f} GB per GPU"
                 )
+            if part == "fsdp" and "optimizer_checks" in done:
+                expected = sum(c["as_expected"] for c in done["optimizer_checks"])
+                detail += (
+                    f"; paged 8-bit AdamW with FSDP: {expected} of "
+                    f"{len(done['optimizer_checks'])} commands ended as they must (one process "
+                    "trains, torchrun refused with exit 2, DDP trains)"
+                )
+            if part == "flagship" and done.get("peak_memory_gb") is not None:
+                detail += f"; peak {done['peak_memory_gb']:.2f} GB, losses {done['losses']}"
             lines.append(f"- {title}: {'passed' if done['ok'] else '**failed**'} ({detail})")
+    missing = [title for part, title in PARTS.items() if part not in record]
+    if "shape" not in record:
+        missing.append("c. the 8B-shaped memory and speed")
+    if missing:
+        lines.append(f"- not run in this record: {'; '.join(missing)}")
     lines.append(f"\nOverall: {'passed' if record['passed'] else '**failed**'}.")
     return "\n".join(lines)
+
+
+def engines_detail(done: dict) -> str:
+    parts = [
+        f"transformers {'matches' if done.get('transformers_matches_mode') else 'differs from'} mode"
+    ]
+    if "vllm" in done:
+        parts.append(
+            f"vLLM ({done.get('vllm_class')}): prompt log-probabilities within "
+            f"{done['vllm_logprob_difference']:.1e} of transformers' (tolerance {VLLM_TOLERANCE:g}), "
+            f"greedy tokens {'the same' if done['vllm_same_tokens'] else 'not all the same'}"
+        )
+    else:
+        parts.append(f"vLLM skipped: {done.get('vllm_skipped', 'no record')}")
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -631,12 +945,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, help="default: the recipe's data.max_seq_len")
     parser.add_argument("--micro-batch", type=int, help="default: train.micro_batch_size")
     parser.add_argument(
-        "--skip", action="append", default=[], choices=["pytest", "e2e", "shape", "fsdp"]
+        "--skip", action="append", default=[], choices=[*PARTS, "shape"], help="a part not to run"
+    )
+    parser.add_argument(
+        "--add-to",
+        type=Path,
+        help="the record of an earlier call: its parts are kept and this call's added (the check "
+        "split over calls, e.g. on a machine lent for 10 minutes a command)",
     )
     args = parser.parse_args(argv)
+    on_gpu = cuda(args.device)
 
     # A CPU rehearsal's figures are not the GPU's: they go to a temporary folder unless named.
-    rehearsal = Path(tempfile.mkdtemp(prefix="gpu-check-cpu-")) if args.device != "cuda" else None
+    rehearsal = Path(tempfile.mkdtemp(prefix="gpu-check-cpu-")) if not on_gpu else None
     args.json = args.json or (rehearsal or ROOT / "docs") / "gpu_check.json"
     args.doc = args.doc or (rehearsal / "benchmarks.md" if rehearsal else DOC)
     if args.plan:
@@ -649,15 +970,16 @@ def main(argv: list[str] | None = None) -> int:
         install_wheels(args.wheels)  # runs this script again, without --wheels
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if on_gpu and not torch.cuda.is_available():
         print(
             "gpu_check: torch sees no CUDA GPU. `--plan` says what it would run; "
             "`--device cpu --shape tiny --skip pytest --skip e2e` rehearses part c on the CPU.",
             file=sys.stderr,
         )
         return 2
-    record: dict = {
-        "machine": torch.cuda.get_device_name() if args.device == "cuda" else cpu_model(),
+    record: dict = json.loads(args.add_to.read_text()) if args.add_to else {}
+    record |= {
+        "machine": torch.cuda.get_device_name() if on_gpu else cpu_model(),
         "versions": versions(),
         "date": time.strftime("%Y-%m-%d"),
         "python": platform.python_version(),
@@ -671,9 +993,15 @@ def main(argv: list[str] | None = None) -> int:
         if "e2e" not in args.skip:
             record["e2e"] = run_e2e(work, cache)
             print(f"b. end to end: ok={record['e2e']['ok']}", file=sys.stderr)
-        if "fsdp" not in args.skip and args.device == "cuda":
+        if "flagship" not in args.skip and on_gpu:
+            record["flagship"] = run_flagship(work, cache)
+            print(f"e. flagship recipe: ok={record['flagship']['ok']}", file=sys.stderr)
+        if "fsdp" not in args.skip and on_gpu:
             record["fsdp"] = run_fsdp(work, cache)
             print(f"d. fsdp: ok={record['fsdp']['ok']}", file=sys.stderr)
+        if "engines" not in args.skip:
+            record["engines"] = run_engines(work, cache, args.device)
+            print(f"f. engines: {engines_detail(record['engines'])}", file=sys.stderr)
         if "shape" not in args.skip:
             record["shape"] = measure_shape(
                 args.shape, args.device, args.steps, args.seq_len, args.micro_batch, work=work
@@ -687,7 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    parts = [record[p]["ok"] for p in ("pytest", "e2e", "fsdp") if p in record]
+    parts = [record[p]["ok"] for p in PARTS if p in record]
     if "shape" in record:
         parts += [record["shape"]["within_limit"], ratio_holds(record["shape"])]
     record["passed"] = all(parts)

@@ -34,6 +34,8 @@ def model_cache(tmp_path_factory):
     unless MODE_CACHE already points at a warm cache)."""
     if "MODE_CACHE" not in os.environ:
         os.environ["MODE_CACHE"] = str(tmp_path_factory.mktemp("mode-cache"))
+    # Tokenized data stay with the session: a shared model cache must not fill up with them.
+    os.environ["MODE_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
     return os.environ["MODE_CACHE"]
 
 
@@ -71,5 +73,28 @@ def tiny_run(tmp_path_factory, model_cache):
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     code = main(["train", "recipe=tiny-llama-alpaca", f"output_dir={out}", "train.max_steps=5"])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_chat_run(tmp_path_factory, smollm2_conversion):
+    """The packaged SmolLM2 briefly tuned on the bundled chat data (its own chat template): NF4,
+    LoRA + MoDE, the report with answers, and the merged folder (the ensemble export)."""
+    from mode_cli.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "smollm2-chat"
+    code = main(
+        [
+            "train",
+            "recipe=smollm2-arithmetic",
+            "data=chat-sample",
+            f"output_dir={out}",
+            "train.max_steps=2",
+            "train.micro_batch_size=2",
+            "data.max_eval_examples=4",
+            "eval.max_new_tokens=8",
+        ]
+    )
     assert code == 0
     return out

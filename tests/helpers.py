@@ -79,3 +79,27 @@ def run_command(args: list[str], timeout: float, **kwargs) -> subprocess.Complet
             kill_group(process)
             raise
     return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+def naive_ensemble_logits(model, head, input_ids, attention_mask):
+    """The MoDE ensemble by its definition: every selected layer's logits through its norm and the
+    LM head, mixed with the router's weights, then the model's logit_fn (Gemma 2's soft-capping).
+    No shortcut through the mixed state.
+
+    A head with its own norm for layer N gets N's state before the model's final norm: the last
+    decoder layer's output, kept here by a hook of this function's own."""
+    from mode_cli.models import families
+
+    layers = families.get_attr(model, families.family_of(model).layers)
+    kept = []
+    hook = layers[-1].register_forward_hook(lambda m, args, out: kept.append(out))
+    states = list(families.hidden_states(model, input_ids, attention_mask))
+    hook.remove()
+    if head.train_final_norm:
+        states[-1] = kept[0][0] if isinstance(kept[0], tuple) else kept[0]
+    normed, weights = head(states)
+    lm_head = families.lm_head(model)
+    per_layer = torch.stack([lm_head(state) for state in normed])  # [|S|, B, T, V]
+    mixed = torch.einsum("sbtv,bts->btv", per_layer, weights)
+    logit_fn = families.logit_fn(model)
+    return logit_fn(mixed) if logit_fn else mixed

@@ -46,11 +46,10 @@ def test_an_old_run_and_its_merged_model_generate(mode, old_run):
 
 def test_an_old_run_loads_from_python_with_the_ensemble(old_run):
     from mode_cli import load
-    from mode_cli.decode.ensemble import EnsembleHead
-    from mode_cli.models.families import lm_head
+    from mode_cli.models.modeling_mode import MoDEForCausalLM
 
     model, tokenizer = load(old_run)
-    assert isinstance(lm_head(model), EnsembleHead)
+    assert isinstance(model, MoDEForCausalLM) and model.model.ensemble
     assert model.mode_config.adapter.r == 8  # `lora` read as `adapter`
     ids = tokenizer("What is 2 + 2?", return_tensors="pt")
     with torch.no_grad():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from omegaconf import OmegaConf
@@ -58,6 +57,10 @@ def test_a_merged_folder_is_evaluated_with_its_head(tiny_run, mode, tmp_path):
     assert code == 0, err
     report = json.loads(latest_report(merged).read_text())
     assert report["source"]["kind"] == "merged" and report["source"]["base"] == "tiny:llama"
+    # The base before tuning has an untrained head shaped like the export's: its ensemble too.
+    assert report["ensemble"]["base"]["loss"] == pytest.approx(
+        run["ensemble"]["base"]["loss"], rel=1e-3
+    )
     assert report["selected_layers"] == [2, 3, 4] and report["sides"] == ["base", "tuned"]
     # The merged weights are what the adapter was trained against: the same predictions.
     for ours, theirs in zip(report["layers"], run["layers"], strict=True):
@@ -69,8 +72,11 @@ def test_a_merged_folder_is_evaluated_with_its_head(tiny_run, mode, tmp_path):
 
 
 def test_a_merged_folder_without_its_head_is_refused(tiny_run, mode, tmp_path):
+    """A final-layer export keeps the head in files beside the weights; without them, the
+    ensemble's report cannot be made."""
     copy = tmp_path / "merged"
-    shutil.copytree(tiny_run / "merged", copy)
+    code, _, err = mode("export", f"checkpoint={tiny_run}", f"out={copy}", "head=final")
+    assert code == 0, err
     (copy / "mode_head.json").unlink()
     before = report_folders(copy)
     code, _, err = mode("eval", f"checkpoint={copy}")

@@ -171,7 +171,8 @@ def test_the_training_loss_is_the_models_own_cross_entropy(family, impl):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_qlora_run_per_family(family, mode, tmp_path):
     """3 NF4 + LoRA all-linear steps and the report; merging for a LayerNorm family (GPT-NeoX)
-    and a tied-embedding one (Gemma), whose merged folders load as plain transformers models."""
+    and a tied-embedding one (Gemma), whose merged folders load in transformers as MoDE models of
+    their family (tests/test_export.py holds every family's export to mode's ensemble)."""
     recipe, targets = FAMILIES[family]
     merge = family in ("gpt_neox", "gemma")
     out = tmp_path / "run"
@@ -197,8 +198,8 @@ def test_a_qlora_run_per_family(family, mode, tmp_path):
     assert {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]} == targets
     assert (out / "merged").exists() == merge
     if merge:
-        merged = AutoModelForCausalLM.from_pretrained(out / "merged")
-        assert merged.config.model_type == family
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged", trust_remote_code=True)
+        assert merged.config.model_type == "mode" and merged.config.base_model_type == family
         assert (merged.lm_head.weight is merged.get_input_embeddings().weight) == (family in TIED)
         if family == "gemma":  # the embedding scale is a non-persistent buffer: restored on load
             scale = merged.get_input_embeddings().embed_scale

@@ -4,11 +4,11 @@ cache against full recomputation, `mode generate` / `mode chat`, and the Python 
 from __future__ import annotations
 
 import io
-import shutil
 
 import pytest
 import torch
 import transformers
+from helpers import naive_ensemble_logits
 
 from mode_cli import files as files_mod
 from mode_cli import options as options_mod
@@ -17,8 +17,8 @@ from mode_cli.decode import ensemble as ensemble_mod
 from mode_cli.decode import generate as generate_mod
 from mode_cli.errors import ModeError
 from mode_cli.mode.head import MoDEHead
-from mode_cli.mode.terms import head_logits
 from mode_cli.models import families as families_mod
+from mode_cli.models.modeling_mode import MoDEForCausalLM
 
 VOCAB = 61
 
@@ -69,21 +69,14 @@ def model_and_head(
     return model, head
 
 
-def reference_logits(model, head, input_ids, attention_mask):
-    """The naive ensemble: all hidden states, the head, one head matmul, the model's logit_fn.
-
-    A head with its own norm for layer N gets N's state before the model's final norm: the last
-    decoder layer's output, kept here by a hook of the test's own."""
+def hooks_on_layers(model) -> int:
+    """The MoDE hooks on the model's decoder layers (transformers keeps hooks of its own there)."""
     layers = families_mod.get_attr(model, families_mod.family_of(model).layers)
-    kept = []
-    hook = layers[-1].register_forward_hook(lambda m, args, out: kept.append(out))
-    states = list(families_mod.hidden_states(model, input_ids, attention_mask))
-    hook.remove()
-    if head.train_final_norm:
-        states[-1] = kept[0][0] if isinstance(kept[0], tuple) else kept[0]
-    normed, weights = head(states)
-    return head_logits(
-        families_mod.lm_head(model), head.mix(normed, weights), families_mod.logit_fn(model)
+    return sum(
+        getattr(hook, "func", None).__name__ == "_keep"
+        for layer in layers
+        for hook in layer._forward_hooks.values()
+        if hasattr(hook, "func")
     )
 
 
@@ -98,25 +91,27 @@ def test_ensemble_forward_matches_naive_reference(family, train_final_norm):
     mask[0, :3] = 0  # left padding
     with torch.no_grad():
         own = model(input_ids=ids, attention_mask=mask).logits
-        expected = reference_logits(model, head, ids, mask)
-        forward_before = model.forward
-        with ensemble_mod.use_head(model, "ensemble", head):
-            assert isinstance(families_mod.lm_head(model), ensemble_mod.EnsembleHead)
-            ensemble = model(input_ids=ids, attention_mask=mask).logits
+        expected = naive_ensemble_logits(model, head, ids, mask)
+        with ensemble_mod.use_head(model, "ensemble", head) as decoder:
+            assert isinstance(decoder, MoDEForCausalLM)
+            assert hooks_on_layers(model) == len(head.layers) - (not train_final_norm)
+            # The decoder's modules are the model's own: nothing copied.
+            assert decoder.lm_head is families_mod.lm_head(model)
+            assert decoder.model.mode_head is head
+            ensemble = decoder(input_ids=ids, attention_mask=mask).logits
             # The last position only, as generate() asks for it.
-            last = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
-            # Outside a model forward the replaced head is the plain LM head.
-            states = families_mod.hidden_states(model, ids, mask)
-            plain = families_mod.lm_head(model)(states[-1])
+            last = decoder(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+            # The model itself, called inside the block, is still the model: its own logits,
+            # and the hooks keep nothing from a call that is not the wrapper's.
+            inside = model(input_ids=ids, attention_mask=mask).logits
+            assert decoder.model._states == {}
         after = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(ensemble, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(last, expected[:, -1:], atol=1e-5, rtol=1e-5)
     assert (ensemble - own).abs().max() > 1e-2  # the ensemble is not the final layer
-    raw = families_mod.lm_head(model)(states[-1])
-    torch.testing.assert_close(plain, raw)
-    # Everything put back: the original head, forward and logits.
-    assert not isinstance(families_mod.lm_head(model), ensemble_mod.EnsembleHead)
-    assert "forward" not in model.__dict__ and model.forward == forward_before
+    torch.testing.assert_close(inside, own, atol=0, rtol=0)
+    # Everything put back: no hook left on the layers, the same logits.
+    assert hooks_on_layers(model) == 0
     torch.testing.assert_close(after, own, atol=0, rtol=0)
 
 
@@ -125,13 +120,15 @@ def test_final_head_is_the_model_itself():
     ids = torch.randint(3, VOCAB, (1, 7))
     with torch.no_grad():
         own = model(input_ids=ids).logits
-        ensemble_mod.attach(model, head, "ensemble")
-        with ensemble_mod.use_head(model, "final"):
-            final = model(input_ids=ids).logits
-        mixed = model(input_ids=ids).logits
-        ensemble_mod.detach(model)
+        decoder = ensemble_mod.wrap(model, head, "ensemble")
+        with ensemble_mod.use_head(decoder, "final") as final_decoder:
+            assert final_decoder is decoder
+            final = decoder(input_ids=ids).logits
+        mixed = decoder(input_ids=ids).logits
+        ensemble_mod.unwrap(decoder)
     torch.testing.assert_close(final, own, atol=0, rtol=0)
     assert (mixed - own).abs().max() > 1e-2
+    assert hooks_on_layers(model) == 0
 
 
 def naive_greedy(
@@ -142,7 +139,7 @@ def naive_greedy(
     for _ in range(steps):
         x = torch.tensor([ids])
         with torch.no_grad():
-            step = reference_logits(model, head, x, torch.ones_like(x))[0, -1]
+            step = naive_ensemble_logits(model, head, x, torch.ones_like(x))[0, -1]
         logits.append(step)
         ids.append(int(step.argmax()))
     return ids[len(prompt) :], logits
@@ -158,9 +155,9 @@ def test_generate_with_kv_cache_matches_full_recomputation(family, train_final_n
         max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
     )
     expected_tokens, expected_logits = naive_greedy(model, head, prompt[0].tolist(), 8)
-    with ensemble_mod.use_head(model, "ensemble", head), torch.no_grad():
+    with ensemble_mod.use_head(model, "ensemble", head) as decoder, torch.no_grad():
         outputs = {
-            cache: model.generate(
+            cache: decoder.generate(
                 input_ids=prompt,
                 attention_mask=torch.ones_like(prompt),
                 generation_config=config,
@@ -229,7 +226,7 @@ def test_generate_texts_batched_equals_one_by_one():
         device="cpu",
     )
     assert final != batched
-    assert not isinstance(families_mod.lm_head(model), ensemble_mod.EnsembleHead)
+    assert hooks_on_layers(model) == 0
 
 
 def test_generate_texts_refuses_an_ensemble_without_a_head():
@@ -343,11 +340,12 @@ def test_bad_checkpoints_give_one_clear_message(mode, tiny_run, tmp_path, final_
     assert code == 2 and "not found" in err
     code, _, err = mode("generate", f"checkpoint={tiny_run}")
     assert code == 2 and "prompt=" in err
-    # A merged folder whose MoDE head was left behind.
+    # A final-layer export whose MoDE head was left behind.
     bare = tmp_path / "merged"
-    shutil.copytree(tiny_run / "merged", bare)
+    code, _, err = mode("export", f"checkpoint={tiny_run}", f"out={bare}", "head=final")
+    assert code == 0, err
     for name in ("mode_head.json", "mode_head.safetensors"):
-        (bare / name).unlink(missing_ok=True)
+        (bare / name).unlink()
     code, _, err = mode("generate", f"checkpoint={bare}", "prompt=hi")
     assert code == 2 and "merged model without its MoDE head" in err
     # A final-only run has no ensemble; its final layer decodes.
@@ -402,7 +400,7 @@ def test_readme_example_runs_as_written(tiny_run, capsys, document, section):
     exec(code.replace(placeholder, repr(str(tiny_run))), namespace)
     printed = capsys.readouterr().out
     model, tokenizer = namespace["model"], namespace["tokenizer"]
-    assert isinstance(families_mod.lm_head(model), ensemble_mod.EnsembleHead)
+    assert isinstance(model, MoDEForCausalLM) and model.model.ensemble
     from mode_cli.api import format_prompt
 
     prompt = format_prompt(model, tokenizer, "What is 12 + 30?")

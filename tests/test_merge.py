@@ -1,6 +1,6 @@
 """The merged model: onto the dequantized or the original base, in the chosen dtype, carrying the
-MoDE head and the recipe; the `merge=true|false` shorthand; trust_remote_code reaching every
-from_pretrained."""
+recipe; the `merge=true|false` shorthand; trust_remote_code reaching every from_pretrained. (What
+the ensemble export holds and how engines load it: tests/test_export.py.)"""
 
 from __future__ import annotations
 
@@ -16,14 +16,9 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from mode_cli.artifacts import (
-    HEAD_INFO,
-    HEAD_WEIGHTS,
-    MERGED_CONFIG,
-    load_run_config,
-    save_merged,
-)
+from mode_cli.artifacts import HEAD_INFO, HEAD_WEIGHTS, MERGED_CONFIG, load_run_config
 from mode_cli.errors import ModeError
+from mode_cli.export.command import export_run
 from mode_cli.models import loading as loading_mod
 from mode_cli.recipes import compose_recipe, shipped_recipes_dir
 
@@ -41,12 +36,14 @@ def copy_run(run: Path, target: Path) -> Path:
 
 
 def merge_copy(run: Path, tmp_path: Path, name: str, **merge) -> Path:
-    """Merge a copy of `run` with `merge.*` set as given; the merged folder."""
+    """Merge a copy of `run` with `merge.*` set as given (a plain final-layer model unless
+    `head` says otherwise); the merged folder."""
     out = copy_run(run, tmp_path / name)
     cfg = load_run_config(out)
+    cfg.merge.head = "final"
     for key, value in merge.items():
         cfg.merge[key] = value
-    return save_merged(cfg, loading_mod.resolve_source(cfg.model), out, "cpu")
+    return export_run(out, out / "merged", cfg, "cpu")
 
 
 @torch.no_grad()
@@ -54,12 +51,19 @@ def logits(model) -> torch.Tensor:
     return model.eval()(input_ids=IDS).logits.float()
 
 
-def test_merged_folder_carries_the_head_and_the_recipe_and_loads_as_plain_transformers(tiny_run):
+def test_merged_folder_carries_the_recipe_and_a_final_export_the_head(tiny_run, tmp_path):
     merged = tiny_run / "merged"
+    recipe = OmegaConf.load(merged / MERGED_CONFIG)
+    run_recipe = OmegaConf.load(tiny_run / "config.yaml")
+    # The folder's recipe says what it holds: the ensemble, in the training dtype.
+    assert (recipe.merge.head, recipe.merge.dtype) == ("ensemble", "fp32")
+    recipe.merge.head, recipe.merge.dtype = run_recipe.merge.head, run_recipe.merge.dtype
+    assert recipe == run_recipe
+    # A final-layer export is a plain transformers model, with the head beside it for mode.
+    final = merge_copy(tiny_run, tmp_path, "final")
     for name in (HEAD_WEIGHTS, HEAD_INFO):
-        assert (merged / name).read_bytes() == (tiny_run / name).read_bytes()
-    assert OmegaConf.load(merged / MERGED_CONFIG) == OmegaConf.load(tiny_run / "config.yaml")
-    model, info = AutoModelForCausalLM.from_pretrained(merged, output_loading_info=True)
+        assert (final / name).read_bytes() == (tiny_run / name).read_bytes()
+    model, info = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched weights
     assert model.config.model_type == "llama"
 
@@ -75,7 +79,7 @@ def test_original_base_merge_equals_the_adapter_on_the_unquantized_base(tiny_run
     assert (got - expected).abs().max().item() < 1e-4
     assert (expected - base_logits).abs().max().item() > 1e-3  # the adapter moved the model
     # The dequantized merge (what the 4-bit training saw) differs from it by the NF4 rounding.
-    dequantized = logits(AutoModelForCausalLM.from_pretrained(tiny_run / "merged"))
+    dequantized = logits(AutoModelForCausalLM.from_pretrained(merge_copy(tiny_run, tmp_path, "dq")))
     assert (got - dequantized).abs().max().item() > 1e-3
     assert (
         getattr(AutoModelForCausalLM.from_pretrained(merged).config, "quantization_config", None)
@@ -102,9 +106,7 @@ def test_merge_dtype_sets_the_saved_weights_and_config(
         dtypes = {weights.get_slice(name).get_dtype() for name in names}
     assert dtypes == {"F16" if torch_dtype == torch.float16 else "BF16"}
     # Same model, rounded: its logits stay close to the fp32 merge onto the same base.
-    reference = tiny_run / "merged" if base == "dequantized" else None
-    if reference is None:
-        reference = merge_copy(tiny_run, tmp_path, f"{base}-fp32", base=base, dtype="fp32")
+    reference = merge_copy(tiny_run, tmp_path, f"{base}-fp32", base=base, dtype="fp32")
     got = logits(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32))
     expected = logits(AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32))
     assert 0 < (got - expected).abs().max().item() < tolerance
@@ -163,7 +165,7 @@ def test_trust_remote_code_reaches_every_from_pretrained_of_a_merge(
     tiny_run, tmp_path, monkeypatch, trust
 ):
     cfg = load_run_config(tiny_run)
-    source = loading_mod.resolve_source(cfg.model)  # builds the cached tiny model before spying
+    loading_mod.resolve_source(cfg.model)  # builds the cached tiny model before spying
     calls: list[tuple[str, dict]] = []
 
     def spy(cls_name: str, original):
@@ -181,6 +183,6 @@ def test_trust_remote_code_reaches_every_from_pretrained_of_a_merge(
         cfg = load_run_config(out)
         cfg.model.trust_remote_code = trust
         cfg.merge.base = base
-        save_merged(cfg, source, out, "cpu")
+        export_run(out, out / "merged", cfg, "cpu")
     assert {name for name, _ in calls} >= {"AutoModelForCausalLM", "AutoTokenizer"}
     assert [kwargs.get("trust_remote_code") for _, kwargs in calls] == [trust] * len(calls)

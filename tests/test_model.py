@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from mode_cli.artifacts import load_run_config
+from mode_cli.artifacts import load_merged, load_run_config
 from mode_cli.config import AdapterConfig, ModelConfig
 from mode_cli.errors import ModeError
 from mode_cli.mode.loss import final_only_loss
@@ -168,8 +168,12 @@ def test_merged_dora_equals_the_adapter_on_the_dequantized_base(mode, tmp_path):
 
 
 def assert_merged_matches_adapter(tiny_run):
-    merged = AutoModelForCausalLM.from_pretrained(tiny_run / "merged", dtype=torch.float32).eval()
+    """The merged weights (read from the ensemble export as the base family's model) equal the
+    adapter on the dequantized base."""
     cfg = load_run_config(tiny_run)
+    dense = load_run_config(tiny_run)
+    dense.model.quantization = "none"
+    merged = load_merged(tiny_run / "merged", dense, "cpu")[0].eval()
     source = loading_mod.resolve_source(cfg.model)
     base = dequantized_base(cfg, source, "cpu")
     ids = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(3))

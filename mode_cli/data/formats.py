@@ -15,6 +15,9 @@ model sees before its response.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from mode_cli.errors import ModeError
 
 FORMATS = ("alpaca", "chat", "text")
@@ -54,6 +57,24 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def alpaca_chat_template(bos_token: bool = False) -> str:
+    """The Alpaca template as a Jinja chat template, for an exported model of an `alpaca` run:
+    each user message becomes an Alpaca prompt, each earlier reply is followed by a blank line
+    (what `mode chat` renders), system messages are left out. `bos_token` puts the tokenizer's BOS
+    first, for a tokenizer that adds one to a prompt (a chat template carries its own special
+    tokens)."""
+    before, after = ALPACA_NO_INPUT.split("{instruction}")
+    return (
+        ("{{ bos_token }}" if bos_token else "")
+        + "{% for message in messages %}"
+        + "{% if message['role'] == 'user' %}"
+        + f"{{{{ {json.dumps(before)} + message['content'] + {json.dumps(after)} }}}}"
+        + "{% elif message['role'] == 'assistant' %}"
+        + "{{ message['content'] + '\\n\\n' }}"
+        + "{% endif %}{% endfor %}"
+    )
 
 
 def alpaca_prompt(row: dict) -> str:
@@ -150,6 +171,20 @@ def canonical(row: dict, format: str, fields: dict) -> dict:
         if key in row:
             out[name] = row[key]
     return out
+
+
+def row_identity(values: dict, format: str) -> bytes:
+    """A 16-byte digest of what a row says in its format (`canonical` values; other columns and
+    the file's field names do not count): two rows with the same one are exact duplicates.
+    An Alpaca row's missing, null or empty input are one and the same prompt."""
+    if format == "chat":
+        said = [[m["role"], m["content"]] for m in values["messages"]]
+    elif format == "text":
+        said = values["text"]
+    else:
+        said = [values["instruction"], values.get("input") or "", values["output"]]
+    text = json.dumps([format, said], ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 def chat_template(data_cfg, tokenizer) -> str:

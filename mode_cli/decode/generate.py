@@ -105,10 +105,10 @@ def generate_texts(
     ids = [prompt_ids(tokenizer, p, f) for p, f in zip(prompts, formats, strict=True)]
     config = generation_config(tokenizer, max_new_tokens)
     texts: list[str] = []
-    with use_head(model, head_kind, head), eval_mode(model):
+    with use_head(model, head_kind, head) as decoder, eval_mode(decoder):
         for start in range(0, len(prompts), batch_size):
             batch = left_padded(ids[start : start + batch_size], config.pad_token_id, device)
-            out = model.generate(**batch, generation_config=config)
+            out = decoder.generate(**batch, generation_config=config)
             width = batch["input_ids"].shape[1]
             texts += [new_text(tokenizer, row[width:].tolist()) for row in out]
     return texts

@@ -5,9 +5,10 @@ What `checkpoint=` can be, and what is evaluated:
 - a run folder (`config.yaml`, written by `mode train`): the base as training loaded it (4-bit)
   with the trained adapter and MoDE head. `compare=base` (the run's `eval.compare_base`, on by
   default) adds the base before tuning: the same model with the adapter off and an untrained head.
-- a merged folder (`mode_config.yaml`, the run's recipe, beside the merged weights and
-  `mode_head.safetensors` / `mode_head.json`): loaded with a plain `from_pretrained` in the run's
-  precision (`model.quantization=none` unless overridden), with the MoDE head from the folder. A
+- a merged folder (`mode_config.yaml`, the run's recipe, beside the merged weights: an ensemble
+  export holds the MoDE head in its weights, a final-layer one in `mode_head.safetensors` /
+  `mode_head.json`): the base family's model loaded from it in the run's precision
+  (`model.quantization=none` unless overridden), with the MoDE head. A
   merged model holds no separate base, so `compare=base` (off by default) reloads the original
   base the recipe names, as training loaded it, with an untrained head.
 - a plain model (a folder with `config.json`, a hub id, `package:smollm2`, `tiny:<family>`): a
@@ -39,21 +40,27 @@ from mode_cli.artifacts import (
     MERGED_CONFIG,
     Checkpoint,
     classify,
+    ensemble_config,
+    has_adapter,
     load_head,
     load_merged,
     load_run,
     load_run_config,
+    run_lineage,
 )
-from mode_cli.config import DataConfig, EvalConfig, RecipeConfig, method, validate
+from mode_cli.config import DataConfig, EvalConfig, RecipeConfig, validate
 from mode_cli.console import console
 from mode_cli.data.splits import load_splits
+from mode_cli.devices import empty_cache, resolve_device
 from mode_cli.errors import ModeError
 from mode_cli.eval.answers import answer_prompts, answer_rows, base_answers, evaluate_answers
 from mode_cli.eval.metrics import fresh_head, layer_metrics
 from mode_cli.eval.render import print_report
 from mode_cli.eval.report import EVAL_FOLDER, build_report, data_description, save_report
 from mode_cli.files import check_writable_folder, read_yaml
-from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_device, resolve_source
+from mode_cli.mode.head import MoDEHead
+from mode_cli.models import families
+from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_source
 from mode_cli.options import TEXT, Option, choice, integer, parse_options
 from mode_cli.recipes import explain_omegaconf_error, shipped_recipes_dir
 
@@ -187,7 +194,7 @@ def eval_config(checkpoint: Checkpoint, overrides: list[str]) -> tuple[DictConfi
             f"{checkpoint.spec} is a plain model, its own base: compare=base needs a run folder "
             "or a merged folder"
         )
-    validate(cfg)
+    validate(cfg, training=False)
     return cfg, original_model
 
 
@@ -226,7 +233,10 @@ def merged_base_metrics(
     tokenizer = load_tokenizer(str(checkpoint.path), cfg.model)
     _, eval_set = load_splits(cfg.data, tokenizer)
     head = None
-    if (checkpoint.path / HEAD_INFO).is_file():
+    exported = ensemble_config(checkpoint.path)
+    if exported is not None:
+        head = MoDEHead.from_description(families.final_norm(model), exported.mode_head).to(device)
+    elif (checkpoint.path / HEAD_INFO).is_file():
         head = fresh_head(load_head(checkpoint.path, model, device), model, device)
     metrics = layer_metrics(
         model, head, eval_set, tokenizer, device, cfg.eval.batch_size, cfg.eval.max_examples
@@ -237,8 +247,7 @@ def merged_base_metrics(
         source = resolve_source(original_model)
         texts = base_answers(base_cfg, model, tokenizer, device, prompts, source=source)
     del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    empty_cache(device)
     return metrics, texts
 
 
@@ -264,7 +273,7 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
         adapter = checkpoint.path / ADAPTER_DIR
         decoding = {
             "source": resolve_source(cfg.model),
-            "adapter": adapter if method(cfg).trains_adapter else None,
+            "adapter": adapter if has_adapter(checkpoint.path, cfg) else None,
             "base": cfg.eval.compare_base,
         }
     elif checkpoint.kind == "merged":
@@ -300,8 +309,18 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
     answers = None
     if rows:
         answers = evaluate_answers(cfg, model, head, tokenizer, device, rows, **decoding)
+    lineage = None if checkpoint.kind == "model" else run_lineage(checkpoint.path, cfg)
     report = build_report(
-        cfg, model, head, eval_set, tokenizer, device, source=source, answers=answers, base=base
+        cfg,
+        model,
+        head,
+        eval_set,
+        tokenizer,
+        device,
+        source=source,
+        answers=answers,
+        base=base,
+        lineage=lineage,
     )
     folder = save_report(report, parent)
     print_report(report, console)

@@ -13,6 +13,12 @@ METRIC_COLUMNS = (("loss", "loss"), ("perplexity", "ppl"), ("top1", "top-1"))
 SIDES = ("base", "tuned")
 
 
+def markdown_table(columns, rows) -> list[str]:
+    """A Markdown table's lines: the header, the rule, one line per row."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def _fmt(metrics: dict | None, key: str) -> str:
     if metrics is None:
         return "-"
@@ -145,10 +151,8 @@ def answers_markdown(answers: dict, model: str = "tuned") -> list[str]:
         + ". Base: the model before tuning (adapter off, final layer). Interval: the 95% Wilson "
         "score interval of the rate.",
         "",
-        "| " + " | ".join(ANSWER_COLUMNS) + " |",
-        "|" + "---|" * len(ANSWER_COLUMNS),
+        *markdown_table(ANSWER_COLUMNS, answers_rows(answers, model)),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in answers_rows(answers, model)]
     if answers["agreement"]:
         lines += ["", "| ensemble vs final | examples |", "|---|---|"]
         lines += [
@@ -206,10 +210,8 @@ def to_markdown(report: dict) -> str:
         "",
         "## Per-layer metrics",
         "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
+        *markdown_table(columns, table_rows(report)),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report)]
     lines += [
         "",
         "Loss (nats per token), perplexity and top-1 are next-token metrics on response tokens. "

@@ -49,6 +49,12 @@ class Method:
         """The head kinds a run of this method decodes with."""
         return HEAD_KINDS if self.routed else ("final",)
 
+    @property
+    def default_head(self) -> str:
+        """What a run of this method decodes and exports with unless told otherwise: the ensemble
+        when it trained one."""
+        return self.heads[0]
+
     def why_no_ensemble(self) -> str | None:
         """Why this method's runs cannot decode with the ensemble; None when they can."""
         if self.routed:

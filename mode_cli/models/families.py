@@ -97,7 +97,9 @@ def get_attr(root: nn.Module, path: str) -> nn.Module:
 
 
 def base_of(model: nn.Module) -> PreTrainedModel:
-    """The transformers CausalLM under a peft wrapper (or the model itself)."""
+    """The transformers CausalLM under a peft wrapper, or under the MoDE model `mode` decodes
+    through (`decode.ensemble.wrap` keeps the model it was built around); else the model itself."""
+    model = getattr(model, "loaded_model", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -111,6 +113,14 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 def lm_head(model: nn.Module) -> nn.Module:
     return get_attr(base_of(model), family_of(base_of(model)).lm_head)
+
+
+def decoder_paths(model: nn.Module) -> tuple[str, str]:
+    """Where the decoder layers and the final norm are inside the decoder (`layers`, `norm`):
+    what a MoDE model built around this model's decoder reads (`modeling_mode.MoDEModel`)."""
+    family = family_of(base_of(model))
+    prefix = family.decoder + "."
+    return family.layers.removeprefix(prefix), family.final_norm.removeprefix(prefix)
 
 
 def logit_fn(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
