@@ -51,8 +51,10 @@ GPU_PYTHON = $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-check:
 	$(OFFLINE) $(GPU_PYTHON) scripts/gpu_check.py $(if $(wildcard .whl/*),--wheels .whl)
 
-# Does MoDE help on the default model? Five methods x three seeds on SmolLM2-135M, from scratch into
-# outputs/study/; writes docs/study.md and docs/study/*.png (hours on 2 CPU cores: the page says).
+# Does MoDE help on the default model? Five methods x five seeds on SmolLM2-135M, from scratch into
+# outputs/study/, then the demo-budget `mode` and `final-only` folders a user deploys, scored by
+# lm-evaluation-harness; writes docs/study.md and docs/study/*.png (hours on 2 CPU cores: the page
+# says).
 # `make study STUDY=--continue` goes on with a stopped study; `STUDY=--render-only` rewrites the page.
 study: $(STAMP)
 	$(OFFLINE) $(BIN)/python scripts/study.py $(STUDY)

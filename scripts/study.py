@@ -18,23 +18,34 @@ First, one final-only run of half as many steps again (`CURVE_STEPS`) logs its e
 `CURVE_EVERY` steps on the rows the reports read: the curve, and at its end what the baseline
 gains from 50% more steps, known before the hours of sweeps. The methods run as two
 `mode train -m` sweeps (LoRA: three losses; DoRA: two), so each sweep folder also holds the
-sweep's own seed-paired comparisons (sweep.md). Last, `mode eval ... compare=base` on one run
+sweep's own seed-paired comparisons (sweep.md). Then `mode eval ... compare=base` on one run
 measures the base before tuning (per-layer losses and answers), the same for every method.
 
-Every run scores greedy answers to all 200 eval rows at the end of training (on by default for
-a model this size) from a dequantized fp32 copy. The script then writes docs/study.md and its
+Last, where users run it: a `mode` and a `final-only` run at the demo's budget (the recipe as
+shipped, its own `train.max_steps`, seed 0), each writing the folder a user deploys (`merged/`:
+the MoDE ensemble export for `mode`, the plain model for `final-only`); `mode export ...
+head=final` of the `mode` run (its final layer alone); and `lm_eval --model hf` on the three
+folders, mode's two bundled tasks, every item (`trust_remote_code=True` for the ensemble export).
+The page gives each folder's scores with 95% Wilson intervals and which to deploy per them.
+
+Every sweep run scores greedy answers to all 200 eval rows at the end of training (on by default
+for a model this size) from a dequantized fp32 copy. The script then writes docs/study.md and its
 figures under docs/study/: the table (mean ± std over seeds), paired differences against the
-baseline with 95% t-intervals, the curve, per-layer loss before and after (seed 0 of each
-method), trainable parameters, time per step, and a verdict from Holm-adjusted paired t-tests. The
-runs' numbers are kept in docs/study/runs-<STEPS>.json; the page sets those of other budgets
-(kept by earlier renderings with another STEPS) beside its own. Runs go
-to outputs/study/ (about 1 GB). A plain `make study` starts from nothing; `--continue` keeps the
-steps a stopped study finished and resumes its runs from their checkpoints (every 50 steps).
+baseline with 95% t-intervals, the curve, per-layer loss before and after (seed 0 of each method),
+trainable parameters, time per step, a verdict from Holm-adjusted paired t-tests, and the deployed
+folders' lm-evaluation-harness scores. The runs' numbers (and those scores) are kept in
+docs/study/runs-<STEPS>.json; the page sets those of other budgets (kept by earlier renderings with
+another STEPS) beside its own. Runs go to outputs/study/, one folder per step (about 1 GB, and 0.5
+GB for each of the three deployed folders: 135M weights in fp32). A plain `make study` starts from
+nothing; `--continue` keeps the steps a stopped study finished (new steps, added at the end, run
+after them), resumes the curve's and the sweeps' runs from their checkpoints (every 50 steps) and
+starts any other unfinished step again.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -58,8 +69,10 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
+from mode_cli.eval.harness import BUNDLED_TASKS  # noqa: E402
+from mode_cli.eval.harness import command as harness_command  # noqa: E402
 from mode_cli.eval.report import latest_report  # noqa: E402
-from mode_cli.eval.stats import holm, mean_std, t_interval  # noqa: E402
+from mode_cli.eval.stats import holm, mean_std, t_interval, wilson_interval  # noqa: E402
 from mode_cli.train.checkpoint import complete_checkpoints  # noqa: E402
 from mode_cli.train.progress import METRICS_FILE  # noqa: E402
 from mode_cli.train.sweep import eval_losses, exact_match, train_records  # noqa: E402
@@ -142,8 +155,11 @@ def overridden(common: list[str], *overrides: str) -> list[str]:
 
 
 def shown(command: list[str]) -> str:
-    """A command as a person would type it."""
-    words = ["mode", *command[3:]] if command[1:3] == ["-m", "mode_cli"] else command
+    """A command as a person would type it: `python -m mode_cli` as `mode`, `python -m lm_eval`
+    as `lm_eval`."""
+    programs = {"mode_cli": "mode", "lm_eval": "lm_eval"}
+    module = command[2] if command[1:2] == ["-m"] and len(command) > 2 else None
+    words = [programs[module], *command[3:]] if module in programs else command
     # Paths inside the repository as a person in its root would write them.
     return " ".join(shlex.quote(w.replace(f"{ROOT}/", "")) for w in words)
 
@@ -242,30 +258,108 @@ def run_step(name: str, command: list[str], log_dir: Path, *, shown_as: list[str
     return {"command": shown(shown_as), "exit": code, "seconds": seconds, "log": str(log)}
 
 
-def study_steps(out: Path) -> dict[str, Callable[[], list[str]]]:
+@dataclass(frozen=True)
+class Step:
+    """One command of the study. `command` is made when its turn comes (it may read what an
+    earlier step wrote); `needs`: the steps that must have finished first; `resumes`: a stopped
+    step goes on from its runs' checkpoints (`resume=auto`) instead of starting again."""
+
+    command: Callable[[], list[str]]
+    needs: tuple[str, ...] = ()
+    resumes: bool = False
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """A folder a user deploys, as the study scores it with lm-evaluation-harness: `step` scores
+    it (its results under `<out>/<step>`), `made_by` writes it, at `<out>/<where>`."""
+
+    step: str
+    label: str  # the table's row
+    called: str  # in a sentence
+    made_by: str
+    where: str
+    ensemble: bool  # the MoDE ensemble export: loads with trust_remote_code=True
+
+
+# The demo-budget runs: the recipe as shipped (`make demo`), one per loss, seed 0, merged/ on.
+DEMO_SEED = 0
+DEMO_RUNS = {"demo-mode": "mode", "demo-final-only": "final-only"}
+# Which folder is which: `deployment` reads them in this order (baseline, ensemble, final).
+DEPLOYED = (
+    Deployed("lm-eval-final-only", "`final-only` merged/", "the `final-only` run's `merged/`",
+             "demo-final-only", "demo-final-only/merged", False),
+    Deployed("lm-eval-mode", "`mode` merged/ (ensemble)", "the ensemble export", "demo-mode",
+             "demo-mode/merged", True),
+    Deployed("lm-eval-mode-final", "`mode` head=final", "the final-layer export", "export-final",
+             "export-final", False),
+)  # fmt: skip
+# The bundled tasks' scores in lm-evaluation-harness's results: (task, metric key, page name).
+HARNESS_SCORES = (
+    ("mode_arithmetic_mc", "acc,none", "MC accuracy"),
+    ("mode_arithmetic_gen", "exact_match,answer", "gen exact match"),
+)
+
+
+def harness_step(out: Path, folder: Path, step: str) -> list[str]:
+    """`lm_eval` on `folder` as `mode_cli.eval.harness.command` says (the bundled tasks, every
+    item, `trust_remote_code=True` for an ensemble export), its results under `<out>/<step>`."""
+    words = harness_command(folder, BUNDLED_TASKS)
+    return [sys.executable, "-m", "lm_eval", *words[1:], "--output_path", str(out / step)]
+
+
+def study_steps(out: Path) -> dict[str, Step]:
     """The study's commands by name, in the order they run: first the baseline's longer curve
     (whether the study's budget reaches the baseline's floor is known before the hours of
     sweeps), then the sweeps (the table), then the base before tuning (read through a finished
-    baseline run). Each is made when its turn comes."""
-    steps: dict[str, Callable[[], list[str]]] = {}
-    steps["curve"] = lambda: mode_command(
+    baseline run); last, what a user deploys: a `mode` and a `final-only` run at the demo's
+    budget (each writing merged/), the `mode` run's final-layer export, and lm-evaluation-harness
+    on the three folders. Each writes into `<out>/<name>`; added steps go at the end, so a study
+    continued with `--continue` runs them after the ones it has."""
+    steps: dict[str, Step] = {}
+    steps["curve"] = Step(lambda: mode_command(
         "train", f"recipe={RECIPE}", "loss=final-only", f"output_dir={out / 'curve'}",
         *overridden(COMMON, f"train.max_steps={CURVE_STEPS}", f"eval.every_steps={CURVE_EVERY}",
                     f"eval.max_examples={CURVE_EXAMPLES}", "eval.answers=off"),
-    )  # fmt: skip
+    ), resumes=True)  # fmt: skip
     steps |= {
-        sweep: lambda swept=swept, sweep=sweep: mode_command(
+        sweep: Step(lambda swept=swept, sweep=sweep: mode_command(
             "train", "-m", f"recipe={RECIPE}", *swept,
             "train.seed=" + ",".join(map(str, SEEDS)), *COMMON, f"output_dir={out / sweep}",
-        )
+        ), resumes=True)
         for sweep, swept in SWEEPS.items()
     }  # fmt: skip
-    steps["base"] = lambda: mode_command(
+    steps["base"] = Step(lambda: mode_command(
         "eval", f"checkpoint={run_dir(out, BASELINE, SEEDS[0])}", "compare=base",
         f"examples={EVAL_ROWS}", f"eval.max_examples={LAYER_ROWS}",
         f"eval.output_dir={out / 'base' / 'eval'}", f"train.threads={THREADS}",
-    )  # fmt: skip
+    ), needs=(BASELINE.sweep,))  # fmt: skip
+    steps |= {
+        name: Step(lambda name=name, loss=loss: mode_command(
+            "train", f"recipe={RECIPE}", f"loss={loss}", f"train.seed={DEMO_SEED}",
+            f"train.threads={THREADS}", f"output_dir={out / name}",
+        ))
+        for name, loss in DEMO_RUNS.items()
+    }  # fmt: skip
+    steps["export-final"] = Step(lambda: mode_command(
+        "export", f"checkpoint={out / 'demo-mode'}", "head=final", f"out={out / 'export-final'}",
+    ), needs=("demo-mode",))  # fmt: skip
+    steps |= {
+        d.step: Step(lambda d=d: harness_step(out, out / d.where, d.step), needs=(d.made_by,))
+        for d in DEPLOYED
+    }
     return steps
+
+
+def in_order(record_steps: dict[str, dict]) -> dict[str, dict]:
+    """A record's steps in the order the study runs them, then any the study no longer has: the
+    record has them in the order they first ran, which a continued study can change (a step
+    that waited for a failed one runs after later steps)."""
+    order = list(study_steps(OUT))
+    return {
+        name: record_steps[name]
+        for name in sorted(record_steps, key=lambda n: order.index(n) if n in order else len(order))
+    }
 
 
 def partial_runs(folder: Path) -> list[Path]:
@@ -279,26 +373,35 @@ def partial_runs(folder: Path) -> list[Path]:
 def run_study(out: Path, *, continued: bool = False) -> dict:
     """Every run of the study into `out`: from scratch, or (`continued`) going on from where a
     stopped study left off: finished steps are kept, sweeps and the curve resume from their runs'
-    checkpoints (runs with none start again). What ran, for how long."""
+    checkpoints (runs with none start again), any other unfinished step starts again from
+    nothing. A step whose `needs` did not finish is left for a later `--continue`. What ran, for
+    how long."""
     if not continued and out.exists():
         shutil.rmtree(out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with StudyRecord(out, continued=continued) as record:
-        for name, make_command in study_steps(out).items():
+        for name, step in study_steps(out).items():
             earlier = record.data["steps"].get(name)
             if earlier is not None and earlier["exit"] == 0:
                 continue
+            missing = [n for n in step.needs if record.data["steps"].get(n, {}).get("exit") != 0]
+            if missing:
+                print(f"{name}: not run, {', '.join(missing)} did not finish", flush=True)
+                continue
             resumed = []
-            if (out / name).exists() and name != "base":
-                for partial in partial_runs(out / name):
-                    print(f"{partial}: stopped before its first checkpoint, starts again")
-                    shutil.rmtree(partial)
-                resumed = ["resume=auto"]
-            command = make_command()
+            if (out / name).exists():
+                if step.resumes:
+                    for partial in partial_runs(out / name):
+                        print(f"{partial}: stopped before its first checkpoint, starts again")
+                        shutil.rmtree(partial)
+                    resumed = ["resume=auto"]
+                else:
+                    shutil.rmtree(out / name)  # what a stop left of it: the step starts again
+            command = step.command()
             record.step_started(name, shown(command))
-            step = run_step(name, command + resumed, logs, shown_as=command)
-            record.step_done(name, step)
+            result = run_step(name, command + resumed, logs, shown_as=command)
+            record.step_done(name, result)
     return record.data
 
 
@@ -378,6 +481,32 @@ def read_study(out: Path) -> dict:
         "curve": curve,
         "record": json.loads((out / "study.json").read_text()),
         "others": other_budgets(FIGURES),
+        "deployed": read_deployed(out),
+    }
+
+
+def harness_scores(folder: Path) -> dict | None:
+    """The bundled tasks' scores in the newest lm-evaluation-harness results file under `folder`
+    (`--output_path`): per task, the items answered right and the items scored (the rate times
+    the count: every item scores 0 or 1)."""
+    found = sorted(folder.glob("**/results_*.json"), key=lambda p: p.name)
+    if not found:
+        return None
+    results = json.loads(found[-1].read_text())
+    scores = {}
+    for task, metric, _ in HARNESS_SCORES:
+        n = results["n-samples"][task]["effective"]
+        scores[task] = {"correct": round(results["results"][task][metric] * n), "n": n}
+    return scores
+
+
+def read_deployed(out: Path) -> dict:
+    """The demo-budget folders' lm-evaluation-harness scores by scoring step (None where it has
+    not finished), and the demo runs' step count."""
+    steps = {name: train_records(out / name) for name in DEMO_RUNS}
+    return {
+        "scores": {d.step: harness_scores(out / d.step) for d in DEPLOYED},
+        "steps": {name: found[-1]["step"] for name, found in steps.items() if found},
     }
 
 
@@ -386,7 +515,9 @@ KEPT = ("train_loss", "eval_final", "eval_ensemble", "em", "s_per_step")
 
 def kept_runs(data: dict) -> dict:
     """Every finished run's numbers, small enough to keep beside the page
-    (`docs/study/runs-<steps>.json`): a study at another budget compares against them."""
+    (`docs/study/runs-<steps>.json`): a study at another budget compares against them. The
+    demo-budget folders' lm-evaluation-harness scores go with them (`deployed`), by scoring step,
+    with the demo runs' step count."""
     return {
         "steps": STEPS,
         "runs": [
@@ -394,6 +525,7 @@ def kept_runs(data: dict) -> dict:
             for (name, seed), run in data["runs"].items()
             if run is not None
         ],
+        "deployed": data.get("deployed"),
     }
 
 
@@ -726,6 +858,123 @@ def budgets_table(data: dict) -> list[str]:
     return table(["method or comparison", "metric", *(f"{s} steps" for s in order)], rows)
 
 
+def deployed_intervals(data: dict) -> dict[str, dict[str, tuple[float, float, float]]] | None:
+    """Each deployed folder's rate on each bundled task with its 95% Wilson interval, by scoring
+    step and task: (rate, low, high); None unless every folder was scored."""
+    scores = data.get("deployed", {}).get("scores", {})
+    if any(scores.get(d.step) is None for d in DEPLOYED):
+        return None
+    found = {}
+    for d in DEPLOYED:
+        found[d.step] = {}
+        for task, _, _ in HARNESS_SCORES:
+            score = scores[d.step][task]
+            low, high = wilson_interval(score["correct"], score["n"])
+            found[d.step][task] = (score["correct"] / score["n"], low, high)
+    return found
+
+
+def deployed_table(data: dict) -> list[str]:
+    """What a user who deploys each folder gets: the bundled tasks' scores under
+    lm-evaluation-harness with 95% Wilson intervals."""
+    scores = data.get("deployed", {}).get("scores", {})
+    rows = []
+    for d in DEPLOYED:
+        cells = []
+        for task, _, _ in HARNESS_SCORES:
+            score = (scores.get(d.step) or {}).get(task)
+            if score is None:
+                cells.append("-")
+                continue
+            low, high = wilson_interval(score["correct"], score["n"])
+            rate = score["correct"] / score["n"]
+            cells.append(f"{100 * rate:.1f}% [{100 * low:.1f}, {100 * high:.1f}]")
+        loads = "`trust_remote_code=True`" if d.ensemble else "plain transformers"
+        rows.append([d.label, f"`outputs/study/{d.where}`", loads, *cells])
+    header = [
+        "folder",
+        "path",
+        "loads as",
+        *(f"{name} (95% interval)" for *_, name in HARNESS_SCORES),
+    ]
+    return table(header, rows)
+
+
+def deployment(data: dict) -> str:
+    """Which folder to deploy per the lm-evaluation-harness scores, in one sentence: first of the
+    `mode` run's two exports (the ensemble only where its 95% interval lies above the final
+    layer's and below it on no task: it alone needs custom code), then that folder against
+    `final-only`'s. One interval "lies above" another when its low end is above the other's high
+    end; otherwise the two are not told apart."""
+    intervals = deployed_intervals(data)
+    if intervals is None:
+        return "Not every folder was scored: which one to deploy is not judged."
+    names = {task: name for task, _, name in HARNESS_SCORES}
+    baseline, ensemble, final = DEPLOYED
+
+    def above(a: Deployed, b: Deployed) -> str:
+        """The tasks on which a's interval lies wholly above b's, in words ('' for none)."""
+        low, high = 1, 2
+        return " and ".join(
+            names[t] for t in names if intervals[a.step][t][low] > intervals[b.step][t][high]
+        )
+
+    def relation(a: Deployed, b: Deployed, *, named: bool) -> str:
+        """How a's interval lies against b's (`named`: saying b)."""
+        up, down = above(a, b), above(b, a)
+        that = f" that of {b.called}" if named else ""
+        if up and down:
+            return f"lies above{that} on {up} and below on {down}"
+        if up or down:
+            return f"lies {'above' if up else 'below'}{that} on {up or down}"
+        return f"overlaps{that} on both tasks"
+
+    up, down = above(ensemble, final), above(final, ensemble)
+    if up and down:
+        decision, chosen = "the `mode` run's two exports split by task", [ensemble, final]
+    elif up:
+        decision = "deploy the `mode` run's `merged/`, the ensemble export (`trust_remote_code`)"
+        chosen = [ensemble]
+    elif down:
+        decision, chosen = "deploy the `mode` run's `head=final` export, not its `merged/`", [final]
+    else:
+        decision = (
+            "the `mode` run's `head=final` export, a plain model, serves as well as its `merged/` "
+            "ensemble, which needs `trust_remote_code`"
+        )
+        chosen = [final]
+    against = " and ".join(
+        f"{m.called}'s interval {relation(m, baseline, named=False)}" for m in chosen
+    )
+    if all(above(baseline, m) and not above(m, baseline) for m in chosen):
+        verdict = f"so {baseline.called} is the better folder to deploy"
+    elif all(above(m, baseline) and not above(baseline, m) for m in chosen):
+        verdict = "so the `mode` run's folder is the better one to deploy"
+    else:
+        verdict = "so these figures do not prefer either run's folder"
+    return (
+        f"Per these figures, {decision}: {ensemble.called}'s 95% interval "
+        f"{relation(ensemble, final, named=True)}; against {baseline.called}, {against}, "
+        f"{verdict}."
+    )
+
+
+def deployed_time(record: dict) -> str:
+    """The wall time of the demo-budget runs, the export and the scorings, and of each."""
+    names = [*DEMO_RUNS, "export-final", *(d.step for d in DEPLOYED)]
+    found = {n: record["steps"][n] for n in names if n in record["steps"]}
+    if not found:
+        return "These steps have not run."
+    total = sum(step["seconds"] for step in found.values())
+    each = ", ".join(
+        f"{name} {duration(step['seconds'])}" + ("" if step["exit"] == 0 else " (not finished)")
+        for name, step in found.items()
+    )
+    return (
+        f"These runs, the export and the scorings took {duration(total)} of the wall time ({each})."
+    )
+
+
 # ---------------------------------------------------------------------------- figures
 
 
@@ -910,7 +1159,7 @@ def parts(record: dict) -> str:
     that came before the record timed its running step)."""
     words = [
         f"{name} {duration(step['seconds'])}" + ("" if step["exit"] == 0 else " (not finished)")
-        for name, step in record["steps"].items()
+        for name, step in in_order(record["steps"]).items()
     ]
     text = "Its parts took: " + ", ".join(words) + "."
     untimed = record["wall_s"] - sum(step["seconds"] for step in record["steps"].values())
@@ -920,6 +1169,36 @@ def parts(record: dict) -> str:
             "without their step's time being recorded."
         )
     return text
+
+
+def deployed_section(data: dict) -> list[str]:
+    """What a user who deploys each folder gets: the demo-budget runs' folders scored by
+    lm-evaluation-harness, which to deploy per those scores, and what the steps took."""
+    steps = data.get("deployed", {}).get("steps", {})
+    budget = sorted(set(steps.values()))
+    budget_words = " and ".join(map(str, budget)) + " steps" if budget else "its own step count"
+    tasks = " and ".join(f"`{task}`" for task, _, _ in HARNESS_SCORES)
+    return [
+        "## Where users run it",
+        "",
+        f"What a user who deploys each folder gets. At the demo's budget (`make demo`'s recipe "
+        f"`{RECIPE}` as shipped, {budget_words}, seed {DEMO_SEED}), one `mode` run and one "
+        "`final-only` run each wrote the folder `mode train` leaves to deploy, `merged/`: the "
+        "MoDE ensemble export for `mode`, the plain model for `final-only`. `mode export ... "
+        "head=final` wrote the `mode` run's final layer alone, a plain transformers model. "
+        f"lm-evaluation-harness (`--model hf`) scored each folder on `mode`'s bundled tasks, "
+        f"{tasks}, every item: multiple choice by log-likelihood over four answers, and exact "
+        "match of greedy answers (the last commands above). 95% Wilson intervals over the "
+        f"items. One run of each method, at {budget_words} against the table's {STEPS}: what "
+        "`make demo` hands a user, not a comparison of the methods (the seeds above are that).",
+        "",
+        *deployed_table(data),
+        "",
+        deployment(data),
+        "",
+        deployed_time(data["record"]),
+        "",
+    ]
 
 
 def markdown(data: dict) -> str:
@@ -1028,7 +1307,7 @@ def markdown(data: dict) -> str:
         "The commands `make study` ran:",
         "",
         "```bash",
-        *(steps[name]["command"] for name in ("curve", *SWEEPS, "base") if name in steps),
+        *(step["command"] for step in in_order(steps).values()),
         "```",
         "",
         "## Results",
@@ -1065,6 +1344,7 @@ def markdown(data: dict) -> str:
         "",
         *verdict(data),
         "",
+        *deployed_section(data),
         "## Has the baseline flattened?",
         "",
         f"One more final-only run (seed 0) of {CURVE_STEPS} steps, 1.5 times the study's budget, "
@@ -1136,6 +1416,14 @@ def main() -> int:
     )  # fmt: skip
     args = parser.parse_args()
     if not args.render_only:
+        # The scorings come last, hours in: a missing harness is said before anything runs.
+        if importlib.util.find_spec("lm_eval") is None:
+            print(
+                "lm-evaluation-harness is not installed, and the study ends by scoring its "
+                'exports with it: pip install "mode-cli[harness]" (or make setup)',
+                file=sys.stderr,
+            )
+            return 2
         record = run_study(args.out, continued=args.continued)
         failed = [name for name, step in record["steps"].items() if step["exit"] != 0]
         if failed:

@@ -268,28 +268,123 @@ def test_runs_kept_from_another_budget_stand_beside_this_ones(study, monkeypatch
 def test_the_pages_commands_say_each_setting_once(study, tmp_path):
     """The curve run overrides settings every run shares: its command says each key once, with the
     value it runs with."""
-    curve = study.study_steps(tmp_path)["curve"]()
+    curve = study.study_steps(tmp_path)["curve"].command()
     keys = [word.split("=", 1)[0] for word in curve if "=" in word]
     assert len(keys) == len(set(keys))
     assert f"train.max_steps={study.CURVE_STEPS}" in curve
     assert f"eval.max_examples={study.CURVE_EXAMPLES}" in curve
 
 
+# Every step of the study, in the order it runs: the study's own, then what a user deploys.
+STEPS = [
+    "curve", "lora", "dora", "base", "demo-mode", "demo-final-only", "export-final",
+    "lm-eval-final-only", "lm-eval-mode", "lm-eval-mode-final",
+]  # fmt: skip
+
+
+def faked_steps(study, calls: list, outcome: dict):
+    """A stand-in for `run_step` that records each call and exits as `outcome` says; a demo run
+    or the export that succeeds leaves the config.json of the folder it writes (the ensemble
+    export's with an auto_map), as the harness commands read it."""
+
+    def fake_step(name, command, log_dir, *, shown_as):
+        calls.append((name, command))
+        folder = {"demo-mode": "merged", "demo-final-only": "merged", "export-final": ""}
+        if outcome[name] == 0 and name in folder:
+            written = log_dir.parent / name / folder[name]
+            written.mkdir(parents=True, exist_ok=True)
+            auto_map = {"auto_map": {}} if name == "demo-mode" else {}
+            (written / "config.json").write_text(json.dumps(auto_map))
+        return {"command": study.shown(shown_as), "exit": outcome[name], "seconds": 10.0}
+
+    return fake_step
+
+
+def test_the_study_ends_with_the_deployed_folders_scored_by_lm_eval(study, tmp_path, monkeypatch):
+    """After the study's own steps: a `mode` and a `final-only` run at the demo's budget (the
+    recipe as shipped, seed 0, merged/ on), the `mode` run's final-layer export, and lm_eval on
+    the three folders, the ensemble export with trust_remote_code; each step waits for the one
+    that writes its folder, and a stopped one starts again from nothing."""
+    steps = study.study_steps(tmp_path)
+    assert list(steps) == STEPS
+    out = str(tmp_path)
+    assert study.shown(steps["demo-mode"].command()) == (
+        f"mode train recipe=smollm2-arithmetic loss=mode train.seed=0 train.threads=2 "
+        f"output_dir={out}/demo-mode"
+    )
+    final_only = steps["demo-final-only"].command()
+    assert "loss=final-only" in final_only and not any(
+        w.startswith(("train.max_steps", "merge")) for w in final_only
+    )  # the demo's own budget, merged/ written
+    assert study.shown(steps["export-final"].command()) == (
+        f"mode export checkpoint={out}/demo-mode head=final out={out}/export-final"
+    )
+    assert steps["export-final"].needs == ("demo-mode",)
+    for name in ("demo-mode", "demo-final-only"):
+        folder = tmp_path / name / "merged"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(
+            json.dumps({"auto_map": {}} if name == "demo-mode" else {})
+        )
+    (tmp_path / "export-final").mkdir()
+    (tmp_path / "export-final" / "config.json").write_text("{}")
+    tasks = "--tasks mode_arithmetic_mc,mode_arithmetic_gen --device cpu --batch_size 8"
+    for name, folder, trust in (
+        ("lm-eval-final-only", "demo-final-only/merged", ""),
+        ("lm-eval-mode", "demo-mode/merged", ",trust_remote_code=True"),
+        ("lm-eval-mode-final", "export-final", ""),
+    ):
+        command = steps[name].command()
+        assert command[:3] == [sys.executable, "-m", "lm_eval"]
+        assert study.shown(command) == (
+            f"lm_eval --model hf --model_args pretrained={out}/{folder}{trust} --include_path "
+            f"mode_cli/harness {tasks} --output_path {out}/{name}"
+        )  # every item: no --limit
+        assert not steps[name].resumes
+
+    # A failed demo run: its export and scorings wait; a continued study runs them after it.
+    calls = []
+    outcome = dict.fromkeys(STEPS, 0) | {"demo-mode": 1}
+    monkeypatch.setattr(study, "run_step", faked_steps(study, calls, outcome))
+    monkeypatch.setattr(study, "run_dir", lambda out, method, seed: out / "lora" / "0-run")
+    study_out = tmp_path / "study"
+    first = study.run_study(study_out)
+    assert [name for name, _ in calls] == [
+        n for n in STEPS if n not in ("export-final", "lm-eval-mode", "lm-eval-mode-final")
+    ]
+    assert "export-final" not in first["steps"]
+    (study_out / "demo-mode" / "checkpoints").mkdir(parents=True)  # what the stop left
+    calls.clear()
+    outcome["demo-mode"] = 0
+    second = study.run_study(study_out, continued=True)
+    assert [name for name, _ in calls] == [
+        "demo-mode", "export-final", "lm-eval-mode", "lm-eval-mode-final"
+    ]  # fmt: skip
+    assert calls[0][1][-1] != "resume=auto"  # the demo run starts again
+    assert not (study_out / "demo-mode" / "checkpoints").exists()
+    assert list(second["steps"])[6:] == [
+        "lm-eval-final-only",
+        "export-final",
+        "lm-eval-mode",
+        "lm-eval-mode-final",
+    ]  # fmt: skip  (the record's order: the scoring of final-only ran first)
+    assert list(study.in_order(second["steps"])) == STEPS  # the order the page lists them in
+    assert "trust_remote_code=True" in second["steps"]["lm-eval-mode"]["command"]
+    calls.clear()
+    study.run_study(study_out, continued=True)
+    assert calls == []  # everything finished: nothing runs again
+
+
 def test_a_continued_study_keeps_finished_steps_and_resumes_the_rest(study, tmp_path, monkeypatch):
     """`--continue` after a stop: the steps that finished are not run again, a stopped sweep goes
     on with resume=auto (a run with no checkpoint yet starts again), and the time adds up."""
     calls = []
-    outcome = {"lora": 0, "dora": 1, "base": 0, "curve": 0}
-
-    def fake_step(name, command, log_dir, *, shown_as):
-        calls.append((name, command))
-        return {"command": study.shown(shown_as), "exit": outcome[name], "seconds": 10.0}
-
-    monkeypatch.setattr(study, "run_step", fake_step)
+    outcome = dict.fromkeys(STEPS, 0) | {"dora": 1}
+    monkeypatch.setattr(study, "run_step", faked_steps(study, calls, outcome))
     monkeypatch.setattr(study, "run_dir", lambda out, method, seed: out / "lora" / "0-run")
     out = tmp_path / "study"
     first = study.run_study(out)
-    assert [name for name, _ in calls] == ["curve", "lora", "dora", "base"]
+    assert [name for name, _ in calls] == STEPS
     assert first["steps"]["dora"]["exit"] == 1 and first["invocations"] == 1
     assert not any("resume=auto" in command for _, command in calls)
 
@@ -422,3 +517,160 @@ def test_the_published_study_names_its_command_and_has_every_method_with_three_s
     for figure in ("curve.png", "layers.png", "seeds.png"):
         assert f"(study/{figure})" in page
         assert (REPO / "docs" / "study" / figure).read_bytes()[:4] == b"\x89PNG"
+
+
+def deployed(study, counts: dict) -> dict:
+    """lm-evaluation-harness scores of the three deployed folders: (MC right, gen right) of 200
+    each, by scoring step."""
+    return {
+        "scores": {
+            step: {
+                "mode_arithmetic_mc": {"correct": mc, "n": 200},
+                "mode_arithmetic_gen": {"correct": gen, "n": 200},
+            }
+            for step, (mc, gen) in counts.items()
+        },
+        "steps": {"demo-mode": 36, "demo-final-only": 36},
+    }
+
+
+def test_the_deployed_folders_rows_and_which_to_deploy_follow_their_intervals(study):
+    """The rows give each folder's rate with its 95% Wilson interval, and the sentence names the
+    folder to deploy from where the intervals lie. Wilson by hand, z = 1.959964:
+    (k + z^2 / 2) / (n + z^2) ± z sqrt(n) / (n + z^2) sqrt(p (1 - p) + z^2 / (4 n)), so over 200:
+    40 [15.05, 26.09], 45 [17.26, 28.77], 48 [18.61, 30.37], 57 [22.70, 35.12],
+    64 [25.93, 38.75], 65 [26.39, 39.27], 66 [26.86, 39.78], 80 [33.46, 46.92],
+    90 [38.26, 51.92], 100 [43.14, 56.86], 120 [53.08, 66.54] (percent)."""
+    final_only, ensemble, final = (d.step for d in study.DEPLOYED)
+
+    def scored(mc_gen: tuple, *more: tuple) -> dict:
+        return {
+            "deployed": deployed(
+                study, dict(zip((final_only, ensemble, final), (mc_gen, *more), strict=True))
+            )
+        }
+
+    # Every interval overlaps: the plain final-layer export serves as well as the ensemble.
+    data = scored((65, 45), (57, 48), (65, 45))
+    assert study.deployed_table(data)[2:] == [
+        "| `final-only` merged/ | `outputs/study/demo-final-only/merged` | plain transformers "
+        "| 32.5% [26.4, 39.3] | 22.5% [17.3, 28.8] |",
+        "| `mode` merged/ (ensemble) | `outputs/study/demo-mode/merged` | "
+        "`trust_remote_code=True` | 28.5% [22.7, 35.1] | 24.0% [18.6, 30.4] |",
+        "| `mode` head=final | `outputs/study/export-final` | plain transformers "
+        "| 32.5% [26.4, 39.3] | 22.5% [17.3, 28.8] |",
+    ]
+    assert study.deployment(data) == (
+        "Per these figures, the `mode` run's `head=final` export, a plain model, serves as well "
+        "as its `merged/` ensemble, which needs `trust_remote_code`: the ensemble export's 95% "
+        "interval overlaps that of the final-layer export on both tasks; against the "
+        "`final-only` run's `merged/`, the final-layer export's interval overlaps on both tasks, "
+        "so these figures do not prefer either run's folder."
+    )
+    # The ensemble above its final layer on gen (53.08 > 46.92), within final-only's (56.86).
+    assert study.deployment(scored((65, 100), (64, 120), (66, 80))) == (
+        "Per these figures, deploy the `mode` run's `merged/`, the ensemble export "
+        "(`trust_remote_code`): the ensemble export's 95% interval lies above that of the "
+        "final-layer export on gen exact match; against the `final-only` run's `merged/`, the "
+        "ensemble export's interval overlaps on both tasks, so these figures do not prefer "
+        "either run's folder."
+    )
+    # Both mode exports overlap (46.92 > 38.26); final-only lies above the final layer's
+    # (53.08 > 51.92).
+    assert study.deployment(scored((65, 120), (65, 80), (65, 90))).endswith(
+        "against the `final-only` run's `merged/`, the final-layer export's interval lies below "
+        "on gen exact match, so the `final-only` run's `merged/` is the better folder to deploy."
+    )
+    # The ensemble above its final layer on MC (53.08 > 46.92), below on gen (26.09 < 33.46),
+    # and below final-only's on gen (26.09 < 43.14); the final layer within final-only's.
+    assert study.deployment(scored((100, 100), (120, 40), (80, 80))) == (
+        "Per these figures, the `mode` run's two exports split by task: the ensemble export's "
+        "95% interval lies above that of the final-layer export on MC accuracy and below on gen "
+        "exact match; against the `final-only` run's `merged/`, the ensemble export's interval "
+        "lies below on gen exact match and the final-layer export's interval overlaps on both "
+        "tasks, so these figures do not prefer either run's folder."
+    )
+    # Both mode exports alike, above final-only on both tasks (53.08 > 46.92).
+    assert study.deployment(scored((80, 80), (120, 120), (120, 120))).endswith(
+        "the final-layer export's interval lies above on MC accuracy and gen exact match, so the "
+        "`mode` run's folder is the better one to deploy."
+    )
+    # The ensemble below its final layer on gen (26.09 < 33.46).
+    assert study.deployment(scored((65, 80), (65, 40), (65, 80))).startswith(
+        "Per these figures, deploy the `mode` run's `head=final` export, not its `merged/`: the "
+        "ensemble export's 95% interval lies below that of the final-layer export on gen exact "
+        "match; against the `final-only` run's `merged/`, the final-layer export's interval "
+        "overlaps on both tasks"
+    )
+    # A folder not scored yet: a row of dashes, no judgement.
+    missing = scored((65, 45), (57, 48), (65, 45))
+    missing["deployed"]["scores"][final] = None
+    assert study.deployed_table(missing)[-1].endswith("| - | - |")
+    assert study.deployment(missing) == (
+        "Not every folder was scored: which one to deploy is not judged."
+    )
+
+
+def test_the_deployed_scores_are_read_from_lm_eval_kept_and_timed_on_the_page(
+    study, tmp_path, monkeypatch
+):
+    """lm_eval's results files (`<output_path>/<model>/results_<time>.json`) give the counts the
+    rows use; the kept runs' JSON keeps them; the section states the added steps' wall time."""
+    out = tmp_path / "study"
+    rates = {"lm-eval-final-only": (0.325, 0.225), "lm-eval-mode": (0.285, 0.24)}
+    for step, (mc, gen) in rates.items():
+        folder = out / step / "__tmp__study__demo"
+        folder.mkdir(parents=True)
+        results = {
+            "results": {
+                "mode_arithmetic_mc": {"acc,none": mc, "acc_stderr,none": 0.03},
+                "mode_arithmetic_gen": {"exact_match,answer": gen},
+            },
+            "n-samples": {
+                task: {"original": 200, "effective": 200}
+                for task in ("mode_arithmetic_mc", "mode_arithmetic_gen")
+            },
+        }
+        (folder / "results_2026-01-01T00-00-00.json").write_text(json.dumps(results))
+    for name in ("demo-mode", "demo-final-only"):
+        (out / name).mkdir()
+        (out / name / "metrics.jsonl").write_text(
+            "\n".join(json.dumps({"step": s, "loss": 1.0}) for s in (2, 36))
+        )
+    found = study.read_deployed(out)
+    assert found["scores"]["lm-eval-mode"] == {
+        "mode_arithmetic_mc": {"correct": 57, "n": 200},
+        "mode_arithmetic_gen": {"correct": 48, "n": 200},
+    }
+    assert found["scores"]["lm-eval-final-only"]["mode_arithmetic_mc"]["correct"] == 65
+    assert found["scores"]["lm-eval-mode-final"] is None  # not scored yet
+    assert found["steps"] == {"demo-mode": 36, "demo-final-only": 36}
+    kept = json.loads(json.dumps(study.kept_runs({"runs": {}, "deployed": found})))
+    assert kept["deployed"] == found
+
+    minutes = {"curve": 10, "demo-mode": 5, "demo-final-only": 4, "export-final": 1,
+               "lm-eval-final-only": 50, "lm-eval-mode": 55, "lm-eval-mode-final": 50}  # fmt: skip
+    record = {"steps": {n: {"exit": 0, "seconds": 60.0 * m} for n, m in minutes.items()}}
+    record["steps"]["lm-eval-mode-final"]["exit"] = None
+    section = study.deployed_section({"deployed": found, "record": record})
+    assert section[0] == "## Where users run it"
+    assert "(`make demo`'s recipe `smollm2-arithmetic` as shipped, 36 steps, seed 0)" in section[2]
+    assert section[-2] == (
+        "These runs, the export and the scorings took 2 h 45 min of the wall time (demo-mode 5 "
+        "min, demo-final-only 4 min, export-final 1 min, lm-eval-final-only 50 min, lm-eval-mode "
+        "55 min, lm-eval-mode-final 50 min (not finished))."
+    )  # 5 + 4 + 1 + 50 + 55 + 50 minutes; the curve is not one of them
+    assert "Not every folder was scored" in "\n".join(section)
+
+
+def test_a_study_without_the_harness_stops_before_it_runs_anything(study, monkeypatch, capsys):
+    """The scorings come last: without lm-evaluation-harness the study says so and exits 2 at
+    once, not hours in."""
+    real = study.importlib.util.find_spec
+    monkeypatch.setattr(
+        study.importlib.util, "find_spec", lambda name: None if name == "lm_eval" else real(name)
+    )
+    monkeypatch.setattr(study, "run_study", lambda *a, **k: pytest.fail("the study ran"))
+    monkeypatch.setattr(sys, "argv", ["study.py", "--continue"])
+    assert study.main() == 2
+    assert 'pip install "mode-cli[harness]"' in capsys.readouterr().err
