@@ -394,6 +394,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     out.print(table)
     total = sum(entry.bytes for entry in entries)
     out.print(f"{len(entries)} entries, {total / 2**20:,.1f} MiB; `mode cache clear` removes them")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
