@@ -20,6 +20,11 @@ c. A Llama-3-8B-shaped random-init model (speed and memory do not depend on weig
 d. FSDP2 under torchrun on every GPU of the machine (one GPU still runs the sharded code): a tiny
    recipe in bf16 over NCCL, its tokens/s and peak CUDA memory per GPU (rank 0's), and a
    checkpoint written from the shards that one process then resumes.
+e. The memory plan (`mode plan`) against the same 8B-shaped model: the plan's peak, less the
+   CUDA context, against `torch.cuda.max_memory_reserved`, and less the allocator slack too,
+   against `max_memory_allocated`, for `loss=mode` at two sequence lengths and two
+   micro-batches (goal: within 10%; reported, not failed: the CUDA constants are being
+   calibrated).
 
 It writes a JSON record (`--json`, also copied into `--out`) and its table into docs/benchmarks.md
 (also copied into `--out`: on a lent machine only `$OUT` comes back), and exits 1 when a part fails,
@@ -101,6 +106,9 @@ SHAPES = {
 SHAPE_TITLES = {"llama3-8b": "Llama-3-8B's", "tiny": "a tiny (rehearsal)"}
 VARIANTS = ("plain", "final-only", "mode")  # plain: transformers + peft, the model's own loss
 RECIPE_VARIANTS = ("final-only", "mode")  # the recipe's own steps, held to the limit
+# Part e: (sequence length, micro-batch) of each comparison of the plan with a measured step.
+PLAN_GRID = ((1024, 2), (1024, 4), (2048, 2), (2048, 4))
+PLAN_GOAL = 0.10
 PYTEST_TIMEOUT_S = 240
 E2E_TIMEOUT_S = 180
 
@@ -138,6 +146,9 @@ c. {args.shape}-shaped random-init model ({shape["num_hidden_layers"]} layers, h
    or mode's peak exceeds {PEAK_RATIO}x final-only's.
 d. FSDP2 under torchrun on every GPU (one still runs the sharded code), then one process resuming:
 {chr(10).join("   " + shlex.join(c) for c in fsdp_commands(Path("RUN"), 1))}
+e. the memory plan against the measured peaks of the same model, loss=mode, at (sequence length,
+   micro-batch) {", ".join(f"({length}, {batch})" for length, batch in PLAN_GRID)}
+   (goal: within {PLAN_GOAL:.0%} of torch.cuda.max_memory_allocated and max_memory_reserved).
 Writes: {args.json} and its section of {args.doc}; with --out DIR, copies of both into DIR.
 
 On a lent GPU machine (bitsandbytes, hydra-core, omegaconf, antlr4 and datasets are not there;
@@ -550,6 +561,107 @@ def measure_shape(
     }
 
 
+# ---------------------------------------------------------------------------- e. the plan
+
+
+def measure_plan(
+    shape_name: str,
+    device: str,
+    grid=PLAN_GRID,
+    overrides: list[str] | None = None,
+    work: Path | None = None,
+) -> dict:
+    """Part e: the memory plan of `loss=mode` at each (sequence length, micro-batch) of `grid`
+    against a measured optimizer step of the same model (after one that allocates the
+    optimizer's states). On CUDA: the plan's peak less the CUDA context against the allocator's
+    peak reserved memory, and less the slack too against its peak allocated memory; a paged
+    optimizer's states live outside the allocator and are left out of both."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from mode_cli.train.fit import recipe_setup
+    from mode_cli.train.footprint import model_facts
+    from mode_cli.train.memory import CALIBRATION, plan_memory
+
+    overrides = list(overrides or [])
+    if device != "cuda":
+        overrides.append("train.optimizer_fallback=true")
+    cfg = recipe_config("mode", device, overrides)
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        folder = Path(tmp) / "model"
+        model = build_model(cfg, SHAPES[shape_name], device, folder)
+        planned = OmegaConf.merge(cfg, {"model": {"name_or_path": str(folder), "revision": None}})
+        facts = model_facts(planned)
+    rows = []
+    for length, batch_size in grid:
+        generator = torch.Generator().manual_seed(length + batch_size)
+        ids = torch.randint(
+            0, SHAPES[shape_name]["vocab_size"], (batch_size, length), generator=generator
+        )
+        batch = {
+            "input_ids": ids.to(device),
+            "attention_mask": torch.ones_like(ids).to(device),
+            "labels": ids.clone().to(device),  # every position a target, as the plan assumes
+        }
+        measured = measure_variant("mode", model, batch, device, 1, overrides)
+        sized = OmegaConf.merge(
+            planned, {"train": {"micro_batch_size": batch_size}, "data": {"max_seq_len": length}}
+        )
+        plan = plan_memory(
+            facts, recipe_setup(sized, facts, device), calibration=CALIBRATION[device]
+        )
+        outside = plan.item("optimizer") if plan.setup.optimizer.startswith("paged") else 0.0
+        reserved = plan.peak - plan.item("runtime") - outside
+        rows.append(
+            {
+                "seq_len": length,
+                "micro_batch": batch_size,
+                "planned_reserved_bytes": reserved,
+                "planned_allocated_bytes": reserved - plan.item("slack"),
+                "peak_reserved_bytes": measured["peak_reserved_bytes"],
+                "peak_allocated_bytes": measured["peak_allocated_bytes"],
+                "plan": plan.to_dict(),
+            }
+        )
+    for row in rows:
+        row["allocated_error"] = row["planned_allocated_bytes"] / row["peak_allocated_bytes"] - 1
+        row["reserved_error"] = row["planned_reserved_bytes"] / row["peak_reserved_bytes"] - 1
+    return {
+        "shape": shape_name,
+        "device": device,
+        "rows": rows,
+        "goal": PLAN_GOAL,
+        "within_goal": all(
+            abs(r["allocated_error"]) <= PLAN_GOAL and abs(r["reserved_error"]) <= PLAN_GOAL
+            for r in rows
+        ),
+    }
+
+
+def plan_markdown(part: dict) -> list[str]:
+    """Part e's table."""
+    lines = [
+        "",
+        f"The memory plan (`mode plan`, `loss=mode`) against the measured step, {part['shape']} "
+        "shape: planned peak less the CUDA context vs `torch.cuda.max_memory_reserved`, and less "
+        "the allocator slack too vs `max_memory_allocated` (a paged optimizer's states left out "
+        f"of both). Goal: within {part['goal']:.0%}.",
+        "",
+        "| length | micro-batch | planned allocated GiB | measured | error | planned reserved GiB | measured | error |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in part["rows"]:
+        lines.append(
+            f"| {r['seq_len']} | {r['micro_batch']} | {r['planned_allocated_bytes'] / GIB:.2f} "
+            f"| {r['peak_allocated_bytes'] / GIB:.2f} | {r['allocated_error']:+.1%} "
+            f"| {r['planned_reserved_bytes'] / GIB:.2f} | {r['peak_reserved_bytes'] / GIB:.2f} "
+            f"| {r['reserved_error']:+.1%} |"
+        )
+    verdict = "holds" if part["within_goal"] else "**missed**: recalibrate the CUDA constants"
+    lines += ["", f"Plan within {part['goal']:.0%}: {verdict}."]
+    return lines
+
+
 # ---------------------------------------------------------------------------- the record
 
 
@@ -599,6 +711,8 @@ def markdown(record: dict) -> str:
             f"{PEAK_RATIO}: {ratio_verdict}), step time {r['time_mode_over_final_only']:.2f}. "
             f"Recipe peaks {verdict} {LIMIT_BYTES / 1e9:.0f} GB (reserved).",
         ]
+    if "plan" in record:
+        lines += plan_markdown(record["plan"])
     for part, title in (
         ("pytest", "pytest -m gpu"),
         ("e2e", "tiny recipe end to end"),
@@ -631,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, help="default: the recipe's data.max_seq_len")
     parser.add_argument("--micro-batch", type=int, help="default: train.micro_batch_size")
     parser.add_argument(
-        "--skip", action="append", default=[], choices=["pytest", "e2e", "shape", "fsdp"]
+        "--skip", action="append", default=[], choices=["pytest", "e2e", "shape", "fsdp", "plan"]
     )
     args = parser.parse_args(argv)
 
@@ -683,6 +797,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"c. {v['variant']:10} peak {v['peak_allocated_bytes'] / GIB:6.2f} GiB "
                     f"allocated, {v['peak_reserved_bytes'] / GIB:6.2f} reserved, "
                     f"{v['tokens_per_s']:8.0f} tokens/s",
+                    file=sys.stderr,
+                )
+        if "plan" not in args.skip:
+            record["plan"] = measure_plan(args.shape, args.device, work=work)
+            for row in record["plan"]["rows"]:
+                print(
+                    f"e. plan {row['seq_len']} x {row['micro_batch']}: allocated "
+                    f"{row['allocated_error']:+.1%}, reserved {row['reserved_error']:+.1%}",
                     file=sys.stderr,
                 )
     finally:

@@ -70,3 +70,22 @@ def test_the_measurement_runs_on_a_tiny_shape_on_the_cpu(gpu_check, tmp_path):
     assert gpu_check.main(["--from-json", str(saved), "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "kept" in text and "| mode |" in text and "MoDE / final-only: peak" in text
+
+
+def test_the_plan_comparison_runs_on_a_tiny_shape_on_the_cpu(gpu_check, tmp_path):
+    """Part e's code on the CPU: the plan of each (length, micro-batch) next to a measured step,
+    errors computed, its table rendered (the figures mean something on CUDA only)."""
+    part = gpu_check.measure_plan("tiny", "cpu", grid=((16, 2), (32, 1)), work=tmp_path)
+    assert [(r["seq_len"], r["micro_batch"]) for r in part["rows"]] == [(16, 2), (32, 1)]
+    for row in part["rows"]:
+        assert row["planned_allocated_bytes"] < row["planned_reserved_bytes"]
+        assert row["peak_allocated_bytes"] > 0 and row["plan"]["setup"]["micro_batch"] > 0
+        assert row["reserved_error"] == row["planned_reserved_bytes"] / row["peak_reserved_bytes"] - 1
+    assert part["goal"] == 0.10 and isinstance(part["within_goal"], bool)
+    text = "\n".join(gpu_check.plan_markdown(part))
+    assert "| 16 | 2 |" in text and "max_memory_reserved" in text
+    assert "(1024, 2), (1024, 4), (2048, 2), (2048, 4)" in gpu_check.plan(
+        gpu_check.argparse.Namespace(
+            shape="llama3-8b", micro_batch=None, seq_len=None, steps=3, json="j", doc="d"
+        )
+    )
