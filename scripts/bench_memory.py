@@ -142,21 +142,27 @@ def worker(args: list[str]) -> dict:
     return peaks
 
 
+def in_own_process(flag: str, payload: str, what: str) -> dict:
+    """This script as a worker (`flag payload`) in a process and session of its own, offline;
+    the JSON record it prints last."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, __file__, flag, payload],
+        capture_output=True,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run(loss: str, steps: int, extra: list[str], recipe: str = RECIPE) -> dict:
     """One run in its own process; its figures."""
     with tempfile.TemporaryDirectory() as tmp:
         args = command(loss, steps, Path(tmp) / "run", extra, recipe)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-        done = subprocess.run(
-            [sys.executable, __file__, "--worker", json.dumps(args)],
-            capture_output=True,
-            text=True,
-            env=env,
-            start_new_session=True,
-        )
-    if done.returncode != 0:
-        raise SystemExit(f"loss={loss} failed:\n{done.stderr[-3000:]}")
-    record = json.loads(done.stdout.strip().splitlines()[-1])
+        record = in_own_process("--worker", json.dumps(args), f"loss={loss}")
     record["loss"] = loss
     print(
         f"loss={loss:11} peak RSS / anonymous MiB: setup {record['setup_bytes'] / MIB:.0f} / "
@@ -406,17 +412,7 @@ def plan_worker(recipe: str, overrides: list[str]) -> dict:
 def measure_plan_config(config: dict, data: Path) -> dict:
     """A grid run in its own process; its measurement."""
     args = json.dumps([config["recipe"], plan_overrides(config, data)])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, __file__, "--plan-worker", args],
-        capture_output=True,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"{config} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_own_process("--plan-worker", args, str(config))
 
 
 def predictions(config: dict, data: Path, data_tokens: int, facts_cache: dict) -> dict:

@@ -80,7 +80,9 @@ def test_the_plan_comparison_runs_on_a_tiny_shape_on_the_cpu(gpu_check, tmp_path
     for row in part["rows"]:
         assert row["planned_allocated_bytes"] < row["planned_reserved_bytes"]
         assert row["peak_allocated_bytes"] > 0 and row["plan"]["setup"]["micro_batch"] > 0
-        assert row["reserved_error"] == row["planned_reserved_bytes"] / row["peak_reserved_bytes"] - 1
+        assert (
+            row["reserved_error"] == row["planned_reserved_bytes"] / row["peak_reserved_bytes"] - 1
+        )
     assert part["goal"] == 0.10 and isinstance(part["within_goal"], bool)
     text = "\n".join(gpu_check.plan_markdown(part))
     assert "| 16 | 2 |" in text and "max_memory_reserved" in text

@@ -63,7 +63,9 @@ print(json.dumps({"code": code, **peak}))
 def test_the_override_keeps_the_recipes_batch():
     cfg = compose_recipe("tiny-llama-alpaca", ["train.micro_batch_size=auto"])
     assert cfg.train.micro_batch_size == "auto" and cfg.train.batch_size == 4  # 4 x 1
-    cfg = compose_recipe("smollm2-arithmetic", ["train.grad_accum_steps=3", "train.micro_batch_size=auto"])
+    cfg = compose_recipe(
+        "smollm2-arithmetic", ["train.grad_accum_steps=3", "train.micro_batch_size=auto"]
+    )
     assert cfg.train.batch_size == 12
     cfg = compose_recipe("tiny-llama-alpaca", ["train.micro_batch_size=auto", "train.batch_size=8"])
     assert cfg.train.batch_size == 8
@@ -72,7 +74,10 @@ def test_the_override_keeps_the_recipes_batch():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.micro_batch_size=0", "train.micro_batch_size=0: expected a whole number >= 1 or auto"),
+        (
+            "train.micro_batch_size=0",
+            "train.micro_batch_size=0: expected a whole number >= 1 or auto",
+        ),
         ("train.micro_batch_size=big", "train.micro_batch_size='big': expected a whole number"),
         ("train.memory_budget=lots", "train.memory_budget='lots': expected a memory size"),
         ("train.memory_budget=-1GB", "train.memory_budget='-1GB': expected a memory size"),
@@ -80,7 +85,9 @@ def test_the_override_keeps_the_recipes_batch():
     ],
 )
 def test_bad_batch_settings_are_refused(mode, tmp_path, override, message):
-    code, _, err = mode("train", "recipe=tiny-llama-alpaca", override, f"output_dir={tmp_path / 'r'}")
+    code, _, err = mode(
+        "train", "recipe=tiny-llama-alpaca", override, f"output_dir={tmp_path / 'r'}"
+    )
     assert code == 2 and message in " ".join(err.split())
     assert not (tmp_path / "r").exists()
 
@@ -95,7 +102,9 @@ def test_a_budget_below_the_weights_is_refused_before_loading(mode, tmp_path):
         f"output_dir={out}",
     )
     assert code == 2
-    assert "train.memory_budget=100 KiB is below what the model's weights alone take" in " ".join(err.split())
+    assert "train.memory_budget=100 KiB is below what the model's weights alone take" in " ".join(
+        err.split()
+    )
 
 
 def test_auto_picks_a_size_under_the_budget_trains_and_stays_under_it(tmp_path):

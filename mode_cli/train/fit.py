@@ -127,9 +127,9 @@ def plan_recipe(
     facts: ModelFacts | None = None,
     data: float = 0.0,
 ) -> tuple[MemoryPlan, AutoChoice | None]:
-    """The recipe's plan on `memory` (a size; None: this machine's GPU, else its RAM), per
-    process of `processes` (default: `distributed.nproc`). With micro_batch_size=auto, the plan
-    at the size auto picks on the same budget, and the choice."""
+    """The recipe's plan on `memory` (a size; None: `train.memory_budget`, else this machine's
+    GPU, else its RAM), per process of `processes` (default: `distributed.nproc`). With
+    micro_batch_size=auto, the plan at the size auto picks on the same budget, and the choice."""
     from mode_cli.train.footprint import model_facts
 
     device = device_type(cfg)
@@ -139,6 +139,9 @@ def plan_recipe(
     if memory is not None:
         budget, source = parse_size(memory), "--memory"
         check_budget(facts, setup, budget)
+    elif cfg.train.memory_budget is not None:
+        budget, source = parse_size(cfg.train.memory_budget), "train.memory_budget"
+        check_budget(facts, setup, budget, source)
     else:
         budget, source = machine_budget(device, free=False)
     choice = None

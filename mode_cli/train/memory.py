@@ -332,9 +332,9 @@ def optimizer_bytes(params: Parameters, optimizer: str) -> float:
 
 
 def activation_bytes(facts: ModelFacts, setup: Setup, calibration: Calibration) -> dict:
-    """Activations: what one layer saves (`layer`, the last `saved` at the end of the forward
-    pass (every layer's, or only the layer inputs with gradient checkpointing) and what a layer
-    recomputed in backward holds (`recomputed`)."""
+    """Activations of a micro-batch: what one decoder layer saves (`layer`), what is saved at the
+    end of the forward pass (`saved`: every layer's, or only the layer inputs with gradient
+    checkpointing) and what the layer recomputed in backward holds (`recomputed`)."""
     a = facts.activations
     rows, length = setup.micro_batch, setup.seq_len
     # The stand-in ran on the CPU, where dropout's masks are fp32.
