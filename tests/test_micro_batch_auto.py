@@ -166,3 +166,54 @@ def test_a_resumed_auto_run_keeps_its_own_micro_batch(mode, tmp_path):
     assert code == 0, err
     assert f"train.micro_batch_size=auto: the run's own, {chosen}" in " ".join(err.split())
     assert [r["step"] for r in records(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_the_cuda_probe_step_halves_on_out_of_memory_and_leaves_training_alone(
+    mode, tmp_path, monkeypatch
+):
+    """The CPU twin of the CUDA confirmation: the probe step at 4 runs out of memory (faked),
+    at 2 it passes; the run then trains exactly as one set to 2 x 2 from the start (the probe
+    touched no weight, optimizer state or random stream: dropout draws from them)."""
+    import torch
+
+    from mode_cli.train import recipe as recipe_mod
+
+    real_step = recipe_mod.accumulate_gradients
+    probing = {"on": False}
+
+    def step(module, micro, *args, **kwargs):
+        if probing["on"] and micro[0]["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (faked)")
+        return real_step(module, micro, *args, **kwargs)
+
+    confirm = recipe_mod.FinetuneRecipe.confirm_micro_batch
+
+    def confirm_as_on_cuda(self):
+        probing["on"] = True
+        with monkeypatch.context() as patch:
+            patch.setattr(recipe_mod.FinetuneRecipe, "on_cuda", True)
+            patch.setattr(torch.cuda, "empty_cache", lambda: None)
+            patch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+            confirm(self)
+        probing["on"] = False
+
+    monkeypatch.setattr(recipe_mod, "accumulate_gradients", step)
+    monkeypatch.setattr(recipe_mod.FinetuneRecipe, "confirm_micro_batch", confirm_as_on_cuda)
+    common = ["train", "recipe=tiny-llama-alpaca", "adapter.dropout=0.1", "train.max_steps=3"]
+    common += ["merge=false", "eval.answers=off", "checkpoint.every_steps=null"]
+    auto, fixed = tmp_path / "auto", tmp_path / "fixed"
+    code, _, err = mode(
+        *common, "train.micro_batch_size=auto", "train.memory_budget=8GB", f"output_dir={auto}"
+    )
+    assert code == 0, err
+    assert "train.micro_batch_size=auto: 4 ran out of GPU memory in a probe step; 2" in " ".join(
+        err.split()
+    )
+    saved = (auto / "config.yaml").read_text()
+    assert "micro_batch_size: 2" in saved and "grad_accum_steps: 2" in saved
+    code, _, err = mode(
+        *common, "train.micro_batch_size=2", "train.grad_accum_steps=2", f"output_dir={fixed}"
+    )
+    assert code == 0, err
+    losses = [[r["loss"] for r in records(run) if "loss" in r] for run in (auto, fixed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
