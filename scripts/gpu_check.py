@@ -584,7 +584,7 @@ def measure_plan(
     from mode_cli.train.memory import CALIBRATION, plan_memory
 
     overrides = list(overrides or [])
-    if device != "cuda":
+    if torch.device(device).type != "cuda":
         overrides.append("train.optimizer_fallback=true")
     cfg = recipe_config("mode", device, overrides)
     with tempfile.TemporaryDirectory(dir=work) as tmp:

@@ -45,7 +45,7 @@ def device_type(cfg: DictConfig) -> str:
 def machine_budget(device: str, free: bool) -> tuple[float | None, str]:
     """This machine's memory for `device`: the GPU's (GPU 0) or the RAM; `free`: what is free
     now, less `AUTO_MARGIN`; else all of it. (None, why) when the device is not here."""
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         if not torch.cuda.is_available():
             return None, "no GPU on this machine: name a budget with --memory"
         available, total = torch.cuda.mem_get_info()
@@ -101,7 +101,8 @@ def recipe_setup(
         processes=processes,
         strategy=cfg.distributed.strategy,
         grad_accum_steps=cfg.train.grad_accum_steps,
-        data_bytes=data_bytes if device == "cpu" else 0.0,
+        # Tokenizer and data live in the host's memory: a CUDA plan is the GPU's.
+        data_bytes=data_bytes if torch.device(device).type == "cpu" else 0.0,
     )
 
 

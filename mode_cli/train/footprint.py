@@ -11,9 +11,10 @@ Two measurements feed the memory plan (`memory.py`):
   factor, random weights, loaded in 4 bits and adapted exactly as training loads the real model,
   one forward of the training loss through it under `torch.autograd.graph.saved_tensors_hooks`.
   Whatever transformers, peft and bitsandbytes keep is counted, not guessed; widths enter the
-  saved tensors linearly, so the count scales back by the factor. Measured at four batch shapes,
+  saved tensors linearly, so the count scales back by the factor. Measured at five batch shapes,
   the bytes split into a constant (casts of the adapter's weights under autocast), per-position
-  terms (rotary tables), per-token terms and per-row-squared terms (attention masks).
+  terms (rotary tables), per-row terms (a sequence's first and last positions are no targets),
+  per-token terms and per-row-squared terms (attention masks, eager attention's scores).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from mode_cli.train.memory import Activations, Growth, ModelFacts, Parameters
 BUNDLED_CONFIGS = BUNDLED_DIR / "configs"
 # The stand-in's widths are the real ones divided by the largest of these that divides them all.
 SCALES = (16, 8, 4, 2, 1)
-# The batch shapes (rows, positions) the stand-in runs: enough to solve for the four terms.
+# The batch shapes (rows, positions) the stand-in runs: enough to solve for the five terms.
 PROBE_SHAPES = ((1, 32), (2, 32), (1, 64), (2, 64), (3, 48))
 
 
@@ -143,18 +144,17 @@ def _is_adapter(module) -> bool:
 
 def probe_scale(config, cfg: DictConfig) -> int:
     """The largest of SCALES dividing every width the stand-in shrinks (hidden, intermediate,
-    head and adapter sizes), leaving every width at least 4 wide and rotary tables even."""
-    widths = [config.hidden_size, config.intermediate_size, head_dim(config)]
+    head and adapter sizes), leaving the model's widths at least 4 wide, the adapter's rank at
+    least 1 and the rotary dimensions even."""
+    widths = [(config.hidden_size, 4), (config.intermediate_size, 4), (head_dim(config), 4)]
     if method(cfg).trains_adapter:
-        widths.append(cfg.adapter.r)
-    rotary = rotary_fraction(config)
+        widths.append((cfg.adapter.r, 1))
     for scale in SCALES:
-        if any(w % scale or w // scale < (1 if w == cfg.adapter.r else 4) for w in widths):
+        if any(width % scale or width // scale < least for width, least in widths):
             continue
-        rotary_dims = int(head_dim(config) // scale * rotary)
-        if rotary_dims < 2 or rotary_dims % 2:
-            continue
-        return scale
+        rotary = int(head_dim(config) // scale * rotary_fraction(config))
+        if rotary >= 2 and rotary % 2 == 0:
+            return scale
     return 1
 
 

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from mode_cli.errors import ModeError
 from mode_cli.mode.chunked import DEFAULT_CHUNK_BUDGET, peak_logits
 from mode_cli.mode.terms import LossWeights
@@ -222,6 +224,10 @@ class Setup:
     @property
     def sharded(self) -> bool:
         return self.processes > 1 and self.strategy == "fsdp"
+
+    @property
+    def on_cuda(self) -> bool:
+        return torch.device(self.device).type == "cuda"
 
 
 @dataclass(frozen=True)
@@ -473,9 +479,9 @@ def plan_memory(
         add("data", "tokenized data", setup.data_bytes, "the training examples, as Python lists")
     add(
         "runtime",
-        "CUDA context" if setup.device == "cuda" else "runtime",
+        "CUDA context" if setup.on_cuda else "runtime",
         cal.runtime,
-        "" if setup.device == "cuda" else "tokenizer, threads, libraries",
+        "" if setup.on_cuda else "threads, libraries",
     )
     if cal.slack_of == "forward":
         share = cal.slack + (cal.slack_checkpointed if setup.gradient_checkpointing else 0.0)
@@ -505,7 +511,7 @@ def changes(setup: Setup) -> list[tuple[str, Setup]]:
         found.append(
             ("train.gradient_checkpointing=true", replace(setup, gradient_checkpointing=True))
         )
-    if setup.device == "cuda" and setup.optimizer == "adamw":
+    if setup.on_cuda and setup.optimizer == "adamw":
         found.append(
             ("train.optimizer=paged_adamw_8bit", replace(setup, optimizer="paged_adamw_8bit"))
         )
