@@ -167,3 +167,14 @@ def test_probing_leaves_the_random_streams_alone():
     torch.manual_seed(3)
     footprint.probe_activations(config, cfg)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_plan_reads_the_recipes_budget_and_shows_autos_choice(mode):
+    code, out, err = mode(
+        "plan", "recipe=tiny-llama-alpaca", "train.micro_batch_size=auto", "train.memory_budget=4GB"
+    )
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "memory plan of tiny-llama-alpaca on cpu: tiny:llama" in text
+    assert "train.micro_batch_size=auto: 4 (train.grad_accum_steps 1)" in text
+    assert "fits in 4.00 GiB (train.memory_budget)" in text

@@ -62,20 +62,19 @@ def model_config(model_cfg: DictConfig):
     from)."""
     from transformers import AutoConfig
 
+    name = model_cfg.name_or_path
     source = resolve_source(model_cfg)
     try:
         config = AutoConfig.from_pretrained(
             source, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
         )
-        return config, source
+        return config, name
     except (OSError, ValueError) as err:
         bundled = BUNDLED_CONFIGS / source / "config.json"
         if Path(source).exists() or not bundled.is_file():
-            raise ModeError(
-                f"Could not read the config of '{model_cfg.name_or_path}': {first_line(err)}"
-            ) from None
+            raise ModeError(f"Could not read the config of '{name}': {first_line(err)}") from None
     config = AutoConfig.for_model(**json.loads(bundled.read_text()))
-    return config, f"{source} (mode's bundled copy of its config.json; the hub was not reached)"
+    return config, f"{name} (mode's bundled copy of its config.json; the hub was not reached)"
 
 
 # ---------------------------------------------------------------------------- parameters
