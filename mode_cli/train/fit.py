@@ -129,14 +129,16 @@ def plan_recipe(
     data: float = 0.0,
 ) -> tuple[MemoryPlan, AutoChoice | None]:
     """The recipe's plan on `memory` (a size; None: `train.memory_budget`, else this machine's
-    GPU, else its RAM), per process of `processes` (default: `distributed.nproc`). With
-    micro_batch_size=auto, the plan at the size auto picks on the same budget, and the choice."""
+    GPU, else its RAM; with micro_batch_size=auto, their free memory less a margin, as the run
+    would), per process of `processes` (default: `distributed.nproc`). With auto, the plan at
+    the size auto picks on that budget, and the choice."""
     from mode_cli.train.footprint import model_facts
 
     device = device_type(cfg)
     processes = processes or cfg.distributed.nproc
     facts = facts or model_facts(cfg)
     setup = recipe_setup(cfg, facts, device, processes, data)
+    auto = cfg.train.micro_batch_size == "auto"
     if memory is not None:
         budget, source = parse_size(memory), "--memory"
         check_budget(facts, setup, budget)
@@ -144,9 +146,10 @@ def plan_recipe(
         budget, source = parse_size(cfg.train.memory_budget), "train.memory_budget"
         check_budget(facts, setup, budget, source)
     else:
-        budget, source = machine_budget(device, free=False)
+        # auto plans on what the run itself would use: the free memory, less a margin.
+        budget, source = machine_budget(device, free=auto)
     choice = None
-    if cfg.train.micro_batch_size == "auto" and budget is not None:
+    if auto and budget is not None:
         choice = choose_micro_batch(cfg, facts, setup, budget, source)
         setup = replace(setup, micro_batch=choice.micro_batch)
     return plan_memory(facts, setup, budget, source), choice
