@@ -430,11 +430,19 @@ def predictions(config: dict, data: Path, data_tokens: int, facts_cache: dict) -
     facts = facts_cache[key]
     setup = recipe_setup(cfg, facts, "cpu", 1, data_tokens * DATA_BYTES_PER_TOKEN)
     shipped = CALIBRATION["cpu"]
-    bare = replace(shipped, runtime=0.0, slack=0.0, slack_checkpointed=0.0, tokenizer_per_entry=0.0)
+    bare = replace(
+        shipped,
+        runtime=0.0,
+        working_layers=0.0,
+        slack=0.0,
+        slack_checkpointed=0.0,
+        tokenizer_per_entry=0.0,
+    )
     return {
         "predicted_bytes": plan_memory(facts, setup, calibration=shipped).peak,
         "tensors_bytes": plan_memory(facts, setup, calibration=bare).peak,
         "forward_bytes": facts.num_layers * activation_bytes(facts, setup, bare)["layer"],
+        "layer_bytes": activation_bytes(facts, setup, bare)["layer"],
         "vocab": facts.vocab_size,
     }
 
@@ -483,19 +491,30 @@ def tokenizer_bytes_per_entry() -> float:
 
 def fit_constants(records: list[dict], per_entry: float) -> dict:
     """The CPU constants minimising the relative error of `tensors + tokenizer + runtime +
-    (slack + slack_checkpointed if checkpointing) x forward` over the grid (weighted least
-    squares, three unknowns)."""
+    working_layers x one layer + slack (slack_checkpointed with checkpointing) x forward` over
+    the grid (weighted least squares, four unknowns)."""
     import numpy as np
 
-    rows = np.array([[1.0, r["forward_bytes"], r["forward_bytes"] * r["gc"]] for r in records])
+    rows = np.array(
+        [
+            [
+                1.0,
+                r["layer_bytes"],
+                r["forward_bytes"] * (not r["gc"]),
+                r["forward_bytes"] * r["gc"],
+            ]
+            for r in records
+        ]
+    )
     target = np.array(
         [r["training_peak_bytes"] - r["tensors_bytes"] - per_entry * r["vocab"] for r in records]
     )
     weight = 1.0 / np.array([r["training_peak_bytes"] for r in records])
     solution, *_ = np.linalg.lstsq(rows * weight[:, None], target * weight, rcond=None)
-    runtime, slack, checkpointed = (float(x) for x in solution)
+    runtime, working, slack, checkpointed = (float(x) for x in solution)
     return {
         "runtime": runtime,
+        "working_layers": working,
         "slack": slack,
         "slack_checkpointed": checkpointed,
         "tokenizer_per_entry": per_entry,
@@ -504,11 +523,12 @@ def fit_constants(records: list[dict], per_entry: float) -> dict:
 
 def predict(record: dict, constants: dict) -> float:
     """The plan's peak of a grid run with these constants."""
-    share = constants["slack"] + constants["slack_checkpointed"] * record["gc"]
+    share = constants["slack_checkpointed"] if record["gc"] else constants["slack"]
     return (
         record["tensors_bytes"]
         + constants["tokenizer_per_entry"] * record["vocab"]
         + constants["runtime"]
+        + constants["working_layers"] * record["layer_bytes"]
         + share * record["forward_bytes"]
     )
 
@@ -548,10 +568,11 @@ def plan_markdown(records: list[dict], constants: dict, seconds: float) -> str:
         "the checkpoint file mapped while it is read, is page cache and not part of it). Every "
         "micro-batch is full (plain text longer than the length). The CPU constants were fitted "
         "on these runs by the same command (weighted least squares, relative error): runtime "
-        f"{constants['runtime'] / MIB:.0f} MiB; allocator slack {constants['slack']:.2f} x what "
-        "a forward pass allocates, "
-        f"{constants['slack'] + constants['slack_checkpointed']:.2f} x with gradient "
-        "checkpointing (glibc keeps memory freed mid-step for reuse); and, measured apart, "
+        f"{constants['runtime'] / MIB:.0f} MiB; a layer's working memory "
+        f"{constants['working_layers']:.2f} x its saved activations; allocator slack "
+        f"{constants['slack']:.2f} x what a forward pass allocates, "
+        f"{constants['slack_checkpointed']:.2f} x with gradient checkpointing (glibc keeps "
+        "memory freed mid-step for reuse); and, measured apart, "
         f"{constants['tokenizer_per_entry']:,.0f} bytes a vocabulary entry for the tokenizer "
         "(`mode_cli/train/memory_calibration.json`).",
         "",

@@ -32,10 +32,23 @@ from mode_cli.train.memory import (
 )
 
 CAL = Calibration(
-    runtime=100 * MIB, slack=0.5, slack_of="forward", dropout_mask_bytes=4, measured=True
+    runtime=100 * MIB,
+    working_layers=2.0,
+    slack=0.5,
+    slack_checkpointed=0.25,
+    slack_of="forward",
+    dropout_mask_bytes=4,
+    measured=True,
+    tokenizer_per_entry=10.0,
 )
 CUDA = Calibration(
-    runtime=512 * MIB, slack=0.1, slack_of="peak", dropout_mask_bytes=1, measured=False
+    runtime=512 * MIB,
+    working_layers=1.0,
+    slack=0.1,
+    slack_checkpointed=0.1,
+    slack_of="peak",
+    dropout_mask_bytes=1,
+    measured=False,
 )
 
 
@@ -101,7 +114,9 @@ def test_every_line_of_the_plan_on_fixed_inputs():
     assert line["logits"] == 2 * 1_024 * 32_000 * 4
     assert line["loss_inputs"] == 2 * tokens * 1_000 * 4
     assert line["dequantized"] == 4_000_000 * 4
+    assert line["tokenizer"] == 10 * 32_000
     assert line["runtime"] == 100 * MIB
+    assert line["working"] == 2 * layer
     assert line["slack"] == 0.5 * 10 * layer
     assert plan.peak == sum(line.values())
     assert plan.phase == "end of forward"
@@ -119,8 +134,9 @@ def test_checkpointing_keeps_layer_inputs_and_recomputes_one_layer():
         2 * 1_024 * 32_000 * 4,
     )
     assert checkpointed.peak < plain.peak
-    # The slack of what a forward allocates is the same: checkpointing runs every layer anyway.
-    assert checkpointed.item("slack") == plain.item("slack")
+    # Checkpointing runs every layer's forward all the same: the slack is of the same basis.
+    assert checkpointed.item("slack") == 0.25 * 10 * layer
+    assert checkpointed.item("working") == plain.item("working") == 2 * layer
 
 
 def test_cuda_keeps_one_byte_masks_and_its_slack_is_of_the_peak():

@@ -52,27 +52,30 @@ AUTO_MAX_MICRO_BATCH = 1024
 class Calibration:
     """What the tensors alone do not show, per device type.
 
-    runtime: bytes the process holds once training runs besides its tensors and data (CUDA: the
-    context; CPU: the tokenizer, threads and libraries' working memory, over the process's
+    runtime: bytes the process holds once training runs besides its tensors, tokenizer and data
+    (CUDA: the context; CPU: threads and the libraries' working memory, over the process's
     resident memory after its imports).
+    working_layers: the working memory of the layer being computed (its temporaries, and in
+    backward the gradients flowing through it), in units of one layer's saved activations.
     slack: what the allocator holds beyond the live tensors, as a share of `slack_of`: on the
     CPU of the activations a forward pass allocates, all layers' together (glibc's malloc keeps
     memory freed mid-step for reuse, and a layer's temporaries land between tensors that stay);
     on CUDA of the step's own peak allocations (the caching allocator reserves in blocks).
-    slack_checkpointed: on top of `slack` with gradient checkpointing, whose backward runs the
-    forward pass again (CPU).
-    tokenizer_per_entry: bytes the loaded tokenizer takes per vocabulary entry, in the process's
-    memory (the CPU's plan; on CUDA it is host memory).
+    slack_checkpointed: `slack` with gradient checkpointing (CPU: its forward keeps only layer
+    inputs between the temporaries).
+    tokenizer_per_entry: bytes the loaded tokenizer takes per vocabulary entry (CPU plans; on
+    CUDA it is host memory).
     dropout_mask_bytes: bytes of dropout's mask per value (fp32 on the CPU, bool on CUDA).
     measured: whether `scripts/bench_memory.py` measured these (False: estimates).
     """
 
     runtime: float
+    working_layers: float
     slack: float
+    slack_checkpointed: float
     slack_of: str  # "forward": all layers' activations; "peak": the step's dynamic peak
     dropout_mask_bytes: int
     measured: bool
-    slack_checkpointed: float = 0.0
     tokenizer_per_entry: float = 0.0
 
 
@@ -87,20 +90,28 @@ def _fitted(device: str) -> dict:
     return json.loads(CALIBRATION_FILE.read_text()).get(device, {})
 
 
+CPU_FITTED = _fitted("cpu")
 CALIBRATION = {
     "cpu": Calibration(
-        runtime=_fitted("cpu").get("runtime", 0.0),
-        slack=_fitted("cpu").get("slack", 0.0),
+        runtime=CPU_FITTED.get("runtime", 0.0),
+        working_layers=CPU_FITTED.get("working_layers", 0.0),
+        slack=CPU_FITTED.get("slack", 0.0),
+        slack_checkpointed=CPU_FITTED.get("slack_checkpointed", 0.0),
         slack_of="forward",
         dropout_mask_bytes=4,
-        measured=bool(_fitted("cpu")),
-        slack_checkpointed=_fitted("cpu").get("slack_checkpointed", 0.0),
-        tokenizer_per_entry=_fitted("cpu").get("tokenizer_per_entry", 0.0),
+        measured=bool(CPU_FITTED),
+        tokenizer_per_entry=CPU_FITTED.get("tokenizer_per_entry", 0.0),
     ),
     # Not measured (no GPU has run scripts/gpu_check.py): a CUDA context of torch 2.x on a recent
-    # GPU, and a caching allocator's usual reserve.
+    # GPU, a layer's gradients as large as its activations, a caching allocator's usual reserve.
     "cuda": Calibration(
-        runtime=0.5 * GIB, slack=0.10, slack_of="peak", dropout_mask_bytes=1, measured=False
+        runtime=0.5 * GIB,
+        working_layers=1.0,
+        slack=0.10,
+        slack_checkpointed=0.10,
+        slack_of="peak",
+        dropout_mask_bytes=1,
+        measured=False,
     ),
 }
 
@@ -483,15 +494,17 @@ def plan_memory(
         cal.runtime,
         "" if setup.on_cuda else "threads, libraries",
     )
+    add(
+        "working",
+        "one layer's working memory",
+        cal.working_layers * acts["layer"],
+        "temporaries and gradients of the layer being computed",
+    )
+    share = cal.slack_checkpointed if setup.gradient_checkpointing else cal.slack
     if cal.slack_of == "forward":
-        share = cal.slack + (cal.slack_checkpointed if setup.gradient_checkpointing else 0.0)
         basis, what = facts.num_layers * acts["layer"], "what a forward pass allocates"
     else:
-        share, basis, what = (
-            cal.slack,
-            max(forward_end, backward),
-            "the step's activations and loss",
-        )
+        basis, what = max(forward_end, backward), "the step's activations and loss"
     add("slack", "allocator slack", share * basis, f"{share:.0%} of {what}")
     peak = sum(item.bytes for item in items)
     plan = MemoryPlan(facts, setup, items, peak, phase, budget, budget_source, cal.measured)
