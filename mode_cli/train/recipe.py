@@ -54,6 +54,7 @@ from mode_cli.models.loading import (
     attach_adapter,
     load_base_model,
     load_tokenizer,
+    one_allocator_arena,
     resolve_device,
     resolve_source,
 )
@@ -168,6 +169,8 @@ class FinetuneRecipe:
     def setup_data(self) -> None:
         """Tokenizer and both splits: all `--dry-run` needs, no model weights."""
         cfg = self.cfg
+        if torch.device(self.device).type == "cpu":
+            one_allocator_arena()  # a steady peak, the one the memory plan foresees
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)
