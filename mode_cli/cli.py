@@ -106,11 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser(
         "plan",
         help="will a recipe fit? its peak memory, planned from the model's config alone",
-        description="The memory a recipe's training needs at its peak, line by line (4-bit "
-        "weights, unquantized layers, adapter, gradients, optimizer states, activations, the "
-        "loss's logits chunk, runtime), planned from the recipe and the model's config.json: "
-        "no weights are loaded. With a budget: whether it fits, by how much, and what to change "
-        "when it does not. Exit code 1 when it does not fit.",
+        description="The memory a recipe's training needs at its peak, line by line (4-bit\n"
+        "weights, unquantized layers, adapter, gradients, optimizer states, activations, the\n"
+        "loss's logits chunk, runtime), planned from the recipe and the model's config.json:\n"
+        "no weights are loaded. With a budget: whether it fits, by how much, and what to\n"
+        "change when it does not. Exit code 1 when it does not fit. See docs/memory.md.",
         epilog="e.g. mode plan recipe=llama3-8b-alpaca --memory 12GB\n"
         "     mode plan recipe=smollm2-arithmetic train.micro_batch_size=auto --memory 2GB",
         formatter_class=argparse.RawDescriptionHelpFormatter,
