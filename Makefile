@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test lint format bench bench-memory calibrate-memory gpu-check study clean
+.PHONY: setup demo test lint format bench bench-memory bench-data calibrate-memory gpu-check study clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ bench-memory: $(STAMP)
 # docs/memory_plan_runs.json, and `--refit` re-predicts them without running them again).
 calibrate-memory: $(STAMP)
 	$(OFFLINE) $(BIN)/python scripts/bench_memory.py --calibrate --write-constants --json-out docs/memory_plan_runs.json
+
+# Tokenizing speed with 1 and 2 processes, the peak RSS of a one-step run at 200k and 1M rows, and
+# the cached run's time to its first step; writes its section of docs/benchmarks.md (long: the
+# 1M-row runs take many minutes on 2 cores).
+bench-data: $(STAMP)
+	$(OFFLINE) $(BIN)/python scripts/bench_data.py
 
 # The GPU acceptance in one call (CUDA tests, a tiny recipe end to end, the 24 GB recipe at
 # Llama-3-8B's shape); needs a CUDA GPU. `--plan` says what it runs and how to carry the wheels

@@ -30,9 +30,10 @@ from mode_cli.artifacts import (
 from mode_cli.data.tokenizing import adds_special_tokens
 from mode_cli.decode import ensemble
 from mode_cli.decode.chat import format_prompt as run_prompt
+from mode_cli.devices import resolve_device
 from mode_cli.errors import ModeError
 from mode_cli.mode.head import has_ensemble
-from mode_cli.models.loading import QUANTIZATIONS, resolve_device
+from mode_cli.models.loading import QUANTIZATIONS
 
 
 def load_model(

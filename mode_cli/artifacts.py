@@ -8,6 +8,8 @@
   mode_head.json            what the head is (layers, router, ...)
   merged/                   base + LoRA merged: a plain transformers model with its tokenizer,
                             plus the head files and the recipe (mode_config.yaml)
+  init_from.json            a run started with init_from=: the source and the sha256 of the
+                            weights it started from
   eval/<time>/              eval reports: report.json, report.md, layers.png (eval/report.py)
 
 `classify` tells what a `checkpoint=` names (a run folder, a merged folder or a plain model) for
@@ -21,11 +23,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from mode_cli.config import RecipeConfig, method
+from mode_cli.devices import empty_cache
 from mode_cli.errors import ModeError
 from mode_cli.files import load_tensors, read_json, read_yaml, staged_folder, tensor_shapes
 from mode_cli.mode.head import MoDEHead
@@ -40,6 +42,8 @@ HEAD_INFO = "mode_head.json"
 MERGED_DIR = "merged"
 # A merged folder's copy of the run's resolved recipe: marks it as a merged mode model.
 MERGED_CONFIG = "mode_config.yaml"
+# What a run started with init_from= started from (train/start_from.py writes it).
+INIT_FROM_RECORD = "init_from.json"
 
 
 # ---------------------------------------------------------------------------- what a folder is
@@ -117,6 +121,8 @@ def load_head(run_dir: Path, model, device: str) -> MoDEHead:
         raise ModeError(
             f"{run_dir / HEAD_INFO} does not describe a MoDE head: no {', '.join(missing)}"
         )
+    if (problem := head_info_problem(info)) is not None:
+        raise ModeError(f"{run_dir / HEAD_INFO} is damaged: {problem}")
     n = families.num_layers(model)
     if info["num_layers"] != n:
         raise ModeError(
@@ -136,6 +142,35 @@ def load_head(run_dir: Path, model, device: str) -> MoDEHead:
         )
     head.load_state_dict(load_tensors(run_dir / HEAD_WEIGHTS))
     return head.to(device)
+
+
+def head_info_problem(info: dict) -> str | None:
+    """A field of `mode_head.json` of the wrong type (what `MoDEHead.describe` writes), or None."""
+
+    def integer(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def number(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    def numbers(value: object, test) -> bool:
+        return isinstance(value, list) and all(test(item) for item in value)
+
+    expected = {
+        "layers": ("a list of layer numbers", lambda v: numbers(v, integer)),
+        "num_layers": ("a number of layers", integer),
+        "hidden_size": ("a width", integer),
+        "router": ("a router kind", lambda v: isinstance(v, str)),
+        "init_final_weight": ("a weight or null", lambda v: v is None or number(v)),
+        "fixed_weights": ("a list of weights or null", lambda v: v is None or numbers(v, number)),
+        "router_input": ("a router input", lambda v: isinstance(v, str)),
+        "detach_input": ("true or false", lambda v: isinstance(v, bool)),
+        "train_final_norm": ("true or false", lambda v: isinstance(v, bool)),
+    }
+    for key, (what, test) in expected.items():
+        if key in info and not test(info[key]):
+            return f"{key} is {info[key]!r}, not {what}"
+    return None
 
 
 def describe_shapes(shapes: dict[str, tuple[int, ...]]) -> str:
@@ -185,6 +220,28 @@ def load_run_config(run_dir: Path, name: str = RUN_CONFIG) -> DictConfig:
     return cfg
 
 
+def run_lineage(folder: Path, cfg: DictConfig) -> dict:
+    """What a run built on: the weights it started from (`init_from.json`, or the recipe's
+    `init_from` alone when the record is missing) and its extensions (`train.extensions`)."""
+    init_from = None
+    if cfg.init_from is not None:
+        init_from = {"source": cfg.init_from}
+        record = folder / INIT_FROM_RECORD
+        if record.is_file():
+            try:
+                init_from = json.loads(record.read_text())
+            except (OSError, json.JSONDecodeError):
+                init_from["record"] = f"{record} is unreadable"
+    extensions = OmegaConf.to_container(cfg.train.extensions, resolve=True)
+    return {"init_from": init_from, "extensions": extensions}
+
+
+def has_adapter(folder: Path, cfg: DictConfig) -> bool:
+    """Whether a run folder's model carries an adapter: one trained, or one the run kept frozen
+    under its head (loss=mode-only from init_from=)."""
+    return method(cfg).trains_adapter or (folder / ADAPTER_DIR / "adapter_config.json").is_file()
+
+
 def missing_head_files(folder: Path) -> list[str]:
     return [name for name in (HEAD_INFO, HEAD_WEIGHTS) if not (folder / name).is_file()]
 
@@ -195,6 +252,7 @@ def load_run(run_dir: Path, cfg: DictConfig, device: str):
 
     adapter = run_dir / ADAPTER_DIR
     trained = method(cfg)
+    with_adapter = has_adapter(run_dir, cfg)
     # Check before loading any weights.
     if trained.trains_adapter and not (adapter / "adapter_config.json").is_file():
         raise ModeError(f"{run_dir} has no trained adapter (adapter/adapter_config.json)")
@@ -203,10 +261,10 @@ def load_run(run_dir: Path, cfg: DictConfig, device: str):
         raise ModeError(
             f"{run_dir} was trained with loss={cfg.loss.name} but has no {' or '.join(missing)}"
         )
-    check_saved_files(run_dir, adapter=trained.trains_adapter, head=trained.trains_head)
+    check_saved_files(run_dir, adapter=with_adapter, head=trained.trains_head)
     source = resolve_source(cfg.model)
     base = load_base_model(source, cfg.model, cfg.train.precision, device)
-    if trained.trains_adapter:
+    if with_adapter:
         tokenizer = load_tokenizer(str(adapter), cfg.model)
         model = PeftModel.from_pretrained(base, str(adapter))
     else:  # mode-only: the head trained alone on the frozen base
@@ -252,11 +310,10 @@ def save_merged(cfg: DictConfig, source: str, out: Path, device: str) -> Path:
         merged.save_pretrained(staging)
         tokenizer = load_tokenizer(str(out / ADAPTER_DIR), cfg.model)
         tokenizer.save_pretrained(staging)
-        for name in (HEAD_WEIGHTS, HEAD_INFO):
+        for name in (HEAD_WEIGHTS, HEAD_INFO, INIT_FROM_RECORD):
             if (out / name).is_file():
                 shutil.copyfile(out / name, staging / name)
         (staging / MERGED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     del merged
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    empty_cache(device)
     return target

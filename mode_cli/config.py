@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mode_cli.errors import ModeError
+
+if TYPE_CHECKING:
+    from mode_cli.devices import Machine
 
 
 @dataclass
@@ -105,9 +108,12 @@ class DataSourceConfig:
 class DataConfig:
     """Training data: rows of a file or dataset, rendered by `format`, with the loss on responses.
 
-    train / eval: a local .json or .jsonl file, a hub dataset id, or `bundled:<name>/<file>`. With no
-    eval source, `eval_fraction` of the training rows are held out. `on_bad_row`: `error` stops at
-    the first malformed row (naming its row number); `skip` drops such rows and reports the count.
+    train / eval: a local .jsonl, .json, .parquet or .csv file, a hub dataset id, or
+    `bundled:<name>/<file>`. With no eval source, `eval_fraction` of the training rows are held
+    out. `on_bad_row`: `error` stops at the first malformed row (naming its row number); `skip`
+    drops such rows and reports the count. streaming: read hub datasets as a stream (no download
+    into datasets' cache; needs the network). dedup: `exact` drops rows that say exactly what an
+    earlier row says (their format's fields), before the eval rows are held out.
     format: `alpaca` (instruction, optional input, output; the response trained), `chat`
     (`messages` of role/content turns in the chat template; the assistant turns trained), `text`
     (plain documents, every token trained, long ones split into max_seq_len chunks).
@@ -122,6 +128,12 @@ class DataConfig:
     sequences. The eval split is never packed.
     max_dropped_fraction: the share of a split's examples that may lose every trained token to
     truncation (they are dropped and reported) before that is an error.
+    require_eos: refuse data whose replies do not end with a trained end-of-turn or EOS token
+    (a chat template that renders none, or renders it with the next turn); off, that is a warning.
+    cache: keep the checked and tokenized rows in the cache (`mode cache`), so the next run with
+    the same data, tokenizer, template and max_seq_len starts without tokenizing.
+    num_proc: processes that check and tokenize (null: the available cores, at most 8, for a
+    source of 10,000 rows or more).
     """
 
     train: str | None = None
@@ -139,6 +151,11 @@ class DataConfig:
     max_train_examples: int | None = None
     max_eval_examples: int | None = 200
     seed: int = 0
+    streaming: bool = False
+    dedup: str = "none"
+    require_eos: bool = False
+    cache: bool = True
+    num_proc: int | None = None
 
 
 def data_problems(data: DictConfig) -> list[str]:
@@ -259,6 +276,18 @@ class LossConfig:
 
 
 @dataclass
+class ExtensionConfig:
+    """One extension of a run (`train.extend`), as its config.yaml records it: after step
+    `from_step` the budget went from `from_max_steps` to `max_steps`, with the `schedule` of the
+    added steps (`replan` or `restart`)."""
+
+    from_step: int = MISSING
+    from_max_steps: int = MISSING
+    max_steps: int = MISSING
+    schedule: str = MISSING
+
+
+@dataclass
 class TrainConfig:
     """The optimisation loop: AdamW, warmup then a decay schedule, gradient accumulation.
 
@@ -276,6 +305,11 @@ class TrainConfig:
     max_grad_norm: clip the global gradient norm (0 turns clipping off).
     stop_after_steps / max_minutes: end this invocation cleanly with a checkpoint after that many
     optimizer steps or minutes, keeping the whole run's schedule; `resume=auto` continues it.
+    extend: continue a finished or stopped run (with `resume=`) to a larger `max_steps`, keeping
+    its adapter, head, optimizer state, data position and step count; the added steps' learning
+    rate is `replan` (the schedule as if `max_steps` had been the new value from the start) or
+    `restart` (a new warmup and decay over the added steps). extensions: the run's record of its
+    extensions, written by `mode train` (never by hand): each `ExtensionConfig`.
     on_nonfinite: a NaN or inf loss or gradient norm either `stop`s the run (the last checkpoint
     stays intact) or is `skip`ped (that step's update is dropped and counted).
     micro_batch_size: examples per forward pass and process; `auto` takes the largest the memory
@@ -313,6 +347,8 @@ class TrainConfig:
     stop_after_steps: int | None = None
     max_minutes: float | None = None
     on_nonfinite: str = "stop"
+    extend: str | None = None
+    extensions: list[ExtensionConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -320,7 +356,9 @@ class CheckpointConfig:
     """Resumable training state under `<output_dir>/checkpoints/step-NNNNNN/`.
 
     every_steps: write one every that many optimizer steps (null: only at the end and when a run
-    is stopped or interrupted). keep: how many of the newest checkpoints to keep.
+    is stopped or interrupted). keep: how many of the newest checkpoints to keep; a resumed run
+    also keeps the one it resumed from (checked intact: the last state known good) until the run
+    is resumed again.
     """
 
     every_steps: int | None = 100
@@ -339,7 +377,10 @@ class EvalConfig:
     answers: exact-match accuracy of greedy generations decoded with the ensemble and the final
     head, and with the base before tuning (with `compare_base`): `auto` (when the eval rows have
     `answer_field`; at the end of training only for a base of at most `answers_auto_max_params`
-    parameters), `on` (always; an error when the rows have no answers), `off`. Generation is the
+    parameters; not with `distributed.strategy=fsdp` over several processes, whose sharded model
+    decodes nothing at the end of training: `mode eval` on the run folder scores them), `on`
+    (always; an error when the rows have no answers, refused before training with FSDP over
+    several processes), `off`. Generation is the
     slow part: `answer_examples` rows, `max_new_tokens` each; on the CPU a 4-bit model decodes
     from a dequantized fp32 copy (4 bytes per parameter of extra memory while it runs).
     answer_match: how a generation and a reference are compared: `number` (the number after "The
@@ -396,7 +437,8 @@ class DistributedConfig:
     timeout_s: how long a process waits in a collective for its peers before giving up (a dead
     process ends the job at once under torchrun; this bounds every other stall).
     max_restarts: torchrun restarts the whole job this many times after a failure; each restart
-    continues from the newest checkpoint (`resume=auto`).
+    continues from the newest checkpoint (`resume=auto`, and for a job started with
+    `resume=PATH` too: PATH is where the job started).
     """
 
     nproc: int = 1
@@ -441,6 +483,10 @@ class RecipeConfig:
     # `auto`: continue from the newest complete checkpoint in output_dir (a fresh start when
     # output_dir holds no run yet); or the path of a checkpoint or of a run folder.
     resume: str | None = None
+    # A new run that starts from trained weights: a mode run folder (its final adapter and MoDE
+    # head), one of its checkpoints, or any peft LoRA/DoRA adapter folder. Fresh optimizer and
+    # schedule, any data and loss; the MoDE head is loaded when the selected layers match.
+    init_from: str | None = None
     # `tensorboard` also writes TensorBoard events to <output_dir>/tensorboard/; `wandb` logs to
     # Weights & Biases (`pip install "mode-cli[wandb]"`), as the `wandb` section says.
     logger: str = "none"
@@ -457,7 +503,9 @@ def choices() -> dict[str, tuple[str, ...]]:
     """Every key with a fixed set of values, and the values: each list comes from the module that
     implements the choice (imported here, on first use, so the schema alone stays light)."""
     from mode_cli.data.formats import FORMATS
+    from mode_cli.data.selection import DEDUP_POLICIES
     from mode_cli.data.sources import BAD_ROW_POLICIES
+    from mode_cli.devices import DEVICES
     from mode_cli.eval.answers import ANSWER_MODES, NORMALISERS
     from mode_cli.mode.head import ROUTER_INITS, ROUTER_INPUTS, ROUTERS
     from mode_cli.mode.loss import IMPLEMENTATIONS
@@ -465,7 +513,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     from mode_cli.mode.selection import SELECTIONS
     from mode_cli.mode.terms import TEACHERS
     from mode_cli.mode.weighting import CURRICULA, SCALES
-    from mode_cli.models.loading import DEVICES, PRECISIONS, QUANTIZATIONS
+    from mode_cli.models.loading import PRECISIONS, QUANTIZATIONS
     from mode_cli.models.merging import MERGE_BASES, MERGE_DTYPES
     from mode_cli.train.distributed import STRATEGIES
     from mode_cli.train.optim import OPTIMIZERS, SCHEDULES
@@ -476,6 +524,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "model.quantization": QUANTIZATIONS,
         "data.format": FORMATS,
         "data.on_bad_row": BAD_ROW_POLICIES,
+        "data.dedup": DEDUP_POLICIES,
         "layers.select": SELECTIONS,
         "router.kind": ROUTERS,
         "router.init": ROUTER_INITS,
@@ -506,8 +555,10 @@ def method(cfg: DictConfig):
     return method_of(cfg.loss.name)
 
 
-def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
-    """Check what the schema's types cannot; raise one ModeError listing every problem found."""
+def validate(cfg: DictConfig, *, check_hardware: bool = True, training: bool = True) -> None:
+    """Check what the schema's types cannot; raise one ModeError listing every problem found.
+
+    `training=False` (`mode eval` of a run): what only training does is not checked."""
     problems: list[str] = data_problems(cfg.data)
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
@@ -539,6 +590,7 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
         "loss.temperature",
         "data.max_train_examples",
         "data.max_eval_examples",
+        "data.num_proc",
         "eval.max_examples",
         "train.head_lr",
         "train.threads",
@@ -598,6 +650,8 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True) -> None:
             problems.append(
                 f"loss.teacher=ensemble needs a router, and loss={chosen.name} has none"
             )
+    if training:
+        problems += distributed_problems(cfg) + continuation_problems(cfg)
     targets = cfg.adapter.target_modules
     if not (
         targets == "all-linear"
@@ -645,32 +699,80 @@ def batch_problems(train: DictConfig) -> list[str]:
     return problems
 
 
-def hardware_problems(cfg: DictConfig) -> list[str]:
-    """What this machine cannot run of the recipe: a CUDA device without a GPU, and options that
-    need one (`train.optimizer`'s 8-bit optimizers, unless `train.optimizer_fallback`). bf16 runs
-    on the CPU too (torch's CPU autocast, bitsandbytes' 4-bit layers computing in bf16)."""
-    import torch
-
-    from mode_cli.models.loading import resolve_device
-    from mode_cli.train.optim import optimizer_on
+def continuation_problems(cfg: DictConfig) -> list[str]:
+    """What is wrong with how the run asks to build on another (`train.extend`, `init_from`)
+    before any file is read: an unknown schedule, an extension without a run to extend."""
+    from mode_cli.train.optim import EXTEND_SCHEDULES
 
     problems = []
-    device = resolve_device(cfg.train.device)
-    if device == "cuda" and not torch.cuda.is_available():
+    extend = cfg.train.extend
+    if extend is not None and extend not in EXTEND_SCHEDULES:
+        problems.append(
+            f"train.extend={extend!r}: expected one of {', '.join(EXTEND_SCHEDULES)} (how the "
+            "added steps' learning rate runs: replan continues the schedule as if train.max_steps "
+            "had been the new value from the start, restart warms up and decays again over the "
+            "added steps)"
+        )
+    if extend is not None and cfg.resume is None:
+        problems.append(
+            f"train.extend={extend} extends a run: add resume=auto (with output_dir=<the run "
+            "folder>) or resume=<its checkpoint>"
+        )
+    if cfg.train.extensions and cfg.resume is None:
+        problems.append(
+            "train.extensions is the record of a run's extensions, written by mode train: extend "
+            "a run with resume=auto train.max_steps=N train.extend=replan|restart"
+        )
+    if cfg.init_from is not None and not str(cfg.init_from).strip():
+        problems.append("init_from is empty: name a run folder, checkpoint or adapter folder")
+    return problems
+
+
+def distributed_problems(cfg: DictConfig) -> list[str]:
+    """What training over several processes cannot do of the recipe: answer accuracy with FSDP,
+    whose sharded model decodes nothing at the end of training (`eval.answers=on` means always,
+    so it is refused rather than left out)."""
+    from mode_cli.train.distributed import launched_by_torchrun
+
+    several = cfg.distributed.nproc > 1 or launched_by_torchrun()
+    if several and cfg.distributed.strategy == "fsdp" and cfg.eval.answers == "on":
+        return [
+            "eval.answers=on with distributed.strategy=fsdp: answer accuracy decodes token by "
+            "token, which the sharded model does not do at the end of training. Use "
+            "eval.answers=auto or off, and score the answers after training with `mode eval "
+            "checkpoint=<run folder>` (one process), or train with distributed.strategy=ddp"
+        ]
+    return []
+
+
+def hardware_problems(cfg: DictConfig, machine: Machine | None = None) -> list[str]:
+    """What this machine (`devices.Machine`, the current one by default) cannot run of the
+    recipe: a CUDA device without a GPU, more processes than GPUs, and an optimizer that cannot
+    run where the recipe puts it (`train.optimizer`'s 8-bit optimizers need a GPU, unless
+    `train.optimizer_fallback`, and cannot run on FSDP's shards). bf16 runs on the CPU too
+    (torch's CPU autocast, bitsandbytes' 4-bit layers computing in bf16)."""
+    from mode_cli.devices import Machine, is_cuda
+    from mode_cli.train.distributed import shards
+    from mode_cli.train.optim import optimizer_on
+
+    machine = machine or Machine.current()
+    problems = []
+    device = machine.resolve(cfg.train.device)
+    if is_cuda(device) and not machine.gpus:
         problems.append(
             "train.device=cuda: torch sees no CUDA GPU on this machine (train=cpu-smoke runs "
             "a recipe on the CPU)"
         )
         device = "cpu"
     nproc = cfg.distributed.nproc
-    if device == "cuda" and nproc > 1 and nproc > torch.cuda.device_count():
+    if is_cuda(device) and nproc > 1 and nproc > machine.gpus:
         problems.append(
-            f"distributed.nproc={nproc}: this machine has {torch.cuda.device_count()} GPU(s), "
-            "one per process"
+            f"distributed.nproc={nproc}: this machine has {machine.gpus} GPU(s), one per process"
         )
     if cfg.train.optimizer in choices()["train.optimizer"]:
+        sharded = shards(cfg.distributed.strategy, nproc)
         try:
-            optimizer_on(cfg.train.optimizer, device, cfg.train.optimizer_fallback)
+            optimizer_on(cfg.train.optimizer, device, cfg.train.optimizer_fallback, sharded)
         except ModeError as err:
             problems.append(str(err))
     return problems

@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from mode_cli.errors import ModeError
 
@@ -85,20 +85,30 @@ def staged_folder(target: Path, *, replace: bool = False) -> Iterator[Path]:
 # ---------------------------------------------------------------------------- reading a user's files
 
 
-def read_text(path: Path) -> str:
-    """The text of a file a user pointed at, decoded as UTF-8 (a leading byte-order mark dropped).
-
-    A folder, a missing or unreadable file, or bytes that are not UTF-8 are a ModeError naming the
-    file (and, for the encoding, the line of the first bad byte).
-    """
+def open_file(path: Path) -> BinaryIO:
+    """A file a user pointed at, opened for reading in binary; a folder, a missing or unreadable
+    file is a ModeError naming it."""
     try:
-        data = path.read_bytes()
+        return path.open("rb")
     except IsADirectoryError:
         raise ModeError(f"{path} is a folder, not a file") from None
     except FileNotFoundError:
         raise ModeError(f"File not found: {path}") from None
     except OSError as err:
         raise ModeError(f"{path}: cannot be read ({err.strerror or err})") from None
+
+
+def read_text(path: Path) -> str:
+    """The text of a file a user pointed at, decoded as UTF-8 (a leading byte-order mark dropped).
+
+    A folder, a missing or unreadable file, or bytes that are not UTF-8 are a ModeError naming the
+    file (and, for the encoding, the line of the first bad byte).
+    """
+    with open_file(path) as handle:
+        try:
+            data = handle.read()
+        except OSError as err:
+            raise ModeError(f"{path}: cannot be read ({err.strerror or err})") from None
     try:
         # utf-8-sig: files saved by some editors start with a byte-order mark.
         return data.decode("utf-8-sig")

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchdoc import DOC, write_section  # noqa: E402
 
+from mode_cli.devices import is_cuda  # noqa: E402
 from mode_cli.mode.chunked import (  # noqa: E402
     DEFAULT_CHUNK_BUDGET,
     chunk_size,
@@ -128,7 +129,7 @@ def read_status(key: str) -> int:
 def measure(cfg: Config, args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    head_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    head_dtype = torch.bfloat16 if is_cuda(device) else torch.float32
     lm_head = torch.nn.Linear(args.hidden, cfg.vocab, bias=False, device=device, dtype=head_dtype)
     torch.nn.init.normal_(lm_head.weight, std=args.hidden**-0.5)
     lm_head.requires_grad_(False)
@@ -161,11 +162,11 @@ def measure(cfg: Config, args) -> dict:
         return time.perf_counter() - start
 
     def sync() -> None:
-        if device.type == "cuda":
+        if is_cuda(device):
             torch.cuda.synchronize()
 
     step(min(cfg.tokens, 256))  # warm-up: threads, allocator, kernels
-    if device.type == "cuda":
+    if is_cuda(device):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
@@ -175,7 +176,7 @@ def measure(cfg: Config, args) -> dict:
     times = [step(cfg.tokens)]
     while len(times) < args.repeats and times[0] < args.max_repeat_seconds:
         times.append(step(cfg.tokens))
-    if device.type == "cuda":
+    if is_cuda(device):
         peak = torch.cuda.max_memory_allocated() - baseline
     else:
         peak = read_status("VmHWM") - baseline
@@ -192,7 +193,7 @@ def measure(cfg: Config, args) -> dict:
 
 
 def available_bytes(device: str) -> int:
-    if device == "cuda":
+    if is_cuda(device):
         free, _ = torch.cuda.mem_get_info()
         return free
     for line in Path("/proc/meminfo").read_text().splitlines():
@@ -215,7 +216,7 @@ def run_grid(configs: list[Config], args) -> list[dict]:
                 "skipped": f"estimated {naive_estimate(cfg) / 2**30:.1f} GiB > limit {limit / 2**30:.1f} GiB",
                 "estimated_bytes": naive_estimate(cfg),
             }
-        elif args.device == "cpu":
+        elif not is_cuda(args.device):
             cmd = [sys.executable, __file__, "--worker", json.dumps(asdict(cfg))]
             cmd += ["--hidden", str(args.hidden), "--threads", str(args.threads)]
             cmd += ["--budget", str(args.budget), "--repeats", str(args.repeats)]
@@ -296,7 +297,7 @@ def verdict(value: str | None, bound: str) -> str:
 
 
 def machine(device: str) -> str:
-    if device == "cuda":
+    if is_cuda(device):
         return torch.cuda.get_device_name()
     model = "unknown CPU"
     try:
@@ -315,13 +316,13 @@ def markdown(records: list[dict], args, seconds: float | None) -> str:
         "## The MoDE loss alone, chunked against naive",
         "",
         "Forward + backward of the loss alone (`mode_cli/mode/chunked.py`) on random normalised states",
-        f"(hidden size {args.hidden}, head weight {'bf16' if args.device == 'cuda' else 'fp32'}),",
+        f"(hidden size {args.hidden}, head weight {'bf16' if is_cuda(args.device) else 'fp32'}),",
         "routing weights and labels; `mode` is a_ens = 1, lambda = 0.1, T = 1; `mode-nodistill`",
         "sets lambda = 0; `final-only` is plain cross-entropy on one layer through the same code.",
         "Peak: "
         + (
             "`torch.cuda.max_memory_allocated` above the allocation before the loss."
-            if args.device == "cuda"
+            if is_cuda(args.device)
             else "each configuration runs in its own process; its peak RSS (VmHWM, reset through"
             " `/proc/self/clear_refs`) above its own RSS right before the loss, inputs excluded."
         ),
@@ -388,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.hidden is None:
-        args.hidden = 4096 if args.device == "cuda" else 1024
+        args.hidden = 4096 if is_cuda(args.device) else 1024
     torch.set_num_threads(args.threads)
 
     if args.worker:

@@ -19,8 +19,16 @@ c. A Llama-3-8B-shaped random-init model (speed and memory do not depend on weig
    loss, on the same batch, in the same process.
 d. FSDP2 under torchrun on every GPU of the machine (one GPU still runs the sharded code): a tiny
    recipe in bf16 over NCCL, its tokens/s and peak CUDA memory per GPU (rank 0's), and a
-   checkpoint written from the shards that one process then resumes.
-e. The memory plan (`mode plan`) against the same 8B-shaped model: the plan's peak, less the
+   checkpoint written from the shards that one process then resumes. Then paged 8-bit AdamW with
+   `distributed.strategy=fsdp`: `distributed.nproc=1` (one plain process, nothing sharded) trains;
+   a torchrun job, whose parameters FSDP2 shards, is refused before loading (exit 2, the message
+   naming the alternatives), and the alternative, DDP with paged 8-bit AdamW on every GPU, trains.
+e. The flagship recipe itself, `mode train recipe=llama3-8b-alpaca` with its `train=gpu-24gb`
+   settings (cuda, bf16, paged 8-bit AdamW, gradient checkpointing, 4 x 4 micro-batches), on a
+   random-init model with Llama-3-8B's layer shape (4 of its 32 layers, the bundled tokenizer)
+   and the bundled arithmetic data: 1 step, then resumed to step 2 and merged; each the real CLI.
+   Its start line must say `device cuda:0, paged_adamw_8bit, bf16 autocast`.
+f. The memory plan (`mode plan`) against the same 8B-shaped model: the plan's peak, less the
    CUDA context, against `torch.cuda.max_memory_reserved`, and less the allocator slack too,
    against `max_memory_allocated`, for `loss=mode` at two sequence lengths and two
    micro-batches (goal: within 10%; reported, not failed: the CUDA constants are being
@@ -46,8 +54,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent
@@ -106,7 +114,7 @@ SHAPES = {
 SHAPE_TITLES = {"llama3-8b": "Llama-3-8B's", "tiny": "a tiny (rehearsal)"}
 VARIANTS = ("plain", "final-only", "mode")  # plain: transformers + peft, the model's own loss
 RECIPE_VARIANTS = ("final-only", "mode")  # the recipe's own steps, held to the limit
-# Part e: (sequence length, micro-batch) of each comparison of the plan with a measured step.
+# Part f: (sequence length, micro-batch) of each comparison of the plan with a measured step.
 PLAN_GRID = ((1024, 2), (1024, 4), (2048, 2), (2048, 4))
 PLAN_GOAL = 0.10
 PYTEST_TIMEOUT_S = 240
@@ -131,7 +139,8 @@ def plan(args) -> str:
     """What a run does, and how to run it on a lent GPU machine."""
     shape = SHAPES[args.shape]
     return f"""\
-scripts/gpu_check.py: the GPU acceptance of mode in one call (about 5 minutes on one large GPU).
+scripts/gpu_check.py: the GPU acceptance of mode in one call (estimated at about 10 minutes on
+one large GPU, part c about 3 of them; no GPU has run it yet, so nothing here is timed).
 
 a. pytest -m gpu (tests/test_gpu.py): CUDA 4-bit kernels, bf16, paged 8-bit AdamW state through
    checkpoint and resume, CUDA RNG restore, a real CUDA out-of-memory message.
@@ -146,7 +155,12 @@ c. {args.shape}-shaped random-init model ({shape["num_hidden_layers"]} layers, h
    or mode's peak exceeds {PEAK_RATIO}x final-only's.
 d. FSDP2 under torchrun on every GPU (one still runs the sharded code), then one process resuming:
 {chr(10).join("   " + shlex.join(c) for c in fsdp_commands(Path("RUN"), 1))}
-e. the memory plan against the measured peaks of the same model, loss=mode, at (sequence length,
+   then paged 8-bit AdamW with FSDP: one process (trains), torchrun (refused, exit 2), and DDP
+   on every GPU instead (trains):
+{chr(10).join(f"   {shlex.join(c.command)}  # exit {c.exit}" for c in optimizer_checks(Path("RUN"), 1))}
+e. the flagship recipe (train=gpu-24gb) on a random-init model of Llama-3-8B's layer shape:
+{chr(10).join("   python -m mode_cli " + shlex.join(c) for c in flagship_commands(Path("RUN")))}
+f. the memory plan against the measured peaks of the same model, loss=mode, at (sequence length,
    micro-batch) {", ".join(f"({length}, {batch})" for length, batch in PLAN_GRID)}
    (goal: within {PLAN_GOAL:.0%} of torch.cuda.max_memory_allocated and max_memory_reserved).
 Writes: {args.json} and its section of {args.doc}; with --out DIR, copies of both into DIR.
@@ -155,9 +169,13 @@ On a lent GPU machine (bitsandbytes, hydra-core, omegaconf, antlr4 and datasets 
 its transformers and peft are older than the tested ones, which travel too):
 1. here, in the repository root, fetch the wheels (about 60 MB; the repository adds about 4):
 {download_command()}
-2. one device call, carrying them (the command installs them into {SITE} first):
-   run(command='python3 scripts/gpu_check.py --wheels .whl --out "$OUT"', carry=[".whl"],
-       timeout_s=600)
+2. two device calls (a command may run 10 minutes), carrying them (each installs them into
+   {SITE} first): parts a, b, d and e, then part c added to the first call's record:
+   run(command='python3 scripts/gpu_check.py --wheels .whl --skip shape --out "$OUT"',
+       carry=[".whl"], timeout_s=600)
+   copy $OUT's gpu_check.json into the repository root as gpu_check.part.json (it travels), then
+   run(command='python3 scripts/gpu_check.py --wheels .whl --skip pytest --skip e2e --skip fsdp
+       --skip flagship --add-to gpu_check.part.json --out "$OUT"', carry=[".whl"], timeout_s=600)
 3. copy $OUT's gpu_check.json to docs/ and its benchmarks.md section into docs/benchmarks.md
    (or: python scripts/gpu_check.py --from-json FILE), and commit the figures.
 """
@@ -202,6 +220,13 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
+def cuda(device: str) -> bool:
+    """Whether `device` is a GPU, as mode decides it (mode_cli/devices.py; imports torch)."""
+    from mode_cli.devices import is_cuda
+
+    return is_cuda(device)
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -221,9 +246,12 @@ def versions() -> dict[str, str]:
     return found
 
 
-def run_process(cmd: list[str], timeout: float, env: dict, cwd: Path = ROOT) -> dict:
-    """A command in its own session (its whole group killed on timeout): exit code, seconds and
-    the tail of its output."""
+def run_process(
+    cmd: list[str], timeout: float, env: dict, cwd: Path = ROOT, look_for: str = ""
+) -> dict:
+    """A command in its own session (its whole group killed on timeout): exit code, seconds, the
+    tail of its output, and whether the whole output holds `look_for` (`found`; whitespace and
+    line breaks count as one space)."""
     start = time.perf_counter()
     process = subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -241,6 +269,7 @@ def run_process(cmd: list[str], timeout: float, env: dict, cwd: Path = ROOT) -> 
         "exit": code,
         "seconds": round(time.perf_counter() - start, 1),
         "tail": output[-2000:],
+        "found": " ".join(look_for.split()) in " ".join(output.split()),
     }
 
 
@@ -267,14 +296,20 @@ def run_pytest(cache: Path) -> dict:
 # ---------------------------------------------------------------------------- b. end to end
 
 
+# A tiny recipe at the 24 GB recipe's device settings.
+TINY_ON_CUDA = [
+    "recipe=tiny-llama-alpaca",
+    "train.device=cuda",
+    "train.precision=bf16",
+    "train.optimizer=paged_adamw_8bit",
+]
+
+
 def e2e_commands(run: Path) -> list[list[str]]:
     """`mode` invocations of a tiny recipe on CUDA: train, resume, eval and generate."""
     train = [
         "train",
-        "recipe=tiny-llama-alpaca",
-        "train.device=cuda",
-        "train.precision=bf16",
-        "train.optimizer=paged_adamw_8bit",
+        *TINY_ON_CUDA,
         "train.max_steps=4",
         "checkpoint.every_steps=1",
         "eval.max_examples=4",
@@ -329,6 +364,57 @@ def fsdp_commands(run: Path, gpus: int) -> list[list[str]]:
     ]
 
 
+class Check(NamedTuple):
+    """A command and how it must end: its exit code, and text its output must hold."""
+
+    command: list[str]
+    exit: int
+    says: str = ""
+
+
+# What `mode train` says when it refuses an 8-bit optimizer on FSDP's shards (mode_cli/train/optim.py).
+FSDP_8BIT_REFUSAL = "cannot update the parameters distributed.strategy=fsdp shards"
+
+
+def optimizer_checks(run: Path, gpus: int) -> list[Check]:
+    """Paged 8-bit AdamW with FSDP: one process trains (nothing to shard), a torchrun job is
+    refused before it loads anything, and DDP on every GPU, the alternative it names, trains."""
+    train = ["train", *TINY_ON_CUDA, "train.max_steps=2", "eval.max_examples=4", "merge=false"]
+    fsdp = [*train, "distributed.strategy=fsdp"]
+    mode = [sys.executable, "-m", "mode_cli"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [
+        Check([*mode, *fsdp, "distributed.nproc=1", f"output_dir={run / 'one'}"], 0),
+        Check(
+            [*torchrun, "--nproc_per_node=1", "-m", "mode_cli", *fsdp, f"output_dir={run / 'no'}"],
+            2,
+            FSDP_8BIT_REFUSAL,
+        ),
+        Check(
+            [
+                *torchrun,
+                f"--nproc_per_node={gpus}",
+                "-m",
+                "mode_cli",
+                *train,
+                "distributed.strategy=ddp",
+                f"output_dir={run / 'ddp'}",
+            ],
+            0,
+        ),
+    ]
+
+
+def run_checks(checks: list[Check], env: dict) -> list[dict]:
+    """Each check's command, with whether it ended as it must (`as_expected`)."""
+    results = []
+    for check in checks:
+        result = run_process(check.command, E2E_TIMEOUT_S, env, look_for=check.says)
+        result["as_expected"] = result["exit"] == check.exit and result["found"]
+        results.append(result)
+    return results
+
+
 def run_fsdp(work: Path, cache: Path) -> dict:
     import torch
 
@@ -340,20 +426,77 @@ def run_fsdp(work: Path, cache: Path) -> dict:
         steps.append(run_process(cmd, E2E_TIMEOUT_S, env))
         if steps[-1]["exit"] != 0:
             break
-    metrics = run / "metrics.jsonl"
-    logged = (
-        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    )
-    sharded = [r for r in logged if "loss" in r and r["step"] <= 4]
+    logged = logged_steps(run)
+    sharded = [r for r in logged if r["step"] <= 4]
     ok = all(s["exit"] == 0 for s in steps) and len(steps) == 2
-    ok = ok and sorted(r["step"] for r in logged if "loss" in r) == list(range(1, 9))
+    ok = ok and sorted(r["step"] for r in logged) == list(range(1, 9))
+    optimizer = run_checks(optimizer_checks(work / "fsdp-8bit", gpus), env)
     return {
-        "ok": ok,
+        "ok": ok and all(c["as_expected"] for c in optimizer),
         "gpus": gpus,
         "steps": steps,
+        "optimizer_checks": optimizer,
         "tokens_per_s": sharded[-1]["tokens_per_s"] if sharded else None,
         "peak_memory_gb": sharded[-1].get("peak_memory_gb") if sharded else None,
     }
+
+
+# Llama-3-8B's decoder layer (hidden 4096, MLP 14,336, 32 query and 8 KV heads), 4 of its 32
+# layers, the bundled tokenizer's vocabulary: the recipe's own path at the real layer width.
+FLAGSHIP_MODEL = [
+    "model=tiny-llama",
+    "model.tiny.hidden_size=4096",
+    "model.tiny.intermediate_size=14336",
+    "model.tiny.num_layers=4",
+    "model.tiny.num_heads=32",
+    "model.tiny.num_kv_heads=8",
+]
+FLAGSHIP_START = "device cuda:0, paged_adamw_8bit, bf16 autocast"
+
+
+def flagship_commands(run: Path) -> list[list[str]]:
+    """`mode train recipe=llama3-8b-alpaca` as shipped but for the model and the data: one step,
+    then resumed to the second and merged."""
+    train = [
+        "train",
+        "recipe=llama3-8b-alpaca",
+        *FLAGSHIP_MODEL,
+        "data=arithmetic-sample",
+        "train.max_steps=2",
+        "checkpoint.every_steps=1",
+        "eval.max_examples=4",
+        "eval.compare_base=false",
+        f"output_dir={run}",
+    ]
+    return [[*train, "train.stop_after_steps=1"], [*train, "resume=auto"]]
+
+
+def run_flagship(work: Path, cache: Path) -> dict:
+    env = child_env({"MODE_CACHE": str(cache)})
+    run = work / "flagship"
+    steps = []
+    for args in flagship_commands(run):
+        command = [sys.executable, "-m", "mode_cli", *args]
+        steps.append(run_process(command, E2E_TIMEOUT_S, env, look_for=FLAGSHIP_START))
+        if steps[-1]["exit"] != 0:
+            break
+    logged = logged_steps(run)
+    ok = len(steps) == 2 and all(s["exit"] == 0 and s["found"] for s in steps)
+    ok = ok and len(logged) == 2 and (run / "merged").is_dir()
+    return {
+        "ok": ok,
+        "steps": steps,
+        "losses": [r["loss"] for r in logged],
+        "peak_memory_gb": max((r.get("peak_memory_gb") or 0 for r in logged), default=None),
+    }
+
+
+def logged_steps(run: Path) -> list[dict]:
+    """The step records (those with a loss) of a run's metrics.jsonl; none without the file."""
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    return [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
 
 
 def run_e2e(work: Path, cache: Path) -> dict:
@@ -364,11 +507,7 @@ def run_e2e(work: Path, cache: Path) -> dict:
         steps.append(result)
         if result["exit"] != 0:
             break
-    metrics = work / "run" / "metrics.jsonl"
-    logged = (
-        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    )
-    losses = [r["loss"] for r in logged if "loss" in r]
+    losses = [r["loss"] for r in logged_steps(work / "run")]
     ok = len(steps) == len(e2e_commands(work / "run")) and all(s["exit"] == 0 for s in steps)
     ok = ok and len(losses) == 4 and (work / "run" / "merged").is_dir()
     return {"ok": ok, "steps": steps, "losses": losses}
@@ -413,7 +552,7 @@ def free_memory(device: str) -> None:
     import torch
 
     gc.collect()
-    if device == "cuda":
+    if cuda(device):
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
@@ -430,25 +569,26 @@ def measure_variant(variant: str, model, batch: dict, device: str, steps: int, o
     import torch
 
     from mode_cli.mode.weighting import loss_weights
+    from mode_cli.train.distributed import World
     from mode_cli.train.optim import make_optimizer
+    from mode_cli.train.plan import plan_run
     from mode_cli.train.recipe import build_head
     from mode_cli.train.steps import TrainingModule, accumulate_gradients
 
     cfg = recipe_config(variant, device, overrides)
-    bf16 = cfg.train.precision == "bf16"
-
-    def autocast():
-        return torch.autocast(device, dtype=torch.bfloat16) if bf16 else nullcontext()
+    # The device choices `mode train` makes for one process: its device, optimizer and autocast.
+    plan = plan_run(cfg, World())
+    autocast = plan.autocast
 
     free_memory(device)
-    if device == "cuda":
+    if cuda(device):
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS
         before = read_vmhwm()
     head = None if variant == "plain" else build_head(cfg, model, device)
-    optimizer = make_optimizer(cfg, model, head, device)
+    optimizer = make_optimizer(cfg, model, head, plan.device)
     weights = None
     if variant != "plain":
         weights = loss_weights(cfg.loss, head.layers if head else [], 1, cfg.train.max_steps)
@@ -457,7 +597,7 @@ def measure_variant(variant: str, model, batch: dict, device: str, steps: int, o
     times, losses = [], []
     model.train()
     for step in range(steps + 1):
-        if device == "cuda":
+        if cuda(device):
             torch.cuda.synchronize()
         start = time.perf_counter()
         if variant == "plain":
@@ -471,7 +611,7 @@ def measure_variant(variant: str, model, batch: dict, device: str, steps: int, o
         torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
+        if cuda(device):
             torch.cuda.synchronize()
         if step > 0:  # step 0 warms up kernels and allocates the optimizer state
             times.append(time.perf_counter() - start)
@@ -484,7 +624,7 @@ def measure_variant(variant: str, model, batch: dict, device: str, steps: int, o
         "tokens_per_s": tokens * len(times) / sum(times),
         "losses": losses,
     }
-    if device == "cuda":
+    if cuda(device):
         record["model_bytes"] = before
         record["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
         record["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
@@ -512,7 +652,7 @@ def measure_shape(
     from mode_cli.data.batching import target_count
 
     overrides = list(overrides or [])
-    if device != "cuda":
+    if not cuda(device):
         overrides.append("train.optimizer_fallback=true")  # 8-bit AdamW runs on CUDA only
     cfg = recipe_config("mode", device, overrides)
     seq_len = seq_len or cfg.data.max_seq_len
@@ -538,7 +678,7 @@ def measure_shape(
         "settings": {
             "precision": cfg.train.precision,
             "optimizer": cfg.train.optimizer
-            + ("" if device == "cuda" else " (run as torch AdamW on the CPU)"),
+            + ("" if cuda(device) else " (run as torch AdamW on the CPU)"),
             "gradient_checkpointing": cfg.train.gradient_checkpointing,
             "adapter": {"r": cfg.adapter.r, "target_modules": str(cfg.adapter.target_modules)},
             "layers": cfg.layers.k,
@@ -561,7 +701,7 @@ def measure_shape(
     }
 
 
-# ---------------------------------------------------------------------------- e. the plan
+# ---------------------------------------------------------------------------- f. the plan
 
 
 def measure_plan(
@@ -571,7 +711,7 @@ def measure_plan(
     overrides: list[str] | None = None,
     work: Path | None = None,
 ) -> dict:
-    """Part e: the memory plan of `loss=mode` at each (sequence length, micro-batch) of `grid`
+    """Part f: the memory plan of `loss=mode` at each (sequence length, micro-batch) of `grid`
     against a measured optimizer step of the same model (after one that allocates the
     optimizer's states). On CUDA: the plan's peak less the CUDA context against the allocator's
     peak reserved memory, and less the slack too against its peak allocated memory; a paged
@@ -584,7 +724,7 @@ def measure_plan(
     from mode_cli.train.memory import CALIBRATION, plan_memory
 
     overrides = list(overrides or [])
-    if torch.device(device).type != "cuda":
+    if not cuda(device):
         overrides.append("train.optimizer_fallback=true")
     cfg = recipe_config("mode", device, overrides)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
@@ -639,7 +779,7 @@ def measure_plan(
 
 
 def plan_markdown(part: dict) -> list[str]:
-    """Part e's table."""
+    """Part f's table."""
     lines = [
         "",
         f"The memory plan (`mode plan`, `loss=mode`) against the measured step, {part['shape']} "
@@ -667,6 +807,15 @@ def plan_markdown(part: dict) -> list[str]:
 
 def ratio_holds(shape: dict) -> bool:
     return shape["ratios"]["peak_mode_over_final_only"] <= PEAK_RATIO
+
+
+# The parts a record lists besides the 8B shape's table (part c).
+PARTS = {
+    "pytest": "a. pytest -m gpu",
+    "e2e": "b. tiny recipe end to end",
+    "fsdp": "d. FSDP2 under torchrun, then resumed by one process",
+    "flagship": "e. llama3-8b-alpaca (train=gpu-24gb) at Llama-3-8B's layer shape",
+}
 
 
 def markdown(record: dict) -> str:
@@ -713,11 +862,7 @@ def markdown(record: dict) -> str:
         ]
     if "plan" in record:
         lines += plan_markdown(record["plan"])
-    for part, title in (
-        ("pytest", "pytest -m gpu"),
-        ("e2e", "tiny recipe end to end"),
-        ("fsdp", "FSDP2 under torchrun, then resumed by one process"),
-    ):
+    for part, title in PARTS.items():
         if part in record:
             done = record[part]
             detail = done.get("counts") or f"{len(done.get('steps', []))} commands"
@@ -726,7 +871,23 @@ def markdown(record: dict) -> str:
                     f"; {done['gpus']} GPU(s), {done['tokens_per_s']:,.0f} tokens/s, peak "
                     f"{done['peak_memory_gb']:.2f} GB per GPU"
                 )
+            if part == "fsdp" and "optimizer_checks" in done:
+                expected = sum(c["as_expected"] for c in done["optimizer_checks"])
+                detail += (
+                    f"; paged 8-bit AdamW with FSDP: {expected} of "
+                    f"{len(done['optimizer_checks'])} commands ended as they must (one process "
+                    "trains, torchrun refused with exit 2, DDP trains)"
+                )
+            if part == "flagship" and done.get("peak_memory_gb") is not None:
+                detail += f"; peak {done['peak_memory_gb']:.2f} GB, losses {done['losses']}"
             lines.append(f"- {title}: {'passed' if done['ok'] else '**failed**'} ({detail})")
+    missing = [title for part, title in PARTS.items() if part not in record]
+    if "shape" not in record:
+        missing.append("c. the 8B-shaped memory and speed")
+    if "plan" not in record:
+        missing.append("f. the memory plan against the measured peaks")
+    if missing:
+        lines.append(f"- not run in this record: {'; '.join(missing)}")
     lines.append(f"\nOverall: {'passed' if record['passed'] else '**failed**'}.")
     return "\n".join(lines)
 
@@ -745,12 +906,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, help="default: the recipe's data.max_seq_len")
     parser.add_argument("--micro-batch", type=int, help="default: train.micro_batch_size")
     parser.add_argument(
-        "--skip", action="append", default=[], choices=["pytest", "e2e", "shape", "fsdp", "plan"]
+        "--skip",
+        action="append",
+        default=[],
+        choices=[*PARTS, "shape", "plan"],
+        help="a part not to run",
+    )
+    parser.add_argument(
+        "--add-to",
+        type=Path,
+        help="the record of an earlier call: its parts are kept and this call's added (the check "
+        "split over calls, e.g. on a machine lent for 10 minutes a command)",
     )
     args = parser.parse_args(argv)
+    on_gpu = cuda(args.device)
 
     # A CPU rehearsal's figures are not the GPU's: they go to a temporary folder unless named.
-    rehearsal = Path(tempfile.mkdtemp(prefix="gpu-check-cpu-")) if args.device != "cuda" else None
+    rehearsal = Path(tempfile.mkdtemp(prefix="gpu-check-cpu-")) if not on_gpu else None
     args.json = args.json or (rehearsal or ROOT / "docs") / "gpu_check.json"
     args.doc = args.doc or (rehearsal / "benchmarks.md" if rehearsal else DOC)
     if args.plan:
@@ -763,15 +935,16 @@ def main(argv: list[str] | None = None) -> int:
         install_wheels(args.wheels)  # runs this script again, without --wheels
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if on_gpu and not torch.cuda.is_available():
         print(
             "gpu_check: torch sees no CUDA GPU. `--plan` says what it would run; "
             "`--device cpu --shape tiny --skip pytest --skip e2e` rehearses part c on the CPU.",
             file=sys.stderr,
         )
         return 2
-    record: dict = {
-        "machine": torch.cuda.get_device_name() if args.device == "cuda" else cpu_model(),
+    record: dict = json.loads(args.add_to.read_text()) if args.add_to else {}
+    record |= {
+        "machine": torch.cuda.get_device_name() if on_gpu else cpu_model(),
         "versions": versions(),
         "date": time.strftime("%Y-%m-%d"),
         "python": platform.python_version(),
@@ -785,7 +958,10 @@ def main(argv: list[str] | None = None) -> int:
         if "e2e" not in args.skip:
             record["e2e"] = run_e2e(work, cache)
             print(f"b. end to end: ok={record['e2e']['ok']}", file=sys.stderr)
-        if "fsdp" not in args.skip and args.device == "cuda":
+        if "flagship" not in args.skip and on_gpu:
+            record["flagship"] = run_flagship(work, cache)
+            print(f"e. flagship recipe: ok={record['flagship']['ok']}", file=sys.stderr)
+        if "fsdp" not in args.skip and on_gpu:
             record["fsdp"] = run_fsdp(work, cache)
             print(f"d. fsdp: ok={record['fsdp']['ok']}", file=sys.stderr)
         if "shape" not in args.skip:
@@ -803,13 +979,13 @@ def main(argv: list[str] | None = None) -> int:
             record["plan"] = measure_plan(args.shape, args.device, work=work)
             for row in record["plan"]["rows"]:
                 print(
-                    f"e. plan {row['seq_len']} x {row['micro_batch']}: allocated "
+                    f"f. plan {row['seq_len']} x {row['micro_batch']}: allocated "
                     f"{row['allocated_error']:+.1%}, reserved {row['reserved_error']:+.1%}",
                     file=sys.stderr,
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    parts = [record[p]["ok"] for p in ("pytest", "e2e", "fsdp") if p in record]
+    parts = [record[p]["ok"] for p in PARTS if p in record]
     if "shape" in record:
         parts += [record["shape"]["within_limit"], ratio_holds(record["shape"])]
     record["passed"] = all(parts)

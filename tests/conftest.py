@@ -34,6 +34,8 @@ def model_cache(tmp_path_factory):
     unless MODE_CACHE already points at a warm cache)."""
     if "MODE_CACHE" not in os.environ:
         os.environ["MODE_CACHE"] = str(tmp_path_factory.mktemp("mode-cache"))
+    # Tokenized data stay with the session: a shared model cache must not fill up with them.
+    os.environ["MODE_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
     return os.environ["MODE_CACHE"]
 
 

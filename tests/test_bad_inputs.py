@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,13 @@ DATA = (*TRAIN, "data.train={tmp}/d.jsonl")
 MINE = ("train", "recipe={tmp}/my.yaml")
 MY_DIR = ("train", "--recipes-dir", "{tmp}/r", "recipe=mine")
 RESUME = ("train", *RUN, "output_dir={copy}")
+# The shared run continued to another step budget (train.max_steps given by the row).
+EXTEND = (
+    "train",
+    *(word for word in RUN if not word.startswith("train.max_steps=")),
+    "output_dir={copy}",
+    "resume=auto",
+)
 LAST = "checkpoints/step-000002"
 FIRST = "checkpoints/step-000001"
 RESUME_LAST = f"resume={{copy}}/{LAST}"
@@ -130,6 +138,36 @@ def overwrite(name: str, content: str | bytes) -> Callable[[Path], None]:
     return write
 
 
+def edit_json(name: str, change: Callable[[dict], object]) -> Callable[[Path], None]:
+    """The JSON file with `change` applied to its object (a field removed, of another type)."""
+
+    def edit(run: Path) -> None:
+        data = json.loads((run / name).read_text())
+        change(data)
+        (run / name).write_text(json.dumps(data))
+
+    return edit
+
+
+def remove_tree(name: str) -> Callable[[Path], None]:
+    return lambda run: shutil.rmtree(run / name)
+
+
+def unreadable(name: str) -> Callable[[Path], None]:
+    """A checkpoint file whose reads fail as on a failing disk (EIO): a link to /proc/self/mem,
+    whose size (0 bytes) the manifest is made to record, so that only reading it tells."""
+
+    def make(run: Path) -> None:
+        path = run / name
+        path.unlink()
+        path.symlink_to("/proc/self/mem")
+        edit_json(
+            f"{Path(name).parent}/manifest.json", lambda m: m["files"][path.name].update(bytes=0)
+        )(run)
+
+    return make
+
+
 def flip_byte(name: str) -> Callable[[Path], None]:
     """One byte in the middle of the file changed: the size and the header stay valid."""
 
@@ -139,6 +177,15 @@ def flip_byte(name: str) -> Callable[[Path], None]:
         (run / name).write_bytes(bytes(data))
 
     return flip
+
+
+def torch_file(name: str, content: object) -> Callable[[Path], None]:
+    """A valid torch file holding something other than what the checkpoint keeps there."""
+
+    def write(run: Path) -> None:
+        torch.save(content, run / name)
+
+    return write
 
 
 def other_tensors(name: str) -> Callable[[Path], None]:
@@ -231,9 +278,36 @@ ROWS = [
     row("resume=PATH truncated rng.pt, no manifest", (*RESUME, RESUME_LAST), f"{LAST}/rng.pt", damaged(truncate(f"{LAST}/rng.pt", 50), remove(f"{LAST}/manifest.json"))),
     row("resume=PATH other tensors, no manifest", (*RESUME, RESUME_LAST), f"{LAST}/mode_head.safetensors", damaged(other_tensors(f"{LAST}/mode_head.safetensors"), remove(f"{LAST}/manifest.json"))),
     row("resume=PATH manifest not JSON", (*RESUME, RESUME_LAST), f"{LAST}/manifest.json: not valid JSON", damaged(overwrite(f"{LAST}/manifest.json", "{"))),
+    row("resume=PATH manifest record not an object", (*RESUME, RESUME_LAST), f"{LAST}/manifest.json is damaged: its record of rng.pt", damaged(edit_json(f"{LAST}/manifest.json", lambda m: m["files"].update({"rng.pt": 5})))),
+    row("resume=PATH manifest record without size", (*RESUME, RESUME_LAST), f"{LAST}/manifest.json is damaged: its record of rng.pt", damaged(edit_json(f"{LAST}/manifest.json", lambda m: m["files"]["rng.pt"].pop("bytes")))),
+    row("resume=PATH unreadable file", (*RESUME, RESUME_LAST), f"{LAST}/optimizer.pt: cannot be read (Input/output error)", damaged(unreadable(f"{LAST}/optimizer.pt"))),
+    row("resume=PATH trainer_state.json counter as text", (*RESUME, RESUME_LAST), f"{LAST}/trainer_state.json is damaged: epoch", damaged(edit_json(f"{LAST}/trainer_state.json", lambda s: s.update(epoch="0")), remove(f"{LAST}/manifest.json"))),
+    row("resume=PATH trainer_state.json without data", (*RESUME, RESUME_LAST), f"{LAST}/trainer_state.json is damaged: data", damaged(edit_json(f"{LAST}/trainer_state.json", lambda s: s.pop("data")), remove(f"{LAST}/manifest.json"))),
+    row("resume=PATH rng.pt of something else, no manifest", (*RESUME, RESUME_LAST), f"{LAST}/rng.pt does not hold", damaged(torch_file(f"{LAST}/rng.pt", {"python": 1}), remove(f"{LAST}/manifest.json"))),
     row("resume=PATH a file", (*RESUME, "resume={tmp}/f"), "{tmp}/f", file("f", "x"), damaged()),
     row("resume=PATH a foreign folder", (*RESUME, "resume={tmp}/e"), "neither a complete checkpoint", folder("e"), damaged()),
     row("resume with a damaged metrics.jsonl", (*RESUME, "resume=auto"), "{copy}/metrics.jsonl, line 1", damaged(overwrite("metrics.jsonl", "{oops\n"))),
+    row("resume with a metrics step that is text", (*RESUME, "resume=auto"), "{copy}/metrics.jsonl, line 1: not a metrics record", damaged(overwrite("metrics.jsonl", '{"step": "2"}\n'))),
+    # extending a run
+    row("extend to fewer steps", (*EXTEND, "train.max_steps=1", "train.extend=replan"), "train.max_steps: 2 -> 1: an extension only adds steps", damaged()),
+    row("more steps without train.extend", (*EXTEND, "train.max_steps=4"), ("train.max_steps: 2 -> 4", "add train.extend=replan", "train.extend=restart"), damaged()),
+    row("extend to the same budget", (*EXTEND, "train.max_steps=2", "train.extend=replan"), "the run's budget is 2 steps already", damaged()),
+    row("extend without a checkpoint", (*EXTEND, "train.max_steps=4", "train.extend=restart"), ("holds a run but no complete checkpoint", "init_from={copy}"), damaged(remove_tree("checkpoints"))),
+    row("extend a folder without a run", (*TRAIN, "resume=auto", "train.max_steps=4", "train.extend=replan"), "{tmp}/out holds no run to extend"),
+    row("extend without resume", (*TRAIN, "train.extend=replan"), "train.extend=replan extends a run: add resume=auto"),
+    row("extend with an unknown schedule", (*TRAIN, "resume=auto", "train.extend=true"), "expected one of replan, restart"),
+    # starting from an adapter
+    row("init_from missing", (*TRAIN, "init_from={tmp}/nope"), "init_from={tmp}/nope: not found"),
+    row("init_from a file", (*TRAIN, "init_from={tmp}/f"), "init_from={tmp}/f is a file", file("f", "x")),
+    row("init_from a folder that is no adapter", (*TRAIN, "init_from={tmp}/e"), "init_from={tmp}/e is not a mode run folder", file("e/notes.txt", "hi")),
+    row("init_from a model folder", (*TRAIN, "init_from={tmp}/m"), "is a model folder, not an adapter", file("m/config.json", "{}")),
+    row("init_from an adapter without weights", (*TRAIN, "init_from={tmp}/a"), "the adapter folder holds no weights", file("a/adapter_config.json", "{}")),
+    row("init_from a truncated adapter", (*TRAIN, "init_from={copy}"), "{copy}/adapter/adapter_model.safetensors is damaged", damaged(truncate("adapter/adapter_model.safetensors", 100))),
+    row("init_from adapter_config.json not JSON", (*TRAIN, "init_from={copy}/adapter"), "{copy}/adapter/adapter_config.json: not valid JSON", damaged(overwrite("adapter/adapter_config.json", "{"))),
+    row("init_from a truncated checkpoint", (*TRAIN, f"init_from={{copy}}/{LAST}"), f"{LAST}/adapter.safetensors", damaged(truncate(f"{LAST}/adapter.safetensors", 100))),
+    row("init_from a run without final adapter", (*TRAIN, "init_from={copy}"), ("has no final adapter", f"init_from={{copy}}/{LAST}"), damaged(remove_tree("adapter"))),
+    row("init_from another adapter type", (*TRAIN, "init_from={copy}/adapter"), "the source is a IA3 adapter", damaged(edit_json("adapter/adapter_config.json", lambda c: c.update(peft_type="IA3")))),
+    row("init_from another base and rank", (*TRAIN, "init_from={run}", "model=tiny-qwen2", "adapter.r=4"), ("base model: the source was trained on tiny:llama", "adapter.r: 8 in the source, 4")),
     row("resume an old release's truncated checkpoint", (*RESUME_OLD, "resume={old}/checkpoints/step-000004"), "step-000004/adapter.safetensors", old_run(truncate("checkpoints/step-000004/adapter.safetensors", 99))),
     # run folders
     row("eval: truncated MoDE head", ("eval", "checkpoint={copy}"), "{copy}/mode_head.safetensors", damaged(truncate("mode_head.safetensors", 7))),
@@ -243,6 +317,8 @@ ROWS = [
     row("eval: MoDE head of another model", ("eval", "checkpoint={copy}"), "{copy}/mode_head.safetensors does not hold", damaged(other_tensors("mode_head.safetensors"))),
     row("eval: mode_head.json not JSON", ("eval", "checkpoint={copy}"), "{copy}/mode_head.json: not valid JSON", damaged(overwrite("mode_head.json", "{"))),
     row("eval: mode_head.json of something else", ("eval", "checkpoint={copy}"), "{copy}/mode_head.json does not describe a MoDE head", damaged(overwrite("mode_head.json", "{}"))),
+    row("eval: mode_head.json layers not a list", ("eval", "checkpoint={copy}"), "{copy}/mode_head.json is damaged: layers is 5", damaged(edit_json("mode_head.json", lambda h: h.update(layers=5)))),
+    row("eval: mode_head.json hidden_size as text", ("eval", "checkpoint={copy}"), "{copy}/mode_head.json is damaged: hidden_size is '8'", damaged(edit_json("mode_head.json", lambda h: h.update(hidden_size="8")))),
     row("eval: mode_head.json missing", ("eval", "checkpoint={copy}"), "has no mode_head.json", damaged(remove("mode_head.json"))),
     row("eval: adapter_config.json not JSON", ("eval", "checkpoint={copy}"), "{copy}/adapter/adapter_config.json", damaged(overwrite("adapter/adapter_config.json", "{"))),
     row("eval: adapter missing", ("eval", "checkpoint={copy}"), "no trained adapter", damaged(remove("adapter/adapter_config.json"))),
@@ -276,7 +352,9 @@ def snapshot(*folders: Path) -> dict[str, str]:
     for top in folders:
         for path in sorted(top.rglob("*")):
             key = str(path)
-            if path.is_dir():
+            if path.is_symlink():
+                seen[key] = f"link to {os.readlink(path)}"
+            elif path.is_dir():
                 seen[key] = "folder"
             else:
                 seen[key] = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -336,7 +336,7 @@ def _no_hub(*args, **kwargs):
 def test_gpu_recipe_is_refused_on_a_cpu_before_any_hub_access(mode, monkeypatch, no_cuda):
     import mode_cli.train.recipe  # noqa: F401  (imported up front: only the refusal is timed)
 
-    monkeypatch.setattr("mode_cli.data.sources.read_hub", _no_hub)
+    monkeypatch.setattr("mode_cli.data.sources.Reader.dataset", _no_hub)
     monkeypatch.setattr("mode_cli.train.recipe.resolve_source", _no_hub)
     monkeypatch.setattr("mode_cli.train.recipe.load_tokenizer", _no_hub)
     start = time.perf_counter()
@@ -532,7 +532,7 @@ def test_dry_run_shows_an_example_and_counts_and_writes_nothing(mode, tmp_path, 
     text = flat(err)
 
     first = json.loads((BUNDLED_DIR / "arithmetic" / "train.jsonl").read_text().splitlines()[0])
-    assert "example (dim: prompt, masked; [[trained]]: response, trained):" in text
+    assert "example (alpaca) (dim: prompt, masked; [[trained]]: response, trained):" in text
     assert flat(f"### Instruction:\n{first['instruction']}\n\n### Response:\n") in text
     assert flat(f"### Response:\n[[{first['output']}<|endoftext|>]]") in text
     assert text.count("[[") == 2  # the legend and the one trained span

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from mode_cli.data import formats as formats_mod
 from mode_cli.data import sources as sources_mod
 from mode_cli.data import splits as splits_mod
 from mode_cli.data import tokenizing as tokenizing_mod
-from mode_cli.data.splits import DataStats
 from mode_cli.data.tokenizing import IGNORE, Example
 from mode_cli.errors import ModeError
 from mode_cli.files import BUNDLED_DIR, resolve_bundled
@@ -47,6 +47,12 @@ def good_rows(n: int, prefix: str = "q") -> list[dict]:
         {"instruction": f"What is {i} plus {i}? ({prefix})", "output": f"The answer is {2 * i}."}
         for i in range(n)
     ]
+
+
+def read_all(spec: str) -> list:
+    """Every row of a source, parsed, as the workers see them."""
+    reader = sources_mod.Reader(sources_mod.RowSource(spec))
+    return [row for chunk in reader.chunks() for row in sources_mod.rows_of(chunk, "alpaca", {})]
 
 
 def ids(tokenizer, text: str, special: bool) -> list[int]:
@@ -102,12 +108,22 @@ def test_tokenize_masks_the_prompt_and_trains_response_and_eos(tokenizer, row, p
 # ---------------------------------------------------------------------------- truncation
 
 
-def test_truncation_is_counted_and_keeps_what_fits(tokenizer):
+def built(rows: list[dict], tokenizer, max_seq_len: int, tmp_path: Path):
+    """The train split of these rows (a short row as the eval file): its examples and counts."""
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    held = write_jsonl(tmp_path / "eval.jsonl", [{"instruction": "Hi", "output": "Yes."}])
+    cfg = data_cfg(
+        train=str(train), eval=str(held), max_seq_len=max_seq_len, max_dropped_fraction=1.0
+    )
+    train_set, _ = splits_mod.load_splits(cfg, tokenizer)
+    return list(train_set.examples), train_set.stats
+
+
+def test_truncation_is_counted_and_keeps_what_fits(tokenizer, tmp_path):
     row = {"instruction": "Add 2 and 3.", "output": "2 + 3 = 5. The answer is 5."}
     n_prompt = len(ids(tokenizer, NO_INPUT_PROMPT, True))
-    stats = DataStats()
 
-    examples = splits_mod.build([row], tokenizer, n_prompt + 2, stats)
+    examples, stats = built([row], tokenizer, n_prompt + 2, tmp_path)
 
     assert stats.truncated == 1
     assert stats.dropped_empty == 0
@@ -120,22 +136,20 @@ def test_truncation_is_counted_and_keeps_what_fits(tokenizer):
     assert stats.trained_tokens == 2
 
 
-def test_untruncated_examples_are_not_counted(tokenizer):
-    stats = DataStats()
-    splits_mod.build(good_rows(3), tokenizer, 1000, stats)
+def test_untruncated_examples_are_not_counted(tokenizer, tmp_path):
+    _, stats = built(good_rows(3), tokenizer, 1000, tmp_path)
     assert stats.truncated == 0
     assert stats.dropped_empty == 0
 
 
-def test_example_whose_whole_response_is_cut_is_dropped_and_counted(tokenizer):
+def test_example_whose_whole_response_is_cut_is_dropped_and_counted(tokenizer, tmp_path):
     short = {"instruction": "Hi.", "output": "Hello."}
     long = {"instruction": "Hi. " + "This prompt is very much longer. " * 4, "output": "Hello."}
     n_short = len(tokenizing_mod.tokenize(short, tokenizer, 10_000)[0].input_ids)
     n_long_prompt = len(ids(tokenizer, formats_mod.alpaca_prompt(long), True))
     assert n_long_prompt > n_short  # the cut falls inside the long prompt
-    stats = DataStats()
 
-    examples = splits_mod.build([short, long], tokenizer, n_short, stats)
+    examples, stats = built([short, long], tokenizer, n_short, tmp_path)
 
     assert len(examples) == 1
     assert examples[0].input_ids == tokenizing_mod.tokenize(short, tokenizer, 10_000)[0].input_ids
@@ -143,16 +157,14 @@ def test_example_whose_whole_response_is_cut_is_dropped_and_counted(tokenizer):
     assert stats.truncated == 1
 
 
-def test_response_cut_boundary(tokenizer):
+def test_response_cut_boundary(tokenizer, tmp_path):
     row = {"instruction": "Add 2 and 3.", "output": "5"}
     n_prompt = len(ids(tokenizer, NO_INPUT_PROMPT, True))
 
-    stats = DataStats()
-    assert splits_mod.build([row], tokenizer, n_prompt, stats) == []
-    assert (stats.truncated, stats.dropped_empty) == (1, 1)
+    with pytest.raises(ModeError, match=r"no example with a trained token \(1 rows, 1 lost"):
+        built([row], tokenizer, n_prompt, tmp_path)
 
-    stats = DataStats()
-    kept = splits_mod.build([row], tokenizer, n_prompt + 1, stats)
+    kept, stats = built([row], tokenizer, n_prompt + 1, tmp_path)
     assert len(kept) == 1 and kept[0].trained_tokens == 1
     assert (stats.truncated, stats.dropped_empty) == (1, 0)
 
@@ -270,14 +282,14 @@ def test_non_list_json_file_is_an_error(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps({"instruction": "a", "output": "b"}), encoding="utf-8")
     with pytest.raises(ModeError, match=r"rows\.json: expected a JSON list of objects"):
-        sources_mod.read_rows(str(path))
+        read_all(str(path))
 
 
 def test_invalid_json_file_is_an_error(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text('[{"instruction": "a", ', encoding="utf-8")
     with pytest.raises(ModeError, match=r"rows\.json: not valid JSON"):
-        sources_mod.read_rows(str(path))
+        read_all(str(path))
 
 
 # ---------------------------------------------------------------------------- loading
@@ -291,8 +303,8 @@ def test_json_list_and_jsonl_load_the_same_rows(tokenizer, tmp_path):
     # Blank lines in JSON lines are ignored.
     as_jsonl.write_text(as_jsonl.read_text(encoding="utf-8") + "\n\n", encoding="utf-8")
 
-    assert sources_mod.read_rows(str(as_json)) == rows
-    assert sources_mod.read_rows(str(as_jsonl)) == rows
+    assert read_all(str(as_json)) == rows
+    assert read_all(str(as_jsonl)) == rows
 
     splits = [
         splits_mod.load_splits(data_cfg(train=str(path), eval=str(path)), tokenizer)
@@ -305,7 +317,7 @@ def test_json_list_and_jsonl_load_the_same_rows(tokenizer, tmp_path):
 
 
 def test_bundled_source_loads():
-    rows = sources_mod.read_rows("bundled:arithmetic/eval.jsonl")
+    rows = read_all("bundled:arithmetic/eval.jsonl")
     assert len(rows) == 200
 
 
@@ -313,7 +325,7 @@ def test_bundled_source_loads():
 def test_missing_file_is_an_error(tokenizer, tmp_path, name):
     missing = tmp_path / name
     with pytest.raises(ModeError, match="Data file not found"):
-        sources_mod.read_rows(str(missing))
+        read_all(str(missing))
     train = write_jsonl(tmp_path / "train.jsonl", good_rows(2))
     with pytest.raises(ModeError, match=f"Data file not found: {missing}"):
         splits_mod.load_splits(data_cfg(train=str(train), eval=str(missing)), tokenizer)
@@ -321,7 +333,7 @@ def test_missing_file_is_an_error(tokenizer, tmp_path, name):
 
 def test_missing_bundled_resource_is_an_error():
     with pytest.raises(ModeError, match="No bundled resource 'bundled:nope.jsonl'"):
-        sources_mod.read_rows("bundled:nope.jsonl")
+        read_all("bundled:nope.jsonl")
 
 
 def test_max_examples_cap_each_split(tokenizer, tmp_path):
@@ -387,16 +399,17 @@ def test_target_count_skips_the_first_position():
     assert batching_mod.target_count(batch) == 0
 
 
-def test_batches_cover_every_example_once_in_a_seeded_order():
-    examples = [Example(input_ids=[i], labels=[i]) for i in range(10)]
-
+def test_epoch_order_covers_every_example_once_in_a_seeded_order():
     def order(seed, epoch):
-        return [e.input_ids[0] for b in batching_mod.batches(examples, 4, seed, epoch) for e in b]
+        return batching_mod.epoch_order(10, seed, epoch).tolist()
 
-    assert [len(b) for b in batching_mod.batches(examples, 4, 0, 0)] == [4, 4, 2]
     assert sorted(order(0, 0)) == list(range(10))
     assert order(0, 0) == order(0, 0)
     assert order(0, 0) != order(0, 1)
+    # The permutation a seeded shuffle of any 10 items gives.
+    items = list(range(10))
+    random.Random(0 * 100_003 + 1).shuffle(items)
+    assert order(0, 1) == items
 
 
 # ---------------------------------------------------------------------------- bundled dataset

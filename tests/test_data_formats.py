@@ -13,8 +13,10 @@ from helpers import data_cfg, train_tiny, write_jsonl
 from omegaconf import OmegaConf
 
 from mode_cli.data import formats as formats_mod
+from mode_cli.data import selection as selection_mod
 from mode_cli.data import sources as sources_mod
 from mode_cli.data import splits as splits_mod
+from mode_cli.data import store as store_mod
 from mode_cli.data import tokenizing as tokenizing_mod
 from mode_cli.data.formats import CHATML_TEMPLATE
 from mode_cli.data.splits import DataStats
@@ -169,7 +171,7 @@ def test_chat_field_mapping_reads_sharegpt_files(tokenizer, tmp_path):
 
     assert [e.input_ids for e in train_a.examples] == [e.input_ids for e in train_b.examples]
     assert [e.labels for e in train_a.examples] == [e.labels for e in train_b.examples]
-    rows = sources_mod.eval_rows(cfg_b)
+    rows = splits_mod.eval_rows(cfg_b)
     assert rows[0]["messages"] == plain[0]["messages"] and rows[0]["answer"] == plain[0]["answer"]
 
 
@@ -274,7 +276,7 @@ def test_row_prompt_is_everything_before_the_trained_response(tokenizer, tmp_pat
     cfg = data_cfg(train=str(path), eval=str(path), format="chat")
     _, eval_set = splits_mod.load_splits(cfg, tokenizer)
 
-    for row, example in zip(sources_mod.eval_rows(cfg), eval_set.examples, strict=True):
+    for row, example in zip(splits_mod.eval_rows(cfg), eval_set.examples, strict=True):
         prompt = formats_mod.row_prompt(row, cfg, tokenizer)
         assert prompt.endswith("<|im_start|>assistant\n")
         n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
@@ -382,9 +384,9 @@ def test_dropped_examples_below_the_threshold_are_counted_and_reported(tokenizer
 
 
 def test_mix_counts_follow_the_weights():
-    assert sources_mod.mix_counts([100, 100], [2.0, 1.0], 200) == [133, 67]
-    assert sources_mod.mix_counts([10, 10, 10], [1, 1, 1], 10) == [4, 3, 3]
-    assert sum(sources_mod.mix_counts([5, 7], [0.3, 0.7], 11)) == 11
+    assert selection_mod.mix_counts([100, 100], [2.0, 1.0], 200) == [133, 67]
+    assert selection_mod.mix_counts([10, 10, 10], [1, 1, 1], 10) == [4, 3, 3]
+    assert sum(selection_mod.mix_counts([5, 7], [0.3, 0.7], 11)) == 11
 
 
 def mixed_cfg(tmp_path, **values):
@@ -406,21 +408,25 @@ def mixed_cfg(tmp_path, **values):
     return data_cfg(mix=mix, eval_fraction=0.25, **values), str(alpaca), str(chats)
 
 
+def formats_of(selection, rows) -> list[str]:
+    return [selection.sources[s].format for s in rows.source]
+
+
 def test_mix_draws_by_weight_repeats_small_sources_and_is_seeded(tokenizer, tmp_path):
     cfg, alpaca, chats = mixed_cfg(tmp_path, max_train_examples=16)
 
-    selection = sources_mod.select_rows(cfg)
+    selection = splits_mod.select_rows(cfg)
 
     # 10 alpaca rows minus 2 held out, 4 chat rows minus 1: 12 and 4 chat draws of 3 rows.
     assert selection.train_sources == {alpaca: 12, chats: 4}
     assert selection.repeated == 4 + 1
-    assert sorted(r.format for r in selection.train) == ["alpaca"] * 12 + ["chat"] * 4
-    again = sources_mod.select_rows(cfg)
-    assert [dict(r) for r in again.train] == [dict(r) for r in selection.train]
+    assert sorted(formats_of(selection, selection.train)) == ["alpaca"] * 12 + ["chat"] * 4
+    rows = [dict(r) for r in splits_mod.rows_in_order(selection, selection.train)]
+    again = splits_mod.select_rows(cfg)
+    assert [dict(r) for r in splits_mod.rows_in_order(again, again.train)] == rows
     cfg.seed = 1
-    assert [dict(r) for r in sources_mod.select_rows(cfg).train] != [
-        dict(r) for r in selection.train
-    ]
+    other = splits_mod.select_rows(cfg)
+    assert [dict(r) for r in splits_mod.rows_in_order(other, other.train)] != rows
 
     train_set, eval_set = splits_mod.load_splits(data_cfg(**OmegaConf.to_container(cfg)), tokenizer)
     assert train_set.stats.rows == 16 and len(train_set.examples) == 16
@@ -430,13 +436,13 @@ def test_mix_draws_by_weight_repeats_small_sources_and_is_seeded(tokenizer, tmp_
 
 def test_mix_default_size_and_eval_split(tokenizer, tmp_path):
     cfg, alpaca, chats = mixed_cfg(tmp_path)
-    selection = sources_mod.select_rows(cfg)
+    selection = splits_mod.select_rows(cfg)
     assert len(selection.train) == 8 + 3  # the sources' training rows together
     # Held-out rows of each source, interleaved.
-    assert [r.format for r in selection.eval] == ["alpaca", "chat", "alpaca"]
+    assert formats_of(selection, selection.eval) == ["alpaca", "chat", "alpaca"]
 
     _, eval_set = splits_mod.load_splits(cfg, tokenizer)
-    rows = sources_mod.eval_rows(cfg)
+    rows = splits_mod.eval_rows(cfg)
     assert [r.format for r in rows] == ["alpaca", "chat", "alpaca"]
     for row, example in zip(rows, eval_set.examples, strict=True):
         prompt = formats_mod.row_prompt(row, cfg, tokenizer)
@@ -448,8 +454,8 @@ def test_mix_default_size_and_eval_split(tokenizer, tmp_path):
 def test_mix_with_one_eval_source(tokenizer, tmp_path):
     cfg, alpaca, _ = mixed_cfg(tmp_path)
     cfg.eval = alpaca
-    selection = sources_mod.select_rows(cfg)
-    assert len(selection.eval) == 10 and {r.format for r in selection.eval} == {"alpaca"}
+    selection = splits_mod.select_rows(cfg)
+    assert len(selection.eval) == 10 and set(formats_of(selection, selection.eval)) == {"alpaca"}
     assert len(selection.train) == 10 + 4  # nothing held out
 
 
@@ -502,6 +508,14 @@ def test_fields_from_the_shell(mode, tmp_path):
     assert "train: 4 examples from 4 rows" in " ".join(err.split())
 
 
+def checked_rows(spec: str, format: str) -> list:
+    """Every row of a source, which must all be well-formed, under the format's names."""
+    source = sources_mod.RowSource(spec, format=format)
+    scan = store_mod.scan_source(sources_mod.Reader(source), "error", False, 1)
+    assert scan.count == scan.rows
+    return sources_mod.read_rows(source, scan.numbers)
+
+
 def test_bundled_samples_regenerate_and_are_well_formed(tmp_path, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location(
         "make_format_samples", REPO / "scripts" / "make_format_samples.py"
@@ -515,18 +529,16 @@ def test_bundled_samples_regenerate_and_are_well_formed(tmp_path, capsys, monkey
     for name in ("chat/train.jsonl", "chat/eval.jsonl", "text/train.jsonl", "text/eval.jsonl"):
         assert (tmp_path / name).read_bytes() == (BUNDLED_DIR / name).read_bytes()
     for split, n in (("train", 120), ("eval", 24)):
-        rows = sources_mod.read_rows(f"bundled:chat/{split}.jsonl")
-        good, bad = sources_mod.check_rows(rows, split, "error", "chat")
-        assert len(good) == n and not bad
+        good = checked_rows(f"bundled:chat/{split}.jsonl", "chat")
+        assert len(good) == n
         assert all(
             r["messages"][-1]["content"].endswith(f"The answer is {r['answer']}.") for r in good
         )
-        texts = sources_mod.read_rows(f"bundled:text/{split}.jsonl")
-        assert len(sources_mod.check_rows(texts, split, "error", "text")[0]) == n
+        assert len(checked_rows(f"bundled:text/{split}.jsonl", "text")) == n
     questions = {
         m["content"]
         for split in ("train", "eval")
-        for r in sources_mod.read_rows(f"bundled:chat/{split}.jsonl")
+        for r in checked_rows(f"bundled:chat/{split}.jsonl", "chat")
         for m in r["messages"]
         if m["role"] == "user"
     }

@@ -123,11 +123,11 @@ def test_paged_8bit_adamw_state_and_the_cuda_rng_survive_checkpoint_and_resume(m
 
 
 def test_the_cuda_rng_state_round_trips():
-    state = checkpoint_mod.rng_state()
-    assert len(state["cuda"]) == torch.cuda.device_count()
-    first = torch.rand(4, device="cuda")
-    checkpoint_mod.set_rng_state(state)
-    torch.testing.assert_close(torch.rand(4, device="cuda"), first, rtol=0, atol=0)
+    state = checkpoint_mod.rng_state("cuda:0")
+    assert torch.equal(state["cuda"], torch.cuda.get_rng_state(0))  # this GPU's alone
+    first = torch.rand(4, device="cuda:0")
+    checkpoint_mod.set_rng_state(state, "cuda:0")
+    torch.testing.assert_close(torch.rand(4, device="cuda:0"), first, rtol=0, atol=0)
 
 
 def test_a_real_cuda_out_of_memory_names_the_memory_settings(mode, tmp_path, monkeypatch):
@@ -148,5 +148,6 @@ def test_a_real_cuda_out_of_memory_names_the_memory_settings(mode, tmp_path, mon
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
     assert code == 2
-    assert "out of GPU memory at step 1" in err and "train.micro_batch_size (now 64" in err
+    assert "out of GPU memory on cuda:0 (" in err and "at step 1" in err
+    assert "train.micro_batch_size (now 64" in err
     assert "Traceback" not in err

@@ -111,6 +111,7 @@ def implemented(tmp_path: Path):
     import torch
 
     from mode_cli.data.formats import FORMAT_FIELDS
+    from mode_cli.devices import resolve_device
     from mode_cli.eval.answers import NORMALISERS, answer_rows
     from mode_cli.mode.head import MoDEHead
     from mode_cli.mode.loss import IMPLEMENTATIONS
@@ -118,7 +119,7 @@ def implemented(tmp_path: Path):
     from mode_cli.mode.selection import select_layers
     from mode_cli.mode.terms import LossWeights
     from mode_cli.mode.weighting import SCALES, curriculum
-    from mode_cli.models.loading import compute_dtype, resolve_device
+    from mode_cli.models.loading import compute_dtype
     from mode_cli.models.merging import MERGE_DTYPES
     from mode_cli.train.optim import lr_lambda, optimizer_on
     from mode_cli.train.progress import MetricsLog, WandbRun
@@ -163,6 +164,8 @@ def implemented(tmp_path: Path):
         "model.quantization": lambda v: v in ("nf4", "none"),
         "data.format": lambda v: FORMAT_FIELDS[v],
         "data.on_bad_row": lambda v: v in ("error", "skip"),
+        # Both policies are run against a naive reference in tests/test_data_cache.py.
+        "data.dedup": lambda v: v in ("none", "exact"),
         "layers.select": selection,
         "router.kind": router,
         "router.init": lambda v: MoDEHead(

@@ -261,7 +261,7 @@ def sample_report(answers: dict | None = None) -> dict:
 
 def test_the_report_keeps_the_documented_keys():
     report = sample_report()
-    assert report["schema"] == {"name": "mode-report", "version": 3}
+    assert report["schema"] == {"name": "mode-report", "version": 4}
     assert report["sides"] == ["base", "tuned"]
     assert [row["layer"] for row in report["layers"]] == [1, 2, 3, 4, 5]
     assert [row["selected"] for row in report["layers"]] == [False, False, False, True, True]

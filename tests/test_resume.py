@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -111,7 +112,37 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(mode, tmp_pat
     assert sorted(b) == [1, 2, 3, 4, 5]
     for step in range(1, 6):
         assert b[step] == pytest.approx(a[step], abs=1e-6), step
-    assert checkpoints(split) == ["step-000004", "step-000005"]
+    # The damaged one went at the resume; the one resumed from stays beside the newest two.
+    assert checkpoints(split) == ["step-000002", "step-000004", "step-000005"]
+
+
+def test_pruning_keeps_the_checkpoint_resumed_from_and_drops_the_past_it_rewrites(mode, tmp_path):
+    """Checkpoints 2 (intact) and 4 (damaged): resume=auto continues from 2. With keep=1, a
+    stop at 3 wrote step-3 and pruning by step number alone left only the damaged 4."""
+    out = tmp_path / "run"
+    common = ["train.max_steps=6", "checkpoint.every_steps=2"]
+    code, err = train(mode, out, *common, "train.stop_after_steps=4")
+    assert code == 0, err
+    assert checkpoints(out) == ["step-000002", "step-000004"]
+    damaged = out / "checkpoints" / "step-000004" / "optimizer.pt"
+    with damaged.open("r+b") as handle:
+        handle.truncate(100)
+
+    keep_one = [*common, "checkpoint.keep=1", "resume=auto"]
+    code, err = train(mode, out, *keep_one, "train.stop_after_steps=1")
+    assert code == 0, err
+    assert f"resuming from {out / 'checkpoints' / 'step-000002'}" in err
+    # Step 4 is the past this run rewrites (metrics.jsonl drops it too); 2 is the last state
+    # known good, 3 the newest.
+    assert checkpoints(out) == ["step-000002", "step-000003"]
+    assert "dropped step-000004" in err
+    assert sorted(losses(out)) == [1, 2, 3]
+
+    code, err = train(mode, out, *keep_one)
+    assert code == 0, err
+    assert f"resuming from {out / 'checkpoints' / 'step-000003'}" in err and "damaged" not in err
+    assert checkpoints(out) == ["step-000003", "step-000006"]
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_checkpoint_records_the_checksum_of_each_file(mode, tmp_path):
@@ -170,6 +201,13 @@ def test_a_checkpoint_holds_safetensors_and_weights_only_state(mode, tmp_path):
     code, err = train(mode, fork, "train.max_steps=2", f"resume={folder}")
     assert code == 0, err
     assert sorted(losses(fork)) == [1, 2] and (fork / "adapter").is_dir()
+    # A checkpoint folder copied elsewhere under a name of its own is one too, continued here in
+    # a run folder of checkpoints.
+    kept = tmp_path / "kept" / "final-state"
+    shutil.copytree(folder, kept)
+    code, err = train(mode, out, "train.max_steps=2", f"resume={kept}")
+    assert code == 0, err
+    assert checkpoints(out) == ["step-000002"]
 
 
 def test_resume_refuses_another_recipe_and_a_run_without_checkpoint(mode, tmp_path):
@@ -345,5 +383,5 @@ def test_a_process_killed_while_writing_a_checkpoint_keeps_the_previous_one(mode
     assert code == 0, err
     assert "step-000002" in err
     assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
-    assert checkpoints(out) == ["step-000004", "step-000006"]
+    assert checkpoints(out) == ["step-000002", "step-000004", "step-000006"]
     assert not staging.exists()  # the leftover staging folder was cleaned up

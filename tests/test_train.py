@@ -54,7 +54,7 @@ def test_a_run_writes_every_output(tiny_run):
 
 def test_the_report_has_one_entry_per_layer_plus_the_ensemble(tiny_run):
     report = json.loads(first_report(tiny_run).read_text())
-    assert report["schema"] == {"name": "mode-report", "version": 3}
+    assert report["schema"] == {"name": "mode-report", "version": 4}
     assert [row["layer"] for row in report["layers"]] == [1, 2, 3, 4]
     assert [row["selected"] for row in report["layers"]] == [False, True, True, True]
     for row in report["layers"]:

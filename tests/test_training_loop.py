@@ -286,7 +286,7 @@ def test_out_of_memory_names_the_memory_settings_after_a_checkpoint(mode, tmp_pa
     out = tmp_path / "run"
     code, err = train(mode, out, "train.max_steps=5", "checkpoint.every_steps=null")
     assert code == 2
-    assert "out of GPU memory at step 3" in err
+    assert "out of memory on the CPU at step 3" in err
     for setting in (
         "train.micro_batch_size (now 4",
         "data.max_seq_len (now",

@@ -5,34 +5,54 @@ the seeded order of each epoch, and the shift that pairs each position with the 
 from __future__ import annotations
 
 import random
+from array import array
 
+import numpy as np
 import torch
 
 from mode_cli.data.tokenizing import IGNORE, Example
 
 
-def pack(examples: list[Example], max_seq_len: int, seed: int) -> list[Example]:
-    """Pack examples greedily, in a seeded order, into sequences of at most `max_seq_len`.
+def shuffled(n: int, rng: random.Random) -> np.ndarray:
+    """`range(n)` shuffled by `rng` (the permutation `rng.shuffle` gives any list of n items), as
+    int64 without a Python object per item."""
+    order = array("q", range(n))
+    rng.shuffle(order)
+    return np.frombuffer(order, dtype=np.int64)
+
+
+def pack_groups(lengths: np.ndarray, max_seq_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pack examples of these lengths greedily, in a seeded order, into sequences of at most
+    `max_seq_len` tokens: `(members, starts)`, sequence g holding the examples
+    `members[starts[g]:starts[g + 1]]` in that order (`join` makes it one example).
 
     Each packed sequence's `position_ids` restart at 0 at every example, which the decoder turns
     into a block-diagonal causal mask (no attention across examples), and the first label of every
     example is masked, so no example is trained to predict the start of the next one.
     """
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    packed: list[Example] = []
-    current: list[Example] = []
+    members = shuffled(len(lengths), random.Random(seed))
+    starts = [0]
     length = 0
-    for i in order:
-        example = examples[i]
-        if current and length + len(example.input_ids) > max_seq_len:
-            packed.append(join(current))
-            current, length = [], 0
-        current.append(example)
-        length += len(example.input_ids)
-    if current:
-        packed.append(join(current))
-    return packed
+    for position, i in enumerate(members.tolist()):
+        n = int(lengths[i])
+        if position > starts[-1] and length + n > max_seq_len:
+            starts.append(position)
+            length = 0
+        length += n
+    if len(members):
+        starts.append(len(members))
+    return members, np.asarray(starts, dtype=np.int64)
+
+
+def pack(examples: list[Example], max_seq_len: int, seed: int) -> list[Example]:
+    """A list of examples packed as `pack_groups` packs them, each sequence joined."""
+    members, starts = pack_groups(
+        np.asarray([len(e.input_ids) for e in examples]), max_seq_len, seed
+    )
+    return [
+        join([examples[i] for i in members[a:b]])
+        for a, b in zip(starts[:-1], starts[1:], strict=True)
+    ]
 
 
 def join(examples: list[Example]) -> Example:
@@ -73,14 +93,10 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[Example]]:
-    """Shuffled micro-batches for one epoch; the order depends only on (seed, epoch)."""
-    order = list(range(len(examples)))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
-    return [
-        [examples[i] for i in order[start : start + batch_size]]
-        for start in range(0, len(order), batch_size)
-    ]
+def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of the examples in one epoch, a pure function of (seed, epoch); micro-batch i
+    is `order[i * batch_size : (i + 1) * batch_size]`."""
+    return shuffled(count, random.Random(seed * 100_003 + epoch))
 
 
 def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +113,17 @@ def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def at_targets(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The `[K, H]` states of the positions `target_positions` keeps, from `[B, T, H]` states."""
     return states[:, :-1][keep]
+
+
+def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Attended tokens of the rows that train something: what tokens/s counts.
+
+    Every example has a target (one without is dropped as the data load), so only the stand-in
+    row a rank runs when an epoch's last global micro-batch leaves it no example
+    (`steps.BatchStream`) is left out: N processes count the tokens one process does.
+    """
+    trains = target_positions(batch["labels"])[0].any(dim=1)
+    return int(batch["attention_mask"][trains].sum())
 
 
 def target_count(batch: dict[str, torch.Tensor]) -> int:

@@ -15,6 +15,9 @@ model sees before its response.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from mode_cli.errors import ModeError
 
 FORMATS = ("alpaca", "chat", "text")
@@ -150,6 +153,20 @@ def canonical(row: dict, format: str, fields: dict) -> dict:
         if key in row:
             out[name] = row[key]
     return out
+
+
+def row_identity(values: dict, format: str) -> bytes:
+    """A 16-byte digest of what a row says in its format (`canonical` values; other columns and
+    the file's field names do not count): two rows with the same one are exact duplicates.
+    An Alpaca row's missing, null or empty input are one and the same prompt."""
+    if format == "chat":
+        said = [[m["role"], m["content"]] for m in values["messages"]]
+    elif format == "text":
+        said = values["text"]
+    else:
+        said = [values["instruction"], values.get("input") or "", values["output"]]
+    text = json.dumps([format, said], ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
 def chat_template(data_cfg, tokenizer) -> str:

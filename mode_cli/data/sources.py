@@ -1,40 +1,62 @@
-"""Where rows come from and which rows each split gets: files, bundled data, hub datasets; bad rows;
-held-out eval rows; several sources mixed by weight (`data.mix`).
+"""Where rows come from: local files (.jsonl, .json, .parquet, .csv), files bundled with `mode`,
+hub datasets (downloaded, or streamed with `data.streaming`); how a row is checked; the sources
+of a recipe (`data.train`, or several mixed by `data.mix`).
 
-Rows come from a local .json/.jsonl file, a hub dataset id, or a file bundled with `mode`; a
-malformed row is reported with its 1-based row number (`data.on_bad_row`).
+A source is read in chunks of rows (`Reader.chunks`), never whole: a JSON-lines, Parquet or CSV
+file of a million rows costs the memory of one chunk at a time (a .json list is parsed whole).
+A malformed row is reported with its 1-based row number (a JSON-lines line that does not parse,
+with its line number), as `data.on_bad_row` says.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
-import random
+import os
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mode_cli.data.formats import FORMAT_FIELDS, Row, canonical, row_problem
 from mode_cli.errors import ModeError
-from mode_cli.files import read_text, resolve_bundled
+from mode_cli.files import open_file, read_text, resolve_bundled
 
 # `data.on_bad_row`: stop at the first malformed row, or drop such rows and count them.
 BAD_ROW_POLICIES = ("error", "skip")
+# Local files by suffix; any other existing file (.jsonl too) is JSON lines, or a JSON list when
+# it starts with `[`.
+FILE_KINDS = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# Rows handed to a worker at a time: large enough that process overhead vanishes, small enough
+# that a chunk in flight per worker costs little memory.
+CHUNK_ROWS = 1000
 
 
-def read_rows(source: str, split: str = "train") -> list[dict | BadLine]:
-    """All rows of a source: a local .json/.jsonl file, `bundled:<path>`, or a hub dataset id."""
-    if source.startswith("bundled:"):
-        return read_file(resolve_bundled(source))
-    path = Path(source).expanduser()
-    if path.is_dir():
-        raise ModeError(f"{source} is a folder, not a data file: name a .json or .jsonl file")
-    if path.suffix in (".json", ".jsonl") or path.exists():
-        if not path.is_file():
-            raise ModeError(f"Data file not found: {source}")
-        return read_file(path)
-    return read_hub(source, split)
+@dataclass(frozen=True)
+class RowSource:
+    """One place rows are read from (as the recipe names it) and how its rows are read."""
+
+    spec: str
+    split: str = "train"
+    format: str = "alpaca"
+    fields: tuple[tuple[str, str], ...] = ()
+    streaming: bool = False
+
+    @property
+    def field_map(self) -> dict[str, str]:
+        return dict(self.fields)
+
+
+def row_source(
+    spec: str, split: str, format: str, fields: dict, streaming: bool = False
+) -> RowSource:
+    return RowSource(spec, split, format, tuple(sorted(fields.items())), streaming)
 
 
 @dataclass(frozen=True)
@@ -45,67 +67,51 @@ class BadLine:
     error: str
 
 
-def read_file(path: Path) -> list[dict | BadLine]:
-    """Rows of a JSON list or a JSON-lines file (a line that is not JSON becomes a BadLine)."""
-    text = read_text(path)
-    if path.suffix == ".json" or text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ModeError(f"{path}: not valid JSON ({err})") from None
-        except RecursionError:
-            raise ModeError(f"{path}: not valid JSON (nested too deeply)") from None
-        if not isinstance(rows, list):
-            raise ModeError(f"{path}: expected a JSON list of objects")
+@dataclass
+class Chunk:
+    """Rows read from a source, not yet parsed or checked: `numbers` are their 1-based row
+    numbers; `payload` is JSON text per row (JSON lines, with `lines` their line numbers), a list
+    of values, or an Arrow table. `text_cells`: a CSV's cells are all text, so a chat column holds
+    its conversation as JSON."""
+
+    numbers: list[int]
+    payload: object
+    lines: list[int] | None = None
+    text_cells: bool = False
+
+
+def rows_of(chunk: Chunk, format: str, fields: dict) -> list[object]:
+    """The chunk's rows as Python values (a line that is not JSON becomes a BadLine)."""
+    payload = chunk.payload
+    if chunk.lines is not None:
+        rows: list[object] = []
+        for line, text in zip(chunk.lines, payload, strict=True):
+            try:
+                rows.append(json.loads(text))
+            except json.JSONDecodeError as err:
+                rows.append(BadLine(line, err.msg))
+            except RecursionError:
+                rows.append(BadLine(line, "nested too deeply"))
         return rows
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            rows.append(BadLine(number, err.msg))
-        except RecursionError:
-            rows.append(BadLine(number, "nested too deeply"))
+    rows = list(payload) if isinstance(payload, list) else payload.to_pylist()
+    if chunk.text_cells and format == "chat":
+        key = fields.get("messages", "messages")
+        for row in rows:
+            if isinstance(row.get(key), str):
+                # Left as text when it is not JSON: the row check says the field is not a list.
+                with suppress(json.JSONDecodeError, RecursionError):
+                    row[key] = json.loads(row[key])
     return rows
 
 
-def read_hub(dataset_id: str, split: str) -> list[dict]:
-    """A split of a hub dataset, through `datasets` (cached; honours HF_DATASETS_OFFLINE)."""
-    import datasets
-
-    try:
-        return list(datasets.load_dataset(dataset_id, split=split))
-    except Exception as err:  # datasets raises many types for a missing or unreachable dataset
-        raise ModeError(
-            f"Could not load dataset '{dataset_id}' (split '{split}'): {str(err).splitlines()[0]}"
-        ) from None
-
-
-def check_rows(
-    rows: list[dict],
-    source: str,
-    on_bad_row: str,
-    format: str = "alpaca",
-    fields: dict | None = None,
-) -> tuple[list[Row], list[str]]:
-    """Keep well-formed rows, under the format's field names; a bad one is an error, or skipped
-    and listed."""
-    fields = dict(fields or {})
-    good, bad = [], []
-    for number, row in enumerate(rows, start=1):
-        if isinstance(row, BadLine):
-            message = f"{source}, line {row.line}: not valid JSON ({row.error})"
-        elif problem := row_problem(row, format, fields) or not_text(row, format, fields):
-            message = f"{source}, row {number}: {problem}"
-        else:
-            good.append(Row(canonical(row, format, fields), format, source, number))
-            continue
-        if on_bad_row == "error":
-            raise ModeError(message + " (set data.on_bad_row=skip to drop such rows)")
-        bad.append(message)
-    return good, bad
+def row_message(row: object, number: int, format: str, fields: dict) -> str | None:
+    """What is wrong with a row, as an error names it after its source (`row 7: missing field
+    'output'`, `line 9: not valid JSON (...)`), or None for a well-formed row."""
+    if isinstance(row, BadLine):
+        return f"line {row.line}: not valid JSON ({row.error})"
+    if problem := row_problem(row, format, fields) or not_text(row, format, fields):
+        return f"row {number}: {problem}"
+    return None
 
 
 def not_text(row: dict, format: str, fields: dict) -> str | None:
@@ -131,6 +137,294 @@ def strings(value: object, where: str) -> Iterator[tuple[str, str]]:
             yield from strings(item, f"{where}[{key!r}]")
 
 
+# ---------------------------------------------------------------------------- reading
+
+
+def offline() -> bool:
+    """Whether the Hugging Face hub is off limits (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)."""
+    return any(
+        os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+class Reader:
+    """Reads one source in chunks: a local file, `bundled:<path>`, or a hub dataset id.
+
+    `digest()` identifies the rows' content (a file's bytes, a downloaded dataset's fingerprint, a
+    streamed dataset's revision): the tokenized cache is keyed by it. A hub dataset is opened once
+    per reader.
+    """
+
+    def __init__(self, source: RowSource) -> None:
+        self.source = source
+        self.path: Path | None = None
+        self._dataset = None
+        spec = source.spec
+        if spec.startswith("bundled:"):
+            self.path = resolve_bundled(spec)
+        else:
+            path = Path(spec).expanduser()
+            if path.is_dir():
+                raise ModeError(
+                    f"{spec} is a folder, not a data file: name a .jsonl, .json, .parquet or "
+                    ".csv file"
+                )
+            if path.suffix in (*FILE_KINDS, ".jsonl") or path.exists():
+                if not path.is_file():
+                    raise ModeError(f"Data file not found: {spec}")
+                self.path = path
+        if self.path is not None:
+            self.kind = FILE_KINDS.get(self.path.suffix) or self.sniff_json(self.path)
+        elif source.streaming:
+            if offline():
+                raise ModeError(
+                    f"data.streaming=true reads the hub dataset '{spec}' over the network, and "
+                    "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE forbid it: unset them, or set "
+                    "data.streaming=false to read the dataset from the local cache"
+                )
+            self.kind = "stream"
+        else:
+            self.kind = "hub"
+
+    @staticmethod
+    def sniff_json(path: Path) -> str:
+        """A .jsonl file, or one of another suffix: a JSON list when it starts with `[` (read
+        as a .json file is), else JSON lines."""
+        with open_file(path) as handle:
+            start = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        return "json" if start.startswith(b"[") else "jsonl"
+
+    # ------------------------------------------------------------ identity
+
+    def digest(self) -> str:
+        """What identifies the source's rows: any change to them changes it."""
+        if self.path is not None:
+            return "sha256:" + file_sha256(self.path)
+        if self.kind == "hub":
+            dataset = self.dataset()
+            fingerprint = getattr(dataset, "_fingerprint", None)
+            if fingerprint is None:
+                files = [Path(f["filename"]) for f in dataset.cache_files]
+                fingerprint = "+".join(file_sha256(f) for f in files)
+            return f"hub:{self.source.spec}:{self.source.split}:{fingerprint}"
+        return f"hub:{self.source.spec}:{self.source.split}:{hub_revision(self.source.spec)}"
+
+    def dataset(self):
+        """The hub dataset (downloaded into, or read from, datasets' cache; or a stream)."""
+        if self._dataset is None:
+            import datasets
+
+            spec, split = self.source.spec, self.source.split
+            try:
+                self._dataset = datasets.load_dataset(
+                    spec, split=split, **({"streaming": True} if self.kind == "stream" else {})
+                )
+            except Exception as err:  # datasets raises many types for a missing dataset
+                raise ModeError(
+                    f"Could not load dataset '{spec}' (split '{split}'): "
+                    f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                ) from None
+        return self._dataset
+
+    # ------------------------------------------------------------ rows
+
+    def chunks(self, wanted: np.ndarray | None = None, size: int = CHUNK_ROWS) -> Iterator[Chunk]:
+        """The source's rows in chunks of `size`, in order; only the row numbers in `wanted`
+        (sorted) when given, and reading stops after the last of them."""
+        reading = {
+            "jsonl": self.jsonl_rows,
+            "json": self.json_rows,
+            "csv": self.csv_rows,
+            "parquet": self.table_rows,
+            "hub": self.table_rows,
+            "stream": self.stream_rows,
+        }[self.kind]
+        return reading(Wanted(wanted), size)
+
+    def jsonl_rows(self, wanted: Wanted, size: int) -> Iterator[Chunk]:
+        """JSON lines, decoded here (a byte that is not UTF-8 stops the read with its line) and
+        parsed by the worker; a blank line is not a row."""
+        path = self.path
+        chunk = Chunk([], [], lines=[])
+        number = 0
+        with open_file(path) as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                if line_number == 1:
+                    raw = first_line(path, raw)
+                if not raw.strip():
+                    continue
+                number += 1
+                if not wanted.takes(number):
+                    if wanted.done:
+                        break
+                    continue
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ModeError(
+                        f"{path}: not UTF-8 text (line {line_number}: byte "
+                        f"0x{raw[err.start]:02x}); save it as UTF-8"
+                    ) from None
+                chunk.numbers.append(number)
+                chunk.payload.append(text)
+                chunk.lines.append(line_number)
+                if len(chunk.numbers) == size:
+                    yield chunk
+                    chunk = Chunk([], [], lines=[])
+        if chunk.numbers:
+            yield chunk
+
+    def json_rows(self, wanted: Wanted, size: int) -> Iterator[Chunk]:
+        """A JSON list: parsed whole (the format has no way to read a part of it)."""
+        text = read_text(self.path)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ModeError(f"{self.path}: not valid JSON ({err})") from None
+        except RecursionError:
+            raise ModeError(f"{self.path}: not valid JSON (nested too deeply)") from None
+        del text
+        if not isinstance(rows, list):
+            raise ModeError(f"{self.path}: expected a JSON list of objects")
+        yield from in_chunks(enumerate(rows, start=1), wanted, size)
+
+    def csv_rows(self, wanted: Wanted, size: int) -> Iterator[Chunk]:
+        """A CSV file with a header row; every cell is text."""
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        number = 0
+        with open_file(self.path) as raw:
+            handle = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+            reader = csv.DictReader(handle)
+            try:
+                rows = ((number := i, row) for i, row in enumerate(reader, start=1))
+                yield from in_chunks(rows, wanted, size, text_cells=True)
+            except UnicodeDecodeError:
+                raise ModeError(
+                    f"{self.path}: not UTF-8 text (after row {number}); save it as UTF-8"
+                ) from None
+            except csv.Error as err:
+                raise ModeError(f"{self.path}, row {number + 1}: not valid CSV ({err})") from None
+
+    def table_rows(self, wanted: Wanted, size: int) -> Iterator[Chunk]:
+        """A Parquet file or a downloaded hub dataset: Arrow record batches."""
+        if self.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                batches = pq.ParquetFile(self.path).iter_batches(batch_size=size)
+            except Exception as err:  # pyarrow's errors for a file that is not Parquet
+                raise ModeError(f"{self.path}: not a Parquet file ({err})") from None
+        else:
+            batches = self.dataset().with_format("arrow").iter(batch_size=size)
+        start = 0
+        for batch in batches:
+            numbers = range(start + 1, start + batch.num_rows + 1)
+            start += batch.num_rows
+            taken = [i for i, number in enumerate(numbers) if wanted.takes(number)]
+            if taken:
+                if len(taken) < batch.num_rows:
+                    batch = batch.take(taken)
+                yield Chunk([numbers[i] for i in taken], batch)
+            if wanted.done:
+                return
+
+    def stream_rows(self, wanted: Wanted, size: int) -> Iterator[Chunk]:
+        """A streamed hub dataset: rows as they arrive."""
+        try:
+            yield from in_chunks(enumerate(self.dataset(), start=1), wanted, size)
+        except ModeError:
+            raise
+        except Exception as err:  # a network or format error in the middle of a stream
+            raise ModeError(
+                f"Streaming dataset '{self.source.spec}' failed: {str(err).splitlines()[0]}"
+            ) from None
+
+
+@dataclass
+class Wanted:
+    """Which row numbers a read keeps: all (None), or the sorted numbers given."""
+
+    numbers: np.ndarray | None
+    next: int = field(default=0)
+
+    def takes(self, number: int) -> bool:
+        if self.numbers is None:
+            return True
+        if self.next < len(self.numbers) and self.numbers[self.next] == number:
+            self.next += 1
+            return True
+        return False
+
+    @property
+    def done(self) -> bool:
+        return self.numbers is not None and self.next >= len(self.numbers)
+
+
+def in_chunks(
+    rows: Iterator[tuple[int, object]], wanted: Wanted, size: int, text_cells: bool = False
+) -> Iterator[Chunk]:
+    chunk = Chunk([], [], text_cells=text_cells)
+    for number, row in rows:
+        if wanted.takes(number):
+            chunk.numbers.append(number)
+            chunk.payload.append(row)
+            if len(chunk.numbers) == size:
+                yield chunk
+                chunk = Chunk([], [], text_cells=text_cells)
+        if wanted.done:
+            break
+    if chunk.numbers:
+        yield chunk
+
+
+def first_line(path: Path, raw: bytes) -> bytes:
+    """A file's first line without a UTF-8 byte-order mark; UTF-16 is refused by name."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ModeError(
+            f"{path}: not UTF-8 text (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+        )
+    return raw.removeprefix(b"\xef\xbb\xbf")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open_file(path) as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hub_revision(dataset_id: str) -> str:
+    """The commit a streamed hub dataset is read at (it keys the cache: a new commit, new rows)."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(dataset_id).sha
+    except Exception as err:  # huggingface_hub raises many types for a missing or unreachable repo
+        raise ModeError(
+            f"Could not reach the hub for dataset '{dataset_id}': "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from None
+
+
+def read_rows(source: RowSource, numbers: np.ndarray) -> list[Row]:
+    """The rows with these (sorted) row numbers, checked and under their format's field names:
+    for the answers and prompts of eval rows. Reading stops after the last one."""
+    fields = source.field_map
+    rows = []
+    for chunk in Reader(source).chunks(np.asarray(numbers, dtype=np.int64)):
+        for number, row in zip(chunk.numbers, rows_of(chunk, source.format, fields), strict=True):
+            if (message := row_message(row, number, source.format, fields)) is not None:
+                raise ModeError(f"{source.spec}, {message}")  # changed since the split was chosen
+            values = canonical(row, source.format, fields)
+            rows.append(Row(values, source.format, source.spec, number))
+    return rows
+
+
+# ---------------------------------------------------------------------------- a recipe's sources
+
+
 @dataclass
 class Source:
     """One data source with its format resolved (a `data.mix` entry, or `data` itself)."""
@@ -141,12 +435,22 @@ class Source:
     weight: float
     format: str
     fields: dict
+    streaming: bool = False
+
+    def train_rows(self) -> RowSource:
+        return row_source(self.train, self.split, self.format, self.fields, self.streaming)
+
+    def eval_rows(self) -> RowSource | None:
+        if not self.eval:
+            return None
+        return row_source(self.eval, self.split, self.format, self.fields, self.streaming)
 
 
 def sources_of(data_cfg: DictConfig) -> list[Source]:
     """`data.mix` entries (format and fields default to `data.format` / `data.fields`), or the
     single source `data.train`."""
     default_fields = plain(data_cfg.get("fields"))
+    streaming = bool(data_cfg.get("streaming", False))
     mix = data_cfg.get("mix") or []
     if not mix:
         if not data_cfg.train:
@@ -159,6 +463,7 @@ def sources_of(data_cfg: DictConfig) -> list[Source]:
                 1.0,
                 data_cfg.get("format", "alpaca"),
                 default_fields,
+                streaming,
             )
         ]
     return [
@@ -169,6 +474,7 @@ def sources_of(data_cfg: DictConfig) -> list[Source]:
             float(entry.get("weight", 1.0)),
             entry.get("format") or data_cfg.format,
             plain(entry.get("fields")) if entry.get("fields") is not None else default_fields,
+            streaming,
         )
         for entry in mix
     ]
@@ -180,150 +486,3 @@ def plain(value) -> dict:
         return {}
     mapping = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
     return {name: column for name, column in mapping.items() if column is not None}
-
-
-def mix_counts(sizes: list[int], weights: list[float], total: int) -> list[int]:
-    """How many rows each source contributes to a mix of `total` rows: `total * w_i / sum(w)`,
-    rounded by largest remainder so the counts add up to `total`."""
-    shares = [total * w / sum(weights) for w in weights]
-    counts = [int(share) for share in shares]
-    by_remainder = sorted(range(len(shares)), key=lambda i: (counts[i] - shares[i], i))
-    for i in by_remainder[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def draw(rows: list[Row], count: int, rng: random.Random) -> list[Row]:
-    """`count` rows in a seeded order, going round the rows again when `count` exceeds them."""
-    order = list(range(len(rows)))
-    rng.shuffle(order)
-    return [rows[order[i % len(order)]] for i in range(count)]
-
-
-def interleave(groups: list[list[Row]]) -> list[Row]:
-    """Round-robin over the groups, so a cap keeps every source represented."""
-    out = []
-    for i in range(max((len(g) for g in groups), default=0)):
-        out.extend(g[i] for g in groups if i < len(g))
-    return out
-
-
-def read_checked(source: str, split: str, on_bad_row: str, format: str, fields: dict):
-    rows = read_rows(source, split)
-    if not rows:
-        raise ModeError(f"{source} holds no rows")
-    return check_rows(rows, source, on_bad_row, format, fields)
-
-
-def hold_out(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
-    """Split off a seeded random `fraction` of the rows (at least one) as eval rows; both parts
-    keep the file order."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    held_out = set(order[: max(1, round(len(order) * fraction))])
-    return (
-        [row for i, row in enumerate(rows) if i not in held_out],
-        [rows[i] for i in sorted(held_out)],
-    )
-
-
-@dataclass
-class Selection:
-    """The rows each split is built from, before tokenizing."""
-
-    train: list[Row]
-    eval: list[Row]
-    train_bad: list[str]
-    eval_bad: list[str]
-    train_sources: dict[str, int]
-    eval_sources: dict[str, int]
-    repeated: int = 0
-
-
-def select_rows(data_cfg: DictConfig) -> Selection:
-    """Read, check, hold out, mix and cap the rows of both splits.
-
-    One source: the training rows in file order, capped at `data.max_train_examples`. A mix:
-    `data.max_train_examples` rows (or, unset, as many as the sources hold together), each source
-    contributing `mix_counts` of them, drawn in a seeded order (repeating rows when a source
-    holds fewer), then shuffled together with `data.seed`. Eval rows: `data.eval` when set, else
-    each source's `eval` or its held-out `data.eval_fraction`, interleaved; capped at
-    `data.max_eval_examples`.
-    """
-    sources = sources_of(data_cfg)
-    mixing = bool(data_cfg.get("mix"))
-    seed = data_cfg.seed
-    train_groups, eval_groups, train_bad, eval_bad = [], [], [], []
-    for i, src in enumerate(sources):
-        rows, bad = read_checked(src.train, src.split, data_cfg.on_bad_row, src.format, src.fields)
-        train_bad += bad
-        held_out = False
-        if mixing and data_cfg.eval:
-            held = []  # one eval source for the whole mix, read below
-        elif src.eval:
-            held, bad_eval = read_checked(
-                src.eval, src.split, data_cfg.on_bad_row, src.format, src.fields
-            )
-            eval_bad += bad_eval
-        else:
-            rows, held = hold_out(rows, data_cfg.eval_fraction, seed + i)
-            held_out = True
-        if not rows:
-            raise ModeError(
-                f"The train split is empty after removing {len(bad)} bad rows"
-                + (" and holding out the eval rows" if held_out else "")
-                + (f" of {src.train}" if mixing else "")
-            )
-        train_groups.append(rows)
-        eval_groups.append(held)
-    if mixing and data_cfg.eval:
-        held, eval_bad = read_checked(
-            data_cfg.eval,
-            data_cfg.split,
-            data_cfg.on_bad_row,
-            data_cfg.format,
-            plain(data_cfg.get("fields")),
-        )
-        eval_groups = [held]
-
-    repeated = 0
-    if not mixing:
-        train = train_groups[0]
-        if data_cfg.max_train_examples:
-            train = train[: data_cfg.max_train_examples]
-    else:
-        sizes = [len(rows) for rows in train_groups]
-        total = data_cfg.max_train_examples or sum(sizes)
-        counts = mix_counts(sizes, [s.weight for s in sources], total)
-        train = []
-        for i, (rows, count) in enumerate(zip(train_groups, counts, strict=True)):
-            train += draw(rows, count, random.Random(seed * 1_000_003 + i))
-            repeated += max(0, count - len(rows))
-        random.Random(seed).shuffle(train)
-    evaluation = interleave(eval_groups)
-    if data_cfg.max_eval_examples:
-        evaluation = evaluation[: data_cfg.max_eval_examples]
-
-    def per_source(rows: list[Row], names: list[str]) -> dict[str, int]:
-        if not mixing:
-            return {}
-        counts = dict.fromkeys(names, 0)
-        for row in rows:
-            counts[row.source] = counts.get(row.source, 0) + 1
-        return counts
-
-    return Selection(
-        train,
-        evaluation,
-        train_bad,
-        eval_bad,
-        per_source(train, [s.train for s in sources]),
-        per_source(evaluation, []),
-        repeated,
-    )
-
-
-def eval_rows(data_cfg: DictConfig) -> list[Row]:
-    """The rows the eval split is built from, in order (after field mapping and row checks), to
-    read answers or prompts from. The same selection as `load_splits`."""
-    return select_rows(data_cfg).eval

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mode_cli.data.formats import row_format, row_prompt
-from mode_cli.data.sources import eval_rows
+from mode_cli.data.splits import eval_rows
 from mode_cli.decode.generate import generate_texts
+from mode_cli.devices import is_cuda
 from mode_cli.errors import ModeError
 from mode_cli.eval.report import data_description
 from mode_cli.eval.stats import CONFIDENCE, wilson_interval
@@ -204,12 +205,12 @@ def answer_rows(cfg, *, auto: bool = True) -> list[dict] | None:
     """
     if cfg.eval.answers == "off" or (cfg.eval.answers == "auto" and not auto):
         return None
-    rows = eval_rows(cfg.data)
+    rows = eval_rows(cfg.data, limit=cfg.eval.answer_examples)
     field = cfg.eval.answer_field
     if cfg.eval.answers == "auto" and not has_answers(rows, field):
         return None
     check_answers_available(rows, field, data_description(cfg.data))
-    return list(rows[: cfg.eval.answer_examples])
+    return rows
 
 
 def base_parameters(model) -> int:
@@ -229,7 +230,7 @@ def answers_by_default(cfg, model) -> bool:
 def decodes_dequantized(model, device: str) -> bool:
     """Whether answers decode from a dequantized fp32 copy: a 4-bit model on the CPU, where
     bitsandbytes' 4-bit kernels are many times slower than plain fp32 matmuls."""
-    return device == "cpu" and quantized_4bit(model)
+    return not is_cuda(device) and quantized_4bit(model)
 
 
 def quantized_4bit(model) -> bool:

@@ -39,21 +39,24 @@ from mode_cli.artifacts import (
     MERGED_CONFIG,
     Checkpoint,
     classify,
+    has_adapter,
     load_head,
     load_merged,
     load_run,
     load_run_config,
+    run_lineage,
 )
-from mode_cli.config import DataConfig, EvalConfig, RecipeConfig, method, validate
+from mode_cli.config import DataConfig, EvalConfig, RecipeConfig, validate
 from mode_cli.console import console
 from mode_cli.data.splits import load_splits
+from mode_cli.devices import empty_cache, resolve_device
 from mode_cli.errors import ModeError
 from mode_cli.eval.answers import answer_prompts, answer_rows, base_answers, evaluate_answers
 from mode_cli.eval.metrics import fresh_head, layer_metrics
 from mode_cli.eval.render import print_report
 from mode_cli.eval.report import EVAL_FOLDER, build_report, data_description, save_report
 from mode_cli.files import check_writable_folder, read_yaml
-from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_device, resolve_source
+from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_source
 from mode_cli.options import TEXT, Option, choice, integer, parse_options
 from mode_cli.recipes import explain_omegaconf_error, shipped_recipes_dir
 
@@ -187,7 +190,7 @@ def eval_config(checkpoint: Checkpoint, overrides: list[str]) -> tuple[DictConfi
             f"{checkpoint.spec} is a plain model, its own base: compare=base needs a run folder "
             "or a merged folder"
         )
-    validate(cfg)
+    validate(cfg, training=False)
     return cfg, original_model
 
 
@@ -237,8 +240,7 @@ def merged_base_metrics(
         source = resolve_source(original_model)
         texts = base_answers(base_cfg, model, tokenizer, device, prompts, source=source)
     del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    empty_cache(device)
     return metrics, texts
 
 
@@ -264,7 +266,7 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
         adapter = checkpoint.path / ADAPTER_DIR
         decoding = {
             "source": resolve_source(cfg.model),
-            "adapter": adapter if method(cfg).trains_adapter else None,
+            "adapter": adapter if has_adapter(checkpoint.path, cfg) else None,
             "base": cfg.eval.compare_base,
         }
     elif checkpoint.kind == "merged":
@@ -300,8 +302,18 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
     answers = None
     if rows:
         answers = evaluate_answers(cfg, model, head, tokenizer, device, rows, **decoding)
+    lineage = None if checkpoint.kind == "model" else run_lineage(checkpoint.path, cfg)
     report = build_report(
-        cfg, model, head, eval_set, tokenizer, device, source=source, answers=answers, base=base
+        cfg,
+        model,
+        head,
+        eval_set,
+        tokenizer,
+        device,
+        source=source,
+        answers=answers,
+        base=base,
+        lineage=lineage,
     )
     folder = save_report(report, parent)
     print_report(report, console)

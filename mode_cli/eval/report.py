@@ -13,7 +13,7 @@ Each report is a folder `<time>/` (under `<run>/eval/` by default) holding:
 - `report.md`: the same as tables a person reads;
 - `layers.png`: loss and top-1 by depth, base vs tuned (`plots.py`).
 
-`report.json`, schema `{"name": "mode-report", "version": 3}`:
+`report.json`, schema `{"name": "mode-report", "version": 4}`:
 
     created          ISO 8601 time (UTC) the report was made
     source           {kind: run | merged | model, checkpoint: the folder or model id evaluated}
@@ -34,9 +34,12 @@ Each report is a folder `<time>/` (under `<run>/eval/` by default) holding:
                      disagreements: {ensemble_only: [...], final_only: [...]} | null}; a SCORE is
                      {correct, accuracy, interval: [low, high]} (95% Wilson); a disagreement is
                      {index, prompt, reference, ensemble, final}
+    lineage          a run's: {init_from: what it started from (init_from.json) or null,
+                     extensions: [{from_step, from_max_steps, max_steps, schedule}]}; null for
+                     a plain model
 
 A plain model (no run) is reported as its own base: `sides` is ["base"] and every `tuned` is null.
-Version 3 added the base's answers and the intervals; version 2 added source, sides, data, answers
+Version 4 added lineage; version 3 added the base's answers and the intervals; version 2 added source, sides, data, answers
 and the report folder. Each version only adds keys: a reader of an older version still works.
 """
 
@@ -54,7 +57,7 @@ from mode_cli.eval.plots import save_layers_plot
 from mode_cli.eval.render import to_markdown
 from mode_cli.mode.head import MoDEHead
 
-SCHEMA = {"name": "mode-report", "version": 3}
+SCHEMA = {"name": "mode-report", "version": 4}
 EVAL_FOLDER = "eval"
 
 
@@ -77,8 +80,10 @@ def assemble(
     selected: list[int],
     source: dict | None = None,
     answers: dict | None = None,
+    lineage: dict | None = None,
 ) -> dict:
-    """The report (schema version 3) from the metrics of each side."""
+    """The report (schema version 4) from the metrics of each side; `lineage`, a run's
+    (`artifacts.run_lineage`): what it started from and its extensions."""
     if tuned is None and base is None:
         raise ValueError("a report needs the metrics of at least one side")
     source = source or {"kind": "run", "checkpoint": cfg.output_dir}
@@ -124,6 +129,7 @@ def assemble(
         "layers": rows,
         "ensemble": ensemble,
         "answers": answers,
+        "lineage": lineage,
     }
 
 
@@ -141,6 +147,7 @@ def build_report(
     source: dict,
     answers: dict | None = None,
     base: dict | None = None,
+    lineage: dict | None = None,
 ) -> dict:
     """The report of a model (and its MoDE head) on `dataset`.
 
@@ -160,7 +167,13 @@ def build_report(
     if base is None and cfg.eval.compare_base:
         base = run_base_metrics(cfg, model, head, dataset, tokenizer, device)
     return assemble(
-        cfg, tuned=metrics, base=base, selected=selected, source=source, answers=answers
+        cfg,
+        tuned=metrics,
+        base=base,
+        selected=selected,
+        source=source,
+        answers=answers,
+        lineage=lineage,
     )
 
 

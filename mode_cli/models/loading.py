@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from mode_cli.devices import cuda_index, is_cuda
 from mode_cli.errors import ModeError
 from mode_cli.models.families import family_of
 from mode_cli.models.smollm2 import ensure_converted
@@ -26,17 +27,6 @@ log = logging.getLogger(__name__)
 QUANTIZATIONS = ("nf4", "none")
 # `train.precision`: the compute dtype of the 4-bit layers and of the trainable weights.
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# `train.device`: `auto` is CUDA when torch sees a GPU, else the CPU.
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(requested: str) -> str:
-    """`auto` means CUDA when torch sees a GPU, else the CPU."""
-    if requested != "auto":
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # ---------------------------------------------------------------------------- sources
 
 
@@ -85,36 +75,46 @@ def compute_dtype(precision: str) -> torch.dtype:
     return PRECISIONS[precision]
 
 
+def base_placement(model_cfg: DictConfig, precision: str, device: str) -> dict:
+    """How the frozen base is loaded on `device`: its dtype, and for NF4 bitsandbytes' settings
+    and the device map (`from_pretrained` quantizes while it loads, onto that one device)."""
+    placement: dict = {"dtype": compute_dtype(precision)}
+    if model_cfg.quantization == "nf4":
+        placement["quantization"] = {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": model_cfg.double_quant,
+            "bnb_4bit_compute_dtype": placement["dtype"],
+            "bnb_4bit_quant_storage": torch.uint8,
+        }
+        # One device per process: `cuda` is GPU 0, `cuda:N` (a rank of a torchrun job) GPU N.
+        placement["device_map"] = {"": cuda_index(device) if is_cuda(device) else "cpu"}
+    return placement
+
+
 def load_base_model(
     source: str, model_cfg: DictConfig, precision: str, device: str
 ) -> PreTrainedModel:
-    """Load the frozen base model, in NF4 (QLoRA) or in the compute dtype, on `device`."""
-    dtype = compute_dtype(precision)
+    """Load the frozen base model, in NF4 (QLoRA) or in the compute dtype, on `device`
+    (`base_placement` says how)."""
+    placement = base_placement(model_cfg, precision, device)
     kwargs: dict = {
         "revision": model_cfg.revision,
         "trust_remote_code": model_cfg.trust_remote_code,
-        "dtype": dtype,
+        "dtype": placement["dtype"],
     }
-    if model_cfg.quantization == "nf4":
+    if "quantization" in placement:
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=model_cfg.double_quant,
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=torch.uint8,
-        )
-        # One device per process: `cuda` is GPU 0, `cuda:N` (a rank of a torchrun job) GPU N.
-        place = torch.device(device)
-        kwargs["device_map"] = {"": place.index or 0} if place.type == "cuda" else {"": "cpu"}
+        kwargs["quantization_config"] = BitsAndBytesConfig(**placement["quantization"])
+        kwargs["device_map"] = placement["device_map"]
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
         raise ModeError(f"Could not load the model '{source}': {first_line(err)}") from None
-    if model_cfg.quantization != "nf4":
+    if "quantization" not in placement:
         model.to(device)
-    if torch.device(device).type == "cpu":
+    if not is_cuda(device):
         release_file_mapping(model)
     family_of(model)
     guard_cpu_4bit_gradients(model)

@@ -5,7 +5,8 @@
   mode_head.safetensors  the MoDE head's state dict
   optimizer.pt           optimizer state (tensors and numbers only: loads with weights_only=True)
   scheduler.pt           LR scheduler state
-  rng.pt                 python, numpy, torch and CUDA RNG states, as tensors
+  rng.pt                 python, numpy, torch and CUDA RNG states, as tensors (rank 0's; the
+                         other ranks' in rng-rank-N.pt, each with its own GPU's state only)
   config.yaml            the resolved recipe the checkpoint was trained with
   trainer_state.json     the run's counters (`TrainerState`: step, data position, elapsed time...),
                          max_steps and the identity of the training data
@@ -19,7 +20,10 @@ Before a checkpoint is used it is checked: every file it needs is there and open
 headers parse, the sizes and checksums match its manifest (checkpoints of releases before the
 manifest have none and skip that check), and, once the model is built, the tensors' names and
 shapes match it. `resume=auto` (or a run folder) names a damaged checkpoint and continues from the
-newest intact one before it; a checkpoint named explicitly is refused with the reason.
+newest intact one before it; a checkpoint named explicitly is refused with the reason. A run
+continues from one checkpoint and rewrites what came after it: the run folder's newer checkpoints
+are removed as it resumes, and pruning keeps the one it resumed from beside the newest
+`checkpoint.keep`.
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from mode_cli import devices
 from mode_cli.artifacts import load_run_config
 from mode_cli.config import method
 from mode_cli.errors import ModeError
 from mode_cli.files import load_tensors, read_json, read_yaml, staged_folder, tensor_shapes
+from mode_cli.train.extend import Lineage, continuation
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +86,16 @@ RESUMABLE_CHANGES = (
     "train.micro_batch_size",
     "distributed.",
     "data.max_eval_examples",
+    # How the data are read and checked, not which: the same training examples either way.
+    "data.cache",
+    "data.num_proc",
+    "data.streaming",
+    "data.require_eos",
 )
+# Keys a resume decides rather than compares (`extend.continuation`): the step budget, which an
+# extension raises; the switch asking for it; the record of extensions and the weights the run
+# started from, both taken from the checkpoint.
+CONTINUATION_KEYS = ("train.max_steps", "train.extend", "train.extensions", "init_from")
 
 
 @dataclass
@@ -124,6 +139,11 @@ def run_folder(checkpoint: Path) -> Path:
 
 def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file() and (path / STATE).is_file()
+
+
+def step_of(path: Path) -> int:
+    """The step a checkpoint folder is named after (`step-000010`: 10)."""
+    return int(_NAME.match(path.name).group(1))
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
@@ -214,9 +234,8 @@ def file_damage(path: Path, cfg: DictConfig) -> str | None:
             for name, recorded in manifest_files(path).items():
                 if (problem := checksum_problem(path / name, recorded)) is not None:
                     return problem
-        state = read_json(path / STATE)
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            return f"{path / STATE} holds no step count"
+        if (problem := state_problem(read_json(path / STATE))) is not None:
+            return f"{path / STATE} is damaged: {problem}"
         read_yaml(path / "config.yaml")
         for name in (ADAPTER, HEAD):
             if name in needed:
@@ -229,7 +248,36 @@ def file_damage(path: Path, cfg: DictConfig) -> str | None:
         return f"{path / name} is damaged: truncated or not a file torch.save wrote"
     except ModeError as err:
         return str(err)
+    except OSError as err:  # a failing disk, a file without read permission
+        return f"{getattr(err, 'filename', None) or path / name}: cannot be read ({err.strerror or err})"
     return None
+
+
+def state_problem(record: object) -> str | None:
+    """What is wrong with a `trainer_state.json` record (a counter that is not a number, the
+    data's identity missing), or None. Counters a release before them did not write may be
+    absent."""
+    if not isinstance(record, dict) or not is_count(record.get("step")):
+        return "it holds no step count"
+    for item in fields(TrainerState):
+        if item.name not in record:
+            continue
+        value = record[item.name]
+        if item.type == "int" and not is_count(value):
+            return f"{item.name} is {value!r}, not a count"
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if item.type != "int" and not (number or (value is None and "None" in item.type)):
+            return f"{item.name} is {value!r}, not a number"
+    for key in ("max_steps", "global_micro_batch", "processes"):
+        if key in record and not is_count(record[key]):
+            return f"{key} is {record[key]!r}, not a count"
+    if not isinstance(record.get("data"), dict):
+        return "data (the identity of the training data) is missing"
+    return None
+
+
+def is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def weights_mismatch(path: Path, model, head) -> str | None:
@@ -249,6 +297,13 @@ def shapes_mismatch(path: Path, expected: dict[str, tuple]) -> str | None:
         saved = tensor_shapes(path)
     except ModeError as err:
         return str(err)
+    return shapes_mismatch_of(saved, expected, path)
+
+
+def shapes_mismatch_of(
+    saved: dict[str, tuple], expected: dict[str, tuple], path: Path
+) -> str | None:
+    """How the tensors of the file `path` (`saved`, by name) differ from `expected`, or None."""
     missing, extra = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
     if missing or extra:
         return (
@@ -270,6 +325,14 @@ def manifest_files(path: Path) -> dict[str, dict]:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict):
         raise ModeError(f"{path / MANIFEST} is damaged: it lists no files")
+    for name, recorded in files.items():
+        size = recorded.get("bytes") if isinstance(recorded, dict) else None
+        digest = recorded.get("sha256") if isinstance(recorded, dict) else None
+        if not is_count(size) or not isinstance(digest, str):
+            raise ModeError(
+                f"{path / MANIFEST} is damaged: its record of {name} is not a size and checksum "
+                f"({recorded!r})"
+            )
     return files
 
 
@@ -297,8 +360,17 @@ def sha256_of(path: Path) -> str:
 # ---------------------------------------------------------------------------- RNG states
 
 
-def rng_state() -> dict:
-    """Every RNG the training step draws from, as tensors and numbers (weights_only-loadable)."""
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's generators (torch's seeds every GPU's too)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: str = "cpu") -> dict:
+    """Every RNG the training step draws from, as tensors and numbers (weights_only-loadable):
+    python's, numpy's, the CPU's and, for a process on a GPU, that GPU's. Only this process's own
+    GPU: each rank saves its own, so a checkpoint written by 4 GPUs resumes on 1."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -315,12 +387,13 @@ def rng_state() -> dict:
             "cached": float(cached),
         },
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": devices.rng_state(device),
     }
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: str = "cpu") -> None:
+    """Put back the generators `rng_state` saved; a saved GPU state goes to this process's GPU."""
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     np_state = state["numpy"]
@@ -334,8 +407,28 @@ def set_rng_state(state: dict) -> None:
         )
     )
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    devices.set_rng_state(own_gpu_state(state["cuda"], device), device)
+
+
+def own_gpu_state(saved, device: str) -> torch.Tensor | None:
+    """The saved GPU RNG state this process continues. Earlier checkpoints (mode 0.1.0's among
+    them) hold a list, the state of every GPU the process saw: its own is the entry of its GPU
+    number (the others' streams belong to other processes), absent on a machine with fewer GPUs."""
+    if not isinstance(saved, list):
+        return saved
+    index = devices.cuda_index(device) if devices.is_cuda(device) else 0
+    return saved[index] if index < len(saved) else None
+
+
+def restore_rng(state: dict | None, device: str, seed: int, rank: int) -> None:
+    """Continue this process's random streams from its checkpointed `state`. A rank the checkpoint
+    has no state for (the run resumes with more processes than wrote it) starts streams of its
+    own from the seed and its rank, as that rank of a new run does (`seed + rank`): a copy of
+    another rank's would draw the same dropout masks as that rank."""
+    if state is None:
+        seed_everything(seed + rank)
+    else:
+        set_rng_state(state, device)
 
 
 # ---------------------------------------------------------------------------- writing
@@ -350,7 +443,8 @@ class Contents:
         head: the MoDE head's state dict (None without a head).
         optimizer: the optimizer's state dict (torch's format, parameters numbered in group order).
         scheduler: the LR scheduler's state dict.
-        rng: the RNG states of rank 0 (a single process's own).
+        rng: the RNG states of rank 0 (a single process's own); read back for another rank, that
+            rank's, or None when the checkpoint has none for it (`read_checkpoint`).
         rank_rngs: the other ranks' RNG states, rank 1 first, when several processes trained.
     """
 
@@ -358,7 +452,7 @@ class Contents:
     head: dict[str, torch.Tensor] | None
     optimizer: dict
     scheduler: dict
-    rng: dict
+    rng: dict | None
     rank_rngs: list[dict] = field(default_factory=list)
 
 
@@ -366,10 +460,25 @@ def rank_rng_file(rank: int) -> str:
     return f"rng-rank-{rank}.pt"
 
 
+def rank_rng(path: Path, rank: int) -> dict | None:
+    """The RNG states rank `rank` saved in a checkpoint; None when the checkpoint was written by
+    fewer processes and has none for it."""
+    rng_file = path / rank_rng_file(rank) if rank else path / "rng.pt"
+    return load_torch_file(rng_file) if rng_file.is_file() else None
+
+
 def save_checkpoint(
-    out: Path, contents: Contents, *, state: TrainerState, extra: dict, cfg: DictConfig, keep: int
+    out: Path,
+    contents: Contents,
+    *,
+    state: TrainerState,
+    extra: dict,
+    cfg: DictConfig,
+    keep: int,
+    resumed_from: Path | None = None,
 ) -> Path:
-    """Write the checkpoint of step `state.step` atomically, then keep only the newest `keep`.
+    """Write the checkpoint of step `state.step` atomically, then prune (`prune`: the newest
+    `keep`, this one and `resumed_from`, the checkpoint this invocation continued, stay).
 
     `contents.rng` is the RNG state at the step boundary the checkpoint stands for (taken by the
     caller before the next step draws from it); `extra` goes into trainer_state.json beside the
@@ -379,7 +488,7 @@ def save_checkpoint(
     record = {**asdict(state), **extra}
     with staged_folder(target, replace=True) as staging:
         write_contents(staging, contents, record, cfg)
-    prune(out, keep)
+    prune(out, keep, protect=(target, resumed_from))
     return target
 
 
@@ -409,16 +518,47 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
 
 
-def prune(out: Path, keep: int) -> None:
+def prune(out: Path, keep: int, protect: tuple[Path | None, ...] = ()) -> None:
     """Drop all but the newest `keep` complete checkpoints, and staging folders left behind by a
-    process killed mid-write (one run folder has one writer at a time)."""
+    process killed mid-write (one run folder has one writer at a time).
+
+    `protect` stays whatever its step: the checkpoint just written (the newest intact one) and
+    the one the run resumed from (checked intact before use: the last state known good until
+    the run is resumed again). Checkpoints newer than that one are gone already
+    (`drop_superseded`), so a damaged one never takes an intact one's place.
+    """
+    kept = {Path(path) for path in protect if path is not None}
     for old in complete_checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     for leftover in (out / CHECKPOINTS).glob(".step-*.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def drop_superseded(out: Path, step: int) -> list[Path]:
+    """Remove the checkpoints of `out` after `step`, that of the one a run continues from: they
+    are the past the run rewrites (its metrics.jsonl drops their steps too), damaged ones that
+    resume=auto skipped or the rest of a history resume=PATH went back on. Left in place, they
+    would count as the newest in pruning and in the next resume=auto. Returns them."""
+    newer = [path for path in complete_checkpoints(out) if step_of(path) > step]
+    for path in newer:
+        shutil.rmtree(path, ignore_errors=True)
+    return newer
+
+
 # ---------------------------------------------------------------------------- loading
+
+
+def fingerprint(path: Path) -> str | None:
+    """What tells two copies of a checkpoint apart: the digest of its manifest (which holds every
+    file's checksum) or, in a checkpoint of a release before the manifest, of its counters."""
+    for name in (MANIFEST, STATE):
+        if (path / name).is_file():
+            try:
+                return sha256_of(path / name)
+            except OSError:
+                return None
+    return None
 
 
 def read_state(path: Path) -> dict:
@@ -441,7 +581,9 @@ def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
     new = flatten(OmegaConf.to_container(current, resolve=True))
     lines = []
     for key in sorted(old.keys() | new.keys()):
-        if any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES):
+        if key in CONTINUATION_KEYS or any(
+            key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_CHANGES
+        ):
             continue
         if old.get(key) != new.get(key):
             lines.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
@@ -457,12 +599,16 @@ def flatten(tree: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: tree}
 
 
-def check_compatible(path: Path, cfg: DictConfig, world_size: int = 1) -> None:
+def check_compatible(path: Path, cfg: DictConfig, world_size: int = 1) -> Lineage:
     """Refuse a checkpoint trained with another recipe (model, data, layers, loss, schedule...),
-    or with another global micro-batch (`train.micro_batch_size` x processes)."""
+    or with another global micro-batch (`train.micro_batch_size` x processes), or another step
+    budget unless `train.extend` asks for one (`extend.continuation`). Returns what the run
+    takes from the checkpoint: its extensions (and the one starting now) and `init_from`."""
     # On the schema, with renamed keys migrated: keys added since take their defaults.
     saved = load_run_config(path)
     differences = config_differences(saved, cfg)
+    lineage, problems = continuation(saved, read_state(path)["step"], cfg)
+    differences += problems
     before = read_state(path).get("global_micro_batch", saved.train.micro_batch_size)
     now = cfg.train.micro_batch_size * world_size
     if before != now:
@@ -477,28 +623,46 @@ def check_compatible(path: Path, cfg: DictConfig, world_size: int = 1) -> None:
             + "\n".join(f"  - {line}" for line in differences)
             + "\nresume with the checkpoint's settings, or start a new run in another output_dir"
         )
+    return lineage
 
 
 def read_checkpoint(path: Path, *, model, head, rank: int = 0) -> tuple[Contents, dict]:
     """A checkpoint's contents, checked against the model and head about to receive them
     (tensor names and shapes), and its trainer_state.json record.
 
-    `rank` picks the RNG states to restore (a rank the checkpoint has none for takes rank 0's:
-    a different world size cannot continue the other ranks' random streams anyway).
+    `rank` picks the RNG states to restore: that rank's, or None when the checkpoint was written
+    by fewer processes (`restore_rng` then derives the rank's streams from the seed and the rank;
+    taking rank 0's would make the two ranks draw the same dropout masks).
     """
     head_file = path / HEAD
     if (head is not None) != head_file.is_file():
         raise ModeError(f"cannot resume from {path}: the MoDE head does not match this recipe")
     if (problem := weights_mismatch(path, model, head)) is not None:
         raise ModeError(f"cannot resume from {path}: {problem}")
-    rng_file = path / rank_rng_file(rank) if rank else path / "rng.pt"
-    if not rng_file.is_file():
-        rng_file = path / "rng.pt"
     contents = Contents(
         adapter=load_tensors(path / ADAPTER) if (path / ADAPTER).is_file() else {},
         head=load_tensors(head_file) if head is not None else None,
         optimizer=load_torch_file(path / "optimizer.pt"),
         scheduler=load_torch_file(path / "scheduler.pt"),
-        rng=load_torch_file(rng_file),
+        rng=rank_rng(path, rank),
     )
+    if contents.rng is not None and not holds_rng_states(contents.rng):
+        rng_file = path / (rank_rng_file(rank) if rank else "rng.pt")
+        raise ModeError(
+            f"cannot resume from {path}: {path / rng_file} does not hold the RNG states a "
+            "checkpoint saves"
+        )
     return contents, read_state(path)
+
+
+def holds_rng_states(state: object) -> bool:
+    """Whether a loaded rng file has the python, numpy and torch states `rng_state` saves (a valid
+    torch file of something else would fail half-way through restoring them)."""
+    try:
+        return (
+            isinstance(state["python"]["state"], torch.Tensor)
+            and isinstance(state["numpy"]["keys"], torch.Tensor)
+            and isinstance(state["torch"], torch.Tensor)
+        )
+    except (KeyError, TypeError, IndexError):
+        return False

@@ -31,16 +31,54 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mode_cli.devices import collective_backend, is_cuda, rank_device
+from mode_cli.errors import ModeError
+
 # `distributed.strategy`.
 STRATEGIES = ("ddp", "fsdp")
 # The environment torchrun gives each process.
 WORLD_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# What else a rank of a job started without torchrun needs to find its peers (env:// rendezvous).
+RENDEZVOUS_ENV = ("MASTER_ADDR", "MASTER_PORT")
 
 
 def launched_by_torchrun() -> bool:
     """Whether this process is a rank of a torchrun job: several processes, or one that torchrun
-    started (a one-GPU FSDP job still runs the sharded code)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    started (a one-GPU FSDP job still runs the sharded code).
+
+    A WORLD_SIZE above 1 without the rest of a rank's environment (some clusters export it to
+    every command) is refused, naming what is missing: guessing would let several copies of one
+    command each train alone into the same run folder.
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return True
+    size = os.environ.get("WORLD_SIZE", "1")
+    if not size.strip().isdigit():
+        raise ModeError(f"WORLD_SIZE={size}: expected a number of processes")
+    if int(size) <= 1:
+        return False
+    missing = [name for name in (*WORLD_ENV, *RENDEZVOUS_ENV) if name not in os.environ]
+    if missing:
+        raise ModeError(
+            f"WORLD_SIZE={size} is set, but not {', '.join(missing)}: this process is not a rank "
+            "of a torch.distributed job. Start the job with torchrun (or distributed.nproc=N), "
+            "or unset WORLD_SIZE to train in one process"
+        )
+    return True
+
+
+def restarted_by_torchrun() -> bool:
+    """Whether torchrun restarted this job after a failure (`distributed.max_restarts`): it reruns
+    the command as it was started."""
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") not in ("", "0")
+
+
+def shards(strategy: str, nproc: int) -> bool:
+    """Whether a run with `distributed.strategy` and `distributed.nproc` will shard its model:
+    FSDP over several processes, or under a torchrun (a one-process torchrun job runs the sharded
+    code too). `mode train distributed.nproc=1` alone is one plain process whatever the strategy,
+    as `World.sharded` says once the run has started."""
+    return strategy == "fsdp" and (nproc > 1 or launched_by_torchrun())
 
 
 @dataclass(frozen=True)
@@ -71,7 +109,7 @@ class World:
 
     def device(self, device: str) -> str:
         """This rank's device: `cuda:<local rank>` on CUDA, the CPU otherwise."""
-        return f"cuda:{self.local_rank}" if device == "cuda" else device
+        return rank_device(device, self.local_rank)
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks (float64, exact for token counts)."""
@@ -127,11 +165,9 @@ def init_world(strategy: str, timeout_s: float, device: str) -> World:
         return World(strategy=strategy)
     rank, size, local = (int(os.environ[name]) for name in WORLD_ENV)
     if not dist.is_initialized():
-        if device == "cuda":
+        if is_cuda(device):
             torch.cuda.set_device(local)
-        dist.init_process_group(
-            "nccl" if device == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s)
-        )
+        dist.init_process_group(collective_backend(device), timeout=timedelta(seconds=timeout_s))
     return World(rank=rank, size=size, local_rank=local, strategy=strategy, joined=True)
 
 
@@ -197,6 +233,11 @@ def gathered(module: nn.Module, world: World) -> Iterator[None]:
     if not world.sharded:
         yield
         return
+    # FSDP2 makes the first unit to run forward the root. Before any training step (the eval at
+    # step 0 of a run from init_from) a decoder layer would be first, and the wrapper's own
+    # forward would then fail ("already lazily initialized"): the wrapper takes the root's place
+    # first. torch has no public call for it (unshard() is not it).
+    module._get_fsdp_state()._lazy_init()
     module.unshard()
     try:
         yield
@@ -273,6 +314,12 @@ def optimizer_state(module: nn.Module, optimizer, world: World) -> dict | None:
     single process saves it. Called on every rank; None except on rank 0 when sharded."""
     if not world.sharded:
         return optimizer.state_dict()
+    if not optimizer.state:
+        # Before the first update (a checkpoint after skipped steps): torch's
+        # get_optimizer_state_dict would give the optimizer a state by a fake step (AdamW at step
+        # 1 with zero moments), and the next real update would differ from one process's. An
+        # empty state is the same on every rank, and numbered as one process numbers it.
+        return optimizer.state_dict() if world.main else None
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     by_name = get_optimizer_state_dict(module, optimizer, options=_options(cpu_offload=True))
@@ -291,7 +338,9 @@ def optimizer_state(module: nn.Module, optimizer, world: World) -> dict | None:
 def load_optimizer_state(module: nn.Module, optimizer, world: World, saved: dict) -> None:
     """Load an optimizer state saved in torch's own format (by `optimizer_state` or a single
     process), sharding it where the strategy shards."""
-    if not world.sharded:
+    if not world.sharded or not saved["state"]:
+        # An empty state (saved before the first update) has nothing to shard, and torch's own
+        # loader would first give the optimizer a state by a fake step (see `optimizer_state`).
         optimizer.load_state_dict(saved)
         return
     from torch.distributed.checkpoint.state_dict import (
@@ -369,9 +418,14 @@ def launch(
     except ChildFailedError as err:
         rank, first = err.get_first_failure()
         codes = {failure.exitcode for failure in err.failures.values()}
-        # Every rank stopped as asked (a signal to one rank, agreed by all) or refused the same
-        # recipe: each said why already.
-        if codes <= {2, 128 + signal.SIGINT, 128 + signal.SIGTERM}:
+        # A rank refused the run (a ModeError: it said why). The others stopped because of it,
+        # however they ended (143 after their step, killed by the agent's SIGTERM, or failing in a
+        # collective their peer left), so the job's status is the refusal's. Exit 2 is never such
+        # a consequence: a rank refuses only on its own checks.
+        if 2 in codes:
+            return LaunchResult(2)
+        # Every rank stopped as asked (a signal to one rank, agreed by all): each said so already.
+        if codes <= {128 + signal.SIGINT, 128 + signal.SIGTERM}:
             return LaunchResult(max(codes))
         if first.exitcode < 0:
             how = f"killed by {signal.Signals(-first.exitcode).name}"

@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig
 
 from mode_cli.config import method
+from mode_cli.devices import device_type, gpu_memory, is_cuda, resolve_device
 from mode_cli.errors import ModeError
-from mode_cli.models.loading import resolve_device
 from mode_cli.train.memory import (
     AUTO_MARGIN,
     MemoryPlan,
@@ -32,24 +32,25 @@ from mode_cli.train.memory import (
     size_text,
 )
 
-# Bytes a training example's token costs in the process as a Python int in a list, for its ids
-# and for its labels (a pointer and, above 256, an int object of 28 bytes).
-DATA_BYTES_PER_TOKEN = 2 * (8 + 28)
+# Bytes a training token costs in the process: the data cache's memory-mapped token ids (2 bytes,
+# 4 above a vocabulary of 65,536) and trained flags (1 byte), every page of which a run touches
+# once an epoch; a byte to spare for the per-example arrays (lengths, offsets, digests).
+DATA_BYTES_PER_TOKEN = 2 + 1 + 1
 
 
-def device_type(cfg: DictConfig) -> str:
+def recipe_device(cfg: DictConfig) -> str:
     """The type (`cpu`, `cuda`) of the device the recipe trains on."""
-    return torch.device(resolve_device(cfg.train.device)).type
+    return device_type(resolve_device(cfg.train.device))
 
 
 def machine_budget(device: str, free: bool) -> tuple[float | None, str]:
     """This machine's memory for `device`: the GPU's (GPU 0) or the RAM; `free`: what is free
     now, less `AUTO_MARGIN`; else all of it. (None, why) when the device is not here."""
-    if torch.device(device).type == "cuda":
-        if not torch.cuda.is_available():
+    if is_cuda(device):
+        found = gpu_memory(device)
+        if found is None:
             return None, "no GPU on this machine: name a budget with --memory"
-        available, total = torch.cuda.mem_get_info()
-        name = torch.cuda.get_device_name()
+        available, total, name = found
         if free:
             return available * (1 - AUTO_MARGIN), f"{name}'s free memory less {AUTO_MARGIN:.0%}"
         return float(total), f"this machine's GPU ({name})"
@@ -102,13 +103,13 @@ def recipe_setup(
         strategy=cfg.distributed.strategy,
         grad_accum_steps=cfg.train.grad_accum_steps,
         # Tokenizer and data live in the host's memory: a CUDA plan is the GPU's.
-        data_bytes=data_bytes if torch.device(device).type == "cpu" else 0.0,
+        data_bytes=0.0 if is_cuda(device) else data_bytes,
     )
 
 
-def data_bytes(examples) -> float:
-    """What the tokenized training examples take in the process (Python lists of ints)."""
-    return float(sum(len(example.input_ids) for example in examples) * DATA_BYTES_PER_TOKEN)
+def data_bytes(tokens: int) -> float:
+    """What the training split's `tokens` take in the process (its memory-mapped arrays)."""
+    return float(tokens * DATA_BYTES_PER_TOKEN)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def plan_recipe(
     the size auto picks on that budget, and the choice."""
     from mode_cli.train.footprint import model_facts
 
-    device = device_type(cfg)
+    device = recipe_device(cfg)
     processes = processes or cfg.distributed.nproc
     facts = facts or model_facts(cfg)
     setup = recipe_setup(cfg, facts, device, processes, data)
@@ -183,7 +184,7 @@ def auto_budget(cfg: DictConfig) -> tuple[float, str]:
     free memory less a margin."""
     if cfg.train.memory_budget is not None:
         return parse_size(cfg.train.memory_budget, "train.memory_budget"), "train.memory_budget"
-    budget, source = machine_budget(device_type(cfg), free=True)
+    budget, source = machine_budget(recipe_device(cfg), free=True)
     if budget is None:
         raise ModeError(f"train.micro_batch_size=auto: {source}")
     return budget, source

@@ -295,7 +295,7 @@ def _saved_bytes(model, head, cfg: DictConfig, rows: int, length: int) -> dict:
     def pack(tensor):
         storage = tensor.untyped_storage()
         key = storage.data_ptr()
-        if key in known or key in seen or tensor.device.type == "meta":
+        if key in known or key in seen or tensor.is_meta:
             return tensor
         seen.add(key)
         size = storage.nbytes()

@@ -25,8 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
+from mode_cli.devices import is_cuda
 from mode_cli.errors import ModeError
 from mode_cli.mode.chunked import DEFAULT_CHUNK_BUDGET, peak_logits
 from mode_cli.mode.terms import LossWeights
@@ -238,7 +237,7 @@ class Setup:
 
     @property
     def on_cuda(self) -> bool:
-        return torch.device(self.device).type == "cuda"
+        return is_cuda(self.device)
 
 
 @dataclass(frozen=True)
@@ -487,7 +486,7 @@ def plan_memory(
         tokenizer = cal.tokenizer_per_entry * facts.vocab_size
         add("tokenizer", "tokenizer", tokenizer, f"{facts.vocab_size:,} entries")
     if setup.data_bytes:
-        add("data", "tokenized data", setup.data_bytes, "the training examples, as Python lists")
+        add("data", "tokenized data", setup.data_bytes, "the training split's memory-mapped tokens")
     add(
         "runtime",
         "CUDA context" if setup.on_cuda else "runtime",

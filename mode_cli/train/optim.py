@@ -3,17 +3,20 @@ its own learning rate, after a linear warmup.
 
 `train.optimizer`: `adamw` (torch), or bitsandbytes' `adamw_8bit` / `paged_adamw_8bit` (CUDA only:
 8-bit states save ~75% of the optimizer memory; paged ones also survive memory spikes). On the CPU
-an 8-bit optimizer is refused, or run as torch AdamW with `train.optimizer_fallback=true`.
+an 8-bit optimizer is refused, or run as torch AdamW with `train.optimizer_fallback=true`. On
+FSDP2's sharded parameters it is refused before anything loads (`optimizer_on` says why).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from omegaconf import DictConfig
 
+from mode_cli.devices import is_cuda
 from mode_cli.errors import ModeError
 from mode_cli.mode.head import MoDEHead
 
@@ -24,20 +27,41 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 GPU_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit")
 # `train.lr_schedule`, after `train.warmup_steps` of linear warmup.
 SCHEDULES = ("cosine", "linear", "constant")
+# `train.extend`: the schedule of the steps an extension adds (`run_schedule`).
+EXTEND_SCHEDULES = ("replan", "restart")
 
 
-def optimizer_on(name: str, device: str, fallback: bool) -> str:
+def optimizer_on(name: str, device: str, fallback: bool, sharded: bool = False) -> str:
     """The optimizer that runs on `device` for `train.optimizer=name`: the same one, or AdamW for
-    a GPU-only optimizer on the CPU when `fallback` allows it; a ModeError when it does not."""
-    if name not in GPU_ONLY_OPTIMIZERS or device == "cuda":
+    a GPU-only optimizer on the CPU when `fallback` allows it. A ModeError where it cannot run: an
+    8-bit optimizer on the CPU without `fallback`, or on FSDP2's shards (`sharded`).
+
+    bitsandbytes' 8-bit step passes each parameter, its gradient and its state to one kernel
+    (`torch.ops.bitsandbytes.optimizer_update_8bit_blockwise`). FSDP2 makes every parameter a
+    DTensor, and the state bitsandbytes allocates beside it is partly plain tensors (the quantile
+    maps, the block maxima, a paged buffer of the whole unsharded shape), so the DTensor dispatcher
+    refuses the call ("got mixed torch.Tensor and DTensor"); and the op registers no sharding rule
+    that would let it run on shards. tests/test_devices.py checks that this still fails.
+    """
+    if name not in GPU_ONLY_OPTIMIZERS:
         return name
-    if not fallback:
+    if not is_cuda(device):
+        if not fallback:
+            raise ModeError(
+                f"train.optimizer={name} needs a CUDA GPU (bitsandbytes' 8-bit optimizers); on the "
+                "CPU use train.optimizer=adamw, train.optimizer_fallback=true (runs it as AdamW), "
+                "or train=cpu-smoke to smoke-test a GPU recipe"
+            )
+        return "adamw"
+    if sharded:
         raise ModeError(
-            f"train.optimizer={name} needs a CUDA GPU (bitsandbytes' 8-bit optimizers); on the CPU "
-            "use train.optimizer=adamw, train.optimizer_fallback=true (runs it as AdamW), or "
-            "train=cpu-smoke to smoke-test a GPU recipe"
+            f"train.optimizer={name} cannot update the parameters distributed.strategy=fsdp "
+            "shards (bitsandbytes' 8-bit kernels take plain tensors, not FSDP2's DTensor shards). "
+            "Use distributed.strategy=ddp to keep the 8-bit optimizer (each GPU holds the whole "
+            "4-bit model), or train.optimizer=adamw to keep FSDP (its 32-bit states are sharded "
+            "with the parameters)"
         )
-    return "adamw"
+    return name
 
 
 def decays(name: str, param: torch.Tensor) -> bool:
@@ -51,7 +75,7 @@ def decays(name: str, param: torch.Tensor) -> bool:
 
 
 def make_optimizer(
-    cfg: DictConfig, model, head: MoDEHead | None, device: str = "cpu"
+    cfg: DictConfig, model, head: MoDEHead | None, device: str = "cpu", sharded: bool = False
 ) -> torch.optim.Optimizer:
     """AdamW over the adapter and the MoDE head, each with its own learning rate.
 
@@ -81,7 +105,7 @@ def make_optimizer(
             }
         )
     groups = [group for group in groups if group["params"]]  # mode-only has no adapter
-    name = optimizer_on(cfg.train.optimizer, device, cfg.train.optimizer_fallback)
+    name = optimizer_on(cfg.train.optimizer, device, cfg.train.optimizer_fallback, sharded)
     if name != cfg.train.optimizer:
         log.info(
             f"note: train.optimizer={cfg.train.optimizer} needs CUDA; using torch AdamW on the {device}"
@@ -118,10 +142,52 @@ def lr_lambda(warmup: int, total: int, min_ratio: float, schedule: str = "cosine
     return factor
 
 
+def run_schedule(train: DictConfig) -> Callable[[int], float]:
+    """The LR factor of every scheduler step of the run, its extensions included.
+
+    Up to the first extension the schedule is the one planned for the run's first budget. From an
+    extension's `from_step` on (the first added step reads the factor of scheduler step
+    `from_step`), the factor follows that extension's schedule:
+
+    - `replan`: the recipe's schedule as if `max_steps` had been the extension's budget from the
+      start, continued at the current step (with a constant schedule, exactly what a run planned
+      for that budget from the start does);
+    - `restart`: a new warmup of `train.warmup_steps` then the decay, over the added steps alone.
+    """
+
+    def planned(total: int) -> Callable[[int], float]:
+        return lr_lambda(train.warmup_steps, total, train.min_lr_ratio, train.lr_schedule)
+
+    extensions = list(train.extensions)
+    first_budget = extensions[0].from_max_steps if extensions else train.max_steps
+    segments: list[tuple[int, Callable[[int], float]]] = [(0, planned(first_budget))]
+    for extension in extensions:
+        start = extension.from_step
+        if extension.schedule == "restart":
+            fresh = planned(extension.max_steps - start)
+            segments.append((start, lambda step, fresh=fresh, start=start: fresh(step - start)))
+        else:
+            segments.append((start, planned(extension.max_steps)))
+
+    def factor(step: int) -> float:
+        for start, segment in reversed(segments):
+            if step >= start:
+                return segment(step)
+        return segments[0][1](step)
+
+    return factor
+
+
 def make_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer):
-    """The recipe's schedule as a LambdaLR over every parameter group."""
-    train = cfg.train
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lr_lambda(train.warmup_steps, train.max_steps, train.min_lr_ratio, train.lr_schedule),
-    )
+    """The recipe's schedule (`run_schedule`: its extensions included) as a LambdaLR over every
+    parameter group."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, run_schedule(cfg.train))
+
+
+def reschedule(scheduler) -> None:
+    """After loading a checkpoint's schedule state into a scheduler whose schedule changed (an
+    extension): the learning rate of the next step from the new schedule, not the one the
+    checkpoint's optimizer state recorded from the old. Stepping back one step and forward again
+    recomputes it through torch's own path (every group's lr, `get_last_lr`)."""
+    scheduler.last_epoch -= 1
+    scheduler.step()

@@ -234,7 +234,7 @@ class WandbRun:
         settings = cfg.wandb
         id_file = out / self.ID_FILE
         run_id = (
-            id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
+            read_text(id_file).strip() if resume_step is not None and id_file.is_file() else None
         )
         self.run = wandb.init(
             project=settings.project,
@@ -310,7 +310,7 @@ def truncate_after(path: Path, step: int) -> None:
             raise ModeError(
                 f"{path}, line {number}: not a metrics record; fix or remove that line to resume"
             )
-        if json.loads(line).get("step", 0) <= step:
+        if json.loads(line)["step"] <= step:
             kept.append(line)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     staging.write_text("".join(line + "\n" for line in kept))
@@ -318,10 +318,13 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 def is_record(line: str) -> bool:
+    """A JSON object with a step number, as every metrics record holds."""
     try:
-        return isinstance(json.loads(line), dict)
+        record = json.loads(line)
     except json.JSONDecodeError:
         return False
+    step = record.get("step") if isinstance(record, dict) else None
+    return isinstance(step, int) and not isinstance(step, bool)
 
 
 def print_summary(console: Console, summary: dict) -> None:

@@ -7,9 +7,17 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
+import numpy as np
 from torch import nn
 
-from mode_cli.data.batching import at_targets, batches, collate, target_count, target_positions
+from mode_cli.data.batching import (
+    at_targets,
+    collate,
+    epoch_order,
+    target_count,
+    target_positions,
+    trained_tokens,
+)
 from mode_cli.data.tokenizing import IGNORE
 from mode_cli.mode.head import MoDEHead
 from mode_cli.mode.loss import IMPLEMENTATIONS, final_only_loss
@@ -61,7 +69,7 @@ class StepLoss:
     loss: float  # summed over the step's micro-batches, divided by its target tokens
     parts: dict[str, float]  # each loss term, normalised the same way
     target_tokens: int
-    tokens: int  # attended tokens, for tokens/s
+    tokens: int  # attended tokens of the examples trained on, for tokens/s
 
 
 def accumulate_gradients(
@@ -92,7 +100,7 @@ def accumulate_gradients(
         total += sums.total.item()
         for key, value in sums.parts.items():
             parts[key] = parts.get(key, 0.0) + value
-        tokens += int(batch["attention_mask"].sum())
+        tokens += trained_tokens(batch)
     keys = sorted(parts)
     total, tokens, *values = world.sum([total, tokens, *(parts[key] for key in keys)])
     return StepLoss(
@@ -128,25 +136,30 @@ class BatchStream:
         self.rank, self.world_size = shard
         self.batch_size = batch_size * self.world_size  # the global micro-batch
         self.epoch, self.index = epoch, index
-        self._order_epoch, self._order = -1, []
+        self._order_epoch, self._order = -1, None
+        self.batches_per_epoch = -(-len(examples) // self.batch_size)
 
-    def epoch_batches(self) -> list:
+    def epoch_order(self) -> np.ndarray:
+        """The order of this epoch's examples (kept while the epoch lasts)."""
         if self._order_epoch != self.epoch:
-            self._order = batches(self.examples, self.batch_size, self.seed, self.epoch)
+            self._order = epoch_order(len(self.examples), self.seed, self.epoch)
             self._order_epoch = self.epoch
         return self._order
 
     def next(self) -> dict:
-        if self.index >= len(self.epoch_batches()):
+        if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        examples = self.epoch_batches()[self.index]
+        start = self.index * self.batch_size
+        batch = self.epoch_order()[start : start + self.batch_size]
         self.index += 1
-        mine = examples[self.rank :: self.world_size]
+        # Only this rank's examples are read (from memory-mapped tokens, for a large split).
+        mine = [self.examples[int(i)] for i in batch[self.rank :: self.world_size]]
         if not mine:
             # An epoch's last global micro-batch can hold fewer examples than there are ranks.
             # This rank still runs the step (its wrapper synchronises gradients) on an example
-            # with nothing trained: it adds no loss and no gradient.
-            mine = [replace(examples[0], labels=[IGNORE] * len(examples[0].labels))]
+            # with nothing trained: it adds no loss, no gradient and no tokens to tokens/s.
+            first = self.examples[int(batch[0])]
+            mine = [replace(first, labels=[IGNORE] * len(first.labels))]
         return collate(mine, self.pad_id)
 
     @property
@@ -155,4 +168,4 @@ class BatchStream:
 
     @property
     def epochs_done(self) -> float:
-        return self.epoch + self.index / max(1, len(self.epoch_batches()))
+        return self.epoch + self.index / max(1, self.batches_per_epoch)

@@ -46,11 +46,13 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from mode_cli.artifacts import MERGED_DIR
-from mode_cli.config import method, validate
+from mode_cli.artifacts import MERGED_DIR, has_adapter
+from mode_cli.config import validate
 from mode_cli.errors import ModeError
 from mode_cli.eval.report import latest_report
+from mode_cli.models.loading import resolve_source
 from mode_cli.recipes import compose_recipe, recipe_files, shipped_recipes_dir
+from mode_cli.train import start_from
 from mode_cli.train.progress import METRICS_FILE
 from mode_cli.train.recipe import FinetuneRecipe
 from mode_cli.train.seeds import (
@@ -241,6 +243,9 @@ def plan_sweep(
                     f"distributed.nproc={cfg.distributed.nproc}: a sweep runs one process per "
                     "run; start each run with its own `mode train ... distributed.nproc=N`"
                 )
+            if cfg.init_from is not None and not (run.out / "config.yaml").exists():
+                # A sweep from one parent: each new run's fit to it, before the first starts.
+                start_from.check(cfg, resolve_source(cfg.model))
         except ModeError as err:
             problems.setdefault(str(err), []).append(run)
             continue
@@ -349,7 +354,7 @@ def finished_earlier(run: SweepRun) -> bool:
         return False
     return not (
         run.cfg.merge.enabled
-        and method(run.cfg).trains_adapter
+        and has_adapter(run.out, run.cfg)
         and not (run.out / MERGED_DIR).is_dir()
     )
 
