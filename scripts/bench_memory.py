@@ -271,6 +271,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smollm2-only", action="store_true", help="with --calibrate: SmolLM2")
     parser.add_argument("--json-out", help="with --calibrate: save the runs as JSON here")
     parser.add_argument(
+        "--continue",
+        dest="resume",
+        action="store_true",
+        help="with --calibrate --json-out: keep the runs that file holds, measure only the rest",
+    )
+    parser.add_argument(
         "--refit",
         help="runs saved by --json-out: predict them with the current code, fit again and "
         "rewrite the section, without running them again",
@@ -400,13 +406,22 @@ def plan_worker(recipe: str, overrides: list[str]) -> dict:
         )  # a checkpoint's buffers are not training's
         run.train()
         training = status("VmHWM")
-        tokens = sum(len(example.input_ids) for example in run.train_set.examples)
+        tokens = run.train_set.stats.tokens
     return {
         "baseline_bytes": baseline,
         "setup_peak_bytes": setup - baseline,
         "training_peak_bytes": training - baseline,
         "data_tokens": tokens,
     }
+
+
+# What a grid run measures (`plan_worker`), as opposed to what the plan predicts of it.
+MEASURED = ("baseline_bytes", "setup_peak_bytes", "training_peak_bytes", "data_tokens")
+
+
+def run_key(config: dict) -> tuple:
+    """A grid run's settings, naming it among the others."""
+    return tuple(config[k] for k in ("recipe", "batch", "length", "gc", "loss"))
 
 
 def measure_plan_config(config: dict, data: Path) -> dict:
@@ -546,7 +561,7 @@ def within(record: dict) -> bool:
     return miss <= max(relative * record["training_peak_bytes"], absolute)
 
 
-def plan_markdown(records: list[dict], constants: dict, seconds: float) -> str:
+def plan_markdown(records: list[dict], constants: dict, seconds: float, note: str = "") -> str:
     import torch
 
     held = sum(within(r) for r in records)
@@ -578,7 +593,8 @@ def plan_markdown(records: list[dict], constants: dict, seconds: float) -> str:
         "",
         f"Machine: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; the grid "
         f"took {seconds / 60:.0f} min. Targets: SmolLM2 within {SMOLLM2_TOLERANCE:.0%}, a tiny "
-        f"family within {TINY_TOLERANCE[0]:.0%} or {TINY_TOLERANCE[1] / MIB:.0f} MiB.",
+        f"family within {TINY_TOLERANCE[0]:.0%} or {TINY_TOLERANCE[1] / MIB:.0f} MiB."
+        + (f" {note}" if note else ""),
         "",
         "| model | micro-batch | length | checkpointing | loss | predicted MiB | measured MiB | error | |",
         "|---|---:|---:|---|---|---:|---:|---:|---|",
@@ -595,6 +611,10 @@ def plan_markdown(records: list[dict], constants: dict, seconds: float) -> str:
         f"{held} of {len(records)} within target; largest error "
         + ", ".join(f"{name} {value:.1%}" for name, value in worst.items())
         + ".",
+        "",
+        "On CUDA the plan is not measured yet: no GPU has run `scripts/gpu_check.py` part f (the "
+        "plan against `torch.cuda.max_memory_allocated` and `max_memory_reserved` of the "
+        "Llama-3-8B-shaped model), so its CUDA constants are estimates.",
     ]
     return "\n".join(lines)
 
@@ -606,13 +626,25 @@ def calibrate(args) -> None:
     records, cache = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         data = text_data(Path(tmp))
+        note = ""  # how the runs were made, where that needs saying (kept in the runs' file)
         if args.refit:
             saved = json.loads(Path(args.refit).read_text())
-            runs, seconds = saved["runs"], saved["seconds"]
+            runs, seconds, note = saved["runs"], saved["seconds"], saved.get("note", "")
         else:
             runs = plan_configs(smollm2=not args.tiny_only, tiny=not args.smollm2_only)
+        kept, earlier = {}, 0.0
+        if args.resume and args.json_out and Path(args.json_out).is_file():
+            saved = json.loads(Path(args.json_out).read_text())
+            kept = {run_key(r): r for r in saved["runs"]}
+            earlier = saved.get("seconds", 0.0)  # the time the kept runs took
+            note = saved.get("note", "")
         for config in runs:
-            record = dict(config) if args.refit else {**config, **measure_plan_config(config, data)}
+            if args.refit:
+                record = dict(config)
+            elif run_key(config) in kept:
+                record = {**config, **{k: kept[run_key(config)][k] for k in MEASURED}}
+            else:
+                record = {**config, **measure_plan_config(config, data)}
             record.update(predictions(config, data, record["data_tokens"], cache))
             records.append(record)
             print(
@@ -623,8 +655,13 @@ def calibrate(args) -> None:
                 file=sys.stderr,
             )
             if args.json_out:  # after every run: a stopped grid keeps what it measured
+                done = {run_key(r) for r in records}
+                waiting = [r for key, r in kept.items() if key not in done]
+                so_far = earlier + time.perf_counter() - started
                 Path(args.json_out).write_text(
-                    json.dumps({"runs": records, "seconds": 0}, indent=1)
+                    json.dumps(
+                        {"runs": records + waiting, "seconds": so_far, "note": note}, indent=1
+                    )
                 )
     per_entry = tokenizer_bytes_per_entry()
     constants = fit_constants(records, per_entry)
@@ -634,11 +671,11 @@ def calibrate(args) -> None:
     for record in records:
         record["predicted_bytes"] = predict(record, constants)
     if not args.refit:
-        seconds = time.perf_counter() - started
+        seconds = earlier + time.perf_counter() - started
     if args.json_out:
-        record = {"constants": constants, "seconds": seconds, "runs": records}
+        record = {"constants": constants, "seconds": seconds, "note": note, "runs": records}
         Path(args.json_out).write_text(json.dumps(record, indent=1) + "\n")
-    text = plan_markdown(records, constants, seconds)
+    text = plan_markdown(records, constants, seconds, note)
     if args.doc:
         write_section("memory_plan", text, args.doc)
     print(text)
