@@ -150,27 +150,8 @@ def give_back_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def one_allocator_arena() -> None:
-    """Serve every thread of the process from one glibc arena (M_ARENA_MAX = 1), for training on
-    the CPU.
-
-    With glibc's default, an arena per thread, memory one thread frees is not reused by another,
-    and how much each arena keeps depends on which thread allocated what: the peak of the same
-    CPU run moved by a quarter from run to run (SmolLM2, micro-batch 1 with checkpointing: 490
-    to 640 MB; with one arena, 480 to 510), which no memory plan can foresee. Set before the
-    work starts (arenas made earlier stay). Elsewhere than glibc this does nothing.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(M_ARENA_MAX, 1)
-
-
-# glibc's malloc.h: mallopt's parameter for the most arenas.
-M_ARENA_MAX = -8
-
-
 def _glibc():
-    """The C library when it is glibc (it has malloc_trim and mallopt), else None."""
+    """The C library when it is glibc (it has malloc_trim), else None."""
     import ctypes
     import ctypes.util
 
@@ -179,7 +160,7 @@ def _glibc():
         libc = ctypes.CDLL(name) if name else None
     except OSError:
         return None
-    if libc is None or not hasattr(libc, "malloc_trim") or not hasattr(libc, "mallopt"):
+    if libc is None or not hasattr(libc, "malloc_trim"):
         return None
     return libc
 

@@ -52,7 +52,7 @@ from mode_cli.config import method, validate
 from mode_cli.console import console
 from mode_cli.data.splits import legacy_identity, load_splits
 from mode_cli.data.tokenizing import IGNORE, Example
-from mode_cli.devices import device_type, empty_cache, is_cuda, peak_memory_bytes
+from mode_cli.devices import device_type, empty_cache, peak_memory_bytes
 from mode_cli.errors import ModeError
 from mode_cli.eval.answers import answer_rows, answers_by_default, evaluate_answers
 from mode_cli.eval.metrics import training_eval
@@ -66,7 +66,6 @@ from mode_cli.models.loading import (
     attach_adapter,
     load_base_model,
     load_tokenizer,
-    one_allocator_arena,
     resolve_source,
 )
 from mode_cli.train import checkpoint as checkpoint_mod
@@ -190,8 +189,6 @@ class FinetuneRecipe:
     def setup_data(self) -> None:
         """Tokenizer and both splits: all `--dry-run` needs, no model weights."""
         cfg = self.cfg
-        if not is_cuda(self.device):
-            one_allocator_arena()  # a steady peak, the one the memory plan foresees
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         seed_everything(cfg.train.seed)
