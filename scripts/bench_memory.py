@@ -332,11 +332,8 @@ CALIBRATION_FILE = ROOT / "mode_cli" / "train" / "memory_calibration.json"
 def plan_configs(smollm2: bool = True, tiny: bool = True) -> list[dict]:
     """The runs of the grid: recipe and the settings that vary."""
     configs = []
-    if smollm2:
-        for batch, length, checkpointing, loss in SMOLLM2_GRID:
-            configs.append(
-                dict(recipe=RECIPE, batch=batch, length=length, gc=checkpointing, loss=loss)
-            )
+    # The tiny families first, then SmolLM2 from the smallest micro-batch: a grid stopped early
+    # (and continued with --continue) has measured the quick runs.
     if tiny:
         for family in TINY_FAMILIES:
             for batch, length, checkpointing, loss in TINY_GRID:
@@ -349,6 +346,11 @@ def plan_configs(smollm2: bool = True, tiny: bool = True) -> list[dict]:
                         loss=loss,
                     )
                 )
+    if smollm2:
+        for batch, length, checkpointing, loss in SMOLLM2_GRID:
+            configs.append(
+                dict(recipe=RECIPE, batch=batch, length=length, gc=checkpointing, loss=loss)
+            )
     return configs
 
 
