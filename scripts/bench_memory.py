@@ -281,6 +281,13 @@ def main(argv: list[str] | None = None) -> None:
         help="runs saved by --json-out: predict them with the current code, fit again and "
         "rewrite the section, without running them again",
     )
+    parser.add_argument(
+        "--keep-constants",
+        action="store_true",
+        help="with --calibrate or --refit: predict with the constants mode ships "
+        "(mode_cli/train/memory_calibration.json) instead of fitting new ones, so runs left out "
+        "of their fit test them",
+    )
     parser.add_argument("extra", nargs="*", help="more overrides for both runs")
     args = parser.parse_args(argv)
     if args.worker:
@@ -563,7 +570,13 @@ def within(record: dict) -> bool:
     return miss <= max(relative * record["training_peak_bytes"], absolute)
 
 
-def plan_markdown(records: list[dict], constants: dict, seconds: float, note: str = "") -> str:
+def plan_markdown(
+    records: list[dict],
+    constants: dict,
+    seconds: float,
+    note: str = "",
+    fitted_on: int | None = None,
+) -> str:
     import torch
 
     held = sum(within(r) for r in records)
@@ -584,7 +597,12 @@ def plan_markdown(records: list[dict], constants: dict, seconds: float, note: st
         "during training over the process's RSS after its imports (loading's own transient, "
         "the checkpoint file mapped while it is read, is page cache and not part of it). Every "
         "micro-batch is full (plain text longer than the length). The CPU constants were fitted "
-        "on these runs by the same command (weighted least squares, relative error): runtime "
+        + (
+            "on these runs"
+            if fitted_on in (None, len(records))
+            else f"on {fitted_on} runs of this grid (the rest held out)"
+        )
+        + " by the same command (weighted least squares, relative error): runtime "
         f"{constants['runtime'] / MIB:.0f} MiB; a layer's working memory "
         f"{constants['working_layers']:.2f} x its saved activations; allocator slack "
         f"{constants['slack']:.2f} x what a forward pass allocates, "
@@ -665,9 +683,14 @@ def calibrate(args) -> None:
                         {"runs": records + waiting, "seconds": so_far, "note": note}, indent=1
                     )
                 )
-    per_entry = tokenizer_bytes_per_entry()
-    constants = fit_constants(records, per_entry)
-    if args.write_constants:
+    if args.keep_constants:
+        shipped = json.loads(CALIBRATION_FILE.read_text())["cpu"]
+        fitted_on = shipped.pop("fitted_on")
+        constants = shipped
+    else:
+        constants = fit_constants(records, tokenizer_bytes_per_entry())
+        fitted_on = len(records)
+    if args.write_constants and not args.keep_constants:
         fitted = {"cpu": {**constants, "fitted_on": len(records)}}
         CALIBRATION_FILE.write_text(json.dumps(fitted, indent=1) + "\n")
     for record in records:
@@ -677,7 +700,7 @@ def calibrate(args) -> None:
     if args.json_out:
         record = {"constants": constants, "seconds": seconds, "note": note, "runs": records}
         Path(args.json_out).write_text(json.dumps(record, indent=1) + "\n")
-    text = plan_markdown(records, constants, seconds, note)
+    text = plan_markdown(records, constants, seconds, note, fitted_on)
     if args.doc:
         write_section("memory_plan", text, args.doc)
     print(text)
