@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test lint format bench bench-memory bench-data bench-export gpu-check study clean
+.PHONY: setup demo test lint format bench bench-memory bench-data bench-export calibrate-memory gpu-check study clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,14 @@ bench: $(STAMP)
 # docs/benchmarks.md (a few minutes).
 bench-memory: $(STAMP)
 	$(OFFLINE) $(BIN)/python scripts/bench_memory.py
+
+# The memory plan (mode plan) against measured training runs: SmolLM2 at micro-batches 1, 4, 16,
+# two lengths, with and without checkpointing, two losses, and each tiny family, each in its own
+# process. Fits the CPU constants into mode_cli/train/memory_calibration.json and writes its
+# section of docs/benchmarks.md (hours on 2 CPU cores; the runs are kept in
+# docs/memory_plan_runs.json, and `--refit` re-predicts them without running them again).
+calibrate-memory: $(STAMP)
+	$(OFFLINE) $(BIN)/python scripts/bench_memory.py --calibrate --write-constants --json-out docs/memory_plan_runs.json
 
 # Tokenizing speed with 1 and 2 processes, the peak RSS of a one-step run at 200k and 1M rows, and
 # the cached run's time to its first step; writes its section of docs/benchmarks.md (long: the

@@ -1,6 +1,7 @@
 """The `mode` command line: argparse owns the subcommands, Hydra's Compose API the overrides.
 
-    mode train recipe=NAME [key=value ...] [--dry-run] [--recipes-dir DIR]
+    mode train recipe=NAME [key=value ...] [--dry-run [--memory SIZE]] [--recipes-dir DIR]
+    mode plan recipe=NAME [key=value ...] [--memory SIZE] [--json]
     mode train -m recipe=NAME key=a,b [key=value ...]      (a sweep: every combination in turn)
     mode eval checkpoint=DIR [key=value ...]
     mode generate checkpoint=DIR prompt=TEXT [head=ensemble|final] [max_new_tokens=N ...]
@@ -64,6 +65,12 @@ def groups_help() -> str:
     return "\n".join(lines)
 
 
+MEMORY_HELP = (
+    "the memory budget the plan checks, such as 12GB, 24GiB or 512MB (GB means 2^30 bytes; "
+    "default: this machine's GPU, else its RAM)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mode",
@@ -83,8 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("overrides", nargs="*", metavar="recipe=NAME key=value")
     train.add_argument(
-        "--dry-run", action="store_true", help="validate and show the data; no training"
+        "--dry-run",
+        action="store_true",
+        help="validate, show the data and the memory plan; no training",
     )
+    train.add_argument("--memory", metavar="SIZE", help=f"with --dry-run: {MEMORY_HELP}")
     train.add_argument("--recipes-dir", type=Path, help="a folder of your own recipes")
     train.add_argument(
         "-m",
@@ -94,6 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
         "train.lr=1e-4,2e-4; also range(...), choice(...), glob(...)), one after another, "
         "then write a comparison table",
     )
+
+    plan = sub.add_parser(
+        "plan",
+        help="will a recipe fit? its peak memory, planned from the model's config alone",
+        description="The memory a recipe's training needs at its peak, line by line (4-bit\n"
+        "weights, unquantized layers, adapter, gradients, optimizer states, activations, the\n"
+        "loss's logits chunk, runtime), planned from the recipe and the model's config.json:\n"
+        "no weights are loaded. With a budget: whether it fits, by how much, and what to\n"
+        "change when it does not. Exit code 1 when it does not fit. See docs/memory.md.",
+        epilog="e.g. mode plan recipe=llama3-8b-alpaca --memory 12GB\n"
+        "     mode plan recipe=smollm2-arithmetic train.micro_batch_size=auto --memory 2GB",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("overrides", nargs="*", metavar="recipe=NAME key=value")
+    plan.add_argument("--memory", metavar="SIZE", help=MEMORY_HELP)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--recipes-dir", type=Path, help="a folder of your own recipes")
 
     evaluate = sub.add_parser(
         "eval",
@@ -163,9 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def attach_sizes(argv: list[str]) -> list[str]:
+    """`--memory -1GB` as `--memory=-1GB`: argparse would read a value starting with `-` as an
+    option and answer that --memory lacks its argument, where the budget itself is wrong."""
+    words: list[str] = []
+    for word in argv:
+        if words and words[-1] == "--memory" and word.startswith("-"):
+            words[-1] = f"--memory={word}"
+        else:
+            words.append(word)
+    return words
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_sizes(sys.argv[1:] if argv is None else argv))
     if args.command is None:
         parser.print_help()
         return 0
@@ -176,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         show_library_messages()
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "plan":
+            return cmd_plan(args)
         if args.command == "eval":
             return cmd_eval(args)
         if args.command in ("generate", "chat"):
@@ -220,12 +261,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if recipe is None:
         raise ModeError("mode train needs recipe=NAME (`mode recipes` lists them)")
     cfg = compose_recipe(recipe, overrides, args.recipes_dir)
+    if args.memory is not None and not args.dry_run:
+        raise ModeError(
+            "--memory goes with --dry-run (the plan's budget); a run's own budget is "
+            "train.memory_budget=SIZE, with train.micro_batch_size=auto"
+        )
     if args.dry_run:
         if launched_by_torchrun():
             from mode_cli.console import console
 
             console.quiet = os.environ.get("RANK", "0") != "0"  # one rank shows the dry run
-        dry_run(cfg)
+        dry_run(cfg, memory=args.memory)
     elif launched_by_torchrun():
         return train_rank(cfg, overrides, args.recipes_dir)
     elif cfg.distributed.nproc > 1:
@@ -301,6 +347,36 @@ def launch_ranks(cfg, recipe: str, overrides: list[str], recipes_dir: Path | Non
             exit_code=result.exit_code,
         )
     return result.exit_code
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """`mode plan`: the recipe's memory plan, from its model's config alone."""
+    import json
+
+    from mode_cli.config import validate
+    from mode_cli.console import out
+    from mode_cli.recipes import compose_recipe
+    from mode_cli.train.fit import plan_recipe, render_plan
+
+    values, overrides = parse_options(args.overrides, {"recipe": TEXT}, rest_allowed=True)
+    recipe = values.get("recipe")
+    if recipe is None:
+        raise ModeError("mode plan needs recipe=NAME (`mode recipes` lists them)")
+    cfg = compose_recipe(recipe, overrides, args.recipes_dir)
+    # A plan for another machine's GPU is what this command is for: no hardware check.
+    validate(cfg, check_hardware=False)
+    plan, choice = plan_recipe(cfg, args.memory)
+    if args.json:
+        record = plan.to_dict()
+        if choice is not None:
+            record["auto"] = {
+                "micro_batch_size": choice.micro_batch,
+                "grad_accum_steps": choice.grad_accum_steps,
+            }
+        sys.stdout.write(json.dumps(record, indent=1) + "\n")
+    else:
+        out.print(render_plan(plan, cfg.recipe, choice))
+    return 1 if plan.fits is False else 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

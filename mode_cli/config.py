@@ -312,6 +312,15 @@ class TrainConfig:
     extensions, written by `mode train` (never by hand): each `ExtensionConfig`.
     on_nonfinite: a NaN or inf loss or gradient norm either `stop`s the run (the last checkpoint
     stays intact) or is `skip`ped (that step's update is dropped and counted).
+    micro_batch_size: examples per forward pass and process; `auto` takes the largest the memory
+    plan fits into `memory_budget` (`mode plan`; on CUDA confirmed by one step before the run,
+    halved on an out-of-memory error) and records it in the run's config.yaml.
+    batch_size: examples per optimizer step and process, micro_batch_size x grad_accum_steps
+    (null: that product). With `auto`, gradient accumulation makes up the rest: the micro-batch
+    is a divisor of it. Overriding micro_batch_size=auto on the command line keeps the recipe's
+    own batch_size.
+    memory_budget: the memory `auto` plans for, such as `12GB` (2^30 bytes a GB); null: the
+    device's free memory, less 10%.
     """
 
     device: str = "auto"
@@ -325,8 +334,11 @@ class TrainConfig:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.0
     max_steps: int = 100
-    micro_batch_size: int = 4
+    # An int, or `auto`: the largest that fits memory_budget (see the docstring).
+    micro_batch_size: Any = 4
     grad_accum_steps: int = 1
+    batch_size: int | None = None
+    memory_budget: str | None = None
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -578,8 +590,8 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True, training: bool = T
         "loss.curriculum_period",
         "train.lr",
         "train.max_steps",
-        "train.micro_batch_size",
         "train.grad_accum_steps",
+        "train.batch_size",
         "train.log_every",
         "eval.batch_size",
         "loss.temperature",
@@ -612,6 +624,7 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True, training: bool = T
         "distributed.max_restarts",
     ):
         positive(key, allow_zero=True)
+    problems += batch_problems(cfg.train)
     if not 0.0 <= cfg.adapter.dropout < 1.0:
         problems.append(f"adapter.dropout={cfg.adapter.dropout}: expected a number in [0, 1)")
     if not 0.0 <= cfg.train.min_lr_ratio <= 1.0:
@@ -669,6 +682,30 @@ def validate(cfg: DictConfig, *, check_hardware: bool = True, training: bool = T
         problems += hardware_problems(cfg)
     if problems:
         raise ModeError("Invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def batch_problems(train: DictConfig) -> list[str]:
+    """What is wrong with `train.micro_batch_size`, `train.batch_size` and
+    `train.memory_budget` together."""
+    from mode_cli.train.memory import parse_size
+
+    problems = []
+    micro = train.micro_batch_size
+    whole = isinstance(micro, int) and not isinstance(micro, bool)
+    if micro != "auto" and not (whole and micro >= 1):
+        problems.append(f"train.micro_batch_size={micro!r}: expected a whole number >= 1 or auto")
+    elif whole and train.batch_size and train.batch_size != micro * train.grad_accum_steps:
+        problems.append(
+            f"train.batch_size={train.batch_size} is not train.micro_batch_size x "
+            f"train.grad_accum_steps ({micro} x {train.grad_accum_steps}): set one of them, or "
+            "train.micro_batch_size=auto"
+        )
+    if train.memory_budget is not None:
+        try:
+            parse_size(train.memory_budget, "train.memory_budget")
+        except ModeError as err:
+            problems.append(str(err))
+    return problems
 
 
 def continuation_problems(cfg: DictConfig) -> list[str]:

@@ -75,6 +75,16 @@ def describe(device: str) -> str:
     return f"{device} ({props.name}, {props.total_memory / 1e9:.1f} GB)"
 
 
+def gpu_memory(device: str) -> tuple[float, float, str] | None:
+    """The free and total memory (bytes) of the GPU `device` names, and its name; None without
+    a GPU."""
+    if not is_cuda(device) or not Machine.current().gpus:
+        return None
+    index = cuda_index(device)
+    free, total = torch.cuda.mem_get_info(index)
+    return float(free), float(total), torch.cuda.get_device_name(index)
+
+
 def empty_cache(device: str) -> None:
     """Return the CUDA allocator's cached blocks (after a model is freed); nothing on a CPU."""
     if is_cuda(device):

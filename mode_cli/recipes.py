@@ -25,6 +25,7 @@ from mode_cli.errors import ModeError
 from mode_cli.files import check_writable_folder, read_text, read_yaml, yaml_problem
 
 GROUPS = ("model", "data", "adapter", "layers", "router", "loss", "train", "eval")
+AUTO_MICRO_BATCH = "train.micro_batch_size=auto"
 
 
 def shipped_recipes_dir() -> Path:
@@ -99,6 +100,10 @@ def compose_recipe(
     config_dir, name = locate(recipe, recipes_dir)
     check_recipe_file(config_dir / f"{name}.yaml")
     overrides = [merge_shorthand(item) for item in overrides or []]
+    # `train.micro_batch_size=auto` over a recipe's number keeps the recipe's batch: composed
+    # without it first, the number gives `train.batch_size`.
+    auto = [item for item in overrides if item.replace(" ", "") == AUTO_MICRO_BATCH]
+    overrides = [item for item in overrides if item not in auto]
     shipped = shipped_recipes_dir().resolve()
     if config_dir != shipped:
         overrides.append(f"hydra.searchpath=[file://{shipped}]")
@@ -133,6 +138,11 @@ def compose_recipe(
         )
     with open_dict(cfg):
         cfg.recipe = name
+    if auto:
+        train = cfg.train
+        if train.batch_size is None and isinstance(train.micro_batch_size, int):
+            train.batch_size = train.micro_batch_size * train.grad_accum_steps
+        train.micro_batch_size = "auto"
     return cfg
 
 

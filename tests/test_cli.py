@@ -262,7 +262,7 @@ def test_validate_reports_every_problem_at_once(mode):
         "  - loss.name='bogus': expected one of mode, mode-nodistill, final-only, layerwise, "
         "mode-only\n"
         "  - adapter.r=0: expected a number > 0\n"
-        "  - train.micro_batch_size=0: expected a number > 0"
+        "  - train.micro_batch_size=0: expected a whole number >= 1 or auto"
     )
 
     code, _, err_text = mode("train", "recipe=tiny-llama-alpaca", *overrides, "--dry-run")

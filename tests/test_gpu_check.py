@@ -31,7 +31,7 @@ def test_plan_runs_on_a_cpu_machine_and_names_the_wheels():
     assert "pip download --no-deps -d .whl --only-binary=:all: --python-version 3.12" in out
     for name in ("bitsandbytes==", "hydra-core==", "omegaconf==", "datasets==", "antlr4"):
         assert name in out
-    assert "--wheels .whl --skip shape --out" in out and 'carry=[".whl"]' in out
+    assert "--wheels .whl --skip shape --skip plan --out" in out and 'carry=[".whl"]' in out
     assert "--add-to gpu_check.part.json" in out
     assert "recipe=llama3-8b-alpaca model=tiny-llama" in out and "# exit 2" in out
     assert "vLLM's Transformers backend when vllm is importable" in out
@@ -152,3 +152,24 @@ def test_the_engines_part_runs_on_the_cpu_and_skips_vllm_with_its_reason(
     if "vllm" not in record:
         assert record["vllm_skipped"].startswith("vllm is not importable")
         assert "vLLM skipped: vllm is not importable" in gpu_check.engines_detail(record)
+
+
+def test_the_plan_comparison_runs_on_a_tiny_shape_on_the_cpu(gpu_check, tmp_path):
+    """Part g's code on the CPU: the plan of each (length, micro-batch) next to a measured step,
+    errors computed, its table rendered (the figures mean something on CUDA only)."""
+    part = gpu_check.measure_plan("tiny", "cpu", grid=((16, 2), (32, 1)), work=tmp_path)
+    assert [(r["seq_len"], r["micro_batch"]) for r in part["rows"]] == [(16, 2), (32, 1)]
+    for row in part["rows"]:
+        assert row["planned_allocated_bytes"] < row["planned_reserved_bytes"]
+        assert row["peak_allocated_bytes"] > 0 and row["plan"]["setup"]["micro_batch"] > 0
+        assert (
+            row["reserved_error"] == row["planned_reserved_bytes"] / row["peak_reserved_bytes"] - 1
+        )
+    assert part["goal"] == 0.10 and isinstance(part["within_goal"], bool)
+    text = "\n".join(gpu_check.plan_markdown(part))
+    assert "| 16 | 2 |" in text and "max_memory_reserved" in text
+    assert "(1024, 2), (1024, 4), (2048, 2), (2048, 4)" in gpu_check.plan(
+        gpu_check.argparse.Namespace(
+            shape="llama3-8b", micro_batch=None, seq_len=None, steps=3, json="j", doc="d"
+        )
+    )

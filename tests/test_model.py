@@ -120,6 +120,23 @@ def test_quantization_none_loads_plain_weights():
     assert families_mod.num_layers(model) == 4
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_a_model_loaded_on_the_cpu_leaves_its_file_unmapped(quantization):
+    """fp32 weights loaded in fp32 are views of the mapped safetensors file, which would then
+    stay mapped (and resident) for the model's life: the loader copies them."""
+    from pathlib import Path
+
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        pytest.skip("reads /proc/self/maps (Linux)")
+    cfg = tiny_model_cfg(quantization=quantization)
+    source = loading_mod.resolve_source(cfg)
+    model = loading_mod.load_base_model(source, cfg, "fp32", "cpu")
+    mapped = [line for line in maps.read_text().splitlines() if str(source) in line]
+    assert mapped == []
+    assert families_mod.num_layers(model) == 4
+
+
 def test_unknown_lora_target_names_the_modules_that_exist():
     cfg = tiny_model_cfg()
     model = loading_mod.load_base_model(loading_mod.resolve_source(cfg), cfg, "fp32", "cpu")

@@ -112,6 +112,37 @@ def chunk_size(
     return _chunk_size(plan, vocab, chunk_budget, tokens)
 
 
+def peak_logits(
+    loss_weights: LossWeights,
+    num_selected: int,
+    vocab: int,
+    has_router: bool = True,
+    tokens: int | None = None,
+    chunk_budget: int = DEFAULT_CHUNK_BUDGET,
+    softcapped: bool = False,
+) -> int:
+    """Elements of the fp32 logits buffers `chunked_mode_loss` holds at once on `tokens` target
+    tokens (None: a batch too long to cap the chunk): the chunk's `[rows, c, V]` block and the
+    `[c, V]` rows of its workspace, as `_chunk` uses them. What a memory plan counts for the loss
+    (`mode_cli/train/memory.py`)."""
+    plan = plan_terms(num_selected, has_router, loss_weights)
+    if not plan.logit_rows:
+        return 0
+    chunk = _chunk_size(plan, vocab, chunk_budget, tokens)
+    if tokens is not None:
+        chunk = min(chunk, tokens)
+    if not plan.layer_logits:
+        buffers = 2  # the block's one row (the mixed states' logits) and the log-softmax row
+    else:
+        buffers = num_selected  # the block: one row per selected layer
+        buffers += 2 if plan.ensemble_logits else 1  # the mixed row and its log-softmax; or one
+        buffers += 2 if plan.students else 0  # the teacher's log-softmax and softmax
+        buffers += 2 if plan.students and plan.temperature != 1.0 else 0  # z / T, log q
+    if softcapped:
+        buffers += 3  # each row's capped copy, its input kept for the chain rule, its gradient
+    return buffers * chunk * vocab
+
+
 def _chunk_size(plan: TermPlan, vocab: int, chunk_budget: int, tokens: int | None = None) -> int:
     rows = max(1, plan.logit_rows)
     chunk = max(1, chunk_budget // (rows * vocab))
@@ -259,27 +290,32 @@ def _row_loss(
         kl = temperature**2 * (teacher.neg_entropy - cross).sum()
     if not need_grad:
         return ce, kl, None
+
+    def into() -> dict:
+        # The gradient's own buffer, taken only by the branches that need one (the ensemble's
+        # row keeps its gradient in its scratch: an unused [c, V] buffer otherwise).
+        return {"out": out if out is not None else ws(scratch + "_grad", *shape)}
+
     # d CE / dz = a (p - onehot(y)); d lambda T^2 KL / dz = lambda T (q - p_t). The logs are not
     # needed any more: exponentiate them in place.
-    into = {"out": out if out is not None else ws(scratch + "_grad", *shape)}
     grad = None
     if teacher is not None and logq is not logp:  # T != 1: q and p are different softmaxes
-        grad = torch.add(teacher.scaled, logq.exp_(), alpha=kd_t, **into)
+        grad = torch.add(teacher.scaled, logq.exp_(), alpha=kd_t, **into())
     if logp is not None:
         shared = teacher is not None and logq is logp  # T = 1: q is p
         p = logp.exp_()
         if grad is not None:
             grad.add_(p, alpha=ce_weight)
         elif shared:
-            grad = torch.add(teacher.scaled, p, alpha=ce_weight + kd_t, **into)
+            grad = torch.add(teacher.scaled, p, alpha=ce_weight + kd_t, **into())
         elif out is not None:
-            grad = torch.mul(p, ce_weight, **into)
+            grad = torch.mul(p, ce_weight, **into())
         else:  # the gradient stays in the scratch buffer
             grad = p.mul_(ce_weight) if ce_weight != 1.0 else p
         if ce_weight > 0:
             grad.scatter_add_(-1, labels[:, None], grad.new_full((labels.numel(), 1), -ce_weight))
     if ens is not None:
-        grad = torch.mul(*ens, **into) if grad is None else grad.addcmul_(*ens)
+        grad = torch.mul(*ens, **into()) if grad is None else grad.addcmul_(*ens)
     return ce, kl, grad
 
 

@@ -80,6 +80,7 @@ RESUMABLE_CHANGES = (
     "train.threads",
     "train.on_nonfinite",
     "train.gradient_checkpointing",  # the same gradients for less memory (what an OOM asks for)
+    "train.memory_budget",  # micro_batch_size=auto resumes with the run's own micro-batch
     # The number of processes and how they share the model: any world that keeps the global
     # micro-batch (train.micro_batch_size x processes, checked on its own) continues the run.
     "train.micro_batch_size",

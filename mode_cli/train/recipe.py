@@ -40,12 +40,19 @@ from typing import TypeVar
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mode_cli.artifacts import ADAPTER_DIR, INIT_FROM_RECORD, MERGED_DIR, run_lineage, save_head
+from mode_cli.artifacts import (
+    ADAPTER_DIR,
+    INIT_FROM_RECORD,
+    MERGED_DIR,
+    load_run_config,
+    run_lineage,
+    save_head,
+)
 from mode_cli.config import method, validate
 from mode_cli.console import console
 from mode_cli.data.splits import legacy_identity, load_splits
 from mode_cli.data.tokenizing import IGNORE, Example
-from mode_cli.devices import empty_cache, peak_memory_bytes
+from mode_cli.devices import device_type, empty_cache, peak_memory_bytes
 from mode_cli.errors import ModeError
 from mode_cli.eval.answers import answer_rows, answers_by_default, evaluate_answers
 from mode_cli.eval.metrics import training_eval
@@ -53,17 +60,13 @@ from mode_cli.eval.render import print_report
 from mode_cli.eval.report import EVAL_FOLDER, build_report, save_report
 from mode_cli.export.command import export_head, export_run
 from mode_cli.files import check_writable_folder
-from mode_cli.mode.head import MoDEHead
-from mode_cli.mode.selection import select_layers
 from mode_cli.mode.terms import LossWeights
 from mode_cli.mode.weighting import loss_weights
 from mode_cli.models import families
 from mode_cli.models.loading import (
-    adapter_targets,
     attach_adapter,
     load_base_model,
     load_tokenizer,
-    peft_config,
     resolve_source,
 )
 from mode_cli.train import checkpoint as checkpoint_mod
@@ -79,6 +82,19 @@ from mode_cli.train.distributed import (
     trainable_state,
     wrap,
 )
+from mode_cli.train.fit import (
+    AutoChoice,
+    auto_budget,
+    choose_micro_batch,
+    confirm_micro_batch,
+    data_bytes,
+    plan_recipe,
+    recipe_setup,
+    render_plan,
+)
+from mode_cli.train.footprint import model_facts, model_facts_apart
+from mode_cli.train.heads import build_head
+from mode_cli.train.memory import size_text
 from mode_cli.train.optim import make_optimizer, make_scheduler, reschedule
 from mode_cli.train.plan import plan_run
 from mode_cli.train.progress import (
@@ -96,35 +112,6 @@ T = TypeVar("T")
 
 def default_output_dir(recipe: str) -> Path:
     return Path("outputs") / Path(recipe).stem / datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def build_head(cfg: DictConfig, model, device: str) -> MoDEHead | None:
-    """The MoDE head for this recipe, or None for a method without one (the final-only baseline)."""
-    if not method(cfg).trains_head:
-        return None
-    n = families.num_layers(model)
-    try:
-        layers = select_layers(cfg.layers, n)
-    except ValueError as err:
-        raise ModeError(f"layers.{err}") from None
-    router = cfg.router
-    try:
-        head = MoDEHead(
-            final_norm=families.final_norm(model),
-            layers=layers,
-            num_layers=n,
-            hidden_size=families.base_of(model).config.hidden_size,
-            # A method without a router (layerwise) trains per-layer exits: norms, no ensemble.
-            router=router.kind if method(cfg).routed else "none",
-            init_final_weight=router.init_final_weight if router.init == "final" else None,
-            fixed_weights=router.weights,
-            router_input=router.input,
-            detach_input=router.detach_input,
-            train_final_norm=cfg.layers.train_final_norm,
-        )
-    except ValueError as err:
-        raise ModeError(f"router: {err}") from None
-    return head.to(device)
 
 
 def resume_command(
@@ -191,6 +178,7 @@ class FinetuneRecipe:
         self.checkpointed_step = -1
         self.checkpoints_written = 0
         self.phase = "done"  # forward | update | done: what an out-of-memory error interrupted
+        self.auto: AutoChoice | None = None  # train.micro_batch_size=auto, once chosen
         self._data_identity: dict | None = None
         self._file_damage: dict[Path, str | None] = {}
         self.tracker: WandbRun | None = (
@@ -242,6 +230,90 @@ class FinetuneRecipe:
         # After wrapping: FSDP replaces the parameters with their shards.
         self.optimizer = make_optimizer(cfg, self.model, self.head, self.device, self.plan.sharded)
         self.scheduler = make_scheduler(cfg, self.optimizer)
+
+    # ------------------------------------------------------------------ train.micro_batch_size=auto
+
+    def choose_micro_batch(self) -> None:
+        """`train.micro_batch_size=auto`: the largest micro-batch the memory plan fits into
+        `train.memory_budget` (`fit.py`; with several processes, the smallest budget of theirs),
+        gradient accumulation keeping `train.batch_size`. Recorded in the run's config.yaml."""
+        if self.cfg.train.micro_batch_size != "auto":
+            return
+        budget, source = auto_budget(self.cfg)
+        budget = -self.world.max(-int(budget))
+        facts = self.world.broadcast(model_facts_apart(self.cfg) if self.world.main else None)
+        device = device_type(self.device)
+        data = data_bytes(self.train_set.stats.tokens)
+        setup = recipe_setup(self.cfg, facts, device, self.world.size, data)
+        self.auto = choose_micro_batch(self.cfg, facts, setup, budget, source)
+        self.set_micro_batch(self.auto.micro_batch, self.auto.grad_accum_steps)
+        console.print(
+            f"train.micro_batch_size=auto: {self.auto.micro_batch} (train.grad_accum_steps "
+            f"{self.auto.grad_accum_steps}); planned peak {size_text(self.auto.plan.peak)} of "
+            f"{size_text(budget)} ({source})",
+            soft_wrap=True,
+        )
+
+    def confirm_micro_batch(self) -> None:
+        """On CUDA, one real forward and backward of a worst-case micro-batch (every position of
+        `data.max_seq_len` trained) at the size `auto` chose, halved on an out-of-memory error.
+        The weights, the optimizer and the random streams are left as they were. With several
+        processes the plan alone decides: a rank out of memory mid-step would leave the others
+        waiting in a collective."""
+        if self.auto is None or not self.on_cuda or self.world.distributed:
+            return
+        rng = checkpoint_mod.rng_state(self.device)
+        vocab = families.base_of(self.model).config.vocab_size
+        self.model.train()
+
+        def try_step(size: int) -> None:
+            generator = torch.Generator().manual_seed(size)
+            ids = torch.randint(0, vocab, (size, self.cfg.data.max_seq_len), generator=generator)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            try:
+                accumulate_gradients(
+                    self.wrapped,
+                    [self.to_device(batch)],
+                    self.step_weights(1),
+                    self.cfg.loss.impl,
+                    self.autocast,
+                    self.world,
+                )
+            finally:
+                self.optimizer.zero_grad(set_to_none=True)
+
+        chosen = self.cfg.train.micro_batch_size
+        size = confirm_micro_batch(
+            try_step, chosen, self.cfg.train.batch_size, on_retry=lambda: empty_cache(self.device)
+        )
+        checkpoint_mod.set_rng_state(rng, self.device)
+        empty_cache(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        if size != chosen:
+            batch = self.cfg.train.batch_size
+            self.set_micro_batch(size, batch // size if batch else self.cfg.train.grad_accum_steps)
+            console.print(
+                f"train.micro_batch_size=auto: {chosen} ran out of GPU memory in a probe step; "
+                f"{size} (train.grad_accum_steps {self.cfg.train.grad_accum_steps}) did not",
+                soft_wrap=True,
+            )
+
+    def keep_micro_batch(self, checkpoint: Path) -> None:
+        """`train.micro_batch_size=auto` resuming: the run's own micro-batch (the global one over
+        this run's processes) and accumulation, as its checkpoint recorded them."""
+        if self.cfg.train.micro_batch_size != "auto":
+            return
+        saved = load_run_config(checkpoint).train
+        whole = checkpoint_mod.read_state(checkpoint).get(
+            "global_micro_batch", saved.micro_batch_size
+        )
+        size = whole // self.world.size if whole % self.world.size == 0 else saved.micro_batch_size
+        self.set_micro_batch(size, saved.grad_accum_steps)
+        console.print(f"train.micro_batch_size=auto: the run's own, {size}")
+
+    def set_micro_batch(self, size: int, accumulation: int) -> None:
+        self.cfg.train.micro_batch_size = int(size)
+        self.cfg.train.grad_accum_steps = int(accumulation)
 
     def frozen_adapter_source(self) -> start_from.Source | None:
         """The adapter a run that trains none (loss=mode-only) keeps frozen under its head: a new
@@ -658,6 +730,7 @@ class FinetuneRecipe:
             )
             return None, extend.Lineage()
         candidates = checkpoint_mod.first_intact(candidates, self.file_damage)
+        self.keep_micro_batch(candidates.paths[0])
         lineage = checkpoint_mod.check_compatible(candidates.paths[0], self.cfg, self.world.size)
         return candidates, lineage
 
@@ -964,7 +1037,9 @@ class FinetuneRecipe:
         if candidates is None and self.cfg.init_from is not None:
             # Every difference from the source refused before the model loads.
             self.init_source = self.agreed(lambda: start_from.check(self.cfg, self.source))
+        self.choose_micro_batch()
         self.setup_model()
+        self.confirm_micro_batch()
         if candidates is None:
             self.start_new_run()
         else:
@@ -1016,15 +1091,18 @@ def deploy_note(cfg: DictConfig, merged: Path) -> str:
     return f"{merged} is a plain transformers model: it decodes with the final layer"
 
 
-def dry_run(cfg: DictConfig) -> dict:
-    """Compose, validate, tokenize the data; show one example and the counts. No weights loaded
-    beyond the model's config, no training."""
+def dry_run(cfg: DictConfig, memory: str | None = None) -> dict:
+    """Compose, validate, tokenize the data; show one example, the counts and the memory plan
+    (`fit.py`; `memory`: its budget, default this machine's). No weights loaded beyond the
+    model's config (and a scaled-down random stand-in the plan measures), no training."""
     recipe = FinetuneRecipe(cfg)
     recipe.setup_data()
     if cfg.init_from is not None:
         source = start_from.check(cfg, recipe.source)
         console.print(f"init_from: {source.describe()} fits this recipe", soft_wrap=True)
-    counts = count_trainable(recipe)
+    facts = model_facts(cfg)
+    counts = {"adapter": sum(facts.params.adapter), "mode_head": facts.params.head}
+    counts["total"] = counts["adapter"] + counts["mode_head"]
     for format, example in recipe.train_set.examples.first_of_each_format().items():
         show_example(recipe.tokenizer, example, format)
     for end in recipe.train_set.reply_ends:
@@ -1035,12 +1113,17 @@ def dry_run(cfg: DictConfig) -> dict:
         f"trainable parameters: {counts['adapter']:,} adapter + {counts['mode_head']:,} MoDE head "
         f"= {counts['total']:,}"
     )
+    plan, choice = plan_recipe(
+        cfg, memory, facts=facts, data=data_bytes(recipe.train_set.stats.tokens)
+    )
+    console.print(render_plan(plan, cfg.recipe, choice))
     console.print("[bold]dry run[/bold]: recipe valid, data ready; no training done")
     return {
         "train_examples": len(recipe.train_set.examples),
         "eval_examples": len(recipe.eval_set.examples),
         "train_tokens": recipe.train_set.stats.tokens,
         "trainable": counts,
+        "memory": plan.to_dict(),
     }
 
 
@@ -1072,28 +1155,3 @@ def show_example(tokenizer, example: Example, format: str = "") -> None:
     kind = f" ({format})" if format else ""
     console.print(f"[bold]example{kind}[/bold] (dim: prompt, masked; {legend}: response, trained):")
     console.print(text)
-
-
-def count_trainable(recipe: FinetuneRecipe) -> dict[str, int]:
-    """Trainable parameters, counted on a weightless copy of the model (meta device)."""
-    from accelerate import init_empty_weights
-    from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = recipe.cfg
-    config = AutoConfig.from_pretrained(
-        recipe.source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
-    families.family_of(skeleton)
-    targets = adapter_targets(skeleton, cfg.adapter.target_modules)
-    adapter = 0
-    if method(cfg).trains_adapter:
-        skeleton = get_peft_model(skeleton, peft_config(cfg.adapter, targets))
-        adapter = sum(p.numel() for p in skeleton.parameters() if p.requires_grad)
-    head = 0
-    if method(cfg).trains_head:
-        with init_empty_weights():
-            head = sum(p.numel() for p in build_head(cfg, skeleton, "meta").parameters())
-    return {"adapter": adapter, "mode_head": head, "total": adapter + head}
