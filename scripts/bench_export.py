@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchdoc import DOC, write_section  # noqa: E402
+from benchdoc import DOC, cpu_model, write_section  # noqa: E402
 
 GOAL = 0.95  # the ensemble's decoding speed over the final layer's
 EXPORTS = ("ensemble", "final")
@@ -121,16 +120,6 @@ def measure(run: Path, rounds: int, count: int, new_tokens: int, threads: int) -
         "ratio": sum(seconds["final"]) / sum(seconds["ensemble"]),
         "round_ratios": [f / e for e, f in zip(seconds["ensemble"], seconds["final"], strict=True)],
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def markdown(result: dict) -> str:

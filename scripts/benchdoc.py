@@ -1,8 +1,15 @@
-"""docs/benchmarks.md is written by several benchmark scripts: each owns one section, between
-`<!-- NAME:start -->` and `<!-- NAME:end -->`, and rewrites only that one."""
+"""What the benchmark scripts share. docs/benchmarks.md is written by several of them: each owns
+one section, between `<!-- NAME:start -->` and `<!-- NAME:end -->`, and rewrites only that one;
+each names the machine (`cpu_model`) and measures its runs in processes of their own
+(`run_worker`)."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -22,3 +29,31 @@ def write_section(name: str, markdown: str, path: Path | str = DOC) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the machine lines of the sections give it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def run_worker(script: str, args: list[str], what: str, env: dict | None = None) -> dict:
+    """`script` run as a worker with `args` in a process and session of its own, offline; the
+    JSON record it prints last. A failed worker stops the benchmark with its error output."""
+    env = {**(env or os.environ), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    done = subprocess.run(
+        [sys.executable, script, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
