@@ -1,7 +1,7 @@
 """What the benchmark scripts share. docs/benchmarks.md is written by several of them: each owns
 one section, between `<!-- NAME:start -->` and `<!-- NAME:end -->`, and rewrites only that one;
 each names the machine (`cpu_model`) and measures its runs in processes of their own
-(`run_worker`)."""
+(`run_worker`); the export scripts read the newest demo run (`newest_run`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
 TITLE = "# Benchmarks\n\nEach section is written by the script it names; rerun it to refresh it.\n"
 
 
@@ -57,3 +58,12 @@ def run_worker(script: str, args: list[str], what: str, env: dict | None = None)
     if done.returncode != 0:
         raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def newest_run(recipe: str = "smollm2-arithmetic") -> Path:
+    """The newest run of `recipe` under outputs/ that has its merged folder (`make demo` writes
+    one)."""
+    runs = sorted(p for p in (ROOT / "outputs" / recipe).glob("*") if (p / "merged").is_dir())
+    if not runs:
+        raise SystemExit(f"no run of {recipe} with a merged folder in outputs/: run `make demo`")
+    return runs[-1]
