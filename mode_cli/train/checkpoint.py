@@ -608,9 +608,10 @@ def check_compatible(path: Path, cfg: DictConfig, world_size: int = 1) -> Lineag
     # On the schema, with renamed keys migrated: keys added since take their defaults.
     saved = load_run_config(path)
     differences = config_differences(saved, cfg)
-    lineage, problems = continuation(saved, read_state(path)["step"], cfg)
+    state = read_state(path)
+    lineage, problems = continuation(saved, state["step"], cfg)
     differences += problems
-    before = read_state(path).get("global_micro_batch", saved.train.micro_batch_size)
+    before = state.get("global_micro_batch", saved.train.micro_batch_size)
     now = cfg.train.micro_batch_size * world_size
     if before != now:
         differences.append(
