@@ -36,6 +36,7 @@ from mode_cli.artifacts import (
     HEAD_INFO,
     HEAD_WEIGHTS,
     MERGED_CONFIG,
+    PEFT_CONFIG,
     RUN_CONFIG,
     head_info_problem,
     load_run_config,
@@ -45,7 +46,6 @@ from mode_cli.errors import ModeError
 from mode_cli.files import load_tensors, read_json, tensor_shapes
 from mode_cli.train import checkpoint as checkpoint_mod
 
-PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # What a head's tensors and behaviour depend on: the source's head is loaded only when all match.
 HEAD_SHAPE = (
