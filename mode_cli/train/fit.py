@@ -140,15 +140,10 @@ def plan_recipe(
     facts = facts or model_facts(cfg)
     setup = recipe_setup(cfg, facts, device, processes, data)
     auto = cfg.train.micro_batch_size == "auto"
-    if memory is not None:
-        budget, source = parse_size(memory), "--memory"
-        check_budget(facts, setup, budget)
-    elif cfg.train.memory_budget is not None:
-        budget, source = parse_size(cfg.train.memory_budget), "train.memory_budget"
+    # auto plans on what the run itself would use: the free memory, less a margin.
+    budget, source = recipe_budget(cfg, memory, free=auto)
+    if memory is not None or cfg.train.memory_budget is not None:
         check_budget(facts, setup, budget, source)
-    else:
-        # auto plans on what the run itself would use: the free memory, less a margin.
-        budget, source = machine_budget(device, free=auto)
     choice = None
     if auto and budget is not None:
         choice = choose_micro_batch(cfg, facts, setup, budget, source)
@@ -179,12 +174,23 @@ def choose_micro_batch(
     return AutoChoice(best, accum, plan)
 
 
+def recipe_budget(
+    cfg: DictConfig, memory: str | None = None, free: bool = False
+) -> tuple[float | None, str]:
+    """The budget a plan of the recipe fits into, and where it came from: `memory` (`--memory`),
+    else `train.memory_budget`, else this machine's memory for the recipe's device
+    (`machine_budget`; None when the device is not here)."""
+    if memory is not None:
+        return parse_size(memory), "--memory"
+    if cfg.train.memory_budget is not None:
+        return parse_size(cfg.train.memory_budget, "train.memory_budget"), "train.memory_budget"
+    return machine_budget(recipe_device(cfg), free)
+
+
 def auto_budget(cfg: DictConfig) -> tuple[float, str]:
     """The budget of `train.micro_batch_size=auto`: `train.memory_budget`, else the device's
     free memory less a margin."""
-    if cfg.train.memory_budget is not None:
-        return parse_size(cfg.train.memory_budget, "train.memory_budget"), "train.memory_budget"
-    budget, source = machine_budget(recipe_device(cfg), free=True)
+    budget, source = recipe_budget(cfg, free=True)
     if budget is None:
         raise ModeError(f"train.micro_batch_size=auto: {source}")
     return budget, source
