@@ -79,13 +79,11 @@ def recipe_setup(
 ) -> Setup:
     """The plan's view of a composed recipe on a device type (`micro_batch_size=auto`: 1 until
     resolved)."""
-    from mode_cli.mode.selection import select_layers
     from mode_cli.mode.weighting import loss_weights
+    from mode_cli.train.heads import selected_layers
     from mode_cli.train.optim import optimizer_on
 
-    chosen = method(cfg)
-    n = facts.num_layers
-    layers = select_layers(cfg.layers, n) if chosen.trains_head else []
+    layers = selected_layers(cfg, facts.num_layers)
     micro = cfg.train.micro_batch_size
     return Setup(
         micro_batch=1 if micro == "auto" else int(micro),
@@ -97,7 +95,7 @@ def recipe_setup(
         device=device,
         loss_weights=loss_weights(cfg.loss, layers, 1, cfg.train.max_steps),
         num_selected=max(1, len(layers)),
-        routed=chosen.routed,
+        routed=method(cfg).routed,
         loss_impl=cfg.loss.impl,
         processes=processes,
         strategy=cfg.distributed.strategy,
