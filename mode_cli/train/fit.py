@@ -165,11 +165,18 @@ def choose_micro_batch(
             f"{size_text(at_one.peak)}, over the budget of {size_text(budget)} ({source})"
             + (f"; try {' or '.join(tips)}" if tips else "")
         )
-    accum = batch // best if batch else cfg.train.grad_accum_steps
+    accum = accumulation(cfg, best)
     plan = plan_memory(
         facts, replace(setup, micro_batch=best, grad_accum_steps=accum), budget, source
     )
     return AutoChoice(best, accum, plan)
+
+
+def accumulation(cfg: DictConfig, micro_batch: int) -> int:
+    """Gradient accumulation at `micro_batch`: what keeps `train.batch_size` when it is set, else
+    the recipe's `train.grad_accum_steps`."""
+    batch = cfg.train.batch_size
+    return batch // micro_batch if batch else cfg.train.grad_accum_steps
 
 
 def recipe_budget(
