@@ -35,6 +35,7 @@ from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_sou
 
 RUN_CONFIG = "config.yaml"  # marks a run folder
 ADAPTER_DIR = "adapter"
+PEFT_CONFIG = "adapter_config.json"  # a peft adapter folder's settings
 HEAD_WEIGHTS = "mode_head.safetensors"
 HEAD_INFO = "mode_head.json"
 MERGED_DIR = "merged"
@@ -179,7 +180,7 @@ def check_saved_files(folder: Path, *, adapter: bool, head: bool) -> None:
     """Read the headers of what loading a run or merged folder reads, before any weights load: a
     damaged or truncated file is named at once, not deep inside peft or transformers."""
     if adapter:
-        read_json(folder / ADAPTER_DIR / "adapter_config.json")
+        read_json(folder / ADAPTER_DIR / PEFT_CONFIG)
         tensor_shapes(folder / ADAPTER_DIR / "adapter_model.safetensors")
     if head:
         read_json(folder / HEAD_INFO)
@@ -237,7 +238,7 @@ def run_lineage(folder: Path, cfg: DictConfig) -> dict:
 def has_adapter(folder: Path, cfg: DictConfig) -> bool:
     """Whether a run folder's model carries an adapter: one trained, or one the run kept frozen
     under its head (loss=mode-only from init_from=)."""
-    return method(cfg).trains_adapter or (folder / ADAPTER_DIR / "adapter_config.json").is_file()
+    return method(cfg).trains_adapter or (folder / ADAPTER_DIR / PEFT_CONFIG).is_file()
 
 
 def missing_head_files(folder: Path) -> list[str]:
@@ -252,7 +253,7 @@ def load_run(run_dir: Path, cfg: DictConfig, device: str):
     trained = method(cfg)
     with_adapter = has_adapter(run_dir, cfg)
     # Check before loading any weights.
-    if trained.trains_adapter and not (adapter / "adapter_config.json").is_file():
+    if trained.trains_adapter and not (adapter / PEFT_CONFIG).is_file():
         raise ModeError(f"{run_dir} has no trained adapter (adapter/adapter_config.json)")
     missing = missing_head_files(run_dir)
     if trained.trains_head and missing:

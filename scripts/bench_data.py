@@ -28,7 +28,6 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_memory import AnonPeak, cpu_model, status  # noqa: E402
-from benchdoc import DOC, write_section  # noqa: E402
+import benchdoc  # noqa: E402
+from bench_memory import AnonPeak, status  # noqa: E402
+from benchdoc import DOC, cpu_model, write_section  # noqa: E402
 
 MIB = 2**20
 RSS_TARGET = 1.3  # peak RSS at the larger size over the smaller
@@ -177,7 +177,7 @@ def tokenize_worker(path: str, processes: int) -> dict:
 
 def tokenize(path: Path, processes: int) -> dict:
     load = os.getloadavg()[0]
-    record = subprocess_json(["--tokenize-worker", str(path), str(processes)])
+    record = worker(["--tokenize-worker", str(path), str(processes)])
     record["processes"] = processes
     record["load"] = (load + os.getloadavg()[0]) / 2
     print(
@@ -235,7 +235,7 @@ def run_worker(args: list[str], launched: float) -> dict:
 
 def run(path: Path, cache: Path, out: Path, label: str) -> dict:
     env = {**os.environ, "MODE_DATA_CACHE": str(cache)}
-    record = subprocess_json(["--run-worker", json.dumps(run_args(path, out))], env)
+    record = worker(["--run-worker", json.dumps(run_args(path, out))], env)
     record["label"] = label
     record["cache_bytes"] = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
     print(
@@ -247,19 +247,10 @@ def run(path: Path, cache: Path, out: Path, label: str) -> dict:
     return record
 
 
-def subprocess_json(args: list[str], env: dict | None = None) -> dict:
-    env = {**(env or os.environ), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    done = subprocess.run(
-        [sys.executable, __file__, *args, "--launched", repr(time.time())],
-        capture_output=True,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args)[:200]} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def worker(args: list[str], env: dict | None = None) -> dict:
+    """This script as a worker (`benchdoc.run_worker`), told when it was launched."""
+    launched = ["--launched", repr(time.time())]
+    return benchdoc.run_worker(__file__, [*args, *launched], " ".join(args)[:200], env)
 
 
 # ---------------------------------------------------------------------------- the page

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,17 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchdoc import DOC, write_section  # noqa: E402
+from benchdoc import DOC, cpu_model, newest_run, write_section  # noqa: E402
 
 GOAL = 0.95  # the ensemble's decoding speed over the final layer's
 EXPORTS = ("ensemble", "final")
-
-
-def newest_run(recipe: str = "smollm2-arithmetic") -> Path:
-    runs = sorted(p for p in (ROOT / "outputs" / recipe).glob("*") if (p / "merged").is_dir())
-    if not runs:
-        raise SystemExit(f"no run of {recipe} with a merged folder in outputs/: run `make demo`")
-    return runs[-1]
 
 
 def prompts(count: int) -> list[str]:
@@ -121,16 +113,6 @@ def measure(run: Path, rounds: int, count: int, new_tokens: int, threads: int) -
         "ratio": sum(seconds["final"]) / sum(seconds["ensemble"]),
         "round_ratios": [f / e for e, f in zip(seconds["ensemble"], seconds["final"], strict=True)],
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def markdown(result: dict) -> str:

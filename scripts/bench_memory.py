@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchdoc import DOC, write_section  # noqa: E402
+from benchdoc import DOC, cpu_model, run_worker, write_section  # noqa: E402
 
 MIB = 2**20
 LOSSES = ("final-only", "mode")
@@ -142,27 +141,11 @@ def worker(args: list[str]) -> dict:
     return peaks
 
 
-def in_own_process(flag: str, payload: str, what: str) -> dict:
-    """This script as a worker (`flag payload`) in a process and session of its own, offline;
-    the JSON record it prints last."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, __file__, flag, payload],
-        capture_output=True,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def run(loss: str, steps: int, extra: list[str], recipe: str = RECIPE) -> dict:
     """One run in its own process; its figures."""
     with tempfile.TemporaryDirectory() as tmp:
         args = command(loss, steps, Path(tmp) / "run", extra, recipe)
-        record = in_own_process("--worker", json.dumps(args), f"loss={loss}")
+        record = run_worker(__file__, ["--worker", json.dumps(args)], f"loss={loss}")
     record["loss"] = loss
     print(
         f"loss={loss:11} peak RSS / anonymous MiB: setup {record['setup_bytes'] / MIB:.0f} / "
@@ -233,13 +216,6 @@ def markdown(records: dict[str, dict], steps: int, extra: list[str], recipe: str
         f"{verdict(r['training_anon'])}, command RSS {verdict(r['command'])}.",
     ]
     return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def verdict(ratio: float) -> str:
@@ -436,7 +412,7 @@ def run_key(config: dict) -> tuple:
 def measure_plan_config(config: dict, data: Path) -> dict:
     """A grid run in its own process; its measurement."""
     args = json.dumps([config["recipe"], plan_overrides(config, data)])
-    return in_own_process("--plan-worker", args, str(config))
+    return run_worker(__file__, ["--plan-worker", args], str(config))
 
 
 def predictions(config: dict, data: Path, data_tokens: int, facts_cache: dict) -> dict:

@@ -67,7 +67,7 @@ for path in (ROOT, SCRIPTS):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from benchdoc import DOC, write_section  # noqa: E402
+from benchdoc import DOC, cpu_model, write_section  # noqa: E402
 
 LIMIT_BYTES = 24 * 10**9
 PEAK_RATIO = 1.05  # MoDE's peak over final-only's on the same batch
@@ -234,13 +234,6 @@ def cuda(device: str) -> bool:
     from mode_cli.devices import is_cuda
 
     return is_cuda(device)
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip() + " (CPU rehearsal)"
-    return platform.machine() + " (CPU rehearsal)"
 
 
 def versions() -> dict[str, str]:
@@ -1101,7 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     record: dict = json.loads(args.add_to.read_text()) if args.add_to else {}
     record |= {
-        "machine": torch.cuda.get_device_name() if on_gpu else cpu_model(),
+        "machine": torch.cuda.get_device_name() if on_gpu else cpu_model() + " (CPU rehearsal)",
         "versions": versions(),
         "date": time.strftime("%Y-%m-%d"),
         "python": platform.python_version(),

@@ -27,15 +27,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchdoc import newest_run  # noqa: E402
 
 TOLERANCE = 1e-4
-
-
-def newest_run(recipe: str = "smollm2-arithmetic") -> Path:
-    runs = sorted(p for p in (ROOT / "outputs" / recipe).glob("*") if (p / "merged").is_dir())
-    if not runs:
-        raise SystemExit(f"no run of {recipe} with a merged folder in outputs/: run `make demo`")
-    return runs[-1]
 
 
 def continuation_logprobs(model, tokenizer, context: str, continuations: list[str]) -> list[float]:

@@ -20,7 +20,7 @@ import pytest
 import torch
 import transformers
 import yaml
-from helpers import naive_ensemble_logits, run_command
+from helpers import load_script, naive_ensemble_logits, run_command
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
@@ -493,16 +493,6 @@ def test_the_readmes_transformers_example_runs_as_written(tiny_run, capsys):
     assert '"path/to/merged"' in code and "trust_remote_code=True" in code
     exec(code.replace('"path/to/merged"', repr(str(tiny_run / "merged"))), {})
     assert "What is 12 + 30?" in capsys.readouterr().out
-
-
-def load_script(name: str):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_export_benchmark_runs_and_writes_its_section(tiny_run, tmp_path):

@@ -5,13 +5,13 @@ Llama-3-8B's shape (its bundled config.json: no weights)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
 import torch
+from helpers import load_script
 
 from mode_cli.errors import ModeError
 from mode_cli.models.loading import attach_adapter, load_base_model, resolve_source
@@ -187,10 +187,7 @@ def test_the_published_calibration_holds_the_shipped_constants_to_every_run(tmp_
     """`bench_memory.py --calibrate --refit RUNS --keep-constants`: the runs docs/benchmarks.md
     shows, predicted again by today's plan with the constants mode ships (not refitted, so runs
     left out of their fit test them), each within its target; the constants file is untouched."""
-    path = REPO / "scripts" / "bench_memory.py"
-    spec = importlib.util.spec_from_file_location("bench_memory", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_memory")
     shipped = bench.CALIBRATION_FILE.read_text()
     runs = REPO / "docs" / "memory_plan_runs.json"
     out = tmp_path / "runs.json"

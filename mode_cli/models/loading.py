@@ -147,24 +147,16 @@ def give_back_freed_memory() -> None:
     much stays depends on the order of the frees, and it adds to training's peak (200 to 500 MB
     more for SmolLM2 from run to run). Elsewhere than glibc this does nothing.
     """
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def _glibc():
-    """The C library when it is glibc (it has malloc_trim), else None."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    if libc is None or not hasattr(libc, "malloc_trim"):
-        return None
-    return libc
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # no C library found, or not glibc
+        return
+    if trim is not None:
+        trim(0)
 
 
 def guard_cpu_4bit_gradients(model: nn.Module) -> None:

@@ -457,13 +457,15 @@ class Contents:
 
 
 def rank_rng_file(rank: int) -> str:
-    return f"rng-rank-{rank}.pt"
+    """The file of rank `rank`'s RNG states in a checkpoint (rank 0's, a single process's own, is
+    `rng.pt`)."""
+    return f"rng-rank-{rank}.pt" if rank else "rng.pt"
 
 
 def rank_rng(path: Path, rank: int) -> dict | None:
     """The RNG states rank `rank` saved in a checkpoint; None when the checkpoint was written by
     fewer processes and has none for it."""
-    rng_file = path / rank_rng_file(rank) if rank else path / "rng.pt"
+    rng_file = path / rank_rng_file(rank)
     return load_torch_file(rng_file) if rng_file.is_file() else None
 
 
@@ -499,8 +501,7 @@ def write_contents(staging: Path, contents: Contents, record: dict, cfg: DictCon
         save_file(contents.head, str(staging / HEAD))
     torch.save(contents.optimizer, staging / "optimizer.pt")
     torch.save(contents.scheduler, staging / "scheduler.pt")
-    torch.save(contents.rng, staging / "rng.pt")
-    for rank, rng in enumerate(contents.rank_rngs, start=1):
+    for rank, rng in enumerate([contents.rng, *contents.rank_rngs]):
         torch.save(rng, staging / rank_rng_file(rank))
     (staging / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     (staging / STATE).write_text(json.dumps(record, indent=2) + "\n")
@@ -607,9 +608,10 @@ def check_compatible(path: Path, cfg: DictConfig, world_size: int = 1) -> Lineag
     # On the schema, with renamed keys migrated: keys added since take their defaults.
     saved = load_run_config(path)
     differences = config_differences(saved, cfg)
-    lineage, problems = continuation(saved, read_state(path)["step"], cfg)
+    state = read_state(path)
+    lineage, problems = continuation(saved, state["step"], cfg)
     differences += problems
-    before = read_state(path).get("global_micro_batch", saved.train.micro_batch_size)
+    before = state.get("global_micro_batch", saved.train.micro_batch_size)
     now = cfg.train.micro_batch_size * world_size
     if before != now:
         differences.append(
@@ -647,9 +649,8 @@ def read_checkpoint(path: Path, *, model, head, rank: int = 0) -> tuple[Contents
         rng=rank_rng(path, rank),
     )
     if contents.rng is not None and not holds_rng_states(contents.rng):
-        rng_file = path / (rank_rng_file(rank) if rank else "rng.pt")
         raise ModeError(
-            f"cannot resume from {path}: {path / rng_file} does not hold the RNG states a "
+            f"cannot resume from {path}: {path / rank_rng_file(rank)} does not hold the RNG states a "
             "checkpoint saves"
         )
     return contents, read_state(path)

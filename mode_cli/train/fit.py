@@ -79,13 +79,11 @@ def recipe_setup(
 ) -> Setup:
     """The plan's view of a composed recipe on a device type (`micro_batch_size=auto`: 1 until
     resolved)."""
-    from mode_cli.mode.selection import select_layers
     from mode_cli.mode.weighting import loss_weights
+    from mode_cli.train.heads import selected_layers
     from mode_cli.train.optim import optimizer_on
 
-    chosen = method(cfg)
-    n = facts.num_layers
-    layers = select_layers(cfg.layers, n) if chosen.trains_head else []
+    layers = selected_layers(cfg, facts.num_layers)
     micro = cfg.train.micro_batch_size
     return Setup(
         micro_batch=1 if micro == "auto" else int(micro),
@@ -97,7 +95,7 @@ def recipe_setup(
         device=device,
         loss_weights=loss_weights(cfg.loss, layers, 1, cfg.train.max_steps),
         num_selected=max(1, len(layers)),
-        routed=chosen.routed,
+        routed=method(cfg).routed,
         loss_impl=cfg.loss.impl,
         processes=processes,
         strategy=cfg.distributed.strategy,
@@ -140,15 +138,10 @@ def plan_recipe(
     facts = facts or model_facts(cfg)
     setup = recipe_setup(cfg, facts, device, processes, data)
     auto = cfg.train.micro_batch_size == "auto"
-    if memory is not None:
-        budget, source = parse_size(memory), "--memory"
-        check_budget(facts, setup, budget)
-    elif cfg.train.memory_budget is not None:
-        budget, source = parse_size(cfg.train.memory_budget), "train.memory_budget"
+    # auto plans on what the run itself would use: the free memory, less a margin.
+    budget, source = recipe_budget(cfg, memory, free=auto)
+    if memory is not None or cfg.train.memory_budget is not None:
         check_budget(facts, setup, budget, source)
-    else:
-        # auto plans on what the run itself would use: the free memory, less a margin.
-        budget, source = machine_budget(device, free=auto)
     choice = None
     if auto and budget is not None:
         choice = choose_micro_batch(cfg, facts, setup, budget, source)
@@ -172,19 +165,37 @@ def choose_micro_batch(
             f"{size_text(at_one.peak)}, over the budget of {size_text(budget)} ({source})"
             + (f"; try {' or '.join(tips)}" if tips else "")
         )
-    accum = batch // best if batch else cfg.train.grad_accum_steps
+    accum = accumulation(cfg, best)
     plan = plan_memory(
         facts, replace(setup, micro_batch=best, grad_accum_steps=accum), budget, source
     )
     return AutoChoice(best, accum, plan)
 
 
+def accumulation(cfg: DictConfig, micro_batch: int) -> int:
+    """Gradient accumulation at `micro_batch`: what keeps `train.batch_size` when it is set, else
+    the recipe's `train.grad_accum_steps`."""
+    batch = cfg.train.batch_size
+    return batch // micro_batch if batch else cfg.train.grad_accum_steps
+
+
+def recipe_budget(
+    cfg: DictConfig, memory: str | None = None, free: bool = False
+) -> tuple[float | None, str]:
+    """The budget a plan of the recipe fits into, and where it came from: `memory` (`--memory`),
+    else `train.memory_budget`, else this machine's memory for the recipe's device
+    (`machine_budget`; None when the device is not here)."""
+    if memory is not None:
+        return parse_size(memory), "--memory"
+    if cfg.train.memory_budget is not None:
+        return parse_size(cfg.train.memory_budget, "train.memory_budget"), "train.memory_budget"
+    return machine_budget(recipe_device(cfg), free)
+
+
 def auto_budget(cfg: DictConfig) -> tuple[float, str]:
     """The budget of `train.micro_batch_size=auto`: `train.memory_budget`, else the device's
     free memory less a margin."""
-    if cfg.train.memory_budget is not None:
-        return parse_size(cfg.train.memory_budget, "train.memory_budget"), "train.memory_budget"
-    budget, source = machine_budget(recipe_device(cfg), free=True)
+    budget, source = recipe_budget(cfg, free=True)
     if budget is None:
         raise ModeError(f"train.micro_batch_size=auto: {source}")
     return budget, source

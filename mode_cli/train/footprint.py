@@ -39,7 +39,7 @@ from mode_cli.models.loading import (
     peft_config,
     resolve_source,
 )
-from mode_cli.train.heads import build_head
+from mode_cli.train.heads import build_head, selected_layers
 from mode_cli.train.memory import Activations, Growth, ModelFacts, Parameters
 
 # Bundled config.json copies of the shipped recipes' hub models: the plan of a gated or
@@ -200,8 +200,6 @@ def stand_in_recipe(cfg: DictConfig, scale: int, num_layers: int) -> tuple[DictC
     """The recipe for the stand-in: the adapter's rank divided by `scale`, and the MoDE head's
     layers counted from the end, in a stand-in just deep enough to hold them (2 layers at
     least). Returns (recipe, depth)."""
-    from mode_cli.mode.selection import select_layers
-
     small = copy.deepcopy(cfg)
     depth = 2
     with open_dict(small):
@@ -209,10 +207,7 @@ def stand_in_recipe(cfg: DictConfig, scale: int, num_layers: int) -> tuple[DictC
             small.adapter.r = max(1, cfg.adapter.r // scale)
             small.adapter.alpha = cfg.adapter.alpha
         if method(cfg).trains_head:
-            try:
-                layers = select_layers(cfg.layers, num_layers)
-            except ValueError as err:
-                raise ModeError(f"layers.{err}") from None
+            layers = selected_layers(cfg, num_layers)
             depth = max(depth, num_layers - layers[0] + 1)
             small.layers.indices = [layer - num_layers - 1 for layer in layers]
     return small, depth

@@ -12,15 +12,23 @@ from mode_cli.mode.selection import select_layers
 from mode_cli.models import families
 
 
+def selected_layers(cfg: DictConfig, num_layers: int) -> list[int]:
+    """The layers the recipe's MoDE head reads in a model `num_layers` deep (the `layers` section
+    checked against that depth); none for a method without a head."""
+    if not method(cfg).trains_head:
+        return []
+    try:
+        return select_layers(cfg.layers, num_layers)
+    except ValueError as err:
+        raise ModeError(f"layers.{err}") from None
+
+
 def build_head(cfg: DictConfig, model, device: str) -> MoDEHead | None:
     """The MoDE head for this recipe, or None for a method without one (the final-only baseline)."""
     if not method(cfg).trains_head:
         return None
     n = families.num_layers(model)
-    try:
-        layers = select_layers(cfg.layers, n)
-    except ValueError as err:
-        raise ModeError(f"layers.{err}") from None
+    layers = selected_layers(cfg, n)
     router = cfg.router
     try:
         head = MoDEHead(

@@ -181,14 +181,6 @@ class Activations:
     # One layer's input: all that gradient checkpointing keeps of a layer until backward.
     input_per_token: float
 
-    def to_dict(self) -> dict:
-        return {
-            "layer": dict(self.layer.__dict__),
-            "outside": dict(self.outside.__dict__),
-            "dropout_mask_per_token": self.dropout_mask_per_token,
-            "input_per_token": self.input_per_token,
-        }
-
 
 @dataclass(frozen=True)
 class ModelFacts:

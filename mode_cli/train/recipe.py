@@ -84,6 +84,7 @@ from mode_cli.train.distributed import (
 )
 from mode_cli.train.fit import (
     AutoChoice,
+    accumulation,
     auto_budget,
     choose_micro_batch,
     confirm_micro_batch,
@@ -290,8 +291,7 @@ class FinetuneRecipe:
         empty_cache(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         if size != chosen:
-            batch = self.cfg.train.batch_size
-            self.set_micro_batch(size, batch // size if batch else self.cfg.train.grad_accum_steps)
+            self.set_micro_batch(size, accumulation(self.cfg, size))
             console.print(
                 f"train.micro_batch_size=auto: {chosen} ran out of GPU memory in a probe step; "
                 f"{size} (train.grad_accum_steps {self.cfg.train.grad_accum_steps}) did not",

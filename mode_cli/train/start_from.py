@@ -36,6 +36,7 @@ from mode_cli.artifacts import (
     HEAD_INFO,
     HEAD_WEIGHTS,
     MERGED_CONFIG,
+    PEFT_CONFIG,
     RUN_CONFIG,
     head_info_problem,
     load_run_config,
@@ -45,7 +46,6 @@ from mode_cli.errors import ModeError
 from mode_cli.files import load_tensors, read_json, tensor_shapes
 from mode_cli.train import checkpoint as checkpoint_mod
 
-PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # What a head's tensors and behaviour depend on: the source's head is loaded only when all match.
 HEAD_SHAPE = (
@@ -84,7 +84,7 @@ class Source:
             modules it adapts (from its tensors), and the peft options mode lacks that it uses.
         shapes: the adapter file's tensors by name.
         base: the base model the adapter was trained on, as the source records it (None: not
-            recorded); `recipe_model` is the source recipe's `model` section for mode sources.
+            recorded).
         head_file: the MoDE head's weights, or None.
         head_info: the head's description (`mode_head.json`), or None (a checkpoint: its recipe
             describes it, `recipe`).
@@ -98,7 +98,6 @@ class Source:
     settings: dict = field(default_factory=dict)
     shapes: dict = field(default_factory=dict)
     base: str | None = None
-    recipe_model: dict | None = None
     head_file: Path | None = None
     head_info: dict | None = None
     recipe: dict | None = None
@@ -249,10 +248,8 @@ def head_only(
 
 def mode_fields(recipe: DictConfig) -> dict:
     """What a mode source's recipe says of it: its base model and the recipe itself."""
-    model = OmegaConf.to_container(recipe.model, resolve=True)
     return {
         "base": recipe.model.name_or_path,
-        "recipe_model": model,
         "recipe": OmegaConf.to_container(recipe, resolve=True),
     }
 
@@ -369,8 +366,8 @@ def base_differences(source: Source, cfg: DictConfig, resolved: str) -> list[str
     """The base model: the source's recipe's model (a mode source) or the adapter's recorded
     base (a peft adapter) against the recipe's."""
     ours = cfg.model
-    if source.recipe_model is not None:
-        theirs = source.recipe_model
+    if source.recipe is not None:
+        theirs = source.recipe["model"]
         found = []
         if not same_name(theirs["name_or_path"], ours.name_or_path, resolved, exact=True):
             found.append(
