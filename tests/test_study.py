@@ -496,7 +496,7 @@ def test_the_router_table_gives_each_selected_layers_weight_and_loss_over_seeds(
     assert rows["dora + mode"] == ["-"] * 6
 
 
-def test_the_published_study_names_its_command_and_has_every_method_with_three_seeds(study):
+def test_the_published_study_names_its_command_and_has_every_method_with_five_seeds(study):
     page = (REPO / "docs" / "study.md").read_text()
     assert "make study" in page and "scripts/study.py" in page
     assert re.search(r"\*\*Wall time: (\d+ h \d+ min|\d+ min)\*\* on 2 CPU cores", page)
@@ -504,19 +504,30 @@ def test_the_published_study_names_its_command_and_has_every_method_with_three_s
         cells[1].strip("* "): cells[2].strip()
         for cells in (line.split("|") for line in page.splitlines() if line.startswith("| **"))
     }
-    assert rows == {method.name: "3" for method in study.METHODS}
+    assert len(study.SEEDS) == 5
+    assert rows == {method.name: "5" for method in study.METHODS}
     for command in ("mode train -m recipe=smollm2-arithmetic", "mode eval checkpoint="):
         assert command in page
     assert "| method | router weight, layer 28 | router weight, layer 29 |" in page
     # The runs' kept numbers are this page's: the baseline's row reads the same.
     kept = json.loads((REPO / "docs" / "study" / f"runs-{study.STEPS}.json").read_text())
-    assert kept["steps"] == study.STEPS and len(kept["runs"]) == 3 * len(study.METHODS)
+    assert kept["steps"] == study.STEPS and len(kept["runs"]) == 5 * len(study.METHODS)
     eval_final = study.spread(study.values(study.kept_data(kept), study.BASELINE, "eval_final"), 4)
     baseline = next(line for line in page.splitlines() if line.startswith("| **final-only**"))
     assert f"| {eval_final} |" in baseline
     for figure in ("curve.png", "layers.png", "seeds.png"):
         assert f"(study/{figure})" in page
         assert (REPO / "docs" / "study" / figure).read_bytes()[:4] == b"\x89PNG"
+    # The headline is the Holm-corrected verdict; the deployed folders' lm-eval rows are scored.
+    assert "Holm" in page.split("\n## ")[0]
+    deployed = page.split("## Where users run it", 1)[1]
+    for folder in study.DEPLOYED:
+        row = next(line for line in deployed.splitlines() if line.startswith(f"| {folder.label} |"))
+        assert " - |" not in row and row.count("% [") == len(study.HARNESS_SCORES)
+    assert kept["deployed"]["scores"] == {
+        folder.step: kept["deployed"]["scores"][folder.step] for folder in study.DEPLOYED
+    }
+    assert "These runs, the export and the scorings took" in deployed
 
 
 def deployed(study, counts: dict) -> dict:
