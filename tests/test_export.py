@@ -27,8 +27,8 @@ from transformers import AutoTokenizer
 from mode_cli.data.formats import CHATML_TEMPLATE, alpaca_chat_template
 from mode_cli.decode import generate as generate_mod
 from mode_cli.decode.ensemble import use_head
+from mode_cli.decode.generate import end_of_turn_id, stop_token_ids
 from mode_cli.export.command import write
-from mode_cli.export.folder import end_of_turn_id, stop_token_ids
 from mode_cli.files import resolve_bundled
 from mode_cli.mode.head import MoDEHead
 from mode_cli.models import families

@@ -229,6 +229,31 @@ def test_generate_texts_batched_equals_one_by_one():
     assert hooks_on_layers(model) == 0
 
 
+def test_generate_texts_stops_at_any_of_the_stop_ids():
+    """A reply ends at the first of `stops`, as transformers' generate() ends it: a token the
+    greedy decoding reaches second stops every prompt's reply there."""
+    model, head = model_and_head("llama")
+    tokenizer = DigitTokenizer()
+    prompts = ["12 + 30", "7"]
+    for prompt in prompts:
+        tokens, _ = naive_greedy(model, head, tokenizer(prompt)["input_ids"], 6)
+        stop = tokens[1]
+        expected = tokens[: tokens.index(stop)]
+        got = generate_mod.generate_texts(
+            model,
+            head,
+            tokenizer,
+            [prompt],
+            formats="alpaca",
+            max_new_tokens=6,
+            device="cpu",
+            stops=[tokenizer.eos_token_id, stop],
+        )
+        assert got == [tokenizer.decode(expected, skip_special_tokens=True)]
+    assert generate_mod.new_text(tokenizer, [5, 7, 2, 9]) == "<5><7>"
+    assert generate_mod.new_text(tokenizer, [5, 7, 2, 9], [7, 2]) == "<5>"
+
+
 def test_generate_texts_refuses_an_ensemble_without_a_head():
     model, _ = model_and_head("llama")
     with pytest.raises(ModeError, match="head=final"):
@@ -546,3 +571,93 @@ def test_answers_generate_and_chat_tokenize_prompts_as_training_did(data_format,
     from mode_cli.api import prompt_inputs
 
     assert prompt_inputs(model, tokenizer, question)["input_ids"][0].tolist() == training_prompt
+
+
+def chatml_tokenizer():
+    """The bundled tiny tokenizer with ChatML's markers as special tokens and its own EOS: a chat
+    reply ends with `<|im_end|>`, which is not the EOS (a Llama-3 base model tuned in its chat
+    template: `<|eot_id|>` against `<|end_of_text|>`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(files_mod.resolve_bundled("bundled:tiny-tokenizer"))
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    assert tokenizer.eos_token != "<|im_end|>"
+    return tokenizer
+
+
+def test_a_runs_stop_ids_end_its_replies_as_training_did(tmp_path):
+    """Chat replies are trained to end with the template's end of turn, Alpaca responses and
+    documents with the EOS: a run stops at the end of turn as soon as any of its rows are chats."""
+    from helpers import data_cfg
+
+    tokenizer = chatml_tokenizer()
+    eos, im_end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert generate_mod.run_stop_ids(data_cfg(train="x", format="chat"), tokenizer) == [
+        eos,
+        im_end,
+    ]
+    for data_format in ("alpaca", "text"):
+        assert generate_mod.run_stop_ids(data_cfg(train="x", format=data_format), tokenizer) == [
+            eos
+        ]
+    mixed = data_cfg(format="alpaca", mix=[{"train": "a"}, {"train": "b", "format": "chat"}])
+    assert generate_mod.run_stop_ids(mixed, tokenizer) == [eos, im_end]
+    config = generate_mod.generation_config(tokenizer, 4, stops=[eos, im_end])
+    assert config.eos_token_id == [eos, im_end]
+    assert generate_mod.generation_config(tokenizer, 4).eos_token_id == eos
+
+
+def scripted_replier(tokenizer, reply: list[int], data_format: str):
+    """A tiny model whose `generate()` answers `reply` after every prompt, ending it where
+    transformers would: at the first id of the generation config's `eos_token_id`."""
+    from omegaconf import OmegaConf
+
+    model, _ = model_and_head("llama")
+    model.mode_config = OmegaConf.create({"data": {"format": data_format}})
+
+    def generate(input_ids, attention_mask, generation_config, **kwargs):
+        stops = generation_config.eos_token_id
+        stops = stops if isinstance(stops, list) else [stops]
+        end = next((i + 1 for i, token in enumerate(reply) if token in stops), len(reply))
+        answered = torch.tensor([reply[:end]] * len(input_ids), dtype=input_ids.dtype)
+        return torch.cat([input_ids, answered], 1)
+
+    model.generate = generate
+    return model
+
+
+@pytest.mark.parametrize("data_format", ["chat", "alpaca"])
+def test_answers_generate_and_chat_end_a_reply_where_the_run_ends_them(data_format, tmp_path):
+    """A chat run's reply ends at its template's end of turn in answer accuracy, `mode generate`
+    and `mode chat`, not at the EOS that follows the next, untrained turn; an Alpaca run's
+    replies run on to the EOS, the end of turn being no marker of theirs."""
+    from helpers import data_cfg
+    from omegaconf import OmegaConf
+
+    from mode_cli.eval import answers as answers_mod
+
+    tokenizer = chatml_tokenizer()
+    eos, im_end = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")
+    four = tokenizer("4", add_special_tokens=False)["input_ids"]
+    again = tokenizer(" user asks again", add_special_tokens=False)["input_ids"]
+    model = scripted_replier(tokenizer, four + [im_end] + again + [eos], data_format)
+    expected = "4" if data_format == "chat" else tokenizer.decode(four + again)
+    data = data_cfg(train="x", format=data_format)
+    cfg = OmegaConf.create({"data": data, "eval": {"max_new_tokens": 8, "answer_batch_size": 1}})
+    row = (
+        {"messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]}
+        if data_format == "chat"
+        else {"instruction": "2 + 2?", "output": "4"}
+    )
+    prompts = answers_mod.answer_prompts(cfg, [row], tokenizer)
+    got = answers_mod.decode_answers(cfg, model, None, tokenizer, "cpu", prompts, ["final"])
+    assert [text.strip() for text in got["final"]] == [expected.strip()]
+    model.mode_config = cfg
+    options = options_mod.DecodingOptions(prompt="2 + 2?", head="final", max_new_tokens=8)
+    prompt = chat_mod.format_prompt("2 + 2?", cfg, tokenizer)
+    assert generate_mod.stream_reply(model, tokenizer, prompt, options).strip() == expected.strip()
+    messages = [{"role": "user", "content": "2 + 2?"}]
+    prompt = chat_mod.chat_prompt(messages, cfg, tokenizer)
+    assert generate_mod.stream_reply(model, tokenizer, prompt, options).strip() == expected.strip()

@@ -107,6 +107,22 @@ def test_a_budget_below_the_weights_is_refused_before_loading(mode, tmp_path):
     )
 
 
+def test_a_machine_too_small_for_the_weights_is_named_as_the_budget(mode, tmp_path, monkeypatch):
+    """With no train.memory_budget, auto's budget is the machine's free memory: a refusal names
+    that, not a setting the user never gave."""
+    from mode_cli.train import fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "meminfo", lambda: {"MemAvailable": 100_000, "MemTotal": 10**9})
+    out = tmp_path / "run"
+    code, _, err = mode(
+        "train", "recipe=tiny-llama-alpaca", "train.micro_batch_size=auto", f"output_dir={out}"
+    )
+    said = " ".join(err.split())
+    assert code == 2 and "train.memory_budget" not in said
+    assert "the budget of 88 KiB (available RAM less 10%) is below what the model's weights" in said
+    assert not out.exists()
+
+
 def test_auto_picks_a_size_under_the_budget_trains_and_stays_under_it(tmp_path):
     """The budget sits just under the plan of micro-batch 4 (the recipe's): auto picks 2,
     accumulates 2 to keep the recipe's batch of 4, records both, and the training process's

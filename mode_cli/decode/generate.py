@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from mode_cli.data.formats import chat_template
 from mode_cli.data.tokenizing import prompt_ids
 from mode_cli.decode.ensemble import use_head
 from mode_cli.errors import ModeError
@@ -29,9 +30,52 @@ def left_padded(
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
-def generation_config(tokenizer, max_new_tokens: int, temperature: float = 0.0):
-    """Greedy (temperature 0) or plain sampling, stopping at EOS; nothing from the model's defaults
-    (top-k, top-p, repetition penalties) changes the distribution."""
+def end_of_turn_id(tokenizer, template: str | None) -> int | None:
+    """The token a chat template ends an assistant turn with (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`), or None when the turn ends in plain text or in a marker this tokenizer
+    splits into several tokens (no single id can stop generation there)."""
+    if template is None:
+        return None
+    marker = "MODE-END-OF-TURN-PROBE"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    except Exception:  # a template that refuses this conversation has nothing to tell
+        return None
+    after = text.split(marker, 1)[-1].lstrip(" ")
+    if not after.strip():
+        return None
+    first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    if not first or first[0] not in special:
+        return None
+    return first[0]
+
+
+def stop_token_ids(tokenizer, template: str | None) -> list[int]:
+    """What generation stops at: the tokenizer's EOS and the chat template's end of turn."""
+    ids = [tokenizer.eos_token_id, end_of_turn_id(tokenizer, template)]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def run_stop_ids(data_cfg, tokenizer) -> list[int]:
+    """What a run's replies end with, so decoding stops there: the tokenizer's EOS (Alpaca
+    responses and documents are trained with it) and, when any of its rows are chats
+    (`data.format` or a `data.mix` source), the chat template's end of turn, which training ends
+    a chat reply with instead (a Llama-3 template's `<|eot_id|>` on a base model whose EOS is
+    `<|end_of_text|>`)."""
+    mix = getattr(data_cfg, "mix", None) or ()
+    formats = {data_cfg.format} | {source.format for source in mix if source.format}
+    template = chat_template(data_cfg, tokenizer) if "chat" in formats else None
+    return stop_token_ids(tokenizer, template)
+
+
+def generation_config(
+    tokenizer, max_new_tokens: int, temperature: float = 0.0, stops: Sequence[int] | None = None
+):
+    """Greedy (temperature 0) or plain sampling, stopping at `stops` (`run_stop_ids`; the
+    tokenizer's EOS when None); nothing from the model's defaults (top-k, top-p, repetition
+    penalties) changes the distribution."""
     from transformers import GenerationConfig
 
     sampling = (
@@ -39,9 +83,10 @@ def generation_config(tokenizer, max_new_tokens: int, temperature: float = 0.0):
         if temperature > 0
         else {"do_sample": False}
     )
+    stops = list(stops) if stops else [tokenizer.eos_token_id]
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stops if len(stops) > 1 else stops[0],
         pad_token_id=tokenizer.pad_token_id
         if tokenizer.pad_token_id is not None
         else tokenizer.eos_token_id,
@@ -50,12 +95,11 @@ def generation_config(tokenizer, max_new_tokens: int, temperature: float = 0.0):
     )
 
 
-def new_text(tokenizer, token_ids: list[int]) -> str:
-    """Decode generated ids up to (not including) the first EOS."""
-    eos = tokenizer.eos_token_id
-    if eos in token_ids:
-        token_ids = token_ids[: token_ids.index(eos)]
-    return tokenizer.decode(token_ids, skip_special_tokens=True)
+def new_text(tokenizer, token_ids: list[int], stops: Sequence[int] | None = None) -> str:
+    """Decode generated ids up to (not including) the first stop (`stops`, else the EOS)."""
+    stops = set(stops or [tokenizer.eos_token_id])
+    end = next((i for i, token in enumerate(token_ids) if token in stops), len(token_ids))
+    return tokenizer.decode(token_ids[:end], skip_special_tokens=True)
 
 
 @contextmanager
@@ -81,10 +125,11 @@ def generate_texts(
     max_new_tokens: int = 64,
     device: str,
     batch_size: int = 8,
+    stops: Sequence[int] | None = None,
 ) -> list[str]:
     """Greedy completions of already formatted prompts, decoded with `head_kind`.
 
-    Batched with left padding and the KV cache; stops each sequence at EOS and returns only the
+    Batched with left padding and the KV cache; stops each sequence at `stops` and returns only the
     new text. Prompts are tokenized as training tokenized them (`tokenizing.prompt_ids`).
 
     Args:
@@ -98,19 +143,20 @@ def generate_texts(
         max_new_tokens: the most tokens generated per prompt.
         device: where the model's inputs go.
         batch_size: prompts decoded together.
+        stops: the token ids a reply ends at (`run_stop_ids`); None: the tokenizer's EOS.
     """
     if max_new_tokens < 1:
         raise ModeError(f"max_new_tokens={max_new_tokens}: expected at least 1")
     formats = [formats] * len(prompts) if isinstance(formats, str) else formats
     ids = [prompt_ids(tokenizer, p, f) for p, f in zip(prompts, formats, strict=True)]
-    config = generation_config(tokenizer, max_new_tokens)
+    config = generation_config(tokenizer, max_new_tokens, stops=stops)
     texts: list[str] = []
     with use_head(model, head_kind, head) as decoder, eval_mode(decoder):
         for start in range(0, len(prompts), batch_size):
             batch = left_padded(ids[start : start + batch_size], config.pad_token_id, device)
             out = decoder.generate(**batch, generation_config=config)
             width = batch["input_ids"].shape[1]
-            texts += [new_text(tokenizer, row[width:].tolist()) for row in out]
+            texts += [new_text(tokenizer, row[width:].tolist(), stops) for row in out]
     return texts
 
 
@@ -121,10 +167,11 @@ def stream_reply(model, tokenizer, prompt: str, options: DecodingOptions) -> str
     device = next(model.parameters()).device
     ids = prompt_ids(tokenizer, prompt, model.mode_config.data.format)
     inputs = left_padded([ids], tokenizer.pad_token_id, device)
-    config = generation_config(tokenizer, options.max_new_tokens, options.temperature)
+    stops = run_stop_ids(model.mode_config.data, tokenizer)
+    config = generation_config(tokenizer, options.max_new_tokens, options.temperature, stops)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     torch.manual_seed(options.seed)
     with eval_mode(model):
         # The streamer ends the reply with a newline.
         out = model.generate(**inputs, generation_config=config, streamer=streamer)
-    return new_text(tokenizer, out[0, inputs["input_ids"].shape[1] :].tolist())
+    return new_text(tokenizer, out[0, inputs["input_ids"].shape[1] :].tolist(), stops)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from mode_cli.data.formats import row_format, row_prompt
 from mode_cli.data.splits import eval_rows
-from mode_cli.decode.generate import generate_texts
+from mode_cli.decode.generate import generate_texts, run_stop_ids
 from mode_cli.devices import is_cuda
 from mode_cli.errors import ModeError
 from mode_cli.eval.report import data_description
@@ -324,6 +324,7 @@ def decode_answers(
             max_new_tokens=cfg.eval.max_new_tokens,
             device=device,
             batch_size=cfg.eval.answer_batch_size,
+            stops=run_stop_ids(cfg.data, tokenizer),
         )
         for kind in kinds
     }

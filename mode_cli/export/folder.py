@@ -28,6 +28,7 @@ from torch import nn
 from mode_cli.artifacts import MERGED_CONFIG, save_head
 from mode_cli.data.formats import alpaca_chat_template, chat_template
 from mode_cli.decode.ensemble import unwrap, wrap
+from mode_cli.decode.generate import run_stop_ids
 from mode_cli.files import staged_folder
 from mode_cli.mode import head as head_module
 from mode_cli.mode.head import MoDEHead
@@ -54,34 +55,6 @@ def chat_template_for(cfg: DictConfig, tokenizer) -> str | None:
         adds_bos = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
         return alpaca_chat_template(bos_token=adds_bos)
     return None
-
-
-def end_of_turn_id(tokenizer, template: str | None) -> int | None:
-    """The token a chat template ends an assistant turn with (`<|im_end|>`, `<|eot_id|>`,
-    `<end_of_turn>`), or None when the turn ends in plain text or in a marker this tokenizer
-    splits into several tokens (no single id can stop generation there)."""
-    if template is None:
-        return None
-    marker = "MODE-END-OF-TURN-PROBE"
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
-    try:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
-    except Exception:  # a template that refuses this conversation has nothing to tell
-        return None
-    after = text.split(marker, 1)[-1].lstrip(" ")
-    if not after.strip():
-        return None
-    first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
-    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    if not first or first[0] not in special:
-        return None
-    return first[0]
-
-
-def stop_token_ids(tokenizer, template: str | None) -> list[int]:
-    """What generation stops at: the tokenizer's EOS and the chat template's end of turn."""
-    ids = [tokenizer.eos_token_id, end_of_turn_id(tokenizer, template)]
-    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def write_generation_config(folder: Path, model: nn.Module, tokenizer, stops: list[int]) -> None:
@@ -130,7 +103,7 @@ def write_export(
         if template is not None:
             tokenizer.chat_template = template
         tokenizer.save_pretrained(staging)
-        write_generation_config(staging, model, tokenizer, stop_token_ids(tokenizer, template))
+        write_generation_config(staging, model, tokenizer, run_stop_ids(cfg.data, tokenizer))
         (staging / MERGED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (staging / CARD).write_text(card)
         for record in records:

@@ -154,7 +154,7 @@ def choose_micro_batch(
 ) -> AutoChoice:
     """The largest micro-batch the plan fits into `budget`, a divisor of `train.batch_size`
     when it is set (gradient accumulation makes up the rest)."""
-    check_budget(facts, setup, budget, "train.memory_budget")
+    check_budget(facts, setup, budget, source)
     batch = cfg.train.batch_size
     best = largest_micro_batch(facts, setup, budget, batch)
     if best is None:

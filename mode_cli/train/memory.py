@@ -679,12 +679,19 @@ def parse_size(text: str, what: str = "--memory") -> float:
 
 
 def check_budget(facts: ModelFacts, setup: Setup, budget: float, what: str = "--memory") -> None:
-    """Refuse a budget that cannot hold the frozen weights alone: no knob of the recipe helps."""
+    """Refuse a budget that cannot hold the frozen weights alone: no knob of the recipe helps.
+    `what` is where the budget came from: a setting (`--memory`, `train.memory_budget`) or the
+    machine (`available RAM less 10%`)."""
     weights = weight_bytes(facts)
     held = sum(weights.values()) / (setup.processes if setup.sharded else 1)
     if budget < held:
+        named = (
+            f"{what}={size_text(budget)}"
+            if what.startswith(("--", "train."))
+            else f"the budget of {size_text(budget)} ({what})"
+        )
         raise ModeError(
-            f"{what}={size_text(budget)} is below what the model's weights alone take "
+            f"{named} is below what the model's weights alone take "
             f"({size_text(held)}: 4-bit weights, their quantization state and the unquantized "
             "layers), so no setting of this recipe fits it: give a larger budget, a smaller "
             "model, or more processes with distributed.strategy=fsdp"
