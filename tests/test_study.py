@@ -519,7 +519,9 @@ def test_the_published_study_names_its_command_and_has_every_method_with_five_se
         assert f"(study/{figure})" in page
         assert (REPO / "docs" / "study" / figure).read_bytes()[:4] == b"\x89PNG"
     # The headline is the Holm-corrected verdict; the deployed folders' lm-eval rows are scored.
-    assert "Holm" in page.split("\n## ")[0]
+    verdict = page.split("## Verdict", 1)[1].split("\n## ", 1)[0]
+    headline = next(line for line in verdict.splitlines() if line.startswith("**"))
+    assert "Holm" in headline
     deployed = page.split("## Where users run it", 1)[1]
     for folder in study.DEPLOYED:
         row = next(line for line in deployed.splitlines() if line.startswith(f"| {folder.label} |"))
