@@ -313,6 +313,7 @@ def decode_answers(
     cfg, model, head, tokenizer, device: str, prompts: Prompts, kinds: Sequence[str]
 ) -> dict[str, list[str]]:
     """Greedy generations of `model` (what `decoding_model` gives) per head kind."""
+    stops = run_stop_ids(cfg.data, tokenizer)
     return {
         kind: generate_texts(
             model,
@@ -324,7 +325,7 @@ def decode_answers(
             max_new_tokens=cfg.eval.max_new_tokens,
             device=device,
             batch_size=cfg.eval.answer_batch_size,
-            stops=run_stop_ids(cfg.data, tokenizer),
+            stops=stops,
         )
         for kind in kinds
     }
