@@ -28,7 +28,7 @@ from torch import nn
 from mode_cli.artifacts import MERGED_CONFIG, save_head
 from mode_cli.data.formats import alpaca_chat_template, chat_template
 from mode_cli.decode.ensemble import unwrap, wrap
-from mode_cli.decode.generate import run_stop_ids
+from mode_cli.decode.generate import eos_setting, run_stop_ids
 from mode_cli.files import staged_folder
 from mode_cli.mode import head as head_module
 from mode_cli.mode.head import MoDEHead
@@ -61,7 +61,7 @@ def write_generation_config(folder: Path, model: nn.Module, tokenizer, stops: li
     """`generation_config.json`: the model's own, stopping at `stops`, padding with the tokenizer's
     pad token."""
     config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    config.eos_token_id = eos_setting(stops)
     config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.bos_token_id is not None:
         config.bos_token_id = tokenizer.bos_token_id
