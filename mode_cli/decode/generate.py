@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from mode_cli.data.formats import chat_template
+from mode_cli.data.formats import chat_template, run_formats
 from mode_cli.data.tokenizing import prompt_ids, reply_end
 from mode_cli.decode.ensemble import use_head
 from mode_cli.errors import ModeError
@@ -55,9 +55,7 @@ def run_stop_ids(data_cfg, tokenizer) -> list[int]:
     (`data.format` or a `data.mix` source), the chat template's end of turn, which training ends
     a chat reply with instead (a Llama-3 template's `<|eot_id|>` on a base model whose EOS is
     `<|end_of_text|>`)."""
-    mix = getattr(data_cfg, "mix", None) or ()
-    formats = {data_cfg.format} | {source.format for source in mix if source.format}
-    template = chat_template(data_cfg, tokenizer) if "chat" in formats else None
+    template = chat_template(data_cfg, tokenizer) if "chat" in run_formats(data_cfg) else None
     return stop_token_ids(tokenizer, template)
 
 
