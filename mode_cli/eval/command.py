@@ -172,7 +172,10 @@ def eval_config(checkpoint: Checkpoint, overrides: list[str]) -> tuple[DictConfi
     cfg, original_model = checkpoint_config(checkpoint)
     options, overrides = parse_options(overrides, EVAL_OPTIONS, rest_allowed=True)
     if "data" in options:
-        cfg = with_section(cfg, "data", config_group("data", options["data"]))
+        data = config_group("data", options["data"])
+        if data.get("chat_template") is None:  # the template the model was tuned in goes on
+            data.chat_template = cfg.data.chat_template
+        cfg = with_section(cfg, "data", data)
     if "eval" in options:
         settings = config_group("eval", options["eval"])
         # Whether to compare with the base depends on the checkpoint, not on the settings group.
