@@ -336,24 +336,10 @@ def load_ensemble_export(
     path: Path, exported, model_cfg: DictConfig, cfg: DictConfig, device: str, dtype=None
 ):
     """(model, head) of an ensemble export: the base family's CausalLM from the export's weights
-    (`model.base.*` read as the family's own names) and the head from `model.mode_head.*`; `dtype`
-    as `load_merged`'s."""
+    (`load_base_model` reads `model.base.*` as the family's own names) and the head from
+    `model.mode_head.*`; `dtype` as `load_merged`'s."""
     extra = {"dtype": dtype} if dtype is not None else {}
-    family = families.FAMILIES.get(exported.base_model_type)
-    if family is None:
-        raise ModeError(
-            f"{path} is a MoDE model of '{exported.base_model_type}', which mode does not support. "
-            f"Supported: {', '.join(sorted(families.FAMILIES))}"
-        )
-    model = load_base_model(
-        str(path),
-        model_cfg,
-        cfg.train.precision,
-        device,
-        config=exported.base_config(),
-        key_mapping={r"^model\.base\.": f"{family.decoder}."},
-        **extra,
-    )
+    model = load_base_model(str(path), model_cfg, cfg.train.precision, device, **extra)
     try:
         head = MoDEHead.from_description(families.final_norm(model), exported.mode_head)
     except (KeyError, ValueError) as err:

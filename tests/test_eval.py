@@ -72,6 +72,26 @@ def test_a_merged_folder_is_evaluated_with_its_head(tiny_run, mode, tmp_path):
     )
 
 
+def test_an_ensemble_export_evaluated_in_4_bits_decodes_its_answers(tiny_run, mode, tmp_path):
+    """`model.quantization=nf4` on an ensemble export: on the CPU its answers decode from the
+    folder reloaded in 4 bits and dequantized, read as its base family as any load of it is."""
+    code, _, err = mode(
+        "eval",
+        f"checkpoint={tiny_run / 'merged'}",
+        *QUICK,
+        "compare=none",
+        "model.quantization=nf4",
+        f"eval.output_dir={tmp_path}",
+    )
+    assert code == 0, err
+    report = json.loads(next(tmp_path.glob("*/report.json")).read_text())
+    answers = report["answers"]
+    assert answers["decoded_from"] == "dequantized" and set(answers["heads"]) == {
+        "ensemble",
+        "final",
+    }
+
+
 def test_a_merged_folder_without_its_head_is_refused(tiny_run, mode, tmp_path):
     """A final-layer export keeps the head in files beside the weights; without them, the
     ensemble's report cannot be made."""

@@ -487,7 +487,8 @@ def test_exporting_a_merged_folder_again_keeps_its_weights(mode, tmp_path):
 def test_a_mixed_runs_export_keeps_the_template_its_chat_rows_trained_with(tmp_path):
     """Alpaca rows and chat rows mixed: the export carries the Alpaca template (the run's
     `data.format`), and records the chat rows' own in its `mode_config.yaml`, so that decoding
-    and evaluating the folder render them, and stop, as training did."""
+    and evaluating the folder render them, and stop, as training did. Written again, it keeps
+    the eval reports made of it."""
     from mode_cli.artifacts import load_run_config
     from mode_cli.data.formats import chat_template
     from mode_cli.export.folder import write_export
@@ -513,6 +514,11 @@ def test_a_mixed_runs_export_keeps_the_template_its_chat_rows_trained_with(tmp_p
     assert generate_mod.run_stop_ids(saved.data, exported) == stops
     config = json.loads((out / "generation_config.json").read_text())
     assert config["eos_token_id"] == stops
+    # Written again (a finished run resumed): the reports `mode eval` wrote into it stay.
+    (out / "eval" / "20261206-000000").mkdir(parents=True)
+    (out / "eval" / "20261206-000000" / "report.md").write_text("kept")
+    write_export(out, cfg=cfg, model=model, head=None, tokenizer=tok, head_kind="final", card="")
+    assert (out / "eval" / "20261206-000000" / "report.md").read_text() == "kept"
 
 
 def test_the_card_says_what_the_run_trained_on_and_what_its_folder_holds():

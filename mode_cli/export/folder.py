@@ -29,6 +29,7 @@ from mode_cli.artifacts import MERGED_CONFIG, save_head
 from mode_cli.data.formats import alpaca_chat_template, chat_template, run_formats
 from mode_cli.decode.ensemble import unwrap, wrap
 from mode_cli.decode.generate import eos_setting, run_stop_ids
+from mode_cli.eval.report import EVAL_FOLDER
 from mode_cli.files import staged_folder
 from mode_cli.mode import head as head_module
 from mode_cli.mode.head import MoDEHead
@@ -125,4 +126,7 @@ def write_export(
         (staging / CARD).write_text(card)
         for record in records:
             shutil.copyfile(record, staging / record.name)
+        reports = target / EVAL_FOLDER
+        if reports.is_dir():  # `mode eval` reports of a folder written again (a resume) stay
+            shutil.copytree(reports, staging / EVAL_FOLDER)
     return target
