@@ -31,7 +31,12 @@ from mode_cli.errors import ModeError
 from mode_cli.files import load_tensors, read_json, read_yaml, tensor_shapes
 from mode_cli.mode.head import MoDEHead
 from mode_cli.models import families
-from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_source
+from mode_cli.models.loading import (
+    ensemble_config,
+    load_base_model,
+    load_tokenizer,
+    resolve_source,
+)
 
 RUN_CONFIG = "config.yaml"  # marks a run folder
 ADAPTER_DIR = "adapter"
@@ -285,17 +290,6 @@ def load_run(run_dir: Path, cfg: DictConfig, device: str):
         model, tokenizer = base, load_tokenizer(source, cfg.model)
     head = load_head(run_dir, model, device) if method(cfg).trains_head else None
     return model, head, tokenizer
-
-
-def ensemble_config(folder: Path):
-    """The MoDE config of an ensemble export (config.json of `model_type: mode`), else None."""
-    from mode_cli.models.modeling_mode import MoDEConfig
-
-    config = folder / "config.json"
-    saved = read_json(config) if config.is_file() else None
-    if not isinstance(saved, dict) or saved.get("model_type") != MoDEConfig.model_type:
-        return None
-    return MoDEConfig.from_pretrained(str(folder))
 
 
 def load_merged(

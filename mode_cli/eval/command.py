@@ -40,7 +40,6 @@ from mode_cli.artifacts import (
     MERGED_CONFIG,
     Checkpoint,
     classify,
-    ensemble_config,
     has_adapter,
     load_head,
     load_merged,
@@ -60,7 +59,12 @@ from mode_cli.eval.report import EVAL_FOLDER, build_report, data_description, sa
 from mode_cli.files import check_writable_folder, read_yaml
 from mode_cli.mode.head import MoDEHead
 from mode_cli.models import families
-from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_source
+from mode_cli.models.loading import (
+    ensemble_config,
+    load_base_model,
+    load_tokenizer,
+    resolve_source,
+)
 from mode_cli.options import TEXT, Option, choice, integer, parse_options
 from mode_cli.recipes import explain_omegaconf_error, shipped_recipes_dir
 

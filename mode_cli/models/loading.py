@@ -7,7 +7,6 @@ built from a config with a fixed seed (`tiny.py`, saved once into the same cache
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from mode_cli.devices import cuda_index, is_cuda
 from mode_cli.errors import ModeError
+from mode_cli.files import read_json
 from mode_cli.models import families
 from mode_cli.models.families import family_of
 from mode_cli.models.smollm2 import ensure_converted
@@ -94,20 +94,25 @@ def base_placement(model_cfg: DictConfig, precision: str, device: str) -> dict:
     return placement
 
 
-def ensemble_export_reading(source: str) -> dict:
-    """The `from_pretrained` arguments that read an ensemble export (a folder whose config.json
-    is `model_type: mode`) as its base family's CausalLM: the family's config, and the weights'
-    `model.base.*` names as the family's own. Nothing for any other source."""
+def ensemble_config(folder: str | Path):
+    """The MoDE config of an ensemble export (a folder whose config.json is `model_type: mode`),
+    else None."""
     from mode_cli.models.modeling_mode import MoDEConfig
 
-    config = Path(source) / "config.json"
-    try:
-        saved = json.loads(config.read_text()) if config.is_file() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}  # from_pretrained names what is wrong with it
+    config = Path(folder) / "config.json"
+    saved = read_json(config) if config.is_file() else None
     if not isinstance(saved, dict) or saved.get("model_type") != MoDEConfig.model_type:
+        return None
+    return MoDEConfig.from_pretrained(str(folder))
+
+
+def ensemble_export_reading(source: str) -> dict:
+    """The `from_pretrained` arguments that read an ensemble export as its base family's
+    CausalLM: the family's config, and the weights' `model.base.*` names as the family's own.
+    Nothing for any other source."""
+    exported = ensemble_config(source)
+    if exported is None:
         return {}
-    exported = MoDEConfig.from_pretrained(source)
     family = families.FAMILIES.get(exported.base_model_type)
     if family is None:
         raise ModeError(
