@@ -1,8 +1,8 @@
 """Using a finished run from Python: the model decodes from the MoDE ensemble head.
 
-    from mode_cli import load, format_prompt
+    from mode_cli import load, prompt_inputs
     model, tokenizer = load("outputs/smollm2-arithmetic/<time>")  # a run folder, or its merged/
-    inputs = tokenizer(format_prompt(model, tokenizer, "What is 12 + 30?"), return_tensors="pt").to(model.device)
+    inputs = prompt_inputs(model, tokenizer, "What is 12 + 30?")  # the run's prompt, as trained
     output = model.generate(**inputs, max_new_tokens=48, do_sample=False)  # the ensemble head, KV cache on
     print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
 
@@ -11,7 +11,8 @@ trained it, 4-bit by default, with the adapter) or the run's merged folder (the 
 the run's recipe, mode_config.yaml). For a run with an ensemble, the returned model is the class
 an export carries (`MoDEForCausalLM`) around the loaded modules: its forward and `generate()` use
 the ensemble, KV cache included; `use_head(model, "final")` switches to the model's own final
-layer for a block. A run without one (loss=final-only) gives the transformers (or peft) model.
+layer for a block. A run without one (loss=final-only, layerwise) is loaded with `head="final"`
+and gives the transformers (or peft) model.
 """
 
 from __future__ import annotations

@@ -31,10 +31,16 @@ from mode_cli.errors import ModeError
 from mode_cli.files import load_tensors, read_json, read_yaml, tensor_shapes
 from mode_cli.mode.head import MoDEHead
 from mode_cli.models import families
-from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_source
+from mode_cli.models.loading import (
+    ensemble_config,
+    load_base_model,
+    load_tokenizer,
+    resolve_source,
+)
 
 RUN_CONFIG = "config.yaml"  # marks a run folder
 ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"  # a run folder's checkpoints, one `step-N` folder each
 PEFT_CONFIG = "adapter_config.json"  # a peft adapter folder's settings
 HEAD_WEIGHTS = "mode_head.safetensors"
 HEAD_INFO = "mode_head.json"
@@ -245,22 +251,36 @@ def missing_head_files(folder: Path) -> list[str]:
     return [name for name in (HEAD_INFO, HEAD_WEIGHTS) if not (folder / name).is_file()]
 
 
-def load_run(run_dir: Path, cfg: DictConfig, device: str):
-    """(model with the trained adapter, head or None, tokenizer) of a finished run."""
-    from peft import PeftModel
-
-    adapter = run_dir / ADAPTER_DIR
+def check_run_files(run_dir: Path, cfg: DictConfig) -> None:
+    """Refuse, before any weights load, a run folder without the files its method trains (a run
+    stopped before it saved them, or a checkpoint's folder given for the run's) or with a damaged
+    one."""
     trained = method(cfg)
-    with_adapter = has_adapter(run_dir, cfg)
-    # Check before loading any weights.
-    if trained.trains_adapter and not (adapter / PEFT_CONFIG).is_file():
-        raise ModeError(f"{run_dir} has no trained adapter (adapter/adapter_config.json)")
+    if trained.trains_adapter and not (run_dir / ADAPTER_DIR / PEFT_CONFIG).is_file():
+        where = (
+            f"; the run's folder is {run_dir.parent.parent}"
+            if run_dir.parent.name == CHECKPOINTS_DIR
+            else ""
+        )
+        raise ModeError(
+            f"{run_dir} has no trained adapter (adapter/adapter_config.json): a run saves it "
+            f"when it ends{where}"
+        )
     missing = missing_head_files(run_dir)
     if trained.trains_head and missing:
         raise ModeError(
             f"{run_dir} was trained with loss={cfg.loss.name} but has no {' or '.join(missing)}"
         )
-    check_saved_files(run_dir, adapter=with_adapter, head=trained.trains_head)
+    check_saved_files(run_dir, adapter=has_adapter(run_dir, cfg), head=trained.trains_head)
+
+
+def load_run(run_dir: Path, cfg: DictConfig, device: str):
+    """(model with the trained adapter, head or None, tokenizer) of a finished run."""
+    from peft import PeftModel
+
+    adapter = run_dir / ADAPTER_DIR
+    with_adapter = has_adapter(run_dir, cfg)
+    check_run_files(run_dir, cfg)
     source = resolve_source(cfg.model)
     base = load_base_model(source, cfg.model, cfg.train.precision, device)
     if with_adapter:
@@ -268,24 +288,16 @@ def load_run(run_dir: Path, cfg: DictConfig, device: str):
         model = PeftModel.from_pretrained(base, str(adapter))
     else:  # mode-only: the head trained alone on the frozen base
         model, tokenizer = base, load_tokenizer(source, cfg.model)
-    head = load_head(run_dir, model, device) if trained.trains_head else None
+    head = load_head(run_dir, model, device) if method(cfg).trains_head else None
     return model, head, tokenizer
 
 
-def ensemble_config(folder: Path):
-    """The MoDE config of an ensemble export (config.json of `model_type: mode`), else None."""
-    from mode_cli.models.modeling_mode import MoDEConfig
-
-    config = folder / "config.json"
-    saved = read_json(config) if config.is_file() else None
-    if not isinstance(saved, dict) or saved.get("model_type") != MoDEConfig.model_type:
-        return None
-    return MoDEConfig.from_pretrained(str(folder))
-
-
-def load_merged(path: Path, cfg: DictConfig, device: str, *, require_head: bool = True):
+def load_merged(
+    path: Path, cfg: DictConfig, device: str, *, require_head: bool = True, dtype: str | None = None
+):
     """(model, head or None, tokenizer) of a merged folder: the merged weights loaded as saved
-    (`cfg.model.quantization`; the recipe's source and revision do not apply), with the MoDE head.
+    (`cfg.model.quantization`; the recipe's source and revision do not apply), with the MoDE head,
+    in the recipe's compute dtype or `dtype` (`"auto"`: the dtype the folder's weights are in).
 
     An ensemble export holds the head in its weights: `mode` loads the base family's model from
     them and the head beside it. A final-layer export (or a merged folder of an earlier release)
@@ -297,7 +309,8 @@ def load_merged(path: Path, cfg: DictConfig, device: str, *, require_head: bool 
     tokenizer = load_tokenizer(str(path), model_cfg)
     exported = ensemble_config(path)
     if exported is not None:
-        return (*load_ensemble_export(path, exported, model_cfg, cfg, device), tokenizer)
+        loaded = load_ensemble_export(path, exported, model_cfg, cfg, device, dtype)
+        return (*loaded, tokenizer)
     missing = missing_head_files(path)
     trains_head = method(cfg).trains_head
     if trains_head and missing and require_head:
@@ -307,28 +320,20 @@ def load_merged(path: Path, cfg: DictConfig, device: str, *, require_head: bool 
             f"{HEAD_WEIGHTS} from the run folder, or use the run folder itself"
         )
     check_saved_files(path, adapter=False, head=trains_head and not missing)
-    model = load_base_model(str(path), model_cfg, cfg.train.precision, device)
+    extra = {"dtype": dtype} if dtype is not None else {}
+    model = load_base_model(str(path), model_cfg, cfg.train.precision, device, **extra)
     head = load_head(path, model, device) if trains_head and not missing else None
     return model, head, tokenizer
 
 
-def load_ensemble_export(path: Path, exported, model_cfg: DictConfig, cfg: DictConfig, device: str):
+def load_ensemble_export(
+    path: Path, exported, model_cfg: DictConfig, cfg: DictConfig, device: str, dtype=None
+):
     """(model, head) of an ensemble export: the base family's CausalLM from the export's weights
-    (`model.base.*` read as the family's own names) and the head from `model.mode_head.*`."""
-    family = families.FAMILIES.get(exported.base_model_type)
-    if family is None:
-        raise ModeError(
-            f"{path} is a MoDE model of '{exported.base_model_type}', which mode does not support. "
-            f"Supported: {', '.join(sorted(families.FAMILIES))}"
-        )
-    model = load_base_model(
-        str(path),
-        model_cfg,
-        cfg.train.precision,
-        device,
-        config=exported.base_config(),
-        key_mapping={r"^model\.base\.": f"{family.decoder}."},
-    )
+    (`load_base_model` reads `model.base.*` as the family's own names) and the head from
+    `model.mode_head.*`; `dtype` as `load_merged`'s."""
+    extra = {"dtype": dtype} if dtype is not None else {}
+    model = load_base_model(str(path), model_cfg, cfg.train.precision, device, **extra)
     try:
         head = MoDEHead.from_description(families.final_norm(model), exported.mode_head)
     except (KeyError, ValueError) as err:

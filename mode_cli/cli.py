@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of answers decoded with the ensemble and the final head. Files: "
         "<checkpoint>/eval/<time>/report.json, report.md, layers.png.",
         epilog="checkpoint=DIR: a run folder (mode train), a merged model folder, or a plain "
-        "model (a folder, a hub id, package:smollm2: a base-only logit-lens report)\n"
+        "model (a folder, a hub id, package:smollm2: a base-only report, logit lens and answers)\n"
         "data=NAME         another data group (recipes/data/NAME.yaml), e.g. data=arithmetic\n"
         "examples=N        evaluate N eval examples\n"
         "compare=base|none also evaluate the base before tuning (default: on for run folders)\n"
@@ -249,6 +249,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mode_cli.train.distributed import launched_by_torchrun
     from mode_cli.train.recipe import FinetuneRecipe, dry_run
 
+    if args.memory is not None and args.multirun:
+        raise ModeError(
+            "--memory plans one run: a sweep's --dry-run lists its runs, not their memory; "
+            "plan one with `mode plan recipe=NAME [key=value ...] --memory SIZE`, or give the "
+            "sweep's runs train.memory_budget=SIZE with train.micro_batch_size=auto"
+        )
     if args.multirun:
         if launched_by_torchrun():
             raise ModeError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -71,6 +72,26 @@ def test_a_merged_folder_is_evaluated_with_its_head(tiny_run, mode, tmp_path):
     )
 
 
+def test_an_ensemble_export_evaluated_in_4_bits_decodes_its_answers(tiny_run, mode, tmp_path):
+    """`model.quantization=nf4` on an ensemble export: on the CPU its answers decode from the
+    folder reloaded in 4 bits and dequantized, read as its base family as any load of it is."""
+    code, _, err = mode(
+        "eval",
+        f"checkpoint={tiny_run / 'merged'}",
+        *QUICK,
+        "compare=none",
+        "model.quantization=nf4",
+        f"eval.output_dir={tmp_path}",
+    )
+    assert code == 0, err
+    report = json.loads(next(tmp_path.glob("*/report.json")).read_text())
+    answers = report["answers"]
+    assert answers["decoded_from"] == "dequantized" and set(answers["heads"]) == {
+        "ensemble",
+        "final",
+    }
+
+
 def test_a_merged_folder_without_its_head_is_refused(tiny_run, mode, tmp_path):
     """A final-layer export keeps the head in files beside the weights; without them, the
     ensemble's report cannot be made."""
@@ -122,6 +143,25 @@ def test_data_swaps_in_another_data_group(tiny_run, mode, tmp_path):
     assert code == 0, err
     report = json.loads(next(tmp_path.glob("*/report.json")).read_text())
     assert report["data"]["eval"] == "bundled:chat/eval.jsonl" and report["answers"] is None
+
+
+def test_another_data_group_keeps_the_chat_template_the_run_was_tuned_in(tmp_path):
+    """`data=NAME` swaps the rows, not the prompt format the model learned: a run tuned with
+    `data.chat_template=chatml` renders the new group's chats in ChatML unless told otherwise."""
+    import shutil
+
+    from mode_cli.artifacts import classify
+    from mode_cli.eval.command import eval_config
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).resolve().parent / "fixtures" / "run-0.1.0", run)
+    recipe = OmegaConf.load(run / "config.yaml")
+    recipe.data.chat_template = "chatml"
+    OmegaConf.save(recipe, run / "config.yaml")
+    cfg, _ = eval_config(classify(str(run)), ["data=chat-sample"])
+    assert cfg.data.train == "bundled:chat/train.jsonl" and cfg.data.chat_template == "chatml"
+    cfg, _ = eval_config(classify(str(run)), ["data=chat-sample", "data.chat_template=null"])
+    assert cfg.data.chat_template is None
 
 
 @pytest.mark.parametrize(

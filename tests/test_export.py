@@ -429,6 +429,116 @@ def test_mode_export_refuses_bad_input(tiny_run, mode, tmp_path, words, message)
     assert not (tmp_path / "x").exists() and not (tiny_run / "export").exists()
 
 
+def test_mode_export_of_a_folder_without_its_adapter_is_refused_before_loading(mode, tmp_path):
+    """A run stopped before it saved `adapter/`, or a checkpoint's folder given for its run's:
+    one message, naming the run's folder for a checkpoint, and nothing written."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).resolve().parent / "fixtures" / "run-0.1.0", run)
+    step = run / "checkpoints" / "step-000004"
+    code, _, err = mode("export", f"checkpoint={step}", f"out={tmp_path / 'x'}")
+    said = " ".join(err.split())
+    assert code == 2 and "has no trained adapter" in said, err
+    assert f"the run's folder is {run}" in said and "Traceback" not in err
+    shutil.rmtree(run / "adapter")
+    code, _, err = mode("export", f"checkpoint={run}", f"out={tmp_path / 'x'}")
+    assert code == 2 and f"{run} has no trained adapter" in " ".join(err.split()), err
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_from_python_checks_its_options_as_mode_export_does(tmp_path):
+    from mode_cli.errors import ModeError
+    from mode_cli.export.command import export
+
+    run = Path(__file__).resolve().parent / "fixtures" / "run-0.1.0"
+    for option, message in (
+        ({"dtype": "float16"}, "dtype='float16': expected one of fp32, bf16, fp16"),
+        ({"base": "nonsense"}, "base='nonsense': expected one of"),
+        ({"head": "middle"}, "head='middle': expected one of ensemble, final"),
+    ):
+        with pytest.raises(ModeError, match=message):
+            export(run, tmp_path / "x", **option)
+    assert not (tmp_path / "x").exists()
+
+
+def test_exporting_a_merged_folder_again_keeps_its_weights(mode, tmp_path):
+    """A merged folder of a bf16-trained run exported in fp32: its weights are read as they were
+    saved, not rounded through the run's bf16 on the way."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    merged = tmp_path / "merged"
+    shutil.copytree(Path(__file__).resolve().parent / "fixtures" / "run-0.1.0" / "merged", merged)
+    recipe = OmegaConf.load(merged / "mode_config.yaml")
+    recipe.train.precision = "bf16"
+    recipe.merge.dtype = "fp32"
+    OmegaConf.save(recipe, merged / "mode_config.yaml")
+    out = tmp_path / "again"
+    code, _, err = mode("export", f"checkpoint={merged}", f"out={out}", "head=final")
+    assert code == 0, err
+    before, after = load_file(merged / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name, weight in before.items():
+        assert after[name].dtype == torch.float32 and torch.equal(after[name], weight), name
+
+
+def test_a_mixed_runs_export_keeps_the_template_its_chat_rows_trained_with(tmp_path):
+    """Alpaca rows and chat rows mixed: the export carries the Alpaca template (the run's
+    `data.format`), and records the chat rows' own in its `mode_config.yaml`, so that decoding
+    and evaluating the folder render them, and stop, as training did. Written again, it keeps
+    the eval reports made of it."""
+    from mode_cli.artifacts import load_run_config
+    from mode_cli.data.formats import chat_template
+    from mode_cli.export.folder import write_export
+
+    cfg = compose_recipe("tiny-llama-alpaca", ["data=mix-sample"])
+    tok = tokenizer()
+    tok.chat_template = CHATML_TEMPLATE  # a tokenizer with its own template, as chat models have
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    trained_with = chat_template(cfg.data, tok)
+    stops = generate_mod.run_stop_ids(cfg.data, tok)
+    assert len(stops) == 2  # the EOS and <|im_end|>
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": 0}
+    model = transformers.LlamaForCausalLM(tiny_config("llama", TINY, len(tok), ids))
+    out = write_export(
+        tmp_path / "x", cfg=cfg, model=model, head=None, tokenizer=tok, head_kind="final", card=""
+    )
+    saved = load_run_config(out, "mode_config.yaml")
+    exported = AutoTokenizer.from_pretrained(str(out))
+    assert exported.chat_template == chat_template(
+        OmegaConf.create({"format": "alpaca"}), exported
+    )  # the Alpaca template, for engines
+    assert chat_template(saved.data, exported) == trained_with
+    assert generate_mod.run_stop_ids(saved.data, exported) == stops
+    config = json.loads((out / "generation_config.json").read_text())
+    assert config["eos_token_id"] == stops
+    # Written again (a finished run resumed): the reports `mode eval` wrote into it stay.
+    (out / "eval" / "20261206-000000").mkdir(parents=True)
+    (out / "eval" / "20261206-000000" / "report.md").write_text("kept")
+    write_export(out, cfg=cfg, model=model, head=None, tokenizer=tok, head_kind="final", card="")
+    assert (out / "eval" / "20261206-000000" / "report.md").read_text() == "kept"
+
+
+def test_the_card_says_what_the_run_trained_on_and_what_its_folder_holds():
+    """A mix's sources in the data row; the sentence on decoding the ensemble from the head's
+    files only where the run trained a router."""
+    from mode_cli.export.card import model_card
+
+    mixed = compose_recipe("tiny-llama-alpaca", ["data=mix-sample"])
+    card = model_card(mixed, head_kind="final", head=None, report=None)
+    assert (
+        "bundled:arithmetic/train.jsonl (alpaca, weight 2); bundled:chat/train.jsonl (chat, "
+        "weight 1)" in card
+    )
+    assert "`mode_head.*` files beside it" in card  # loss=mode: a router
+    for loss in ("final-only", "layerwise"):
+        cfg = compose_recipe("tiny-llama-alpaca", [f"loss={loss}"])
+        card = model_card(cfg, head_kind="final", head=None, report=None)
+        assert "mode_head" not in card and "bundled:arithmetic/train.jsonl (alpaca)" in card
+
+
 # ---------------------------------------------------------------------------- SmolLM2, chat
 
 

@@ -160,6 +160,10 @@ def test_the_dry_run_shows_the_plan_on_a_budget(mode):
     assert "tokenized data" in text and "fits in 4.00 GiB (--memory)" in text
     code, _, err = mode("train", "recipe=tiny-llama-alpaca", "--memory", "4GB")
     assert code == 2 and "--memory goes with --dry-run" in err
+    sweep = ("train", "-m", "recipe=tiny-llama-alpaca", "train.lr=1e-3,2e-3", "--memory", "4GB")
+    for words in (sweep, (*sweep, "--dry-run")):
+        code, _, err = mode(*words)
+        assert code == 2 and "--memory plans one run" in " ".join(err.split()), err
 
 
 def test_probing_leaves_the_random_streams_alone():

@@ -187,6 +187,12 @@ def row_identity(values: dict, format: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
+def run_formats(data_cfg) -> set[str]:
+    """The prompt formats a run's rows come in: `data.format` and each `data.mix` source's."""
+    mix = getattr(data_cfg, "mix", None) or ()
+    return {data_cfg.format} | {source.format for source in mix if source.format}
+
+
 def chat_template(data_cfg, tokenizer) -> str:
     """`data.chat_template` (`chatml` or a Jinja template), else the tokenizer's, else ChatML."""
     chosen = getattr(data_cfg, "chat_template", None) if data_cfg is not None else None

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from mode_cli.data.formats import chat_template
-from mode_cli.data.tokenizing import prompt_ids
+from mode_cli.data.formats import chat_template, run_formats
+from mode_cli.data.tokenizing import prompt_ids, reply_end
 from mode_cli.decode.ensemble import use_head
 from mode_cli.errors import ModeError
 from mode_cli.mode.head import MoDEHead
@@ -32,24 +32,15 @@ def left_padded(
 
 def end_of_turn_id(tokenizer, template: str | None) -> int | None:
     """The token a chat template ends an assistant turn with (`<|im_end|>`, `<|eot_id|>`,
-    `<end_of_turn>`), or None when the turn ends in plain text or in a marker this tokenizer
-    splits into several tokens (no single id can stop generation there)."""
+    `<end_of_turn>`): the one training ends a chat reply with (`reply_end`), or None when the
+    turn ends in plain text or the template refuses a conversation."""
     if template is None:
         return None
-    marker = "MODE-END-OF-TURN-PROBE"
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
     try:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
-    except Exception:  # a template that refuses this conversation has nothing to tell
+        end = reply_end("chat", tokenizer, template)
+    except ModeError:  # a template that refuses the probe conversation has nothing to tell
         return None
-    after = text.split(marker, 1)[-1].lstrip(" ")
-    if not after.strip():
-        return None
-    first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
-    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
-    if not first or first[0] not in special:
-        return None
-    return first[0]
+    return None if end.token is None else tokenizer.convert_tokens_to_ids(end.token)
 
 
 def stop_token_ids(tokenizer, template: str | None) -> list[int]:
@@ -64,10 +55,13 @@ def run_stop_ids(data_cfg, tokenizer) -> list[int]:
     (`data.format` or a `data.mix` source), the chat template's end of turn, which training ends
     a chat reply with instead (a Llama-3 template's `<|eot_id|>` on a base model whose EOS is
     `<|end_of_text|>`)."""
-    mix = getattr(data_cfg, "mix", None) or ()
-    formats = {data_cfg.format} | {source.format for source in mix if source.format}
-    template = chat_template(data_cfg, tokenizer) if "chat" in formats else None
+    template = chat_template(data_cfg, tokenizer) if "chat" in run_formats(data_cfg) else None
     return stop_token_ids(tokenizer, template)
+
+
+def eos_setting(stops: Sequence[int]) -> int | list[int]:
+    """`generation_config.eos_token_id` for `stops`: a list when there are several, else the id."""
+    return list(stops) if len(stops) > 1 else stops[0]
 
 
 def generation_config(
@@ -83,10 +77,9 @@ def generation_config(
         if temperature > 0
         else {"do_sample": False}
     )
-    stops = list(stops) if stops else [tokenizer.eos_token_id]
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
-        eos_token_id=stops if len(stops) > 1 else stops[0],
+        eos_token_id=eos_setting(stops or [tokenizer.eos_token_id]),
         pad_token_id=tokenizer.pad_token_id
         if tokenizer.pad_token_id is not None
         else tokenizer.eos_token_id,

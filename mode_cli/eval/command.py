@@ -40,7 +40,6 @@ from mode_cli.artifacts import (
     MERGED_CONFIG,
     Checkpoint,
     classify,
-    ensemble_config,
     has_adapter,
     load_head,
     load_merged,
@@ -60,7 +59,12 @@ from mode_cli.eval.report import EVAL_FOLDER, build_report, data_description, sa
 from mode_cli.files import check_writable_folder, read_yaml
 from mode_cli.mode.head import MoDEHead
 from mode_cli.models import families
-from mode_cli.models.loading import load_base_model, load_tokenizer, resolve_source
+from mode_cli.models.loading import (
+    ensemble_config,
+    load_base_model,
+    load_tokenizer,
+    resolve_source,
+)
 from mode_cli.options import TEXT, Option, choice, integer, parse_options
 from mode_cli.recipes import explain_omegaconf_error, shipped_recipes_dir
 
@@ -172,7 +176,10 @@ def eval_config(checkpoint: Checkpoint, overrides: list[str]) -> tuple[DictConfi
     cfg, original_model = checkpoint_config(checkpoint)
     options, overrides = parse_options(overrides, EVAL_OPTIONS, rest_allowed=True)
     if "data" in options:
-        cfg = with_section(cfg, "data", config_group("data", options["data"]))
+        data = config_group("data", options["data"])
+        if data.get("chat_template") is None:  # the template the model was tuned in goes on
+            data.chat_template = cfg.data.chat_template
+        cfg = with_section(cfg, "data", data)
     if "eval" in options:
         settings = config_group("eval", options["eval"])
         # Whether to compare with the base depends on the checkpoint, not on the settings group.

@@ -63,13 +63,24 @@ def front_matter(cfg: DictConfig, head_kind: str) -> dict:
     return meta
 
 
+def training_data(data_cfg: DictConfig) -> str:
+    """What the run trained on, in words: its source and format, or each `data.mix` source with
+    its format and weight."""
+    mix = data_cfg.get("mix") or []
+    if not mix:
+        return f"{data_cfg.train} ({data_cfg.format})"
+    return "; ".join(
+        f"{src.train} ({src.format or data_cfg.format}, weight {src.weight:g})" for src in mix
+    )
+
+
 def recipe_rows(cfg: DictConfig, head: dict | None) -> list[tuple[str, str]]:
     """The settings a reader of the card wants first; the whole recipe is `mode_config.yaml`.
     `head` is the MoDE head's description (`MoDEHead.describe()`), None without one."""
     rows = [
         ("recipe", cfg.recipe),
         ("base model", cfg.model.name_or_path),
-        ("data", f"{cfg.data.train} ({cfg.data.format})"),
+        ("data", training_data(cfg.data)),
         ("method", f"loss={cfg.loss.name}, distillation weight {cfg.loss.distill_weight}"),
     ]
     if head is not None:
@@ -181,9 +192,13 @@ def model_card(cfg: DictConfig, *, head_kind: str, head: dict | None, report: di
         "routed mix of the selected layers' normed states, and the model's own LM head "
         "projects it."
         if head_kind == "ensemble"
-        else "This folder decodes with **the final layer alone**: a plain model of its family, "
-        "the MoDE head left out of its forward (`mode` can still decode its ensemble from the "
-        "`mode_head.*` files beside it)."
+        else "This folder decodes with **the final layer alone**: a plain model of its family"
+        + (
+            ", the MoDE head left out of its forward (`mode` can still decode its ensemble from "
+            "the `mode_head.*` files beside it)."
+            if method(cfg).routed
+            else "."
+        )
     )
     lines = [
         "---",

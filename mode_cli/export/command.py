@@ -21,6 +21,7 @@ from mode_cli.artifacts import (
     INIT_FROM_RECORD,
     MERGED_CONFIG,
     RUN_CONFIG,
+    check_run_files,
     classify,
     has_adapter,
     load_head,
@@ -82,6 +83,7 @@ def export_run(run_dir: Path, target: Path, cfg: DictConfig, device: str) -> Pat
     `merge.base` base in `merge.dtype`, decoding with `merge.head` (`export_head`)."""
     head_kind = export_head(cfg)
     trained = method(cfg)
+    check_run_files(run_dir, cfg)
     source = resolve_source(cfg.model)
     # A trained adapter, or the one a mode-only run from init_from= kept frozen under its head.
     if has_adapter(run_dir, cfg):
@@ -107,8 +109,9 @@ def export_merged(folder: Path, target: Path, cfg: DictConfig) -> Path:
     head_kind = export_head(cfg)
     loaded = copy.deepcopy(cfg)
     loaded.model.quantization = "none"
+    # Loaded in the dtype it was saved in: another export of the folder starts from its weights.
     model, head, tokenizer = load_merged(
-        folder, loaded, "cpu", require_head=head_kind == "ensemble"
+        folder, loaded, "cpu", require_head=head_kind == "ensemble", dtype="auto"
     )
     model = model.to(merge_dtype(cfg))
     report = newest_report(folder)
@@ -170,7 +173,10 @@ def export(
     found = classify(str(checkpoint), plain_models=False)
     path = found.path
     cfg = load_run_config(path, RUN_CONFIG if found.kind == "run" else MERGED_CONFIG)
-    problems = []
+    problems: list[str] = []
+    given = {"head": head, "dtype": dtype, "base": base}
+    words = [f"{key}={value}" for key, value in given.items() if value is not None]
+    parse_options(words, {key: EXPORT_OPTIONS[key] for key in given}, problems=problems)
     if base is not None and found.kind != "run":
         problems.append(
             f"base={base}: applies to a run folder (where the adapter is merged); {path} is "

@@ -26,9 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mode_cli.artifacts import MERGED_CONFIG, save_head
-from mode_cli.data.formats import alpaca_chat_template, chat_template
+from mode_cli.data.formats import alpaca_chat_template, chat_template, run_formats
 from mode_cli.decode.ensemble import unwrap, wrap
-from mode_cli.decode.generate import run_stop_ids
+from mode_cli.decode.generate import eos_setting, run_stop_ids
+from mode_cli.eval.report import EVAL_FOLDER
 from mode_cli.files import staged_folder
 from mode_cli.mode import head as head_module
 from mode_cli.mode.head import MoDEHead
@@ -57,11 +58,26 @@ def chat_template_for(cfg: DictConfig, tokenizer) -> str | None:
     return None
 
 
+def pinned_chat_template(cfg: DictConfig, tokenizer) -> DictConfig:
+    """The recipe an export records, its chat rows' template written out when the folder's own
+    template is another: a `data.mix` of Alpaca and chat rows exports the Alpaca template, and
+    `mode eval`, `mode generate` and the stop ids of the folder still render its chat rows as
+    training did."""
+    if "chat" not in run_formats(cfg.data) or cfg.data.chat_template is not None:
+        return cfg
+    used = chat_template(cfg.data, tokenizer)
+    if chat_template_for(cfg, tokenizer) == used:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.data.chat_template = used
+    return cfg
+
+
 def write_generation_config(folder: Path, model: nn.Module, tokenizer, stops: list[int]) -> None:
     """`generation_config.json`: the model's own, stopping at `stops`, padding with the tokenizer's
     pad token."""
     config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    config.eos_token_id = eos_setting(stops)
     config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.bos_token_id is not None:
         config.bos_token_id = tokenizer.bos_token_id
@@ -99,13 +115,18 @@ def write_export(
             model.save_pretrained(staging)
             if head is not None:
                 save_head(head, staging)
+        cfg = pinned_chat_template(cfg, tokenizer)
+        stops = run_stop_ids(cfg.data, tokenizer)
         template = chat_template_for(cfg, tokenizer)
         if template is not None:
             tokenizer.chat_template = template
         tokenizer.save_pretrained(staging)
-        write_generation_config(staging, model, tokenizer, run_stop_ids(cfg.data, tokenizer))
+        write_generation_config(staging, model, tokenizer, stops)
         (staging / MERGED_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (staging / CARD).write_text(card)
         for record in records:
             shutil.copyfile(record, staging / record.name)
+        reports = target / EVAL_FOLDER
+        if reports.is_dir():  # `mode eval` reports of a folder written again (a resume) stay
+            shutil.copytree(reports, staging / EVAL_FOLDER)
     return target

@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from mode_cli.devices import cuda_index, is_cuda
 from mode_cli.errors import ModeError
+from mode_cli.files import read_json
+from mode_cli.models import families
 from mode_cli.models.families import family_of
 from mode_cli.models.smollm2 import ensure_converted
 from mode_cli.models.tiny import build_tiny_model
@@ -92,17 +94,49 @@ def base_placement(model_cfg: DictConfig, precision: str, device: str) -> dict:
     return placement
 
 
+def ensemble_config(folder: str | Path):
+    """The MoDE config of an ensemble export (a folder whose config.json is `model_type: mode`),
+    else None."""
+    from mode_cli.models.modeling_mode import MoDEConfig
+
+    config = Path(folder) / "config.json"
+    saved = read_json(config) if config.is_file() else None
+    if not isinstance(saved, dict) or saved.get("model_type") != MoDEConfig.model_type:
+        return None
+    return MoDEConfig.from_pretrained(str(folder))
+
+
+def ensemble_export_reading(source: str) -> dict:
+    """The `from_pretrained` arguments that read an ensemble export as its base family's
+    CausalLM: the family's config, and the weights' `model.base.*` names as the family's own.
+    Nothing for any other source."""
+    exported = ensemble_config(source)
+    if exported is None:
+        return {}
+    family = families.FAMILIES.get(exported.base_model_type)
+    if family is None:
+        raise ModeError(
+            f"{source} is a MoDE model of '{exported.base_model_type}', which mode does not "
+            f"support. Supported: {', '.join(sorted(families.FAMILIES))}"
+        )
+    return {
+        "config": exported.base_config(),
+        "key_mapping": {r"^model\.base\.": f"{family.decoder}."},
+    }
+
+
 def load_base_model(
     source: str, model_cfg: DictConfig, precision: str, device: str, **extra
 ) -> PreTrainedModel:
     """Load the frozen base model, in NF4 (QLoRA) or in the compute dtype, on `device`
-    (`base_placement` says how). `extra` goes to `from_pretrained` (a config and a key mapping
-    read a MoDE export as its family)."""
+    (`base_placement` says how); an ensemble export is read as its base family's model
+    (`ensemble_export_reading`). `extra` goes to `from_pretrained`."""
     placement = base_placement(model_cfg, precision, device)
     kwargs: dict = {
         "revision": model_cfg.revision,
         "trust_remote_code": model_cfg.trust_remote_code,
         "dtype": placement["dtype"],
+        **ensemble_export_reading(source),
         **extra,
     }
     if "quantization" in placement:

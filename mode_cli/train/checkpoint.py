@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from mode_cli import devices
-from mode_cli.artifacts import load_run_config
+from mode_cli.artifacts import CHECKPOINTS_DIR, load_run_config
 from mode_cli.config import method
 from mode_cli.errors import ModeError
 from mode_cli.files import load_tensors, read_json, read_yaml, staged_folder, tensor_shapes
@@ -54,7 +54,7 @@ from mode_cli.train.extend import Lineage, continuation
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = CHECKPOINTS_DIR
 COMPLETE = "COMPLETE"
 STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
