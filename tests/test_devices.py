@@ -345,6 +345,7 @@ def test_the_merge_returns_the_gpu_cache_of_a_process_on_cuda_0(monkeypatch, tmp
 
     written = []
     machine = simulate_cuda(monkeypatch, 1)
+    monkeypatch.setattr(command, "check_run_files", lambda run_dir, cfg: None)
     monkeypatch.setattr(command, "has_adapter", lambda run_dir, cfg: True)
     monkeypatch.setattr(command, "merge_adapter", lambda cfg, source, adapter, device: object())
     monkeypatch.setattr(command, "load_tokenizer", lambda source, model_cfg: object())
