@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -366,3 +367,28 @@ def test_gsm8k_style_rows_are_scored_on_their_final_number(tmp_path):
     cfg.eval.answers = "on"
     with pytest.raises(answers_mod.ModeError, match="no 'solution' field"):
         answers_mod.answer_rows(cfg)
+
+
+def test_the_card_reads_the_report_training_wrote(tmp_path):
+    """Not a later `mode eval` of other data in the run's eval/, and where the run wrote its
+    reports to a shared eval.output_dir, its own among other runs'."""
+    from mode_cli.eval.report import training_report
+
+    def write(folder, source):
+        folder.mkdir(parents=True)
+        (folder / "report.json").write_text(json.dumps({"source": source, "name": folder.name}))
+
+    run = tmp_path / "run"
+    write(run / "eval" / "20261206-010000", {"kind": "run", "checkpoint": str(run), "step": 8})
+    write(run / "eval" / "20261206-020000", {"kind": "run", "checkpoint": str(run)})  # mode eval
+    assert training_report(run)["name"] == "20261206-010000"
+    shared = tmp_path / "reports"
+    other = tmp_path / "other"
+    write(shared / "20261206-010000", {"kind": "run", "checkpoint": str(run), "step": 8})
+    write(shared / "20261206-030000", {"kind": "run", "checkpoint": str(other), "step": 8})
+    assert training_report(run, str(shared))["name"] == "20261206-010000"
+    assert training_report(other, str(shared))["name"] == "20261206-030000"
+    assert training_report(tmp_path / "third", str(shared)) is None
+    # A run of the 0.1.0 release did not mark its reports: the newest in its eval/.
+    old = Path(__file__).resolve().parent / "fixtures" / "run-0.1.0"
+    assert training_report(old)["source"]["checkpoint"] == "tests/fixtures/run-0.1.0"

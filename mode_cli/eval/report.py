@@ -215,6 +215,29 @@ def _folder_order(folder: Path) -> tuple[str, int]:
     return "-".join(parts[:2]), int(suffix) if suffix.isdigit() else 1
 
 
+def training_report(run_dir: Path, output_dir: str | None = None) -> dict | None:
+    """The newest report training wrote of `run_dir` (its source names a step; `mode eval`'s
+    reports do not), from `run_dir/eval/` or from `output_dir` (the run's `eval.output_dir`,
+    where other runs' reports may sit beside it). A run of a release that did not mark its
+    reports: the newest in its `eval/`."""
+    run_dir = Path(run_dir)
+    parent = Path(output_dir) if output_dir else run_dir / EVAL_FOLDER
+    found = {}
+    for path in parent.glob("*/report.json"):
+        try:
+            report = json.loads(path.read_text())
+            source = report.get("source") or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # not a report this run wrote
+        checkpoint = Path(str(source.get("checkpoint", ""))).resolve()
+        if "step" in source and (not output_dir or checkpoint == run_dir.resolve()):
+            found[path] = report
+    if found:
+        return found[max(found, key=lambda p: _folder_order(p.parent))]
+    path = latest_report(run_dir)
+    return json.loads(path.read_text()) if path is not None and not output_dir else None
+
+
 def latest_report(run_dir: Path) -> Path | None:
     """The newest `run_dir/eval/<time>/report.json`, or None when the run has none."""
     reports = [p for p in (Path(run_dir) / EVAL_FOLDER).glob("*/report.json") if p.is_file()]

@@ -33,7 +33,7 @@ from mode_cli.console import console
 from mode_cli.decode.ensemble import check_recipe_head_kind
 from mode_cli.devices import empty_cache, resolve_device
 from mode_cli.errors import ModeError
-from mode_cli.eval.report import latest_report
+from mode_cli.eval.report import latest_report, training_report
 from mode_cli.export.card import model_card
 from mode_cli.export.folder import write_export
 from mode_cli.files import check_writable_folder, read_json
@@ -95,7 +95,14 @@ def export_run(run_dir: Path, target: Path, cfg: DictConfig, device: str) -> Pat
     head = load_head(run_dir, model, device) if trained.trains_head else None
     try:
         return write(
-            target, cfg, model, head, tokenizer, head_kind, newest_report(run_dir), run_dir
+            target,
+            cfg,
+            model,
+            head,
+            tokenizer,
+            head_kind,
+            training_report(run_dir, cfg.eval.output_dir),
+            run_dir,
         )
     finally:
         del model, head
