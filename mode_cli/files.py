@@ -206,25 +206,30 @@ def damage_reason(err: Exception) -> str:
 # ---------------------------------------------------------------------------- folders a run writes
 
 
-def check_writable_folder(folder: Path, key: str) -> None:
+def check_writable_folder(folder: Path, key: str, *, default_of: bool = False) -> None:
     """Refuse, before anything is written, a folder that `mode` could not create or write into:
     an existing file, a file on the way to it, or a place where no folder can be made (a
-    read-only or virtual filesystem, no permission).
+    read-only or virtual filesystem, no permission). `key` names the setting the folder comes
+    from; `default_of`: the user left it unset, and `folder` is its default.
 
     Nothing is left behind: the check makes and removes an empty folder beside the target.
     """
+    if default_of:
+        where, hint = f"{folder}", f"; {key}=DIR writes there instead"
+    else:
+        where, hint = f"{key}={folder}", ""
     existing = folder
     try:
         if folder.exists() and not folder.is_dir():
-            raise ModeError(f"{key}={folder}: {folder} is a file, not a folder")
+            raise ModeError(f"{where}: {folder} is a file, not a folder{hint}")
         while not existing.exists():
             existing = existing.parent
         if not existing.is_dir():
-            raise ModeError(f"{key}={folder}: {existing} is a file, not a folder")
+            raise ModeError(f"{where}: {existing} is a file, not a folder{hint}")
         probe = existing / f".mode-probe-{os.getpid()}-{secrets.token_hex(4)}"
         probe.mkdir()
         probe.rmdir()
     except OSError as err:
         raise ModeError(
-            f"{key}={folder}: cannot create a folder in {existing} ({err.strerror or err})"
+            f"{where}: cannot create a folder in {existing} ({err.strerror or err}){hint}"
         ) from None

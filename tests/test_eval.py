@@ -145,6 +145,22 @@ def test_data_swaps_in_another_data_group(tiny_run, mode, tmp_path):
     assert report["data"]["eval"] == "bundled:chat/eval.jsonl" and report["answers"] is None
 
 
+def test_a_report_folder_that_cannot_be_made_is_named_as_the_default_it_is(mode, tmp_path):
+    """The run's own eval/ is a file: the message names that folder and the setting that moves
+    the report, not an eval.output_dir the user never set."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).resolve().parent / "fixtures" / "run-0.1.0", run)
+    shutil.rmtree(run / "eval")
+    (run / "eval").write_text("not a folder")
+    code, _, err = mode("eval", f"checkpoint={run}")
+    said = " ".join(err.split())
+    assert code == 2 and f"{run / 'eval'}: {run / 'eval'} is a file, not a folder" in said, err
+    assert "eval.output_dir=DIR writes there instead" in said and "eval.output_dir=/" not in said
+    assert (run / "eval").read_text() == "not a folder"
+
+
 def test_another_data_group_keeps_the_chat_template_the_run_was_tuned_in(tmp_path):
     """`data=NAME` swaps the rows, not the prompt format the model learned: a run tuned with
     `data.chat_template=chatml` renders the new group's chats in ChatML unless told otherwise."""

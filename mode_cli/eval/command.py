@@ -267,7 +267,7 @@ def run_eval(run_dir: Path | str, overrides: list[str]) -> dict:
     device = resolve_device(cfg.train.device)
     # Where the report goes, and the answer rows, before any weights: a bad one fails fast.
     parent = report_parent(checkpoint, cfg)
-    check_writable_folder(parent, "eval.output_dir")
+    check_writable_folder(parent, "eval.output_dir", default_of=not cfg.eval.output_dir)
     rows = answer_rows(cfg)
     source = {"kind": checkpoint.kind, "checkpoint": checkpoint.spec}
 
