@@ -307,10 +307,10 @@ def load_merged(
         tensor_shapes(weights)
     model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": str(path), "revision": None})
     tokenizer = load_tokenizer(str(path), model_cfg)
+    extra = {"dtype": dtype} if dtype is not None else {}
     exported = ensemble_config(path)
     if exported is not None:
-        loaded = load_ensemble_export(path, exported, model_cfg, cfg, device, dtype)
-        return (*loaded, tokenizer)
+        return (*load_ensemble_export(path, exported, model_cfg, cfg, device, **extra), tokenizer)
     missing = missing_head_files(path)
     trains_head = method(cfg).trains_head
     if trains_head and missing and require_head:
@@ -320,19 +320,17 @@ def load_merged(
             f"{HEAD_WEIGHTS} from the run folder, or use the run folder itself"
         )
     check_saved_files(path, adapter=False, head=trains_head and not missing)
-    extra = {"dtype": dtype} if dtype is not None else {}
     model = load_base_model(str(path), model_cfg, cfg.train.precision, device, **extra)
     head = load_head(path, model, device) if trains_head and not missing else None
     return model, head, tokenizer
 
 
 def load_ensemble_export(
-    path: Path, exported, model_cfg: DictConfig, cfg: DictConfig, device: str, dtype=None
+    path: Path, exported, model_cfg: DictConfig, cfg: DictConfig, device: str, **extra
 ):
     """(model, head) of an ensemble export: the base family's CausalLM from the export's weights
     (`load_base_model` reads `model.base.*` as the family's own names) and the head from
-    `model.mode_head.*`; `dtype` as `load_merged`'s."""
-    extra = {"dtype": dtype} if dtype is not None else {}
+    `model.mode_head.*`; `extra` goes to `load_base_model`."""
     model = load_base_model(str(path), model_cfg, cfg.train.precision, device, **extra)
     try:
         head = MoDEHead.from_description(families.final_norm(model), exported.mode_head)

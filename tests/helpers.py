@@ -37,6 +37,18 @@ class RMSNorm(nn.Module):
         return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
+# A run folder written by mode 0.1.0: adapter, head, checkpoints, report and merged folder.
+OLD_RUN = Path(__file__).resolve().parent / "fixtures" / "run-0.1.0"
+
+
+def old_run_copy(tmp_path: Path, part: str = "") -> Path:
+    """A copy of `OLD_RUN` (or of its `part`, such as `merged`) to change, under `tmp_path`."""
+    import shutil
+
+    source = OLD_RUN / part if part else OLD_RUN
+    return Path(shutil.copytree(source, tmp_path / (part or "run")))
+
+
 def train_tiny(mode, out, *overrides: str, recipe: str = "tiny-llama-alpaca") -> None:
     """`mode train recipe=<tiny recipe> output_dir=OUT merge=false OVERRIDES...`, which must succeed."""
     code, _, err = mode("train", f"recipe={recipe}", f"output_dir={out}", "merge=false", *overrides)

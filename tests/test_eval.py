@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from helpers import old_run_copy
 from omegaconf import OmegaConf
 
 from mode_cli.config import ModelConfig
@@ -150,8 +150,7 @@ def test_a_report_folder_that_cannot_be_made_is_named_as_the_default_it_is(mode,
     the report, not an eval.output_dir the user never set."""
     import shutil
 
-    run = tmp_path / "run"
-    shutil.copytree(Path(__file__).resolve().parent / "fixtures" / "run-0.1.0", run)
+    run = old_run_copy(tmp_path)
     shutil.rmtree(run / "eval")
     (run / "eval").write_text("not a folder")
     code, _, err = mode("eval", f"checkpoint={run}")
@@ -164,13 +163,11 @@ def test_a_report_folder_that_cannot_be_made_is_named_as_the_default_it_is(mode,
 def test_another_data_group_keeps_the_chat_template_the_run_was_tuned_in(tmp_path):
     """`data=NAME` swaps the rows, not the prompt format the model learned: a run tuned with
     `data.chat_template=chatml` renders the new group's chats in ChatML unless told otherwise."""
-    import shutil
 
     from mode_cli.artifacts import classify
     from mode_cli.eval.command import eval_config
 
-    run = tmp_path / "run"
-    shutil.copytree(Path(__file__).resolve().parent / "fixtures" / "run-0.1.0", run)
+    run = old_run_copy(tmp_path)
     recipe = OmegaConf.load(run / "config.yaml")
     recipe.data.chat_template = "chatml"
     OmegaConf.save(recipe, run / "config.yaml")

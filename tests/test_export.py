@@ -20,7 +20,7 @@ import pytest
 import torch
 import transformers
 import yaml
-from helpers import load_script, naive_ensemble_logits, run_command
+from helpers import OLD_RUN, load_script, naive_ensemble_logits, old_run_copy, run_command
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
@@ -434,8 +434,7 @@ def test_mode_export_of_a_folder_without_its_adapter_is_refused_before_loading(m
     one message, naming the run's folder for a checkpoint, and nothing written."""
     import shutil
 
-    run = tmp_path / "run"
-    shutil.copytree(Path(__file__).resolve().parent / "fixtures" / "run-0.1.0", run)
+    run = old_run_copy(tmp_path)
     step = run / "checkpoints" / "step-000004"
     code, _, err = mode("export", f"checkpoint={step}", f"out={tmp_path / 'x'}")
     said = " ".join(err.split())
@@ -451,7 +450,7 @@ def test_export_from_python_checks_its_options_as_mode_export_does(tmp_path):
     from mode_cli.errors import ModeError
     from mode_cli.export.command import export
 
-    run = Path(__file__).resolve().parent / "fixtures" / "run-0.1.0"
+    run = OLD_RUN
     for option, message in (
         ({"dtype": "float16"}, "dtype='float16': expected one of fp32, bf16, fp16"),
         ({"base": "nonsense"}, "base='nonsense': expected one of"),
@@ -465,12 +464,10 @@ def test_export_from_python_checks_its_options_as_mode_export_does(tmp_path):
 def test_exporting_a_merged_folder_again_keeps_its_weights(mode, tmp_path):
     """A merged folder of a bf16-trained run exported in fp32: its weights are read as they were
     saved, not rounded through the run's bf16 on the way."""
-    import shutil
 
     from safetensors.torch import load_file
 
-    merged = tmp_path / "merged"
-    shutil.copytree(Path(__file__).resolve().parent / "fixtures" / "run-0.1.0" / "merged", merged)
+    merged = old_run_copy(tmp_path, "merged")
     recipe = OmegaConf.load(merged / "mode_config.yaml")
     recipe.train.precision = "bf16"
     recipe.merge.dtype = "fp32"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import OLD_RUN
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -390,5 +390,5 @@ def test_the_card_reads_the_report_training_wrote(tmp_path):
     assert training_report(other, str(shared))["name"] == "20261206-030000"
     assert training_report(tmp_path / "third", str(shared)) is None
     # A run of the 0.1.0 release did not mark its reports: the newest in its eval/.
-    old = Path(__file__).resolve().parent / "fixtures" / "run-0.1.0"
+    old = OLD_RUN
     assert training_report(old)["source"]["checkpoint"] == "tests/fixtures/run-0.1.0"
