@@ -96,6 +96,8 @@ BATCH = 4  # examples per optimizer step: the recipe's micro-batch 4, no accumul
 MAX_NEW_TOKENS = 64  # eval.max_new_tokens, the default
 THREADS = 2
 UNTIMED = 300  # seconds of wall time outside every step's record the page calls out
+SAMPLE_S = 30  # how often the record samples the load and saves itself
+SUSPENDED_S = 60  # a sample this much later than due: the study's processes were stopped
 # What every study run shares, beyond the recipe: the step budget, the whole eval split for the
 # answers and half of it for the per-layer report (reading 30 layers through a 49k-word head is
 # the report's slow part), no merged model (the runs are read, not shipped), a checkpoint every
@@ -172,7 +174,10 @@ class StudyRecord:
     30 s while the study runs, so a study stopped part-way (`--continue` goes on) keeps its time.
 
     wall_s counts every invocation, the work an interruption lost included; load_mean is the
-    machine's 1-minute load average over the samples (how much else ran)."""
+    machine's 1-minute load average over the samples (how much else ran). suspended lists the
+    times the study's processes stood stopped (SIGSTOP, a machine asleep) while it ran: a sample
+    that came more than SUSPENDED_S late, with the step it stopped, so the page can say which
+    step's time holds them."""
 
     def __init__(self, out: Path, *, continued: bool) -> None:
         self.path = out / "study.json"
@@ -188,6 +193,7 @@ class StudyRecord:
                 "load_samples": 0,
                 "steps": {},
             }
+        self.data.setdefault("suspended", [])
         self.data["invocations"] += 1
         self.running: tuple[str, float, float] | None = None  # name, earlier seconds, its start
         self.before = self.data["wall_s"]
@@ -197,12 +203,29 @@ class StudyRecord:
         self.thread = threading.Thread(target=self.sample, daemon=True)
 
     def sample(self) -> None:
-        while not self.stop.wait(30):
+        due = time.perf_counter() + SAMPLE_S
+        while not self.stop.wait(SAMPLE_S):
+            now = time.perf_counter()
+            self.late(now - due)
+            due = now + SAMPLE_S
             with self.lock:
                 n, mean = self.data["load_samples"], self.data["load_mean"] or 0.0
                 self.data["load_mean"] = (mean * n + os.getloadavg()[0]) / (n + 1)
                 self.data["load_samples"] = n + 1
             self.save()
+
+    def late(self, seconds: float) -> None:
+        """A sample came `seconds` after it was due: past SUSPENDED_S the study stood stopped."""
+        if seconds <= SUSPENDED_S:
+            return
+        with self.lock:
+            self.data["suspended"].append(
+                {
+                    "until": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "seconds": seconds,
+                    "step": self.running[0] if self.running else None,
+                }
+            )
 
     def save(self) -> None:
         with self.lock:
@@ -1167,6 +1190,18 @@ def parts(record: dict) -> str:
         text += (
             f" {duration(untimed)} of the wall time is in no part: sittings a stop cut short "
             "without their step's time being recorded."
+        )
+    stopped: dict[str | None, float] = {}
+    for pause in record.get("suspended", []):
+        stopped[pause["step"]] = stopped.get(pause["step"], 0.0) + pause["seconds"]
+    if stopped:
+        where = " and ".join(
+            f"{duration(seconds)} " + (f"during {name}" if name else "between the steps")
+            for name, seconds in stopped.items()
+        )
+        text += (
+            f" The study stood stopped (its processes suspended, no run working) for {where}; "
+            "the times above include it."
         )
     return text
 

@@ -450,6 +450,38 @@ def test_a_stop_keeps_the_running_steps_time_and_the_page_says_what_no_step_hold
     )
 
 
+def test_time_the_study_stood_stopped_is_named_with_the_step_it_stopped(
+    study, tmp_path, monkeypatch
+):
+    """A sample due every SAMPLE_S that comes more than SUSPENDED_S late means the study's
+    processes stood stopped (SIGSTOP, a machine asleep): the record keeps it with the step it
+    stopped and the page says so; a sample merely a little late is not a stop."""
+    now = [0.0]
+    monkeypatch.setattr(study.time, "perf_counter", lambda: now[0])
+    out = tmp_path / "study"
+    out.mkdir()
+    record = study.StudyRecord(out, continued=False)
+    record.late(study.SUSPENDED_S)  # a busy machine, not a stop
+    record.late(90.0)  # between the steps
+    record.step_started("dora", "mode train -m ...")
+    record.late(676.0)
+    now[0] = 3600.0
+    record.step_done("dora", {"command": "mode train -m ...", "exit": 0, "seconds": 3600.0})
+    saved = json.loads((out / "study.json").read_text())
+    assert [(p["step"], p["seconds"]) for p in saved["suspended"]] == [
+        (None, 90.0),
+        ("dora", 676.0),
+    ]
+    assert study.parts(saved) == (
+        "Its parts took: dora 1 h 00 min. The study stood stopped (its processes suspended, no "
+        "run working) for 2 min between the steps and 11 min during dora; the times above "
+        "include it."
+    )
+    # A continued study keeps the stops its earlier sittings recorded.
+    again = study.StudyRecord(out, continued=True)
+    assert again.data["suspended"] == saved["suspended"]
+
+
 def test_the_router_table_gives_each_selected_layers_weight_and_loss_over_seeds(study):
     """Per routed method and selected layer: the router's mean weight and the layer's eval loss,
     mean ± std over the seeds, from the runs' reports; a method with no finished run is a row of
