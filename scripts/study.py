@@ -1099,6 +1099,8 @@ def seeds_figure(data: dict) -> Figure:
 
 
 def duration(seconds: float) -> str:
+    if seconds < 30:
+        return "under 1 min"
     minutes = round(seconds / 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
@@ -1152,7 +1154,7 @@ def flatness(data: dict) -> str:
     if std and mean - end > std:
         others = sorted(data.get("others", {}))
         moved = (
-            f"the same gaps at {' and '.join(map(str, others))} steps are under At other budgets "
+            f"the same gaps at {' and '.join(map(str, others))} steps are in At other budgets "
             "below; where they stand at the floor is not measured here."
             if others
             else "whether the gaps between methods change with a longer budget is not measured "

@@ -209,7 +209,7 @@ def test_the_flatness_sentence_follows_the_curve_and_the_seed_scatter(study, mon
     assert "one pass over the train rows; past it the longer run reads them again" in lower
     assert "whether the gaps between methods change with a longer budget is not measured" in lower
     data["others"] = {200: {}}
-    assert "the same gaps at 200 steps are under At other budgets below" in judged(s750=0.040)
+    assert "the same gaps at 200 steps are in At other budgets below" in judged(s750=0.040)
     del data["others"]
 
     within = judged(s500=0.050, s600=0.045, s750=0.049)
@@ -477,6 +477,8 @@ def test_time_the_study_stood_stopped_is_named_with_the_step_it_stopped(
         "run working) for 2 min between the steps and 11 min during dora; the times above "
         "include it."
     )
+    # A step of seconds is not "0 min".
+    assert study.duration(8.0) == "under 1 min" and study.duration(31.0) == "1 min"
     # A continued study keeps the stops its earlier sittings recorded.
     again = study.StudyRecord(out, continued=True)
     assert again.data["suspended"] == saved["suspended"]
