@@ -300,6 +300,16 @@ def faked_steps(study, calls: list, outcome: dict):
     return fake_step
 
 
+def faked_study(study, monkeypatch, *, failing: str) -> tuple[list, dict]:
+    """The study's steps faked (`failing` exits 1, the rest 0) and every run in one folder: the
+    calls made, and the outcomes to change before a continued study."""
+    calls: list = []
+    outcome = dict.fromkeys(STEPS, 0) | {failing: 1}
+    monkeypatch.setattr(study, "run_step", faked_steps(study, calls, outcome))
+    monkeypatch.setattr(study, "run_dir", lambda out, method, seed: out / "lora" / "0-run")
+    return calls, outcome
+
+
 def test_the_study_ends_with_the_deployed_folders_scored_by_lm_eval(study, tmp_path, monkeypatch):
     """After the study's own steps: a `mode` and a `final-only` run at the demo's budget (the
     recipe as shipped, seed 0, merged/ on), the `mode` run's final-layer export, and lm_eval on
@@ -343,10 +353,7 @@ def test_the_study_ends_with_the_deployed_folders_scored_by_lm_eval(study, tmp_p
         assert not steps[name].resumes
 
     # A failed demo run: its export and scorings wait; a continued study runs them after it.
-    calls = []
-    outcome = dict.fromkeys(STEPS, 0) | {"demo-mode": 1}
-    monkeypatch.setattr(study, "run_step", faked_steps(study, calls, outcome))
-    monkeypatch.setattr(study, "run_dir", lambda out, method, seed: out / "lora" / "0-run")
+    calls, outcome = faked_study(study, monkeypatch, failing="demo-mode")
     study_out = tmp_path / "study"
     first = study.run_study(study_out)
     assert [name for name, _ in calls] == [
@@ -378,10 +385,7 @@ def test_the_study_ends_with_the_deployed_folders_scored_by_lm_eval(study, tmp_p
 def test_a_continued_study_keeps_finished_steps_and_resumes_the_rest(study, tmp_path, monkeypatch):
     """`--continue` after a stop: the steps that finished are not run again, a stopped sweep goes
     on with resume=auto (a run with no checkpoint yet starts again), and the time adds up."""
-    calls = []
-    outcome = dict.fromkeys(STEPS, 0) | {"dora": 1}
-    monkeypatch.setattr(study, "run_step", faked_steps(study, calls, outcome))
-    monkeypatch.setattr(study, "run_dir", lambda out, method, seed: out / "lora" / "0-run")
+    calls, outcome = faked_study(study, monkeypatch, failing="dora")
     out = tmp_path / "study"
     first = study.run_study(out)
     assert [name for name, _ in calls] == STEPS
