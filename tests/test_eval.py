@@ -19,6 +19,14 @@ def report_folders(run):
     return sorted(p.parent for p in (run / "eval").glob("*/report.json"))
 
 
+def eval_into(mode, folder, *overrides: str) -> tuple[dict, str]:
+    """`mode eval OVERRIDES eval.output_dir=FOLDER`, which must succeed: the one report it wrote
+    there, and what it printed."""
+    code, _, err = mode("eval", *overrides, f"eval.output_dir={folder}")
+    assert code == 0, err
+    return json.loads(next(folder.glob("*/report.json")).read_text()), err
+
+
 def test_eval_of_a_run_prints_and_writes_a_new_report_each_time(tiny_run, mode):
     before = report_folders(tiny_run)
     code, _, err = mode("eval", f"checkpoint={tiny_run}", *QUICK, "eval.answers=on")
@@ -48,11 +56,7 @@ def test_eval_of_a_run_prints_and_writes_a_new_report_each_time(tiny_run, mode):
 
 
 def test_a_merged_folder_is_evaluated_with_its_head(tiny_run, mode, tmp_path):
-    code, _, err = mode(
-        "eval", f"checkpoint={tiny_run}", *QUICK, "eval.answers=off", f"eval.output_dir={tmp_path}"
-    )
-    assert code == 0, err
-    run = json.loads(next(tmp_path.glob("*/report.json")).read_text())
+    run, _ = eval_into(mode, tmp_path, f"checkpoint={tiny_run}", *QUICK, "eval.answers=off")
     merged = tiny_run / "merged"
     code, _, err = mode("eval", f"checkpoint={merged}", *QUICK, "eval.answers=off", "compare=base")
     assert code == 0, err
@@ -75,16 +79,14 @@ def test_a_merged_folder_is_evaluated_with_its_head(tiny_run, mode, tmp_path):
 def test_an_ensemble_export_evaluated_in_4_bits_decodes_its_answers(tiny_run, mode, tmp_path):
     """`model.quantization=nf4` on an ensemble export: on the CPU its answers decode from the
     folder reloaded in 4 bits and dequantized, read as its base family as any load of it is."""
-    code, _, err = mode(
-        "eval",
+    report, _ = eval_into(
+        mode,
+        tmp_path,
         f"checkpoint={tiny_run / 'merged'}",
         *QUICK,
         "compare=none",
         "model.quantization=nf4",
-        f"eval.output_dir={tmp_path}",
     )
-    assert code == 0, err
-    report = json.loads(next(tmp_path.glob("*/report.json")).read_text())
     answers = report["answers"]
     assert answers["decoded_from"] == "dequantized" and set(answers["heads"]) == {
         "ensemble",
@@ -109,16 +111,9 @@ def test_a_plain_model_gets_a_base_only_logit_lens_report(mode, tmp_path, model_
     from mode_cli.models.loading import resolve_source
 
     folder = resolve_source(OmegaConf.structured(ModelConfig(name_or_path="tiny:llama")))
-    out = tmp_path / "reports"
-    code, _, err = mode(
-        "eval",
-        f"checkpoint={folder}",
-        "examples=3",
-        "eval.max_new_tokens=4",
-        f"eval.output_dir={out}",
+    report, err = eval_into(
+        mode, tmp_path / "reports", f"checkpoint={folder}", "examples=3", "eval.max_new_tokens=4"
     )
-    assert code == 0, err
-    report = json.loads(next(out.glob("*/report.json")).read_text())
     assert report["source"]["kind"] == "model" and report["sides"] == ["base"]
     assert report["selected_layers"] == [] and report["ensemble"] is None
     assert report["data"]["eval"] == "bundled:arithmetic/eval.jsonl"
@@ -131,17 +126,15 @@ def test_a_plain_model_gets_a_base_only_logit_lens_report(mode, tmp_path, model_
 
 
 def test_data_swaps_in_another_data_group(tiny_run, mode, tmp_path):
-    code, _, err = mode(
-        "eval",
+    report, _ = eval_into(
+        mode,
+        tmp_path,
         f"checkpoint={tiny_run}",
         "data=chat-sample",
         "examples=2",
         "eval.answers=off",
         "compare=none",
-        f"eval.output_dir={tmp_path}",
     )
-    assert code == 0, err
-    report = json.loads(next(tmp_path.glob("*/report.json")).read_text())
     assert report["data"]["eval"] == "bundled:chat/eval.jsonl" and report["answers"] is None
 
 
