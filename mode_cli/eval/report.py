@@ -218,24 +218,25 @@ def _folder_order(folder: Path) -> tuple[str, int]:
 def training_report(run_dir: Path, output_dir: str | None = None) -> dict | None:
     """The newest report training wrote of `run_dir` (its source names a step; `mode eval`'s
     reports do not), from `run_dir/eval/` or from `output_dir` (the run's `eval.output_dir`,
-    where other runs' reports may sit beside it). A run of a release that did not mark its
-    reports: the newest in its `eval/`."""
+    where other runs' reports may sit beside it). A folder with no report training marked (a
+    merged folder, whose `eval/` holds `mode eval`'s; a run of a release that did not mark its
+    reports): the newest in its `eval/`. A file that is not a report is passed over."""
     run_dir = Path(run_dir)
     parent = Path(output_dir) if output_dir else run_dir / EVAL_FOLDER
-    found = {}
+    found = {}  # path -> (marked by training, report)
     for path in parent.glob("*/report.json"):
         try:
             report = json.loads(path.read_text())
             source = report.get("source") or {}
-        except (OSError, ValueError, AttributeError):
-            continue  # not a report this run wrote
+            marked = "step" in source
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
         checkpoint = Path(str(source.get("checkpoint", ""))).resolve()
-        if "step" in source and (not output_dir or checkpoint == run_dir.resolve()):
-            found[path] = report
-    if found:
-        return found[max(found, key=lambda p: _folder_order(p.parent))]
-    path = latest_report(run_dir)
-    return json.loads(path.read_text()) if path is not None and not output_dir else None
+        if not output_dir or (marked and checkpoint == run_dir.resolve()):
+            found[path] = (marked, report)
+    if not found:
+        return None
+    return found[max(found, key=lambda p: (found[p][0], _folder_order(p.parent)))][1]
 
 
 def latest_report(run_dir: Path) -> Path | None:

@@ -33,10 +33,10 @@ from mode_cli.console import console
 from mode_cli.decode.ensemble import check_recipe_head_kind
 from mode_cli.devices import empty_cache, resolve_device
 from mode_cli.errors import ModeError
-from mode_cli.eval.report import latest_report, training_report
+from mode_cli.eval.report import training_report
 from mode_cli.export.card import model_card
 from mode_cli.export.folder import write_export
-from mode_cli.files import check_writable_folder, read_json
+from mode_cli.files import check_writable_folder
 from mode_cli.mode.methods import HEAD_KINDS
 from mode_cli.models.loading import load_tokenizer, resolve_source
 from mode_cli.models.merging import (
@@ -61,11 +61,6 @@ def export_head(cfg: DictConfig) -> str:
     """What an export of this run decodes with: `merge.head`, or for `auto` the method's own (the
     ensemble when the run trained a router)."""
     return method(cfg).default_head if cfg.merge.head == "auto" else cfg.merge.head
-
-
-def newest_report(folder: Path) -> dict | None:
-    path = latest_report(folder)
-    return read_json(path) if path is not None else None
 
 
 def settled(cfg: DictConfig, head_kind: str) -> DictConfig:
@@ -121,7 +116,7 @@ def export_merged(folder: Path, target: Path, cfg: DictConfig) -> Path:
         folder, loaded, "cpu", require_head=head_kind == "ensemble", dtype="auto"
     )
     model = model.to(merge_dtype(cfg))
-    report = newest_report(folder)
+    report = training_report(folder)
     return write(target, cfg, model, head, tokenizer, head_kind, report, folder)
 
 
