@@ -74,11 +74,10 @@ def compare_with_mode(run: Path, samples: list[dict]) -> dict:
 
 
 def scores(results: dict) -> dict:
-    found = results["results"]
-    return {
-        "mc_acc": found["mode_arithmetic_mc"]["acc,none"],
-        "gen_exact_match": found["mode_arithmetic_gen"]["exact_match,answer"],
-    }
+    from mode_cli.eval.harness import TASK_SCORES
+
+    found = {task: results["results"][task][key] for task, key in TASK_SCORES.items()}
+    return {"mc_acc": found["mode_arithmetic_mc"], "gen_exact_match": found["mode_arithmetic_gen"]}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,7 +69,7 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from mode_cli.eval.harness import BUNDLED_TASKS  # noqa: E402
+from mode_cli.eval.harness import BUNDLED_TASKS, TASK_SCORES  # noqa: E402
 from mode_cli.eval.harness import command as harness_command  # noqa: E402
 from mode_cli.eval.report import latest_report  # noqa: E402
 from mode_cli.eval.stats import holm, mean_std, t_interval, wilson_interval  # noqa: E402
@@ -318,10 +318,8 @@ DEPLOYED = (
              "export-final", False),
 )  # fmt: skip
 # The bundled tasks' scores in lm-evaluation-harness's results: (task, metric key, page name).
-HARNESS_SCORES = (
-    ("mode_arithmetic_mc", "acc,none", "MC accuracy"),
-    ("mode_arithmetic_gen", "exact_match,answer", "gen exact match"),
-)
+HARNESS_NAMES = {"mode_arithmetic_mc": "MC accuracy", "mode_arithmetic_gen": "gen exact match"}
+HARNESS_SCORES = tuple((task, key, HARNESS_NAMES[task]) for task, key in TASK_SCORES.items())
 
 
 def harness_step(out: Path, folder: Path, step: str) -> list[str]:

@@ -19,7 +19,9 @@ from mode_cli.errors import ModeError
 from mode_cli.files import read_json
 
 HARNESS_DIR = Path(__file__).resolve().parent.parent / "harness"
-BUNDLED_TASKS = ("mode_arithmetic_mc", "mode_arithmetic_gen")
+# The bundled tasks and the score each reports, as keys of lm_eval's results[task].
+TASK_SCORES = {"mode_arithmetic_mc": "acc,none", "mode_arithmetic_gen": "exact_match,answer"}
+BUNDLED_TASKS = tuple(TASK_SCORES)
 
 
 def model_args(model_dir: str | Path) -> str:
